@@ -1,0 +1,143 @@
+//! Arbor's KV cache.
+//!
+//! Today: [`KvCache`], a dense, contiguous per-layer cache of keys and values with append and
+//! rollback (truncate). The paged store with commit/rollback of speculative branches and the
+//! compression policies (SKVQ quantization, Quest page selection, H2O eviction) are built here
+//! next, behind the same `&mut` handle that the model's forward takes.
+//!
+//! ```
+//! use arbor_cache::KvCache;
+//! use burn::tensor::Tensor;
+//! type B = burn::backend::Flex;
+//! let dev = Default::default();
+//! let mut cache = KvCache::<B>::new(1);
+//! let k = Tensor::<B, 4>::zeros([1, 2, 3, 8], &dev);
+//! let (all_k, _all_v) = cache.append(0, k.clone(), k);
+//! assert_eq!(all_k.dims(), [1, 2, 3, 8]);
+//! assert_eq!(cache.len(), 3);
+//! cache.truncate(1);
+//! assert_eq!(cache.len(), 1);
+//! ```
+
+use burn::tensor::{Tensor, backend::Backend};
+
+/// Keys and values of one layer.
+///
+/// # Shapes
+/// - `k`, `v`: `[batch, n_kv_heads, len, head_dim]`
+#[derive(Debug, Clone)]
+struct LayerKv<B: Backend> {
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+}
+
+/// A dense KV cache for every layer of one model.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<LayerKv<B>>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for a model with `n_layers` layers.
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: vec![None; n_layers] }
+    }
+
+    /// Number of layers.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Tokens held (by the last layer, i.e. fully processed tokens).
+    pub fn len(&self) -> usize {
+        self.layer_len(self.layers.len().saturating_sub(1))
+    }
+
+    /// Whether no token is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn layer_len(&self, layer: usize) -> usize {
+        self.layers.get(layer).and_then(Option::as_ref).map_or(0, |l| l.k.dims()[2])
+    }
+
+    /// Appends new keys and values to `layer` and returns the layer's whole K and V.
+    ///
+    /// # Shapes
+    /// - `k`, `v`: `[batch, n_kv_heads, n_new, head_dim]`
+    /// - returns two tensors `[batch, n_kv_heads, len + n_new, head_dim]`
+    ///
+    /// # Panics
+    /// If `layer` is out of range (internal invariant: the model owns the layer count).
+    pub fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let slot = &mut self.layers[layer];
+        let merged = match slot.take() {
+            None => LayerKv { k, v },
+            Some(old) => LayerKv {
+                k: Tensor::cat(vec![old.k, k], 2),
+                v: Tensor::cat(vec![old.v, v], 2),
+            },
+        };
+        let out = (merged.k.clone(), merged.v.clone());
+        *slot = Some(merged);
+        out
+    }
+
+    /// Drops every token at position `len` and later (rollback); no-op if `len >= self.len()`.
+    pub fn truncate(&mut self, len: usize) {
+        for slot in &mut self.layers {
+            if let Some(l) = slot.take() {
+                let cur = l.k.dims()[2];
+                if len == 0 {
+                    continue;
+                }
+                *slot = Some(if len >= cur {
+                    l
+                } else {
+                    LayerKv { k: l.k.narrow(2, 0, len), v: l.v.narrow(2, 0, len) }
+                });
+            }
+        }
+    }
+
+    /// Removes everything.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|s| *s = None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, Tensor};
+    type B = burn::backend::Flex;
+
+    #[test]
+    fn append_then_truncate_restores_prefix() {
+        let dev = Default::default();
+        let mut c = KvCache::<B>::new(2);
+        let a = Tensor::<B, 4>::random([1, 2, 4, 3], Distribution::Default, &dev);
+        let b = Tensor::<B, 4>::random([1, 2, 2, 3], Distribution::Default, &dev);
+        for layer in 0..2 {
+            c.append(layer, a.clone(), a.clone());
+        }
+        assert_eq!(c.len(), 4);
+        for layer in 0..2 {
+            let (k, _) = c.append(layer, b.clone(), b.clone());
+            assert_eq!(k.dims(), [1, 2, 6, 3]);
+        }
+        c.truncate(4);
+        assert_eq!(c.len(), 4);
+        let (k, _) = c.append(0, b.clone(), b);
+        let head = k.narrow(2, 0, 4).into_data();
+        head.assert_eq(&a.into_data(), true);
+        c.clear();
+        assert!(c.is_empty());
+    }
+}

