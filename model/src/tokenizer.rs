@@ -9,10 +9,14 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, Value, tokenizer_json_from_gguf};
 
-/// Token texts that end generation in chat models, as llama.cpp also treats them.
-const END_OF_GENERATION: &[&str] = &[
+/// Token texts that end generation, as llama.cpp's vocabulary loader detects them (end of turn
+/// or text, and the FIM pad / repo / file-separator tokens). In GGUF vocabularies these tokens
+/// are also treated as control tokens even when typed normal (llama.cpp does the same, e.g. for
+/// `</s>` in Qwen2.5's vocabulary).
+pub(crate) const END_OF_GENERATION: &[&str] = &[
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-    "<EOT>", "</s>", "<|eom_id|>",
+    "<EOT>", "_<EOT>", "</s>", "<|eom_id|>", "<|fim_pad|>", "<fim-pad>", "<fim_pad>",
+    "<|repo_name|>", "<repo_name>", "<reponame>", "<|file_sep|>", "<file_sep>",
 ];
 
 /// A tokenizer with BOS/EOS handling and the model's chat template.

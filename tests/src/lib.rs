@@ -4,6 +4,8 @@
 //! [`smollm2_path`]); goldens from llama.cpp are checked in under `tests/goldens/` and written
 //! by `scripts/make-goldens.py`.
 
+pub mod parity;
+
 use std::path::{Path, PathBuf};
 
 use arbor_model::hub::{ModelFiles, ResolveOptions, resolve};

@@ -7,6 +7,7 @@ use serde_json::{Value as Json, json};
 
 use super::{GgufFile, Value};
 use crate::error::{ModelError, Result};
+use crate::tokenizer::END_OF_GENERATION;
 
 /// GGUF token types (llama.cpp `llama_token_type`).
 const TOKEN_CONTROL: i64 = 3;
@@ -85,10 +86,11 @@ pub fn tokenizer_json_from_gguf(file: &GgufFile) -> Result<String> {
     let mut added = Vec::new();
     for (id, (tok, ty)) in tokens.iter().zip(&types).enumerate() {
         vocab.insert((*tok).to_string(), json!(id));
-        if *ty == TOKEN_CONTROL || *ty == TOKEN_USER_DEFINED {
+        let control = *ty == TOKEN_CONTROL || END_OF_GENERATION.contains(tok);
+        if control || *ty == TOKEN_USER_DEFINED {
             added.push(json!({
                 "id": id, "content": tok, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": *ty == TOKEN_CONTROL,
+                "rstrip": false, "normalized": false, "special": control,
             }));
         }
     }

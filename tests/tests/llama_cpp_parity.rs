@@ -1,0 +1,28 @@
+//! Arbor vs llama.cpp on the real GGUF models: logits, greedy continuations, tokenization.
+//! SmolLM2 runs in CI; the Qwen2.5-Coder-0.5B checks fetch 491 MB and are opt-in
+//! (`cargo nextest run --run-ignored all`).
+
+use arbor_tests::parity::{check_logits_and_greedy, check_tokenizer};
+use arbor_tests::{registry_model_path, smollm2_path};
+
+#[test]
+fn smollm2_logits_and_greedy_match_llama_cpp() {
+    check_logits_and_greedy("smollm2-135m", &smollm2_path());
+}
+
+#[test]
+fn smollm2_tokenizer_matches_llama_cpp() {
+    check_tokenizer("smollm2-135m", &smollm2_path());
+}
+
+#[test]
+#[ignore = "fetches the 491 MB Qwen2.5-Coder-0.5B; run with --run-ignored all"]
+fn qwen_0_5b_logits_and_greedy_match_llama_cpp() {
+    check_logits_and_greedy("qwen2.5-coder-0.5b", &registry_model_path("qwen2.5-coder-0.5b"));
+}
+
+#[test]
+#[ignore = "fetches the 491 MB Qwen2.5-Coder-0.5B; run with --run-ignored all"]
+fn qwen_0_5b_tokenizer_matches_llama_cpp() {
+    check_tokenizer("qwen2.5-coder-0.5b", &registry_model_path("qwen2.5-coder-0.5b"));
+}
