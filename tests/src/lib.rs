@@ -4,6 +4,7 @@
 //! [`smollm2_path`]); goldens from llama.cpp are checked in under `tests/goldens/` and written
 //! by `scripts/make-goldens.py`.
 
+pub mod fixtures;
 pub mod parity;
 
 use std::path::{Path, PathBuf};
