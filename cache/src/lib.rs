@@ -40,7 +40,9 @@ pub struct KvCache<B: Backend> {
 impl<B: Backend> KvCache<B> {
     /// An empty cache for a model with `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![None; n_layers] }
+        Self {
+            layers: vec![None; n_layers],
+        }
     }
 
     /// Number of layers.
@@ -59,7 +61,10 @@ impl<B: Backend> KvCache<B> {
     }
 
     fn layer_len(&self, layer: usize) -> usize {
-        self.layers.get(layer).and_then(Option::as_ref).map_or(0, |l| l.k.dims()[2])
+        self.layers
+            .get(layer)
+            .and_then(Option::as_ref)
+            .map_or(0, |l| l.k.dims()[2])
     }
 
     /// Appends new keys and values to `layer` and returns the layer's whole K and V.
@@ -100,7 +105,10 @@ impl<B: Backend> KvCache<B> {
                 *slot = Some(if len >= cur {
                     l
                 } else {
-                    LayerKv { k: l.k.narrow(2, 0, len), v: l.v.narrow(2, 0, len) }
+                    LayerKv {
+                        k: l.k.narrow(2, 0, len),
+                        v: l.v.narrow(2, 0, len),
+                    }
                 });
             }
         }

@@ -35,7 +35,11 @@ impl GenerationStats {
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
-    if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() }
+    if d.is_zero() {
+        0.0
+    } else {
+        n as f64 / d.as_secs_f64()
+    }
 }
 
 /// How a generation ended.
@@ -78,7 +82,9 @@ impl<'m, B: Backend> Generator<'m, B> {
     pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
         Ok(match prompt {
             Prompt::Text(t) => self.tokenizer.encode(t)?,
-            Prompt::Chat(m) => self.tokenizer.encode(&self.tokenizer.apply_chat_template(m)?)?,
+            Prompt::Chat(m) => self
+                .tokenizer
+                .encode(&self.tokenizer.apply_chat_template(m)?)?,
             Prompt::Tokens(t) => t.clone(),
         })
     }
@@ -99,11 +105,16 @@ impl<'m, B: Backend> Generator<'m, B> {
         }
         let context = self.model.max_position();
         if prompt_ids.len() >= context {
-            return Err(EngineError::PromptTooLong { prompt: prompt_ids.len(), context });
+            return Err(EngineError::PromptTooLong {
+                prompt: prompt_ids.len(),
+                context,
+            });
         }
         let vocab = self.model.vocab_size();
         if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::InvalidParams(format!("prompt token {bad} outside vocabulary {vocab}")));
+            return Err(EngineError::InvalidParams(format!(
+                "prompt token {bad} outside vocabulary {vocab}"
+            )));
         }
         Ok(Generation {
             model: self.model,
@@ -113,7 +124,10 @@ impl<'m, B: Backend> Generator<'m, B> {
             sampler: Sampler::new(params.sampling.clone()),
             stop: StopMatcher::new(params.stop.clone()),
             params: params.clone(),
-            stats: GenerationStats { prompt_tokens: prompt_ids.len(), ..Default::default() },
+            stats: GenerationStats {
+                prompt_tokens: prompt_ids.len(),
+                ..Default::default()
+            },
             pending: Some(prompt_ids),
             generated: Vec::new(),
             out: VecDeque::new(),
@@ -139,7 +153,9 @@ pub struct Generation<'m, B: Backend> {
 
 impl<B: Backend> std::fmt::Debug for Generation<'_, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Generation").field("generated", &self.generated.len()).finish()
+        f.debug_struct("Generation")
+            .field("generated", &self.generated.len())
+            .finish()
     }
 }
 
@@ -149,7 +165,10 @@ impl<B: Backend> Generation<'_, B> {
         let mut logits = Vec::new();
         for chunk in tokens.chunks(self.params.prefill_chunk) {
             let input = ForwardInput::causal(chunk, self.cache.len());
-            logits = self.model.forward_last_logits(&input, &mut self.cache)?.swap_remove(0);
+            logits = self
+                .model
+                .forward_last_logits(&input, &mut self.cache)?
+                .swap_remove(0);
         }
         Ok(logits)
     }
@@ -174,7 +193,11 @@ impl<B: Backend> Generation<'_, B> {
         let logits = self.feed(&feed)?;
         let token = self.sampler.sample(&logits);
         let first = self.generated.is_empty();
-        *(if first { &mut self.stats.prefill } else { &mut self.stats.decode }) += t0.elapsed();
+        *(if first {
+            &mut self.stats.prefill
+        } else {
+            &mut self.stats.decode
+        }) += t0.elapsed();
         self.generated.push(token);
         self.stats.generated_tokens += 1;
 

@@ -58,15 +58,23 @@ impl GenerateParams {
     /// # Errors
     /// [`EngineError::InvalidParams`].
     pub fn validate(&self) -> Result<(), EngineError> {
-        self.sampling.validate().map_err(|e| EngineError::InvalidParams(e.to_string()))?;
+        self.sampling
+            .validate()
+            .map_err(|e| EngineError::InvalidParams(e.to_string()))?;
         if self.max_tokens == 0 {
-            return Err(EngineError::InvalidParams("max_tokens must be at least 1".into()));
+            return Err(EngineError::InvalidParams(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         if self.prefill_chunk == 0 {
-            return Err(EngineError::InvalidParams("prefill_chunk must be at least 1".into()));
+            return Err(EngineError::InvalidParams(
+                "prefill_chunk must be at least 1".into(),
+            ));
         }
         if self.stop.iter().any(String::is_empty) {
-            return Err(EngineError::InvalidParams("stop strings must not be empty".into()));
+            return Err(EngineError::InvalidParams(
+                "stop strings must not be empty".into(),
+            ));
         }
         Ok(())
     }

@@ -17,14 +17,22 @@ pub struct StopMatcher {
 impl StopMatcher {
     /// A matcher for `stops` (none: everything passes through).
     pub fn new(stops: Vec<String>) -> Self {
-        Self { stops, pending: String::new() }
+        Self {
+            stops,
+            pending: String::new(),
+        }
     }
 
     /// Adds text; returns what may be emitted now and whether a stop string was reached
     /// (text from the stop string on is dropped).
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let out = self.pending[..at].to_string();
             self.pending.clear();
             return (out, true);

@@ -29,16 +29,20 @@ pub fn attention_reference<B: Backend>(
 ) -> Tensor<B, 4> {
     let [batch, n_heads, n_q, head_dim] = q.dims();
     let [_, n_kv_heads, n_kv, _] = k.dims();
-    assert!(n_heads % n_kv_heads == 0, "n_heads {n_heads} not a multiple of {n_kv_heads}");
+    assert!(
+        n_heads % n_kv_heads == 0,
+        "n_heads {n_heads} not a multiple of {n_kv_heads}"
+    );
     let group = n_heads / n_kv_heads;
     let scale = (head_dim as f64).powf(-0.5);
 
     let q = q.reshape([batch, n_kv_heads, group * n_q, head_dim]);
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
     let scores = scores.reshape([batch, n_kv_heads, group, n_q, n_kv]);
-    let blocked = mask.bool_not().reshape([batch, 1, 1, n_q, n_kv]).expand([
-        batch, n_kv_heads, group, n_q, n_kv,
-    ]);
+    let blocked = mask
+        .bool_not()
+        .reshape([batch, 1, 1, n_q, n_kv])
+        .expand([batch, n_kv_heads, group, n_q, n_kv]);
     let probs = softmax(scores.mask_fill(blocked, f32::NEG_INFINITY), 4);
     let probs = probs.reshape([batch, n_kv_heads, group * n_q, n_kv]);
     probs.matmul(v).reshape([batch, n_heads, n_q, head_dim])
@@ -71,10 +75,13 @@ mod tests {
                     })
                     .collect();
                 let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let z: f32 = s.iter_mut().map(|x| {
-                    *x = (*x - m).exp();
-                    *x
-                }).sum();
+                let z: f32 = s
+                    .iter_mut()
+                    .map(|x| {
+                        *x = (*x - m).exp();
+                        *x
+                    })
+                    .sum();
                 for j in 0..nkv {
                     let vrow = &v[(kh * nkv + j) * d..][..d];
                     for c in 0..d {

@@ -11,14 +11,23 @@ fn every_type_matches_gguf_python() {
     for case in v["cases"].as_array().unwrap() {
         let ty = GgmlType::from_id(case["type_id"].as_u64().unwrap() as u32).unwrap();
         let hex = case["bytes"].as_str().unwrap();
-        let bytes: Vec<u8> =
-            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
-        let want: Vec<f32> =
-            case["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let want: Vec<f32> = case["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         let got = dequantize(ty, &bytes, want.len()).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             // gguf computes in f32 numpy with a different operation order: allow 1 ulp-ish.
-            assert!((g - w).abs() <= 1e-6 + 1e-5 * w.abs(), "{ty:?} element {i}: {g} vs {w}");
+            assert!(
+                (g - w).abs() <= 1e-6 + 1e-5 * w.abs(),
+                "{ty:?} element {i}: {g} vs {w}"
+            );
         }
         seen.push(ty);
     }

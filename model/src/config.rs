@@ -86,7 +86,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return bad(format!("head_dim {} is odd (RoPE rotates pairs)", self.head_dim));
+            return bad(format!(
+                "head_dim {} is odd (RoPE rotates pairs)",
+                self.head_dim
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return bad(format!("rope_theta {}", self.rope_theta));
@@ -148,7 +151,9 @@ impl ModelConfig {
             .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
         let architecture = Architecture::parse(&hf.model_type)?;
         if let Some(s) = hf.rope_scaling.filter(|v| !v.is_null()) {
-            return Err(ModelError::Config(format!("rope_scaling {s} is not supported yet")));
+            return Err(ModelError::Config(format!(
+                "rope_scaling {s} is not supported yet"
+            )));
         }
         let cfg = Self {
             architecture,
@@ -158,7 +163,9 @@ impl ModelConfig {
             num_layers: hf.num_hidden_layers,
             num_heads: hf.num_attention_heads,
             num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+            head_dim: hf
+                .head_dim
+                .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
             rope_theta: hf.rope_theta.unwrap_or(10_000.0),
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
             max_position: hf.max_position_embeddings.unwrap_or(4096),

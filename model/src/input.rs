@@ -84,7 +84,9 @@ impl ForwardInput {
             return bad(format!("token id {t} outside the vocabulary of {vocab}"));
         }
         if let Some(p) = self.positions.iter().find(|&&p| p >= max_position) {
-            return bad(format!("position {p} beyond the model's context of {max_position}"));
+            return bad(format!(
+                "position {p} beyond the model's context of {max_position}"
+            ));
         }
         let total = cached + self.n_new;
         if let Some(r) = self.mask.chunks(total).position(|row| !row.contains(&true)) {

@@ -25,10 +25,10 @@ mod load;
 mod rope;
 pub mod safetensors;
 pub mod sampling;
+pub mod testing;
 mod tokenizer;
 mod transformer;
 mod weights;
-pub mod testing;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};

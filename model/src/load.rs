@@ -54,9 +54,15 @@ impl<B: Backend> LoadedModel<B> {
         let file = GgufFile::open(path)?;
         let config = file.model_config()?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let model = Transformer::from_weights(&config, &mut GgufWeights::new(&file, &config), device)?;
+        let model =
+            Transformer::from_weights(&config, &mut GgufWeights::new(&file, &config), device)?;
         tracing::info!(path = %path.display(), layers = config.num_layers, secs = start.elapsed().as_secs_f32(), "loaded GGUF model");
-        Ok(Self { model, tokenizer, config, name: display_name(path) })
+        Ok(Self {
+            model,
+            tokenizer,
+            config,
+            name: display_name(path),
+        })
     }
 
     /// Loads a Hugging Face folder (`config.json`, `tokenizer.json`, `*.safetensors`).
@@ -70,10 +76,18 @@ impl<B: Backend> LoadedModel<B> {
         let tokenizer = Tokenizer::from_hf_dir(dir)?;
         let mut weights = SafetensorsWeights::open_dir(dir)?;
         let model = Transformer::from_weights(&config, &mut weights, device)?;
-        Ok(Self { model, tokenizer, config, name: display_name(dir) })
+        Ok(Self {
+            model,
+            tokenizer,
+            config,
+            name: display_name(dir),
+        })
     }
 }
 
 fn display_name(p: &Path) -> String {
-    p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }

@@ -27,8 +27,9 @@ impl<B: Backend> RopeAngles<B> {
         device: &B::Device,
     ) -> Self {
         let half = head_dim / 2;
-        let inv_freq: Vec<f64> =
-            (0..half).map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64)).collect();
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64))
+            .collect();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
@@ -56,7 +57,10 @@ impl<B: Backend> RopeAngles<B> {
         let x2 = x.narrow(3, half, half);
         let (c, s) = (self.cos.clone(), self.sin.clone());
         Tensor::cat(
-            vec![x1.clone() * c.clone() - x2.clone() * s.clone(), x2 * c + x1 * s],
+            vec![
+                x1.clone() * c.clone() - x2.clone() * s.clone(),
+                x2 * c + x1 * s,
+            ],
             3,
         )
     }
@@ -88,11 +92,17 @@ mod tests {
         let dev = Default::default();
         let (d, theta) = (8, 10_000.0);
         let q = Tensor::<Flex, 4>::from_data(
-            TensorData::new((0..8).map(|i| i as f32 * 0.3 - 1.0).collect::<Vec<_>>(), [1, 1, 1, d]),
+            TensorData::new(
+                (0..8).map(|i| i as f32 * 0.3 - 1.0).collect::<Vec<_>>(),
+                [1, 1, 1, d],
+            ),
             &dev,
         );
         let k = Tensor::<Flex, 4>::from_data(
-            TensorData::new((0..8).map(|i| (i as f32).sin()).collect::<Vec<_>>(), [1, 1, 1, d]),
+            TensorData::new(
+                (0..8).map(|i| (i as f32).sin()).collect::<Vec<_>>(),
+                [1, 1, 1, d],
+            ),
             &dev,
         );
         let dot = |pq: usize, pk: usize| {

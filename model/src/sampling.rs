@@ -26,7 +26,13 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: None }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: None,
+        }
     }
 }
 
@@ -49,7 +55,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |s: String| Err(ModelError::Input(s));
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad(format!("temperature {} must be finite and ≥ 0", self.temperature));
+            return bad(format!(
+                "temperature {} must be finite and ≥ 0",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p {} must be in (0, 1]", self.top_p));
@@ -75,8 +84,10 @@ impl SamplingParams {
         }
         let inv_t = 1.0 / f64::from(self.temperature);
         let max = f64::from(logits[order[0]]);
-        let mut w: Vec<f64> =
-            order.iter().map(|&i| ((f64::from(logits[i]) - max) * inv_t).exp()).collect();
+        let mut w: Vec<f64> = order
+            .iter()
+            .map(|&i| ((f64::from(logits[i]) - max) * inv_t).exp())
+            .collect();
         let z: f64 = w.iter().sum();
         w.iter_mut().for_each(|x| *x /= z);
         let mut keep = w.len();
@@ -171,7 +182,13 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, min_p, seed: Some(1) }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed: Some(1),
+        }
     }
 
     #[test]
@@ -205,7 +222,10 @@ mod tests {
     fn seeded_sampling_is_reproducible_and_follows_the_distribution() {
         let logits = [0.0f32, (3.0f32).ln()]; // p = [0.25, 0.75]
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed: Some(seed), ..params(1.0, 0, 1.0, 0.0) });
+            let mut s = Sampler::new(SamplingParams {
+                seed: Some(seed),
+                ..params(1.0, 0, 1.0, 0.0)
+            });
             (0..4000).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));

@@ -36,8 +36,14 @@ pub fn byte_tokenizer() -> Tokenizer {
     });
     let template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}\
                     {% if add_generation_prompt %}<assistant>{% endif %}";
-    Tokenizer::from_json(&tj.to_string(), None, false, vec![256], Some(template.into()))
-        .expect("static tokenizer is valid")
+    Tokenizer::from_json(
+        &tj.to_string(),
+        None,
+        false,
+        vec![256],
+        Some(template.into()),
+    )
+    .expect("static tokenizer is valid")
 }
 
 #[cfg(test)]

@@ -14,9 +14,24 @@ use crate::gguf::{GgufFile, Value, tokenizer_json_from_gguf};
 /// are also treated as control tokens even when typed normal (llama.cpp does the same, e.g. for
 /// `</s>` in Qwen2.5's vocabulary).
 pub(crate) const END_OF_GENERATION: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-    "<EOT>", "_<EOT>", "</s>", "<|eom_id|>", "<|fim_pad|>", "<fim-pad>", "<fim_pad>",
-    "<|repo_name|>", "<repo_name>", "<reponame>", "<|file_sep|>", "<file_sep>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "</s>",
+    "<|eom_id|>",
+    "<|fim_pad|>",
+    "<fim-pad>",
+    "<fim_pad>",
+    "<|repo_name|>",
+    "<repo_name>",
+    "<reponame>",
+    "<|file_sep|>",
+    "<file_sep>",
 ];
 
 /// A tokenizer with BOS/EOS handling and the model's chat template.
@@ -51,12 +66,20 @@ impl Tokenizer {
                 }
             }
         }
-        let token_text = |id: Option<u32>| id.and_then(|i| inner.id_to_token(i)).unwrap_or_default();
+        let token_text =
+            |id: Option<u32>| id.and_then(|i| inner.id_to_token(i)).unwrap_or_default();
         let eos = eos.first().copied();
         let chat = template
             .map(|t| ChatTemplate::new(&t, &token_text(bos), &token_text(eos)))
             .transpose()?;
-        Ok(Self { inner, bos, add_bos, eos, eog, chat })
+        Ok(Self {
+            inner,
+            bos,
+            add_bos,
+            eos,
+            eog,
+            chat,
+        })
     }
 
     /// A tokenizer from `tokenizer.json` text and its special-token facts.
@@ -82,14 +105,28 @@ impl Tokenizer {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let json = tokenizer_json_from_gguf(file)?;
         let id = |k: &str| file.get(k).and_then(Value::as_u64).map(|v| v as u32);
-        let eos: Vec<u32> = [id("tokenizer.ggml.eos_token_id"), id("tokenizer.ggml.eot_token_id")]
-            .into_iter()
-            .flatten()
-            .collect();
-        let add_bos = file.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
-        let template =
-            file.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_owned);
-        Self::from_json(&json, id("tokenizer.ggml.bos_token_id"), add_bos, eos, template)
+        let eos: Vec<u32> = [
+            id("tokenizer.ggml.eos_token_id"),
+            id("tokenizer.ggml.eot_token_id"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let add_bos = file
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let template = file
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Self::from_json(
+            &json,
+            id("tokenizer.ggml.bos_token_id"),
+            add_bos,
+            eos,
+            template,
+        )
     }
 
     /// The tokenizer of a Hugging Face model folder: `tokenizer.json`, plus
@@ -113,7 +150,9 @@ impl Tokenizer {
             match std::fs::read_to_string(&p) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(ModelError::io(p, e)),
-                Ok(s) => serde_json::from_str(&s).map(Some).map_err(|e| tok_err(format!("{name}: {e}"))),
+                Ok(s) => serde_json::from_str(&s)
+                    .map(Some)
+                    .map_err(|e| tok_err(format!("{name}: {e}"))),
             }
         };
         let cfg: TokConfig = read_json("tokenizer_config.json")?
@@ -147,7 +186,13 @@ impl Tokenizer {
             _ => None,
         };
         let bos = id_of(&cfg.bos_token);
-        Self::assemble(inner, bos, cfg.add_bos_token.unwrap_or(false), eos, template)
+        Self::assemble(
+            inner,
+            bos,
+            cfg.add_bos_token.unwrap_or(false),
+            eos,
+            template,
+        )
     }
 
     /// Token ids of `text`, with BOS first if the model asks for it. Special-token texts in
@@ -183,7 +228,9 @@ impl Tokenizer {
 
     /// An incremental decoder for streaming: yields text only once it is complete UTF-8.
     pub fn decode_stream(&self, skip_special: bool) -> TextStream<'_> {
-        TextStream { inner: self.inner.decode_stream(skip_special) }
+        TextStream {
+            inner: self.inner.decode_stream(skip_special),
+        }
     }
 
     /// Whether `id` ends generation (EOS, EOT, `<|im_end|>` …).

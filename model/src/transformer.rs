@@ -93,15 +93,23 @@ impl<B: Backend> Builder<'_, B> {
         }
         let weight = Tensor::from_data(TensorData::new(t, [inp, out]), self.device);
         let bias = match bias_of {
-            Some(name) => Some(Param::from_tensor(self.tensor(&format!("{name}.bias"), [out])?)),
+            Some(name) => Some(Param::from_tensor(
+                self.tensor(&format!("{name}.bias"), [out])?,
+            )),
             None => None,
         };
-        Ok(Linear { weight: Param::from_tensor(weight), bias })
+        Ok(Linear {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
     }
 
     fn norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm<B>> {
         let gamma = self.tensor(&format!("{name}.weight"), [dim])?;
-        Ok(RmsNorm { gamma: Param::from_tensor(gamma), epsilon: eps })
+        Ok(RmsNorm {
+            gamma: Param::from_tensor(gamma),
+            epsilon: eps,
+        })
     }
 }
 
@@ -206,11 +214,19 @@ impl<B: Backend> Transformer<B> {
             TensorData::new(input.mask.clone(), [batch, n, total]),
             &device,
         );
-        let rope = RopeAngles::new(&input.positions, batch, self.head_dim, self.rope_theta, &device);
+        let rope = RopeAngles::new(
+            &input.positions,
+            batch,
+            self.head_dim,
+            self.rope_theta,
+            &device,
+        );
 
         let mut x = self.embed.forward(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn.forward(layer.attn_norm.forward(x.clone()), &rope, &mask, i, cache);
+            let h = layer
+                .attn
+                .forward(layer.attn_norm.forward(x.clone()), &rope, &mask, i, cache);
             x = x + h;
             let h = layer.mlp.forward(layer.ffn_norm.forward(x.clone()));
             x = x + h;
@@ -238,10 +254,15 @@ impl<B: Backend> Transformer<B> {
         let hidden = self.forward(input, cache)?;
         let [batch, n, d] = hidden.dims();
         let last = hidden.narrow(1, n - 1, 1).reshape([batch, 1, d]);
-        let logits = self.logits(last).into_data().to_vec::<f32>().map_err(|e| {
-            ModelError::Input(format!("reading logits: {e:?}"))
-        })?;
-        Ok(logits.chunks(self.vocab_size).map(<[f32]>::to_vec).collect())
+        let logits = self
+            .logits(last)
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| ModelError::Input(format!("reading logits: {e:?}")))?;
+        Ok(logits
+            .chunks(self.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
 
@@ -265,12 +286,16 @@ impl<B: Backend> Attention<B> {
         let v = split(self.wv.forward(x), self.n_kv_heads);
         let (k, v) = cache.append(layer, k, v);
         let out = attention_reference(q, k, v, mask.clone());
-        self.wo.forward(out.swap_dims(1, 2).reshape([batch, n, self.n_heads * self.head_dim]))
+        self.wo.forward(
+            out.swap_dims(1, 2)
+                .reshape([batch, n, self.n_heads * self.head_dim]),
+        )
     }
 }
 
 impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down.forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
+        self.down
+            .forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
     }
 }

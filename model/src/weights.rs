@@ -32,7 +32,10 @@ pub struct RandomWeights {
 impl RandomWeights {
     /// A seeded generator with standard deviation `std`.
     pub fn new(seed: u64, std: f32) -> Self {
-        Self { rng: StdRng::seed_from_u64(seed), std }
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            std,
+        }
     }
 }
 
@@ -40,7 +43,9 @@ impl WeightSource for RandomWeights {
     fn load(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let n: usize = shape.iter().product();
         let offset = if name.contains("norm") { 1.0 } else { 0.0 };
-        Ok((0..n).map(|_| offset + self.std * normal(&mut self.rng)).collect())
+        Ok((0..n)
+            .map(|_| offset + self.std * normal(&mut self.rng))
+            .collect())
     }
 
     fn contains(&self, name: &str) -> bool {

@@ -42,6 +42,8 @@ struct PlainBench {
     prefill_tokens_per_sec: f64,
     /// Mean generated tokens per second (after the first token) over the runs.
     decode_tokens_per_sec: f64,
+    /// The prompt's token ids (so other engines can be measured on the same input).
+    prompt: Vec<u32>,
 }
 
 /// Source text for benchmark prompts: real prose, repeated to the length asked for.
@@ -53,16 +55,24 @@ morning. def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, 
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     if !args.plain {
-        bail!("only `--plain` is implemented so far (speculative benchmarks come with tree speculation)");
+        bail!(
+            "only `--plain` is implemented so far (speculative benchmarks come with tree speculation)"
+        );
     }
     if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repeats == 0 {
         bail!("--prompt-tokens, --gen-tokens and --repeats must be at least 1");
     }
     with_backend!(args.model.device, |B, device| {
-        let loaded = LoadedModel::<B>::load(&args.model.model, args.model.resolve_options(), &device)?;
+        let loaded =
+            LoadedModel::<B>::load(&args.model.model, args.model.resolve_options(), &device)?;
         let tok = &loaded.tokenizer;
         let unit = tok.encode(TEXT)?;
-        let prompt: Vec<u32> = unit.iter().copied().cycle().take(args.prompt_tokens).collect();
+        let prompt: Vec<u32> = unit
+            .iter()
+            .copied()
+            .cycle()
+            .take(args.prompt_tokens)
+            .collect();
         let params = GenerateParams {
             max_tokens: args.gen_tokens,
             ignore_eos: true,
@@ -70,7 +80,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         };
         let generator = Generator::new(&loaded.model, tok);
         let bar = indicatif::ProgressBar::new((args.repeats + 1) as u64);
-        bar.set_style(indicatif::ProgressStyle::with_template("bench {bar:30} {pos}/{len} runs {msg}")?);
+        bar.set_style(indicatif::ProgressStyle::with_template(
+            "bench {bar:30} {pos}/{len} runs {msg}",
+        )?);
         let (mut pre, mut dec) = (0.0, 0.0);
         for run in 0..=args.repeats {
             let mut stats = None;
@@ -96,10 +108,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             repeats: args.repeats,
             prefill_tokens_per_sec: pre / args.repeats as f64,
             decode_tokens_per_sec: dec / args.repeats as f64,
+            prompt,
         };
         println!(
             "{:<40} prefill {:>8.1} tok/s   decode {:>7.2} tok/s   ({} prompt, {} generated, {} threads)",
-            r.model, r.prefill_tokens_per_sec, r.decode_tokens_per_sec, r.prompt_tokens, r.gen_tokens, r.threads
+            r.model,
+            r.prefill_tokens_per_sec,
+            r.decode_tokens_per_sec,
+            r.prompt_tokens,
+            r.gen_tokens,
+            r.threads
         );
         if let Some(p) = &args.json {
             std::fs::write(p, serde_json::to_string_pretty(&r)?)?;

@@ -71,7 +71,10 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn resolve_options(&self) -> ResolveOptions {
-        ResolveOptions { fetch_missing: !self.no_fetch, progress: true }
+        ResolveOptions {
+            fetch_missing: !self.no_fetch,
+            progress: true,
+        }
     }
 }
 

@@ -11,7 +11,9 @@ use crate::cli::{GenerateArgs, with_backend};
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let text = if args.prompt == "-" {
         let mut bytes = Vec::new();
-        std::io::stdin().read_to_end(&mut bytes).context("reading the prompt from stdin")?;
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("reading the prompt from stdin")?;
         String::from_utf8(bytes).context("the prompt on stdin is not valid UTF-8")?
     } else {
         args.prompt.clone()
@@ -34,7 +36,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         ..GenerateParams::default()
     };
     with_backend!(args.model.device, |B, device| {
-        let loaded = LoadedModel::<B>::load(&args.model.model, args.model.resolve_options(), &device)?;
+        let loaded =
+            LoadedModel::<B>::load(&args.model.model, args.model.resolve_options(), &device)?;
         let generator = Generator::new(&loaded.model, &loaded.tokenizer);
         let mut out = std::io::stdout().lock();
         for event in generator.generate(&prompt, &params)? {

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use arbor_model::gguf::{GgufWriter, Value};
-use arbor_model::{Architecture, ModelConfig, RandomWeights, WeightSource, interleaved_to_half_split};
+use arbor_model::{
+    Architecture, ModelConfig, RandomWeights, WeightSource, interleaved_to_half_split,
+};
 
 /// Every parameter of `config` with its row-major shape, in GGUF naming.
 pub fn parameter_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
@@ -53,17 +55,29 @@ pub fn gguf_metadata(w: &mut GgufWriter, c: &ModelConfig) {
     w.meta("general.architecture", Value::String(arch.into()));
     w.meta(&format!("{arch}.context_length"), u(c.max_position));
     w.meta(&format!("{arch}.embedding_length"), u(c.hidden_size));
-    w.meta(&format!("{arch}.feed_forward_length"), u(c.intermediate_size));
+    w.meta(
+        &format!("{arch}.feed_forward_length"),
+        u(c.intermediate_size),
+    );
     w.meta(&format!("{arch}.block_count"), u(c.num_layers));
     w.meta(&format!("{arch}.attention.head_count"), u(c.num_heads));
-    w.meta(&format!("{arch}.attention.head_count_kv"), u(c.num_kv_heads));
+    w.meta(
+        &format!("{arch}.attention.head_count_kv"),
+        u(c.num_kv_heads),
+    );
     w.meta(&format!("{arch}.rope.freq_base"), Value::F64(c.rope_theta));
-    w.meta(&format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F64(c.rms_norm_eps));
+    w.meta(
+        &format!("{arch}.attention.layer_norm_rms_epsilon"),
+        Value::F64(c.rms_norm_eps),
+    );
     let tokens: Vec<Value> = (0..=255u8)
         .map(|b| Value::String(arbor_model::testing::byte_to_char(b).to_string()))
         .chain([Value::String("<|endoftext|>".into())])
         .collect();
-    let types: Vec<Value> = (0..256).map(|_| Value::I64(1)).chain([Value::I64(3)]).collect();
+    let types: Vec<Value> = (0..256)
+        .map(|_| Value::I64(1))
+        .chain([Value::I64(3)])
+        .collect();
     w.meta("tokenizer.ggml.model", Value::String("gpt2".into()));
     w.meta("tokenizer.ggml.pre", Value::String("qwen2".into()));
     w.meta("tokenizer.ggml.tokens", Value::Array(tokens));
@@ -80,8 +94,12 @@ pub fn write_gguf(path: &Path, c: &ModelConfig, seed: u64) -> Vec<(String, Vec<u
     gguf_metadata(&mut w, c);
     for (name, shape, data) in &params {
         let data = match c.architecture {
-            Architecture::Llama if name.contains("attn_q.") => to_interleaved(data, c.num_heads, c.head_dim),
-            Architecture::Llama if name.contains("attn_k.") => to_interleaved(data, c.num_kv_heads, c.head_dim),
+            Architecture::Llama if name.contains("attn_q.") => {
+                to_interleaved(data, c.num_heads, c.head_dim)
+            }
+            Architecture::Llama if name.contains("attn_k.") => {
+                to_interleaved(data, c.num_kv_heads, c.head_dim)
+            }
             _ => data.clone(),
         };
         w.tensor_f32(name, shape, &data);
@@ -128,13 +146,21 @@ pub fn write_hf_dir(dir: &Path, c: &ModelConfig, params: &[(String, Vec<usize>, 
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = params
         .iter()
         .map(|(n, s, d)| {
-            (arbor_model::safetensors::hf_name(n), s.clone(), d.iter().flat_map(|x| x.to_le_bytes()).collect())
+            (
+                arbor_model::safetensors::hf_name(n),
+                s.clone(),
+                d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
         })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
         .map(|(n, s, b)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
         })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();

@@ -21,7 +21,13 @@ pub fn crate_dir() -> &'static Path {
 /// # Panics
 /// If the model cannot be fetched: the test cannot run without it.
 pub fn registry_model_path(name: &str) -> PathBuf {
-    match resolve(name, ResolveOptions { fetch_missing: true, progress: false }) {
+    match resolve(
+        name,
+        ResolveOptions {
+            fetch_missing: true,
+            progress: false,
+        },
+    ) {
         Ok(ModelFiles::Gguf(p)) => p,
         other => panic!("cannot get {name}: {other:?}"),
     }

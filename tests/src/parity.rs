@@ -51,15 +51,31 @@ pub fn check_logits_and_greedy(model_name: &str, path: &std::path::Path) -> f32 
         let margins = floats(&case["greedy_margins"]);
 
         // Teacher-forced: prompt + llama.cpp's continuation in one pass.
-        let seq: Vec<u32> = tokens.iter().chain(&greedy[..greedy.len() - 1]).copied().collect();
+        let seq: Vec<u32> = tokens
+            .iter()
+            .chain(&greedy[..greedy.len() - 1])
+            .copied()
+            .collect();
         let mut cache = loaded.model.new_cache();
-        let hidden = loaded.model.forward(&ForwardInput::causal(&seq, 0), &mut cache).unwrap();
-        let logits = loaded.model.logits(hidden).into_data().to_vec::<f32>().unwrap();
+        let hidden = loaded
+            .model
+            .forward(&ForwardInput::causal(&seq, 0), &mut cache)
+            .unwrap();
+        let logits = loaded
+            .model
+            .logits(hidden)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         let row = |p: usize| &logits[p * vocab..(p + 1) * vocab];
         for top in case["top"].as_array().expect("top") {
             let pos = top["position"].as_u64().unwrap() as usize;
             let refs = floats(&top["reference_logits"]);
-            for ((&id, &v), &r) in ids(&top["ids"]).iter().zip(&floats(&top["logits"])).zip(&refs) {
+            for ((&id, &v), &r) in ids(&top["ids"])
+                .iter()
+                .zip(&floats(&top["logits"]))
+                .zip(&refs)
+            {
                 let ours = row(pos)[id as usize];
                 worst = worst.max((ours - v).abs());
                 worst_ref = worst_ref.max((ours - r).abs());
@@ -89,17 +105,30 @@ pub fn check_logits_and_greedy(model_name: &str, path: &std::path::Path) -> f32 
         }
 
         // Free-running greedy through the KV cache.
-        let sharp = margins.iter().position(|&m| m <= tie).unwrap_or(margins.len());
+        let sharp = margins
+            .iter()
+            .position(|&m| m <= tie)
+            .unwrap_or(margins.len());
         let generator = Generator::new(&loaded.model, &loaded.tokenizer);
-        let params =
-            GenerateParams { max_tokens: greedy.len(), ignore_eos: true, ..GenerateParams::default() };
+        let params = GenerateParams {
+            max_tokens: greedy.len(),
+            ignore_eos: true,
+            ..GenerateParams::default()
+        };
         let mut got = Vec::new();
-        for ev in generator.generate(&Prompt::Tokens(tokens), &params).unwrap() {
+        for ev in generator
+            .generate(&Prompt::Tokens(tokens), &params)
+            .unwrap()
+        {
             if let Event::Done(d) = ev.unwrap() {
                 got = d.tokens;
             }
         }
-        assert_eq!(got[..sharp], greedy[..sharp], "{model_name} greedy continuation of {prompt:?}");
+        assert_eq!(
+            got[..sharp],
+            greedy[..sharp],
+            "{model_name} greedy continuation of {prompt:?}"
+        );
         compared += sharp;
         let ref_greedy = ids(&case["reference_greedy"]);
         let ref_sharp = floats(&case["reference_greedy_margins"])
@@ -140,13 +169,27 @@ pub fn check_tokenizer(model_name: &str, path: &std::path::Path) {
             bad.push(format!("{text:?}: arbor {got:?} llama.cpp {want:?}"));
         }
     }
-    assert!(bad.is_empty(), "{} of {} texts differ:\n{}", bad.len(), cases.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} of {} texts differ:\n{}",
+        bad.len(),
+        cases.len(),
+        bad.join("\n")
+    );
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().expect("float array").iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .expect("float array")
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("id array").iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }

@@ -6,7 +6,10 @@ use arbor_model::{Architecture, LoadedModel, ModelConfig, ModelError, device::Cp
 use arbor_tests::fixtures::{gguf_metadata, random_parameters, write_gguf};
 
 fn tiny() -> ModelConfig {
-    ModelConfig { vocab_size: 257, ..ModelConfig::tiny(Architecture::Llama) }
+    ModelConfig {
+        vocab_size: 257,
+        ..ModelConfig::tiny(Architecture::Llama)
+    }
 }
 
 fn load_bytes(bytes: &[u8]) -> Result<LoadedModel<Cpu>, ModelError> {
@@ -28,7 +31,14 @@ fn gguf_with(edit: impl Fn(&mut Vec<(String, Vec<usize>, u32, Vec<u8>)>)) -> Vec
     let c = tiny();
     let mut tensors: Vec<_> = random_parameters(&c, 2)
         .into_iter()
-        .map(|(n, s, d)| (n, s, 0u32, d.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()))
+        .map(|(n, s, d)| {
+            (
+                n,
+                s,
+                0u32,
+                d.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+            )
+        })
         .collect();
     edit(&mut tensors);
     let mut w = GgufWriter::default();
@@ -48,10 +58,22 @@ fn valid_fixture_loads() {
 fn truncated_gguf_is_an_error_at_every_cut() {
     let bytes = valid_gguf();
     // Cut inside the header, the metadata, the tensor directory and the data.
-    for cut in [0, 3, 7, 20, 100, 1000, 3000, bytes.len() / 2, bytes.len() - 1] {
+    for cut in [
+        0,
+        3,
+        7,
+        20,
+        100,
+        1000,
+        3000,
+        bytes.len() / 2,
+        bytes.len() - 1,
+    ] {
         match load_bytes(&bytes[..cut]) {
             Err(ModelError::Gguf(msg)) => assert!(
-                ["truncated", "magic", "exceeds"].iter().any(|w| msg.contains(w)),
+                ["truncated", "magic", "exceeds"]
+                    .iter()
+                    .any(|w| msg.contains(w)),
                 "{cut}: {msg}"
             ),
             Err(ModelError::Io { .. }) if cut == 0 => {}
@@ -83,7 +105,9 @@ fn random_garbage_never_panics() {
     for _ in 0..200 {
         let mut bytes = valid.clone();
         for _ in 0..8 {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let at = (state >> 33) as usize % 4096.min(bytes.len());
             bytes[at] = (state >> 17) as u8;
         }
@@ -98,7 +122,10 @@ fn unknown_architecture_is_named() {
     w.meta("general.architecture", Value::String("mamba".into()));
     w.tensor_f32("token_embd.weight", &[2, 2], &[0.0; 4]);
     let err = load_bytes(&w.to_bytes()).unwrap_err();
-    assert!(matches!(&err, ModelError::UnknownArchitecture(a) if a == "mamba"), "{err}");
+    assert!(
+        matches!(&err, ModelError::UnknownArchitecture(a) if a == "mamba"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -108,20 +135,29 @@ fn unsupported_tensor_type_is_named() {
         q.2 = 10; // Q2_K
     });
     let err = load_bytes(&bytes).unwrap_err().to_string();
-    assert!(err.contains("blk.0.attn_q.weight") && err.contains("Q2_K"), "{err}");
+    assert!(
+        err.contains("blk.0.attn_q.weight") && err.contains("Q2_K"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_tensor_is_named() {
     let bytes = gguf_with(|t| t.retain(|x| x.0 != "blk.1.ffn_up.weight"));
     let err = load_bytes(&bytes).unwrap_err();
-    assert!(matches!(&err, ModelError::MissingTensor(n) if n == "blk.1.ffn_up.weight"), "{err}");
+    assert!(
+        matches!(&err, ModelError::MissingTensor(n) if n == "blk.1.ffn_up.weight"),
+        "{err}"
+    );
 }
 
 #[test]
 fn mismatched_shape_is_named() {
     let bytes = gguf_with(|t| {
-        let x = t.iter_mut().find(|x| x.0 == "blk.0.ffn_gate.weight").unwrap();
+        let x = t
+            .iter_mut()
+            .find(|x| x.0 == "blk.0.ffn_gate.weight")
+            .unwrap();
         x.1 = vec![x.1[0] / 2, x.1[1] * 2];
     });
     let err = load_bytes(&bytes).unwrap_err();
@@ -137,13 +173,19 @@ fn missing_metadata_is_named() {
     w.meta("general.architecture", Value::String("llama".into()));
     w.tensor_f32("token_embd.weight", &[2, 2], &[0.0; 4]);
     let err = load_bytes(&w.to_bytes()).unwrap_err();
-    assert!(matches!(&err, ModelError::Metadata { key, .. } if key.starts_with("llama.")), "{err}");
+    assert!(
+        matches!(&err, ModelError::Metadata { key, .. } if key.starts_with("llama.")),
+        "{err}"
+    );
 }
 
 #[test]
 fn non_utf8_prompt_is_an_error() {
     let m = load_bytes(&valid_gguf()).unwrap();
-    let err = m.tokenizer.encode_bytes(&[b'h', 0xff, 0xfe, b'i']).unwrap_err();
+    let err = m
+        .tokenizer
+        .encode_bytes(&[b'h', 0xff, 0xfe, b'i'])
+        .unwrap_err();
     assert!(matches!(err, ModelError::Utf8(_)), "{err}");
 }
 
@@ -156,14 +198,29 @@ fn over_long_prompt_and_bad_params_are_errors() {
         g.generate(&long, &GenerateParams::default()),
         Err(EngineError::PromptTooLong { .. })
     ));
-    assert!(matches!(g.generate(&Prompt::Tokens(vec![]), &GenerateParams::default()), Err(EngineError::EmptyPrompt)));
-    let bad = GenerateParams { max_tokens: 0, ..Default::default() };
-    assert!(matches!(g.generate(&Prompt::Text("a".into()), &bad), Err(EngineError::InvalidParams(_))));
+    assert!(matches!(
+        g.generate(&Prompt::Tokens(vec![]), &GenerateParams::default()),
+        Err(EngineError::EmptyPrompt)
+    ));
+    let bad = GenerateParams {
+        max_tokens: 0,
+        ..Default::default()
+    };
+    assert!(matches!(
+        g.generate(&Prompt::Text("a".into()), &bad),
+        Err(EngineError::InvalidParams(_))
+    ));
     let mut bad = GenerateParams::default();
     bad.sampling.temperature = -1.0;
-    assert!(matches!(g.generate(&Prompt::Text("a".into()), &bad), Err(EngineError::InvalidParams(_))));
+    assert!(matches!(
+        g.generate(&Prompt::Text("a".into()), &bad),
+        Err(EngineError::InvalidParams(_))
+    ));
     let oov = Prompt::Tokens(vec![5000]);
-    assert!(matches!(g.generate(&oov, &GenerateParams::default()), Err(EngineError::InvalidParams(_))));
+    assert!(matches!(
+        g.generate(&oov, &GenerateParams::default()),
+        Err(EngineError::InvalidParams(_))
+    ));
 }
 
 #[test]

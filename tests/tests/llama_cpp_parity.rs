@@ -18,11 +18,17 @@ fn smollm2_tokenizer_matches_llama_cpp() {
 #[test]
 #[ignore = "fetches the 491 MB Qwen2.5-Coder-0.5B; run with --run-ignored all"]
 fn qwen_0_5b_logits_and_greedy_match_llama_cpp() {
-    check_logits_and_greedy("qwen2.5-coder-0.5b", &registry_model_path("qwen2.5-coder-0.5b"));
+    check_logits_and_greedy(
+        "qwen2.5-coder-0.5b",
+        &registry_model_path("qwen2.5-coder-0.5b"),
+    );
 }
 
 #[test]
 #[ignore = "fetches the 491 MB Qwen2.5-Coder-0.5B; run with --run-ignored all"]
 fn qwen_0_5b_tokenizer_matches_llama_cpp() {
-    check_tokenizer("qwen2.5-coder-0.5b", &registry_model_path("qwen2.5-coder-0.5b"));
+    check_tokenizer(
+        "qwen2.5-coder-0.5b",
+        &registry_model_path("qwen2.5-coder-0.5b"),
+    );
 }

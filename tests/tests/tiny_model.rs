@@ -6,17 +6,27 @@ use arbor_model::{Architecture, ForwardInput, LoadedModel, ModelConfig, device::
 use arbor_tests::fixtures::{write_gguf, write_hf_dir};
 
 fn tiny(arch: Architecture) -> ModelConfig {
-    ModelConfig { vocab_size: 257, ..ModelConfig::tiny(arch) }
+    ModelConfig {
+        vocab_size: 257,
+        ..ModelConfig::tiny(arch)
+    }
 }
 
 fn last_logits(m: &LoadedModel<Cpu>, tokens: &[u32]) -> Vec<f32> {
     let mut cache = m.model.new_cache();
-    m.model.forward_last_logits(&ForwardInput::causal(tokens, 0), &mut cache).unwrap().remove(0)
+    m.model
+        .forward_last_logits(&ForwardInput::causal(tokens, 0), &mut cache)
+        .unwrap()
+        .remove(0)
 }
 
 fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     assert_eq!(a.len(), b.len());
-    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
     assert!(worst <= tol, "{what}: max difference {worst} > {tol}");
 }
 
@@ -31,27 +41,49 @@ fn cache_append_equivalence() {
         let m = LoadedModel::<Cpu>::from_gguf(&path, &Default::default()).unwrap();
         let tokens: Vec<u32> = (0..23).map(|i| (i * 37 % 250) as u32).collect();
         let mut cache = m.model.new_cache();
-        let hidden = m.model.forward(&ForwardInput::causal(&tokens, 0), &mut cache).unwrap();
+        let hidden = m
+            .model
+            .forward(&ForwardInput::causal(&tokens, 0), &mut cache)
+            .unwrap();
         let all = m.model.logits(hidden).into_data().to_vec::<f32>().unwrap();
         let v = m.config.vocab_size;
 
         let mut cache = m.model.new_cache();
         for (i, &t) in tokens.iter().enumerate() {
-            let step = m.model.forward_last_logits(&ForwardInput::causal(&[t], i), &mut cache).unwrap();
-            assert_close(&step[0], &all[i * v..(i + 1) * v], 1e-4, &format!("{arch:?} token {i}"));
+            let step = m
+                .model
+                .forward_last_logits(&ForwardInput::causal(&[t], i), &mut cache)
+                .unwrap();
+            assert_close(
+                &step[0],
+                &all[i * v..(i + 1) * v],
+                1e-4,
+                &format!("{arch:?} token {i}"),
+            );
         }
         assert_eq!(cache.len(), tokens.len());
 
         let mut cache = m.model.new_cache();
         let mut done = 0;
         for chunk in tokens.chunks(5) {
-            let out = m.model.forward_last_logits(&ForwardInput::causal(chunk, done), &mut cache).unwrap();
+            let out = m
+                .model
+                .forward_last_logits(&ForwardInput::causal(chunk, done), &mut cache)
+                .unwrap();
             done += chunk.len();
-            assert_close(&out[0], &all[(done - 1) * v..done * v], 1e-4, &format!("{arch:?} chunk"));
+            assert_close(
+                &out[0],
+                &all[(done - 1) * v..done * v],
+                1e-4,
+                &format!("{arch:?} chunk"),
+            );
         }
         // Rollback: truncating and re-feeding gives the same result.
         cache.truncate(10);
-        let again = m.model.forward_last_logits(&ForwardInput::causal(&tokens[10..], 10), &mut cache).unwrap();
+        let again = m
+            .model
+            .forward_last_logits(&ForwardInput::causal(&tokens[10..], 10), &mut cache)
+            .unwrap();
         assert_close(&again[0], &all[22 * v..23 * v], 1e-4, "after truncate");
     }
 }
@@ -65,11 +97,18 @@ fn gguf_and_safetensors_checkpoints_agree() {
         let c = tiny(arch);
         let params = write_gguf(&dir.path().join("m.gguf"), &c, 5);
         write_hf_dir(&dir.path().join("hf"), &c, &params);
-        let a = LoadedModel::<Cpu>::from_gguf(&dir.path().join("m.gguf"), &Default::default()).unwrap();
-        let b = LoadedModel::<Cpu>::from_hf_dir(&dir.path().join("hf"), &Default::default()).unwrap();
+        let a =
+            LoadedModel::<Cpu>::from_gguf(&dir.path().join("m.gguf"), &Default::default()).unwrap();
+        let b =
+            LoadedModel::<Cpu>::from_hf_dir(&dir.path().join("hf"), &Default::default()).unwrap();
         assert_eq!(a.config, b.config);
         let tokens = [1, 50, 99, 200, 7, 7, 3];
-        assert_close(&last_logits(&a, &tokens), &last_logits(&b, &tokens), 1e-4, &format!("{arch:?}"));
+        assert_close(
+            &last_logits(&a, &tokens),
+            &last_logits(&b, &tokens),
+            1e-4,
+            &format!("{arch:?}"),
+        );
         assert!(b.tokenizer.is_end_of_generation(256));
         assert_eq!(b.tokenizer.encode("hi").unwrap(), vec![104, 105]);
     }
@@ -95,17 +134,29 @@ fn wrong_rope_layout_is_detected() {
     .unwrap();
     let tokens = [4u32, 8, 15, 16, 23, 42];
     let mut cache = unpermuted.new_cache();
-    let wrong = unpermuted.forward_last_logits(&ForwardInput::causal(&tokens, 0), &mut cache).unwrap();
+    let wrong = unpermuted
+        .forward_last_logits(&ForwardInput::causal(&tokens, 0), &mut cache)
+        .unwrap();
     let right = last_logits(&a, &tokens);
-    let diff = right.iter().zip(&wrong[0]).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-    assert!(diff > 1e-3, "ignoring the interleaved layout went unnoticed ({diff})");
+    let diff = right
+        .iter()
+        .zip(&wrong[0])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        diff > 1e-3,
+        "ignoring the interleaved layout went unnoticed ({diff})"
+    );
 }
 
 /// A hub id resolves offline from a populated Hugging Face cache (models--org--name layout).
 #[test]
 fn hub_id_resolves_from_offline_hf_cache() {
     let home = tempfile::tempdir().unwrap();
-    let repo = home.path().join("hub").join("models--arbor-test--tiny-qwen");
+    let repo = home
+        .path()
+        .join("hub")
+        .join("models--arbor-test--tiny-qwen");
     let commit = "0123456789abcdef0123456789abcdef01234567";
     let snapshot = repo.join("snapshots").join(commit);
     let c = tiny(Architecture::Qwen2);
@@ -118,7 +169,10 @@ fn hub_id_resolves_from_offline_hf_cache() {
         std::env::set_var("HF_HOME", home.path());
         std::env::set_var("HF_HUB_OFFLINE", "1");
     }
-    let opts = ResolveOptions { fetch_missing: false, progress: false };
+    let opts = ResolveOptions {
+        fetch_missing: false,
+        progress: false,
+    };
     let files = resolve("arbor-test/tiny-qwen", opts).unwrap();
     assert_eq!(files, ModelFiles::HfDir(snapshot.clone()));
     let m = LoadedModel::<Cpu>::load("arbor-test/tiny-qwen", opts, &Default::default()).unwrap();
@@ -145,20 +199,34 @@ fn generation_params_take_effect() {
         }
         (text, done.unwrap())
     };
-    let base = GenerateParams { max_tokens: 12, ignore_eos: true, ..Default::default() };
+    let base = GenerateParams {
+        max_tokens: 12,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let (text, done) = run(&base);
     assert_eq!(done.tokens.len(), 12);
     assert_eq!(done.reason, arbor_engine::FinishReason::Length);
     // Stop at a string that the greedy output contains: output is cut before it.
     let chars: Vec<char> = text.chars().collect();
-    assert!(chars.len() >= 4, "random model produced too little text: {text:?}");
+    assert!(
+        chars.len() >= 4,
+        "random model produced too little text: {text:?}"
+    );
     let stop: String = chars[2..4].iter().collect();
-    let (cut, d) = run(&GenerateParams { stop: vec![stop.clone()], ..base.clone() });
+    let (cut, d) = run(&GenerateParams {
+        stop: vec![stop.clone()],
+        ..base.clone()
+    });
     assert_eq!(d.reason, arbor_engine::FinishReason::Stop);
     assert_eq!(cut, text[..text.find(&stop).unwrap()]);
     assert!(d.tokens.len() < 12);
     let sampled = GenerateParams {
-        sampling: arbor_model::SamplingParams { temperature: 1.0, seed: Some(42), ..Default::default() },
+        sampling: arbor_model::SamplingParams {
+            temperature: 1.0,
+            seed: Some(42),
+            ..Default::default()
+        },
         ..base.clone()
     };
     assert_eq!(run(&sampled).1.tokens, run(&sampled).1.tokens);

@@ -43,7 +43,10 @@ pub(super) fn q4_1(b: &[u8], y: &mut [f32]) {
 /// Fifth bits of element `j` and `j + 16` from the 32-bit `qh` mask.
 #[inline]
 fn fifth_bits(qh: u32, j: usize) -> (u8, u8) {
-    ((((qh >> j) << 4) & 0x10) as u8, ((qh >> (j + 12)) & 0x10) as u8)
+    (
+        (((qh >> j) << 4) & 0x10) as u8,
+        ((qh >> (j + 12)) & 0x10) as u8,
+    )
 }
 
 /// `block_q5_0 { f16 d; u8 qh[4]; u8 qs[16]; }`: y = (q - 16)·d.

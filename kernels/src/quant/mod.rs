@@ -109,7 +109,11 @@ impl GgmlType {
     pub fn bytes_for(self, elements: usize) -> Result<usize, KernelError> {
         let block = self.block_size();
         if elements % block != 0 {
-            return Err(KernelError::RaggedBlocks { ty: format!("{self:?}"), elements, block });
+            return Err(KernelError::RaggedBlocks {
+                ty: format!("{self:?}"),
+                elements,
+                block,
+            });
         }
         Ok(elements / block * self.block_bytes())
     }
@@ -122,7 +126,9 @@ fn type_name(id: u32) -> String {
         "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
         "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
     ];
-    NAMES.get(id as usize).map_or_else(|| format!("type id {id}"), |n| (*n).to_string())
+    NAMES
+        .get(id as usize)
+        .map_or_else(|| format!("type id {id}"), |n| (*n).to_string())
 }
 
 /// Dequantizes `elements` values stored as `ty` in `bytes` into a new `Vec<f32>`.
@@ -199,13 +205,25 @@ mod tests {
     fn unsupported_type_is_named() {
         let err = GgmlType::from_id(10).unwrap_err().to_string();
         assert!(err.contains("Q2_K"), "{err}");
-        assert!(GgmlType::from_id(999).unwrap_err().to_string().contains("999"));
+        assert!(
+            GgmlType::from_id(999)
+                .unwrap_err()
+                .to_string()
+                .contains("999")
+        );
     }
 
     #[test]
     fn wrong_byte_length_is_an_error() {
         let err = dequantize(GgmlType::Q8_0, &[0u8; 33], 32).unwrap_err();
-        assert!(matches!(err, KernelError::ByteLength { expected: 34, actual: 33, .. }));
+        assert!(matches!(
+            err,
+            KernelError::ByteLength {
+                expected: 34,
+                actual: 33,
+                ..
+            }
+        ));
     }
 
     #[test]

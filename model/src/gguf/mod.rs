@@ -25,7 +25,9 @@ impl GgufFile {
         let architecture = Architecture::parse(&arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let usize_of = |k: &str| {
-            self.require(&key(k), |v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
+            self.require(&key(k), |v| {
+                v.as_u64().and_then(|x| usize::try_from(x).ok())
+            })
         };
         let hidden_size = usize_of("embedding_length")?;
         let num_heads = usize_of("attention.head_count")?;
@@ -79,8 +81,11 @@ pub struct GgufWeights<'a> {
 impl<'a> GgufWeights<'a> {
     /// Weights of `file` for a model of `config`.
     pub fn new(file: &'a GgufFile, config: &ModelConfig) -> Self {
-        let permute = (config.architecture == Architecture::Llama)
-            .then_some((config.num_heads, config.num_kv_heads, config.head_dim));
+        let permute = (config.architecture == Architecture::Llama).then_some((
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        ));
         Self { file, permute }
     }
 }
@@ -91,8 +96,14 @@ impl WeightSource for GgufWeights<'_> {
         // 1-D tensors are stored as [n]; a [1, n] matrix is the same data.
         check_shape(name, shape, &actual)?;
         let heads = match self.permute {
-            Some((h, _, _)) if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") => h,
-            Some((_, kv, _)) if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") => kv,
+            Some((h, _, _)) if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") => {
+                h
+            }
+            Some((_, kv, _))
+                if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") =>
+            {
+                kv
+            }
             _ => return Ok(data),
         };
         let head_dim = self.permute.map_or(0, |p| p.2);

@@ -117,22 +117,30 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            ModelError::Gguf(format!(
-                "truncated: {what} needs {n} bytes at offset {}, file has {}",
-                self.pos,
-                self.buf.len()
-            ))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                ModelError::Gguf(format!(
+                    "truncated: {what} needs {n} bytes at offset {}, file has {}",
+                    self.pos,
+                    self.buf.len()
+                ))
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
     }
     fn u32(&mut self, what: &str) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self, what: &str) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8 bytes"),
+        ))
     }
     /// A length that must fit in what remains, given at least `unit` bytes per item.
     fn len(&mut self, unit: usize, what: &str) -> Result<usize> {
@@ -155,8 +163,12 @@ impl<'a> Cursor<'a> {
         Ok(match ty {
             0 => Value::U64(u64::from(self.take(1, what)?[0])),
             1 => Value::I64(i64::from(self.take(1, what)?[0] as i8)),
-            2 => Value::U64(u64::from(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2")))),
-            3 => Value::I64(i64::from(i16::from_le_bytes(self.take(2, what)?.try_into().expect("2")))),
+            2 => Value::U64(u64::from(u16::from_le_bytes(
+                self.take(2, what)?.try_into().expect("2"),
+            ))),
+            3 => Value::I64(i64::from(i16::from_le_bytes(
+                self.take(2, what)?.try_into().expect("2"),
+            ))),
             4 => Value::U64(u64::from(self.u32(what)?)),
             5 => Value::I64(i64::from(self.u32(what)? as i32)),
             6 => Value::F64(f64::from(f32::from_bits(self.u32(what)?))),
@@ -164,7 +176,9 @@ impl<'a> Cursor<'a> {
             8 => Value::String(self.string(what)?),
             9 => {
                 if depth > 0 {
-                    return Err(ModelError::Gguf(format!("{key}: nested arrays are not supported")));
+                    return Err(ModelError::Gguf(format!(
+                        "{key}: nested arrays are not supported"
+                    )));
                 }
                 let elem = self.u32(what)?;
                 let unit = match elem {
@@ -173,7 +187,9 @@ impl<'a> Cursor<'a> {
                     4..=6 => 4,
                     8 | 10..=12 => 8,
                     _ => {
-                        return Err(ModelError::Gguf(format!("{key}: bad array element type {elem}")));
+                        return Err(ModelError::Gguf(format!(
+                            "{key}: bad array element type {elem}"
+                        )));
                     }
                 };
                 let n = self.len(unit, what)?;
@@ -211,7 +227,9 @@ impl GgufFile {
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(ModelError::Gguf(format!("unsupported GGUF version {version}")));
+            return Err(ModelError::Gguf(format!(
+                "unsupported GGUF version {version}"
+            )));
         }
         // Each tensor info takes at least 8+4+8+4+8 bytes, each KV at least 8+4+1.
         let n_tensors = c.len(32, "tensor count")?;
@@ -240,7 +258,9 @@ impl GgufFile {
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
                 let d = c.u64(&name)?;
-                dims.push(usize::try_from(d).map_err(|_| ModelError::Gguf(format!("{name}: dim {d}")))?);
+                dims.push(
+                    usize::try_from(d).map_err(|_| ModelError::Gguf(format!("{name}: dim {d}")))?,
+                );
             }
             let ty = c.u32(&name)?;
             let offset = c.u64(&name)?;
@@ -250,23 +270,27 @@ impl GgufFile {
         let file_len = mmap.len() as u64;
         let mut tensors = HashMap::with_capacity(n_tensors);
         for (name, dims, ty, offset) in infos {
-            let info = GgmlType::from_id(ty).map_err(|e| e.to_string()).and_then(|ty| {
-                let elements = dims
-                    .iter()
-                    .try_fold(1usize, |a, &d| a.checked_mul(d))
-                    .ok_or_else(|| "element count overflows".to_string())?;
-                let bytes = ty.bytes_for(elements).map_err(|e| e.to_string())?;
-                Ok((ty, bytes))
-            });
+            let info = GgmlType::from_id(ty)
+                .map_err(|e| e.to_string())
+                .and_then(|ty| {
+                    let elements = dims
+                        .iter()
+                        .try_fold(1usize, |a, &d| a.checked_mul(d))
+                        .ok_or_else(|| "element count overflows".to_string())?;
+                    let bytes = ty.bytes_for(elements).map_err(|e| e.to_string())?;
+                    Ok((ty, bytes))
+                });
             let entry = match info {
                 Err(e) => Err(e),
                 Ok((ty, bytes)) => {
                     let start = data_start.checked_add(offset);
                     let end = start.and_then(|s| s.checked_add(bytes as u64));
                     match (start, end) {
-                        (Some(s), Some(e)) if e <= file_len => {
-                            Ok(TensorInfo { dims, ty, range: s as usize..e as usize })
-                        }
+                        (Some(s), Some(e)) if e <= file_len => Ok(TensorInfo {
+                            dims,
+                            ty,
+                            range: s as usize..e as usize,
+                        }),
                         _ => {
                             return Err(ModelError::Gguf(format!(
                                 "truncated: tensor `{name}` ({bytes} bytes at offset {offset}) \
@@ -278,7 +302,12 @@ impl GgufFile {
             };
             tensors.insert(name, entry);
         }
-        Ok(Self { version, metadata, tensors, mmap })
+        Ok(Self {
+            version,
+            metadata,
+            tensors,
+            mmap,
+        })
     }
 
     /// A metadata value.
@@ -332,13 +361,21 @@ impl GgufFile {
     /// As [`GgufFile::tensor`].
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let (info, bytes) = self.tensor(name)?;
-        let data = arbor_kernels::quant::dequantize(info.ty, bytes, info.elements())
-            .map_err(|source| ModelError::TensorType { name: name.to_string(), source })?;
+        let data = arbor_kernels::quant::dequantize(info.ty, bytes, info.elements()).map_err(
+            |source| ModelError::TensorType {
+                name: name.to_string(),
+                source,
+            },
+        )?;
         Ok((info.shape(), data))
     }
 }
 
 fn short_debug(v: &Value) -> String {
     let s = format!("{v:?}");
-    if s.len() > 80 { format!("{}…", &s[..s.floor_char_boundary(80)]) } else { s }
+    if s.len() > 80 {
+        format!("{}…", &s[..s.floor_char_boundary(80)])
+    } else {
+        s
+    }
 }

@@ -34,7 +34,10 @@ fn pre_tokenizer(pre: &str) -> Result<(Json, bool)> {
         "qwen2" | "deepseek-r1-qwen" => (seq(vec![split(QWEN2_SPLIT), byte_level(false)]), false),
         "llama-bpe" | "llama3" => (seq(vec![split(LLAMA3_SPLIT), byte_level(false)]), true),
         "smollm" | "starcoder" | "refact" => (
-            seq(vec![json!({"type": "Digits", "individual_digits": true}), byte_level(true)]),
+            seq(vec![
+                json!({"type": "Digits", "individual_digits": true}),
+                byte_level(true),
+            ]),
             false,
         ),
         "default" | "gpt-2" | "gpt2" => (seq(vec![split(GPT2_SPLIT), byte_level(false)]), false),
@@ -48,9 +51,19 @@ fn pre_tokenizer(pre: &str) -> Result<(Json, bool)> {
 }
 
 fn strings<'a>(f: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
-    let bad = |why: &str| ModelError::Metadata { key: key.into(), why: why.into() };
-    let items = f.get(key).ok_or_else(|| bad("absent"))?.as_array().ok_or_else(|| bad("not an array"))?;
-    items.iter().map(|v| v.as_str().ok_or_else(|| bad("not an array of strings"))).collect()
+    let bad = |why: &str| ModelError::Metadata {
+        key: key.into(),
+        why: why.into(),
+    };
+    let items = f
+        .get(key)
+        .ok_or_else(|| bad("absent"))?
+        .as_array()
+        .ok_or_else(|| bad("not an array"))?;
+    items
+        .iter()
+        .map(|v| v.as_str().ok_or_else(|| bad("not an array of strings")))
+        .collect()
 }
 
 /// Builds the `tokenizer.json` text for the vocabulary in `file`.
@@ -65,7 +78,10 @@ pub fn tokenizer_json_from_gguf(file: &GgufFile) -> Result<String> {
             "tokenizer.ggml.model `{model}` is not supported (only byte-level BPE, `gpt2`)"
         )));
     }
-    let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+    let pre = file
+        .get("tokenizer.ggml.pre")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     let (pre_tokenizer, ignore_merges) = pre_tokenizer(pre)?;
     let tokens = strings(file, "tokenizer.ggml.tokens")?;
     let merges = strings(file, "tokenizer.ggml.merges")?;
@@ -74,7 +90,9 @@ pub fn tokenizer_json_from_gguf(file: &GgufFile) -> Result<String> {
         Some(v) => v
             .as_array()
             .and_then(|a| {
-                a.iter().map(|x| x.as_u64().map(|u| u as i64)).collect::<Option<Vec<_>>>()
+                a.iter()
+                    .map(|x| x.as_u64().map(|u| u as i64))
+                    .collect::<Option<Vec<_>>>()
             })
             .filter(|t| t.len() == tokens.len())
             .ok_or_else(|| ModelError::Metadata {

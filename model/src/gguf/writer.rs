@@ -41,8 +41,15 @@ impl GgufWriter {
 
     /// Adds a tensor of any type id with its raw bytes (not checked: fixtures may be broken
     /// on purpose).
-    pub fn tensor_raw(&mut self, name: &str, shape: &[usize], ty: u32, bytes: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_string(), shape.to_vec(), ty, bytes));
+    pub fn tensor_raw(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ty: u32,
+        bytes: Vec<u8>,
+    ) -> &mut Self {
+        self.tensors
+            .push((name.to_string(), shape.to_vec(), ty, bytes));
         self
     }
 
