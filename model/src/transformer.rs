@@ -75,7 +75,7 @@ impl<B: Backend> Builder<'_, B> {
     /// A projection stored `[out, in]`, held by burn as `[in, out]`.
     fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear<B>> {
         let w = self.src.load(&format!("{name}.weight"), &[out, inp])?;
-        Ok(self.linear_from(w, out, inp, if bias { Some(name) } else { None })?)
+        self.linear_from(w, out, inp, bias.then_some(name))
     }
 
     fn linear_from(

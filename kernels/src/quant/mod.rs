@@ -108,7 +108,7 @@ impl GgmlType {
     /// [`KernelError::RaggedBlocks`] when `elements` is not a multiple of the block size.
     pub fn bytes_for(self, elements: usize) -> Result<usize, KernelError> {
         let block = self.block_size();
-        if elements % block != 0 {
+        if !elements.is_multiple_of(block) {
             return Err(KernelError::RaggedBlocks {
                 ty: format!("{self:?}"),
                 elements,
