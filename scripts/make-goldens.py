@@ -11,6 +11,8 @@ For each model:
     (see `Reference`), and the 32-token greedy continuation (argmax of llama.cpp's logits, one
     token at a time) with the top-2 gap at each step, and the reference's own greedy
     continuation with its gaps.
+  * <model>.chat.json: the model's chat template rendered by jinja2 as Hugging Face does
+    (`--chat-only` writes just these).
   * <model>.tokens.json: llama.cpp's tokenization (add_bos as the model says, special=True)
     of the >= 100 texts in tests/goldens/tokenizer-texts.json.
 """
@@ -197,11 +199,44 @@ def run_model(name, file):
     print(f"{name}: {len(logits_out['prompts'])} prompts, {len(tok_out['cases'])} tokenizer cases")
 
 
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Write a haiku.\nAbout  trees."}],
+]
+
+
+def chat_goldens(name, file):
+    """The model's chat template rendered as Hugging Face renders it (jinja2, trim_blocks,
+    lstrip_blocks), with the generation prompt."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    r = gguf.GGUFReader(str(MODELS_DIR / file))
+    f = r.fields["tokenizer.chat_template"]
+    template = bytes(f.parts[f.data[0]]).decode()
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(msg):
+        raise RuntimeError(msg)
+
+    env.globals["raise_exception"] = raise_exception
+    t = env.from_string(template)
+    cases = [{"messages": m, "rendered": t.render(messages=m, add_generation_prompt=True,
+                                                    bos_token="", eos_token="")}
+             for m in CONVERSATIONS]
+    (GOLDENS / f"{name}.chat.json").write_text(json.dumps({"model": name, "cases": cases}, indent=1))
+
+
 def main():
     GOLDENS.mkdir(parents=True, exist_ok=True)
-    wanted = sys.argv[1:] or list(MODELS)
+    args = sys.argv[1:]
+    chat_only = "--chat-only" in args
+    wanted = [a for a in args if not a.startswith("--")] or list(MODELS)
     for name in wanted:
-        run_model(name, MODELS[name])
+        chat_goldens(name, MODELS[name])
+        if not chat_only:
+            run_model(name, MODELS[name])
 
 
 if __name__ == "__main__":

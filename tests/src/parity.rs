@@ -193,3 +193,24 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// Renders the golden conversations with the model's chat template (from the GGUF) and
+/// compares with jinja2's rendering, as Hugging Face does it.
+///
+/// # Panics
+/// On any difference.
+pub fn check_chat_template(model_name: &str, path: &std::path::Path) {
+    let g = golden(&format!("{model_name}.chat.json"));
+    let file = arbor_model::gguf::GgufFile::open(path).unwrap();
+    let tok = arbor_model::Tokenizer::from_gguf(&file).unwrap();
+    for c in g["cases"].as_array().unwrap() {
+        let messages: Vec<arbor_model::ChatMessage> =
+            serde_json::from_value(c["messages"].clone()).unwrap();
+        let ours = tok.apply_chat_template(&messages).unwrap();
+        assert_eq!(
+            ours,
+            c["rendered"].as_str().unwrap(),
+            "{model_name}: {messages:?}"
+        );
+    }
+}

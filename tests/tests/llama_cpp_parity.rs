@@ -1,8 +1,9 @@
-//! Arbor vs llama.cpp on the real GGUF models: logits, greedy continuations, tokenization.
+//! Arbor vs llama.cpp (and exact references) on the real GGUF models: logits, greedy
+//! continuations, tokenization, chat templates.
 //! SmolLM2 runs in CI; the Qwen2.5-Coder-0.5B checks fetch 491 MB and are opt-in
 //! (`cargo nextest run --run-ignored all`).
 
-use arbor_tests::parity::{check_logits_and_greedy, check_tokenizer};
+use arbor_tests::parity::{check_chat_template, check_logits_and_greedy, check_tokenizer};
 use arbor_tests::{registry_model_path, smollm2_path};
 
 #[test]
@@ -28,6 +29,20 @@ fn qwen_0_5b_logits_and_greedy_match_llama_cpp() {
 #[ignore = "fetches the 491 MB Qwen2.5-Coder-0.5B; run with --run-ignored all"]
 fn qwen_0_5b_tokenizer_matches_llama_cpp() {
     check_tokenizer(
+        "qwen2.5-coder-0.5b",
+        &registry_model_path("qwen2.5-coder-0.5b"),
+    );
+}
+
+#[test]
+fn smollm2_chat_template_matches_jinja2() {
+    check_chat_template("smollm2-135m", &smollm2_path());
+}
+
+#[test]
+#[ignore = "fetches the 491 MB Qwen2.5-Coder-0.5B; run with --run-ignored all"]
+fn qwen_0_5b_chat_template_matches_jinja2() {
+    check_chat_template(
         "qwen2.5-coder-0.5b",
         &registry_model_path("qwen2.5-coder-0.5b"),
     );
