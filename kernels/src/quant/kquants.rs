@@ -16,16 +16,23 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     (f32::from(sc), f32::from(m))
 }
 
-/// `block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }`.
-pub(super) fn q4_k(b: &[u8], y: &mut [f32]) {
+/// Scale and min of the two 32-element sub-blocks of 64-element `chunk` (0..4), already
+/// multiplied by the super-block's `d` and `dmin` (Q4_K and Q5_K share this layout).
+#[inline]
+fn chunk_scales(b: &[u8], chunk: usize) -> [(f32, f32); 2] {
     let (d, dmin) = (half(b, 0), half(b, 2));
     let scales = &b[4..16];
+    [2 * chunk, 2 * chunk + 1].map(|j| {
+        let (sc, m) = scale_min_k4(j, scales);
+        (d * sc, dmin * m)
+    })
+}
+
+/// `block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }`.
+pub(super) fn q4_k(b: &[u8], y: &mut [f32]) {
     let qs = &b[16..144];
     for chunk in 0..4 {
-        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, m1) = (d * sc1, dmin * m1);
-        let (d2, m2) = (d * sc2, dmin * m2);
+        let [(d1, m1), (d2, m2)] = chunk_scales(b, chunk);
         let q = &qs[32 * chunk..32 * chunk + 32];
         let out = &mut y[64 * chunk..64 * chunk + 64];
         for l in 0..32 {
@@ -37,15 +44,10 @@ pub(super) fn q4_k(b: &[u8], y: &mut [f32]) {
 
 /// `block_q5_K { f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]; }`.
 pub(super) fn q5_k(b: &[u8], y: &mut [f32]) {
-    let (d, dmin) = (half(b, 0), half(b, 2));
-    let scales = &b[4..16];
     let qh = &b[16..48];
     let qs = &b[48..176];
     for chunk in 0..4 {
-        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, m1) = (d * sc1, dmin * m1);
-        let (d2, m2) = (d * sc2, dmin * m2);
+        let [(d1, m1), (d2, m2)] = chunk_scales(b, chunk);
         let (u1, u2) = (1u8 << (2 * chunk), 2u8 << (2 * chunk));
         let q = &qs[32 * chunk..32 * chunk + 32];
         let out = &mut y[64 * chunk..64 * chunk + 64];

@@ -39,6 +39,21 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every type Arbor decodes.
+    pub const ALL: [Self; 11] = [
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q4_K,
+        Self::Q5_K,
+        Self::Q6_K,
+    ];
+
     /// Decodes a GGUF tensor type id.
     ///
     /// # Errors
@@ -182,19 +197,7 @@ mod tests {
 
     #[test]
     fn ids_round_trip_and_sizes_match_ggml() {
-        for ty in [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q5_K,
-            GgmlType::Q6_K,
-        ] {
+        for ty in GgmlType::ALL {
             assert_eq!(GgmlType::from_id(ty.id()).unwrap(), ty);
         }
         assert_eq!(GgmlType::Q4_K.bytes_for(512).unwrap(), 288);
