@@ -85,12 +85,7 @@ impl<B: Backend> Builder<'_, B> {
         inp: usize,
         bias_of: Option<&str>,
     ) -> Result<Linear<B>> {
-        let mut t = vec![0.0f32; w.len()];
-        for o in 0..out {
-            for i in 0..inp {
-                t[i * out + o] = w[o * inp + i];
-            }
-        }
+        let t = transpose(&w, out, inp);
         let weight = Tensor::from_data(TensorData::new(t, [inp, out]), self.device);
         let bias = match bias_of {
             Some(name) => Some(Param::from_tensor(
@@ -297,5 +292,41 @@ impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.down
             .forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
+    }
+}
+
+/// Row-major `[rows, cols]` → `[cols, rows]`, in parallel tiles of 64 output rows (each tile
+/// reads 64 contiguous inputs per source row).
+fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const TILE: usize = 64;
+    let mut t = vec![0.0f32; w.len()];
+    t.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(tile, dst)| {
+            let c0 = tile * TILE;
+            let n = dst.len() / rows;
+            for r in 0..rows {
+                let src = &w[r * cols + c0..r * cols + c0 + n];
+                for (k, &x) in src.iter().enumerate() {
+                    dst[k * rows + r] = x;
+                }
+            }
+        });
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose_is_exact_on_ragged_tiles() {
+        let (rows, cols) = (7, 150);
+        let w: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let t = super::transpose(&w, rows, cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(t[c * rows + r], w[r * cols + c]);
+            }
+        }
     }
 }

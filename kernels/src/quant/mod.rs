@@ -185,9 +185,17 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()
         GgmlType::Q5_K => kquants::q5_k,
         GgmlType::Q6_K => kquants::q6_k,
     };
-    for (block, y) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bs)) {
-        decode(block, y);
-    }
+    // Large tensors are decoded in parallel, in runs of blocks.
+    const RUN: usize = 1024;
+    use rayon::prelude::*;
+    bytes
+        .par_chunks(bb * RUN)
+        .zip(out.par_chunks_mut(bs * RUN))
+        .for_each(|(bytes, out)| {
+            for (block, y) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bs)) {
+                decode(block, y);
+            }
+        });
     Ok(())
 }
 
