@@ -93,20 +93,17 @@ impl<'a> GgufWeights<'a> {
 impl WeightSource for GgufWeights<'_> {
     fn load(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (actual, data) = self.file.tensor_f32(name)?;
-        // 1-D tensors are stored as [n]; a [1, n] matrix is the same data.
         check_shape(name, shape, &actual)?;
-        let heads = match self.permute {
-            Some((h, _, _)) if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") => {
-                h
-            }
-            Some((_, kv, _))
-                if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") =>
-            {
-                kv
-            }
-            _ => return Ok(data),
+        let Some((q_heads, kv_heads, head_dim)) = self.permute else {
+            return Ok(data);
         };
-        let head_dim = self.permute.map_or(0, |p| p.2);
+        let heads = if name.contains(".attn_q.") {
+            q_heads
+        } else if name.contains(".attn_k.") {
+            kv_heads
+        } else {
+            return Ok(data);
+        };
         let row = data.len() / (heads * head_dim);
         let perm = interleaved_to_half_split(heads, head_dim);
         let mut out = Vec::with_capacity(data.len());
