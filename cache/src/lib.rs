@@ -19,7 +19,7 @@
 //! assert_eq!(cache.len(), 1);
 //! ```
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 /// Keys and values of one layer.
 ///
@@ -114,6 +114,44 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
+    /// Commit after tree verification: keeps rows `0..prefix`, then `rows` (absolute row
+    /// indices, increasing, each `>= prefix`) moved down to follow them; drops the rest.
+    ///
+    /// # Panics
+    /// If `rows` is not increasing, starts below `prefix`, or reaches past the cache (internal
+    /// invariant: rows come from the tree that was just appended).
+    pub fn retain(&mut self, prefix: usize, rows: &[usize]) {
+        let len = self.len();
+        assert!(
+            prefix <= len
+                && rows.windows(2).all(|w| w[0] < w[1])
+                && rows.first().is_none_or(|&r| r >= prefix)
+                && rows.last().is_none_or(|&r| r < len),
+            "bad retain: prefix {prefix}, rows {rows:?}, cache {len}"
+        );
+        if rows.iter().enumerate().all(|(i, &r)| r == prefix + i) {
+            self.truncate(prefix + rows.len());
+            return;
+        }
+        let keep: Vec<i64> = (0..prefix)
+            .chain(rows.iter().copied())
+            .map(|r| r as i64)
+            .collect();
+        for slot in &mut self.layers {
+            if let Some(l) = slot.take() {
+                let device = l.k.device();
+                let idx = Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(keep.clone(), [keep.len()]),
+                    &device,
+                );
+                *slot = Some(LayerKv {
+                    k: l.k.select(2, idx.clone()),
+                    v: l.v.select(2, idx),
+                });
+            }
+        }
+    }
+
     /// Removes everything.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|s| *s = None);
@@ -147,5 +185,27 @@ mod tests {
         head.assert_eq(&a.into_data(), true);
         c.clear();
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn retain_moves_kept_rows_down() {
+        let dev = Default::default();
+        let mut c = KvCache::<B>::new(1);
+        let rows: Vec<f32> = (0..6).map(|x| x as f32).collect();
+        let t = Tensor::<B, 4>::from_data(TensorData::new(rows, [1, 1, 6, 1]), &dev);
+        c.append(0, t.clone(), t.clone() * 10.0);
+        c.retain(2, &[3, 5]);
+        assert_eq!(c.len(), 4);
+        let (k, v) = c.append(0, t.clone().narrow(2, 0, 1), t.narrow(2, 0, 1));
+        assert_eq!(
+            k.into_data().to_vec::<f32>().unwrap(),
+            vec![0., 1., 3., 5., 0.]
+        );
+        assert_eq!(
+            v.into_data().to_vec::<f32>().unwrap(),
+            vec![0., 10., 30., 50., 0.]
+        );
+        c.retain(3, &[3]);
+        assert_eq!(c.len(), 4, "a contiguous keep is a truncate");
     }
 }

@@ -184,6 +184,30 @@ impl<B: Backend> Transformer<B> {
         self.max_position
     }
 
+    /// A cheap self-draft: the first `n_layers` decoder layers with this model's embedding,
+    /// final norm and head. Weights are shared, not copied.
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] unless `1 <= n_layers <= num_layers()`.
+    pub fn truncated(&self, n_layers: usize) -> Result<Self> {
+        if n_layers == 0 || n_layers > self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "cannot keep {n_layers} of {} layers",
+                self.layers.len()
+            )));
+        }
+        Ok(Self {
+            embed: self.embed.clone(),
+            layers: self.layers[..n_layers].to_vec(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            vocab_size: self.vocab_size,
+            head_dim: self.head_dim,
+            max_position: self.max_position,
+            rope_theta: self.rope_theta,
+        })
+    }
+
     /// A fresh, empty cache for this model.
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.layers.len())
@@ -237,6 +261,28 @@ impl<B: Backend> Transformer<B> {
         self.lm_head.forward(hidden)
     }
 
+    /// Forward, then the logits of every new token, copied to the host: one row per token,
+    /// sequence-major.
+    ///
+    /// # Errors
+    /// As [`Transformer::forward`].
+    pub fn forward_all_logits(
+        &self,
+        input: &ForwardInput,
+        cache: &mut KvCache<B>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.forward(input, cache)?;
+        self.host_rows(self.logits(hidden))
+    }
+
+    fn host_rows(&self, logits: Tensor<B, 3>) -> Result<Vec<Vec<f32>>> {
+        let flat = logits
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| ModelError::Input(format!("reading logits: {e:?}")))?;
+        Ok(flat.chunks(self.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+
     /// Forward, then logits of the last new token of each sequence, copied to the host.
     ///
     /// # Errors
@@ -249,15 +295,7 @@ impl<B: Backend> Transformer<B> {
         let hidden = self.forward(input, cache)?;
         let [batch, n, d] = hidden.dims();
         let last = hidden.narrow(1, n - 1, 1).reshape([batch, 1, d]);
-        let logits = self
-            .logits(last)
-            .into_data()
-            .to_vec::<f32>()
-            .map_err(|e| ModelError::Input(format!("reading logits: {e:?}")))?;
-        Ok(logits
-            .chunks(self.vocab_size)
-            .map(<[f32]>::to_vec)
-            .collect())
+        self.host_rows(self.logits(last))
     }
 }
 

@@ -1,13 +1,14 @@
-//! Arbor's draft side of speculative decoding.
+//! Arbor's draft side of speculative decoding (SpecInfer, arXiv 2305.09781).
 //!
-//! Today: [`TokenTree`], the plain data type through which drafts and the verifier meet
-//! (SpecInfer, arXiv 2305.09781): nodes in topological order with token, parent, depth and the
-//! proposing draft; the tree-attention mask and position ids as a model [`ForwardInput`]; trie
-//! merge of trees from several drafts; root-to-node paths.
-//!
-//! Still to come here (tree-speculation issue): expansion ⟨k₁..kₘ⟩ and budgeted dynamic
-//! expansion, and the drafts behind one small trait (model draft, truncated-layer self-draft,
-//! n-gram / prompt-lookup draft).
+//! - [`TokenTree`]: the plain data type through which drafts and the verifier meet — nodes in
+//!   topological order (token, parent, depth, proposing draft, draft path probability) and every
+//!   draft's [`Proposal`] (which children it drew, how, and from which distribution); the
+//!   tree-attention mask and depth positions as a model [`ForwardInput`]; trie merge; pruning.
+//! - [`TreeShape`]: SpecInfer expansion ⟨k₁..kₘ⟩ or budgeted best-first expansion (EAGLE-2,
+//!   arXiv 2406.16858; Sequoia, arXiv 2402.12374).
+//! - [`Draft`], one small trait, and its drafts: [`ModelDraft`] (a smaller model sharing the
+//!   tokenizer, or the target's first layers via `Transformer::truncated`) and [`NgramDraft`]
+//!   (prompt lookup, no model).
 //!
 //! ```
 //! use arbor_speculators::TokenTree;
@@ -22,9 +23,24 @@
 //! assert!(!input.mask[a2 * 9 + 5 + b]); // a2 does not see the sibling branch
 //! ```
 
+pub mod choose;
+mod draft;
+mod error;
+mod input;
+mod model_draft;
+mod ngram;
+mod shape;
 mod tree;
 
-pub use tree::{TokenTree, TreeError, TreeNode};
+#[cfg(test)]
+mod tests;
+
+pub use draft::{Draft, DraftCost, DraftRequest};
+pub use error::SpecError;
+pub use model_draft::ModelDraft;
+pub use ngram::NgramDraft;
+pub use shape::{ShapeParseError, TreeShape};
+pub use tree::{DrawKind, Proposal, TokenTree, TreeError, TreeNode};
 
 /// Model input types the tree produces.
 pub use arbor_model::ForwardInput;

@@ -1,6 +1,6 @@
-//! The token tree.
+//! The token tree: nodes, the draft proposals that created them, trie merge and pruning.
 
-use arbor_model::ForwardInput;
+use std::sync::Arc;
 
 /// Errors building a tree.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -16,10 +16,42 @@ pub enum TreeError {
     /// Trees with different roots cannot be merged.
     #[error("cannot merge trees with roots {0} and {1}")]
     RootMismatch(u32, u32),
+    /// A stochastic proposal needs the draft distribution it was drawn from.
+    #[error("a {0:?} proposal needs the draft distribution, and token {1} must have q > 0 in it")]
+    MissingDistribution(DrawKind, u32),
+}
+
+/// How one draft chose the children of one node. Decides the verification rule: speculative
+/// sampling is lossless only for the way children were actually drawn (ALGORITHMS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrawKind {
+    /// Chosen without randomness (top-k, n-gram match). Verified as if drawn from a point
+    /// mass: accept with probability p(x), else remove x from p.
+    Deterministic,
+    /// Independent samples of `q` (repeats possible).
+    Iid,
+    /// Samples of `q` without replacement (distinct tokens, Sequoia).
+    WithoutReplacement,
+}
+
+/// The children one draft proposed below one node, in draw order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Proposal {
+    /// The node the children hang below.
+    pub parent: usize,
+    /// Which draft proposed them.
+    pub draft: usize,
+    /// How they were drawn.
+    pub kind: DrawKind,
+    /// The draft's distribution at `parent` (after its sampling filters); `None` for
+    /// [`DrawKind::Deterministic`].
+    pub q: Option<Arc<[f32]>>,
+    /// The drawn children's node indices, in draw order (an [`DrawKind::Iid`] draw may repeat).
+    pub draws: Vec<usize>,
 }
 
 /// One node: a token proposed below `parent`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TreeNode {
     /// The token.
     pub token: u32,
@@ -27,16 +59,23 @@ pub struct TreeNode {
     pub parent: Option<usize>,
     /// Distance from the root (root: 0).
     pub depth: usize,
-    /// Which draft proposed it (index into the engine's draft list).
+    /// The draft that proposed it first (index into the engine's draft list).
     pub draft: usize,
+    /// The proposing draft's probability of the whole root-to-node path (root: 1); dynamic
+    /// expansion ranks nodes by it.
+    pub score: f32,
 }
 
 /// A token tree hanging below the last accepted token (node 0, the root), in topological order:
 /// every parent comes before its children. Node `i` sits at position `cached + depth(i)` and
 /// attends to every cached token, its ancestors and itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Besides the nodes it keeps every draft's [`Proposal`]s: which children each draft drew at each
+/// node, how, and from which distribution — what stochastic verification needs.
+#[derive(Debug, Clone, PartialEq)]
 pub struct TokenTree {
     nodes: Vec<TreeNode>,
+    proposals: Vec<Proposal>,
 }
 
 impl TokenTree {
@@ -48,31 +87,108 @@ impl TokenTree {
                 parent: None,
                 depth: 0,
                 draft: 0,
+                score: 1.0,
             }],
+            proposals: Vec::new(),
         }
     }
 
-    /// Adds `token` below `parent` (proposed by `draft`) and returns its index. A token that
-    /// `parent` already has as a child is not duplicated: its index is returned.
+    /// Adds `token` below `parent` as a deterministic proposal of `draft` and returns its index.
+    /// A token that `parent` already has as a child is not duplicated: its index is returned.
     ///
     /// # Errors
     /// [`TreeError::NoSuchParent`].
     pub fn push(&mut self, parent: usize, token: u32, draft: usize) -> Result<usize, TreeError> {
-        let Some(p) = self.nodes.get(parent) else {
-            return Err(TreeError::NoSuchParent {
+        let score = self.node(parent)?.score;
+        let child = self.add_node(parent, token, draft, score)?;
+        let existing = self
+            .proposals
+            .iter_mut()
+            .find(|p| p.parent == parent && p.draft == draft && p.kind == DrawKind::Deterministic);
+        match existing {
+            Some(p) if !p.draws.contains(&child) => p.draws.push(child),
+            Some(_) => {}
+            None => self.proposals.push(Proposal {
                 parent,
-                len: self.nodes.len(),
-            });
-        };
+                draft,
+                kind: DrawKind::Deterministic,
+                q: None,
+                draws: vec![child],
+            }),
+        }
+        Ok(child)
+    }
+
+    /// Records that `draft` drew `tokens` (in order) below `parent` in the way `kind` says,
+    /// from `q` (required unless deterministic), each with its draft probability. Returns the
+    /// children's node indices (equal tokens share a node).
+    ///
+    /// # Errors
+    /// [`TreeError::NoSuchParent`]; [`TreeError::MissingDistribution`] if a stochastic draw
+    /// has no distribution or a token with zero probability in it.
+    pub fn propose(
+        &mut self,
+        parent: usize,
+        draft: usize,
+        kind: DrawKind,
+        q: Option<Arc<[f32]>>,
+        tokens: &[(u32, f32)],
+    ) -> Result<Vec<usize>, TreeError> {
+        let base = self.node(parent)?.score;
+        if kind != DrawKind::Deterministic {
+            for &(t, _) in tokens {
+                let ok = q
+                    .as_ref()
+                    .is_some_and(|q| q.get(t as usize).is_some_and(|&x| x > 0.0));
+                if !ok {
+                    return Err(TreeError::MissingDistribution(kind, t));
+                }
+            }
+        }
+        let mut draws = Vec::with_capacity(tokens.len());
+        for &(t, prob) in tokens {
+            draws.push(self.add_node(parent, t, draft, base * prob)?);
+        }
+        self.proposals.push(Proposal {
+            parent,
+            draft,
+            kind,
+            q: if kind == DrawKind::Deterministic {
+                None
+            } else {
+                q
+            },
+            draws: draws.clone(),
+        });
+        Ok(draws)
+    }
+
+    fn node(&self, i: usize) -> Result<&TreeNode, TreeError> {
+        self.nodes.get(i).ok_or(TreeError::NoSuchParent {
+            parent: i,
+            len: self.nodes.len(),
+        })
+    }
+
+    fn add_node(
+        &mut self,
+        parent: usize,
+        token: u32,
+        draft: usize,
+        score: f32,
+    ) -> Result<usize, TreeError> {
+        let depth = self.node(parent)?.depth + 1;
         if let Some(existing) = self.child_with(parent, token) {
+            let n = &mut self.nodes[existing];
+            n.score = n.score.max(score);
             return Ok(existing);
         }
-        let depth = p.depth + 1;
         self.nodes.push(TreeNode {
             token,
             parent: Some(parent),
             depth,
             draft,
+            score,
         });
         Ok(self.nodes.len() - 1)
     }
@@ -80,6 +196,16 @@ impl TokenTree {
     /// The nodes in topological order.
     pub fn nodes(&self) -> &[TreeNode] {
         &self.nodes
+    }
+
+    /// Every proposal, in the order they were made.
+    pub fn proposals(&self) -> &[Proposal] {
+        &self.proposals
+    }
+
+    /// The proposals made below `node`, in order.
+    pub fn proposals_at(&self, node: usize) -> impl Iterator<Item = &Proposal> + '_ {
+        self.proposals.iter().filter(move |p| p.parent == node)
     }
 
     /// Number of nodes, the root included.
@@ -92,6 +218,11 @@ impl TokenTree {
         self.nodes.len() == 1
     }
 
+    /// Deepest node's depth.
+    pub fn depth(&self) -> usize {
+        self.nodes.iter().map(|n| n.depth).max().unwrap_or(0)
+    }
+
     /// Children of `node`, in insertion order.
     pub fn children(&self, node: usize) -> impl Iterator<Item = usize> + '_ {
         self.nodes
@@ -101,7 +232,8 @@ impl TokenTree {
             .map(|(i, _)| i)
     }
 
-    fn child_with(&self, node: usize, token: u32) -> Option<usize> {
+    /// The child of `node` carrying `token`, if any.
+    pub fn child_with(&self, node: usize, token: u32) -> Option<usize> {
         self.children(node).find(|&c| self.nodes[c].token == token)
     }
 
@@ -120,8 +252,22 @@ impl TokenTree {
         path
     }
 
-    /// Merges `other` into this tree as a trie: equal token paths share nodes. Returns, for each
-    /// node of `other`, its index here.
+    /// The deepest node reached by following `tokens` down from the root, and how many of
+    /// them matched.
+    pub fn follow(&self, tokens: &[u32]) -> (usize, usize) {
+        let mut node = 0;
+        for (i, &t) in tokens.iter().enumerate() {
+            match self.child_with(node, t) {
+                Some(c) => node = c,
+                None => return (node, i),
+            }
+        }
+        (node, tokens.len())
+    }
+
+    /// Merges `other` into this tree as a trie: equal token paths share nodes; `other`'s
+    /// proposals are kept (pointing at the shared nodes). Returns, for each node of `other`,
+    /// its index here.
     ///
     /// # Errors
     /// [`TreeError::RootMismatch`] if the roots differ.
@@ -136,121 +282,79 @@ impl TokenTree {
         map.push(0);
         for n in &other.nodes[1..] {
             let parent = map[n.parent.expect("only the root has no parent")];
-            map.push(self.push(parent, n.token, n.draft)?);
+            map.push(self.add_node(parent, n.token, n.draft, n.score)?);
+        }
+        for p in &other.proposals {
+            self.proposals.push(Proposal {
+                parent: map[p.parent],
+                draws: p.draws.iter().map(|&d| map[d]).collect(),
+                ..p.clone()
+            });
         }
         Ok(map)
     }
 
-    /// The model input that verifies the whole tree in one forward pass after `cached` tokens:
-    /// tokens, depth positions and the tree-attention mask.
-    pub fn forward_input(&self, cached: usize) -> ForwardInput {
+    /// Shrinks the tree to at most `budget` nodes (root included) by repeatedly removing the
+    /// lowest-scored node that is a leaf and the last draw of every proposal holding it — so
+    /// each proposal keeps a prefix of its draws, and verification stays lossless.
+    /// Returns, for each old node, its new index (`None` if removed).
+    pub fn prune(&mut self, budget: usize) -> Vec<Option<usize>> {
         let n = self.nodes.len();
-        let total = cached + n;
-        let mut mask = vec![false; n * total];
-        for i in 0..n {
-            let row = &mut mask[i * total..(i + 1) * total];
-            row[..cached].fill(true);
-            let mut cur = Some(i);
-            while let Some(j) = cur {
-                row[cached + j] = true;
-                cur = self.nodes[j].parent;
+        let mut alive = vec![true; n];
+        let mut children = vec![0usize; n];
+        for node in &self.nodes[1..] {
+            children[node.parent.expect("non-root")] += 1;
+        }
+        let mut count = n;
+        while count > budget.max(1) {
+            let removable = |i: usize| {
+                alive[i]
+                    && children[i] == 0
+                    && self.proposals.iter().all(|p| {
+                        let live: Vec<usize> =
+                            p.draws.iter().copied().filter(|&d| alive[d]).collect();
+                        live.iter()
+                            .position(|&d| d == i)
+                            .is_none_or(|first| live[first..].iter().all(|&d| d == i))
+                    })
+            };
+            let Some(victim) = (1..n)
+                .filter(|&i| removable(i))
+                .min_by(|&a, &b| self.nodes[a].score.total_cmp(&self.nodes[b].score))
+            else {
+                break;
+            };
+            alive[victim] = false;
+            children[self.nodes[victim].parent.expect("non-root")] -= 1;
+            count -= 1;
+        }
+        let mut map = vec![None; n];
+        let mut nodes = Vec::with_capacity(count);
+        for (i, node) in self.nodes.iter().enumerate() {
+            if alive[i] {
+                map[i] = Some(nodes.len());
+                nodes.push(TreeNode {
+                    parent: node
+                        .parent
+                        .map(|p| map[p].expect("parents outlive children")),
+                    ..node.clone()
+                });
             }
         }
-        ForwardInput {
-            batch: 1,
-            n_new: n,
-            tokens: self.nodes.iter().map(|x| x.token).collect(),
-            positions: self.nodes.iter().map(|x| cached + x.depth).collect(),
-            mask,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use arbor_model::{Architecture, ModelConfig, RandomWeights, Transformer};
-    type B = burn::backend::Flex;
-
-    fn sample_tree() -> TokenTree {
-        let mut t = TokenTree::new(5);
-        let a = t.push(0, 7, 0).unwrap();
-        let b = t.push(0, 9, 1).unwrap();
-        let c = t.push(a, 3, 0).unwrap();
-        t.push(a, 4, 0).unwrap();
-        t.push(b, 3, 1).unwrap();
-        t.push(c, 8, 0).unwrap();
-        t
-    }
-
-    #[test]
-    fn structure_paths_and_errors() {
-        let t = sample_tree();
-        assert_eq!(t.len(), 7);
-        assert_eq!(t.children(1).collect::<Vec<_>>(), vec![3, 4]);
-        assert_eq!(t.path(6), vec![0, 1, 3, 6]);
-        assert_eq!(t.nodes()[6].depth, 3);
-        let mut t2 = t.clone();
-        assert_eq!(t2.push(1, 3, 5).unwrap(), 3, "an existing child is reused");
-        assert!(matches!(
-            t2.push(99, 1, 0),
-            Err(TreeError::NoSuchParent { parent: 99, .. })
-        ));
-    }
-
-    #[test]
-    fn trie_merge_shares_equal_paths() {
-        let mut t = sample_tree();
-        let mut other = TokenTree::new(5);
-        let x = other.push(0, 7, 2).unwrap(); // same as node 1
-        other.push(x, 4, 2).unwrap(); // same as node 4
-        other.push(x, 6, 2).unwrap(); // new
-        let map = t.merge(&other).unwrap();
-        assert_eq!(map, vec![0, 1, 4, 7]);
-        assert_eq!(t.nodes()[7].draft, 2);
-        assert!(matches!(
-            t.merge(&TokenTree::new(6)),
-            Err(TreeError::RootMismatch(5, 6))
-        ));
-    }
-
-    /// The target's logits at every tree node equal those of running that node's path alone:
-    /// the mask and positions make one forward over the tree equivalent to |tree| causal runs.
-    #[test]
-    fn tree_forward_equals_each_path_run_alone() {
-        let dev = Default::default();
-        for arch in [Architecture::Llama, Architecture::Qwen2] {
-            let cfg = ModelConfig::tiny(arch);
-            let model = Transformer::<B>::from_weights(&cfg, &mut RandomWeights::new(4, 0.3), &dev)
-                .unwrap();
-            let prefix = [1u32, 2, 3, 4, 5];
-            let tree = sample_tree();
-            let mut cache = model.new_cache();
-            model
-                .forward(&ForwardInput::causal(&prefix, 0), &mut cache)
-                .unwrap();
-            let hidden = model
-                .forward(&tree.forward_input(prefix.len()), &mut cache)
-                .unwrap();
-            let got = model.logits(hidden).into_data().to_vec::<f32>().unwrap();
-            let v = cfg.vocab_size;
-            for i in 0..tree.len() {
-                let seq: Vec<u32> = prefix
-                    .iter()
-                    .copied()
-                    .chain(tree.path(i).iter().map(|&j| tree.nodes()[j].token))
-                    .collect();
-                let mut c = model.new_cache();
-                let alone = model
-                    .forward_last_logits(&ForwardInput::causal(&seq, 0), &mut c)
-                    .unwrap();
-                let worst = alone[0]
-                    .iter()
-                    .zip(&got[i * v..(i + 1) * v])
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max);
-                assert!(worst < 1e-4, "{arch:?} node {i}: max difference {worst}");
-            }
-        }
+        let proposals = self
+            .proposals
+            .iter()
+            .filter_map(|p| {
+                let draws: Vec<usize> = p.draws.iter().filter_map(|&d| map[d]).collect();
+                (!draws.is_empty()).then(|| Proposal {
+                    parent: map[p.parent].expect("a proposal with live draws has a live parent"),
+                    draws,
+                    ..p.clone()
+                })
+            })
+            .collect();
+        self.nodes = nodes;
+        self.proposals = proposals;
+        map
     }
 }
