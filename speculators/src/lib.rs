@@ -26,6 +26,7 @@
 pub mod choose;
 mod draft;
 mod error;
+mod expand;
 mod input;
 mod model_draft;
 mod ngram;
@@ -37,6 +38,7 @@ mod tests;
 
 pub use draft::{Draft, DraftCost, DraftRequest};
 pub use error::SpecError;
+pub use expand::expand;
 pub use model_draft::ModelDraft;
 pub use ngram::NgramDraft;
 pub use shape::{ShapeParseError, TreeShape};

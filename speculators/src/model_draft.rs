@@ -1,15 +1,12 @@
 //! A draft backed by a transformer: a smaller model sharing the target's tokenizer, or the
 //! target's own first layers ([`Transformer::truncated`]).
 
-use std::sync::Arc;
-
 use arbor_cache::KvCache;
 use arbor_model::{ForwardInput, Transformer};
 use burn::tensor::backend::Backend;
 use rand::rngs::StdRng;
 
-use crate::choose::{sample, softmax, top_k};
-use crate::{Draft, DraftCost, DraftRequest, DrawKind, SpecError, TokenTree, TreeShape};
+use crate::{Draft, DraftCost, DraftRequest, DrawKind, SpecError, TokenTree, expand};
 
 /// A model draft with its own KV cache.
 ///
@@ -96,9 +93,6 @@ impl<B: Backend> ModelDraft<B> {
         } else {
             let keep = common.min(n.saturating_sub(1));
             self.cache.truncate(keep);
-            if keep == 0 {
-                self.cache.clear();
-            }
             self.cached.truncate(keep);
         }
         if self.cached.len() >= n {
@@ -106,28 +100,6 @@ impl<B: Backend> ModelDraft<B> {
             self.cache.truncate(n - 1);
         }
         context[self.cached.len()..].to_vec()
-    }
-
-    /// The children to hang below a node whose draft logits are `logits`.
-    fn children(
-        &self,
-        logits: &[f32],
-        k: usize,
-        req: &DraftRequest<'_>,
-        rng: &mut StdRng,
-    ) -> (DrawKind, Option<Arc<[f32]>>, Vec<(u32, f32)>) {
-        if req.sampling.is_greedy() {
-            let p = softmax(logits);
-            let picks = top_k(logits, k)
-                .into_iter()
-                .map(|i| (i as u32, p[i]))
-                .collect();
-            (DrawKind::Deterministic, None, picks)
-        } else {
-            let q = req.sampling.distribution(logits);
-            let picks = sample(&q, k, self.draw, rng);
-            (self.draw, Some(Arc::from(q)), picks)
-        }
     }
 }
 
@@ -143,12 +115,13 @@ impl<B: Backend> Draft for ModelDraft<B> {
     ) -> Result<(TokenTree, DraftCost), SpecError> {
         let n = req.context.len();
         let root = *req.context.last().ok_or(SpecError::EmptyContext)?;
-        let mut tree = TokenTree::new(root);
-        let depth = req.shape.depth();
         // Room in the draft's context for the root and `depth` levels.
-        let depth = depth.min(self.model.max_position().saturating_sub(n));
+        let depth = req
+            .shape
+            .depth()
+            .min(self.model.max_position().saturating_sub(n));
         if depth == 0 {
-            return Ok((tree, DraftCost::default()));
+            return Ok((TokenTree::new(root), DraftCost::default()));
         }
         let pending = self.sync(req.context);
         let mut cost = DraftCost {
@@ -163,53 +136,35 @@ impl<B: Backend> Draft for ModelDraft<B> {
         self.cached.extend_from_slice(&pending);
         let root_row = n - 1;
         let mut rows: Vec<Option<usize>> = vec![Some(root_row)];
-        // Nodes of the newest level whose draft logits are known.
-        let mut frontier: Vec<(usize, Vec<f32>)> = vec![(0, root_logits)];
-        for level in 0..depth {
-            let mut fresh = Vec::new();
-            for (node, logits) in &frontier {
-                let k = match req.shape {
-                    TreeShape::Expand(k) => k[level],
-                    TreeShape::Dynamic { width, .. } => *width,
-                };
-                let (kind, q, picks) = self.children(logits, k, req, rng);
-                for c in tree.propose(*node, req.id, kind, q, &picks)? {
-                    if !fresh.contains(&c) {
-                        fresh.push(c);
-                    }
+        let (model, cache) = (&self.model, &mut self.cache);
+        let (tree, map) = expand(
+            root,
+            root_logits,
+            req,
+            self.draw,
+            depth,
+            rng,
+            |tree, fresh| {
+                rows.resize(tree.len(), None);
+                let input = tree.forward_input_for(fresh, n, cache.len(), &rows, root_row);
+                let first_row = cache.len();
+                let logits = model.forward_all_logits(&input, cache)?;
+                cost.forwards += 1;
+                cost.tokens += fresh.len();
+                for (k, &node) in fresh.iter().enumerate() {
+                    rows[node] = Some(first_row + k);
                 }
+                Ok(logits)
+            },
+        )?;
+        rows.resize(map.len(), None);
+        let mut kept = vec![None; tree.len()];
+        for (old, new) in map.iter().enumerate() {
+            if let Some(new) = new {
+                kept[*new] = rows[old];
             }
-            if level + 1 == depth || fresh.is_empty() {
-                break;
-            }
-            if let TreeShape::Dynamic { width, .. } = req.shape {
-                let nodes = tree.nodes();
-                fresh.sort_by(|&a, &b| nodes[b].score.total_cmp(&nodes[a].score));
-                fresh.truncate(*width);
-                fresh.sort_unstable();
-            }
-            rows.resize(tree.len(), None);
-            let input = tree.forward_input_for(&fresh, n, self.cache.len(), &rows, root_row);
-            let first_row = self.cache.len();
-            let logits = self.model.forward_all_logits(&input, &mut self.cache)?;
-            cost.forwards += 1;
-            cost.tokens += fresh.len();
-            for (k, &node) in fresh.iter().enumerate() {
-                rows[node] = Some(first_row + k);
-            }
-            frontier = fresh.into_iter().zip(logits).collect();
         }
-        rows.resize(tree.len(), None);
-        if let TreeShape::Dynamic { budget, .. } = req.shape {
-            let map = tree.prune(*budget);
-            let mut kept = vec![None; tree.len()];
-            for (old, new) in map.iter().enumerate() {
-                if let Some(new) = new {
-                    kept[*new] = rows[old];
-                }
-            }
-            rows = kept;
-        }
+        let rows = kept;
         self.last = Some((tree.clone(), rows));
         Ok((tree, cost))
     }

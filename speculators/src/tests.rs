@@ -119,47 +119,43 @@ fn proposals_record_draws_and_survive_merge() {
 
 #[test]
 fn prune_keeps_draw_prefixes_and_best_scores() {
-    let q: Arc<[f32]> = Arc::from(vec![0.05f32, 0.05, 0.5, 0.4]);
+    let det = DrawKind::Deterministic;
     let mut t = TokenTree::new(0);
-    // Drawn in the order 3 (0.4), 2 (0.5): 3 may not be dropped before 2.
-    let kids = t
-        .propose(
-            0,
-            0,
-            DrawKind::WithoutReplacement,
-            Some(q.clone()),
-            &[(3, 0.4), (2, 0.5)],
-        )
+    // Picked in the order 3 (0.4), 2 (0.5): 3 may not be dropped before 2.
+    let kids = t.propose(0, 0, det, None, &[(3, 0.4), (2, 0.5)]).unwrap();
+    t.propose(kids[0], 0, det, None, &[(1, 0.05)]).unwrap();
+    t.propose(kids[1], 0, det, None, &[(2, 0.5), (3, 0.4)])
         .unwrap();
-    t.propose(
-        kids[0],
-        0,
-        DrawKind::WithoutReplacement,
-        Some(q.clone()),
-        &[(1, 0.05)],
-    )
-    .unwrap();
-    t.propose(
-        kids[1],
-        0,
-        DrawKind::WithoutReplacement,
-        Some(q),
-        &[(2, 0.5), (3, 0.4)],
-    )
-    .unwrap();
     assert_eq!(t.len(), 6);
     let map = t.prune(3);
     assert_eq!(t.len(), 3);
-    // Kept: root, 3 (first draw), 2 (second) — the deeper nodes scored lower.
+    // Kept: root, 3 (first pick), 2 (second) — the deeper nodes scored lower.
     assert_eq!(map[..3], [Some(0), Some(1), Some(2)]);
     assert_eq!(t.proposals().len(), 1);
     let map = t.prune(2);
     assert_eq!(
         map,
         vec![Some(0), Some(1), None],
-        "the last draw goes first"
+        "the last pick goes first"
     );
     assert_eq!(t.proposals()[0].draws, vec![1]);
+}
+
+#[test]
+fn prune_never_drops_sampled_children() {
+    let q: Arc<[f32]> = Arc::from(vec![0.05f32, 0.05, 0.5, 0.4]);
+    let mut t = TokenTree::new(0);
+    t.propose(
+        0,
+        0,
+        DrawKind::WithoutReplacement,
+        Some(q),
+        &[(3, 0.4), (1, 0.05)],
+    )
+    .unwrap();
+    t.push(0, 2, 1).unwrap();
+    let map = t.prune(1);
+    assert_eq!(map, vec![Some(0), Some(1), Some(2), None]);
 }
 
 #[test]

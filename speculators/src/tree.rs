@@ -294,9 +294,14 @@ impl TokenTree {
         Ok(map)
     }
 
-    /// Shrinks the tree to at most `budget` nodes (root included) by repeatedly removing the
+    /// Shrinks the tree towards `budget` nodes (root included) by repeatedly removing the
     /// lowest-scored node that is a leaf and the last draw of every proposal holding it — so
-    /// each proposal keeps a prefix of its draws, and verification stays lossless.
+    /// each proposal keeps a prefix of its draws.
+    ///
+    /// Only deterministic draws are ever removed: dropping a *sampled* child because of its
+    /// score would make the kept draws no longer samples of `q`, and stochastic verification
+    /// would be biased (the χ² test in `verifier/tests` caught exactly this). Stochastic trees
+    /// must respect their budget while they grow, as [`crate::expand`] does.
     /// Returns, for each old node, its new index (`None` if removed).
     pub fn prune(&mut self, budget: usize) -> Vec<Option<usize>> {
         let n = self.nodes.len();
@@ -311,6 +316,9 @@ impl TokenTree {
                 alive[i]
                     && children[i] == 0
                     && self.proposals.iter().all(|p| {
+                        if p.kind != DrawKind::Deterministic && p.draws.contains(&i) {
+                            return false;
+                        }
                         let live: Vec<usize> =
                             p.draws.iter().copied().filter(|&d| alive[d]).collect();
                         live.iter()

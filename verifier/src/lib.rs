@@ -1,13 +1,14 @@
 //! Arbor's tree verifier.
 //!
-//! Today: [`verify_greedy`], greedy verification of a [`TokenTree`] against the target's
+//! [`verify_greedy`] is greedy verification of a [`TokenTree`] against the target's
 //! logits at every node (SpecInfer, arXiv 2305.09781): walk down from the root taking the
 //! target's argmax; follow a child that carries it; stop otherwise. The last argmax is always
 //! emitted as the correction/bonus token, so output equals plain greedy decoding of the target.
 //!
-//! Still to come (tree-speculation issue): SpecInfer multi-step speculative sampling, lossless
-//! for the way children were drawn (Sequoia, arXiv 2402.12374, for draws without replacement),
-//! and the commit of the accepted path's KV rows.
+//! [`verify_sampling`] is SpecInfer's multi-step speculative sampling, lossless for the way each
+//! draft drew its children (i.i.d., without replacement — Sequoia, arXiv 2402.12374 — or
+//! deterministically); `verifier/tests/sampling_lossless.rs` checks it with χ² tests.
+//! [`Verified::accepted`] names the nodes whose KV rows the sequence keeps (commit).
 //!
 //! ```
 //! use arbor_speculators::TokenTree;
@@ -22,8 +23,11 @@
 //! assert_eq!(v.tokens, vec![1, 2]); // accepted token 1, then bonus token 2
 //! ```
 
+mod sampling;
+
 use arbor_model::sampling::argmax;
 pub use arbor_speculators::TokenTree;
+pub use sampling::verify_sampling;
 
 /// The outcome of verifying one tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
