@@ -17,6 +17,20 @@ pub enum EngineError {
     /// The prompt is empty (no tokens to condition on).
     #[error("empty prompt")]
     EmptyPrompt,
+    /// A draft cannot serve this target (different tokenizer or vocabulary).
+    #[error("draft {draft} does not match the target: {reason}")]
+    DraftMismatch {
+        /// The draft's name.
+        draft: String,
+        /// What differs.
+        reason: String,
+    },
+    /// A draft failed while proposing.
+    #[error(transparent)]
+    Draft(#[from] arbor_speculators::SpecError),
+    /// Building the token tree failed (an internal error).
+    #[error(transparent)]
+    Tree(#[from] arbor_speculators::TreeError),
     /// A generation parameter is out of range.
     #[error("invalid parameter: {0}")]
     InvalidParams(String),

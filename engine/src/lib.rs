@@ -27,10 +27,17 @@
 
 mod error;
 mod generator;
+mod output;
 mod params;
+mod spec;
 mod stop;
 
 pub use error::EngineError;
-pub use generator::{Event, Finished, Generation, GenerationStats, Generator};
+pub use generator::{Generation, Generator};
+pub use output::{Event, Finished, GenerationStats};
 pub use params::{FinishReason, GenerateParams, Prompt};
+pub use spec::{
+    DepthStats, DraftStats, Engine, Planner, SpecGeneration, SpecStats, StepStats, TreePolicy,
+    VERIFY_SIZES, check_same_tokenizer,
+};
 pub use stop::StopMatcher;

@@ -46,6 +46,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                     out.write_all(t.as_bytes())?;
                     out.flush()?;
                 }
+                Event::Step(_) => {}
                 Event::Done(done) => {
                     writeln!(out)?;
                     let s = &done.stats;

@@ -195,6 +195,7 @@ fn generation_params_take_effect() {
             match ev.unwrap() {
                 Event::Text(t) => text.push_str(&t),
                 Event::Done(d) => done = Some(d),
+                Event::Step(_) => panic!("plain generation has no speculative steps"),
             }
         }
         (text, done.unwrap())

@@ -1,0 +1,361 @@
+//! Speculative generation for one sequence: draft → verify → commit.
+
+mod policy;
+mod stats;
+mod vocab;
+
+use std::time::{Duration, Instant};
+
+use arbor_cache::KvCache;
+use arbor_model::{Sampler, Tokenizer, Transformer};
+use arbor_speculators::{Draft, DraftRequest, ModelDraft, TokenTree, TreeShape};
+use arbor_verifier::{verify_greedy, verify_sampling};
+use burn::tensor::backend::Backend;
+
+pub use policy::{Planner, TreePolicy, VERIFY_SIZES};
+pub use stats::{DepthStats, DraftStats, SpecStats, StepStats};
+pub use vocab::check_same_tokenizer;
+
+use crate::generator::prefill;
+use crate::output::{Event, Output, check_prompt, prompt_tokens};
+use crate::{EngineError, GenerateParams, Prompt};
+
+/// Speculative decoding of one sequence at a time: a target model, its drafts and a tree
+/// policy. Greedy output equals the target's plain greedy output token for token; sampled
+/// output follows the target's distribution exactly (SpecInfer verification).
+pub struct Engine<'m, B: Backend> {
+    target: &'m Transformer<B>,
+    tokenizer: &'m Tokenizer,
+    drafts: Vec<Box<dyn Draft + 'm>>,
+    policy: TreePolicy,
+    planner: Planner,
+}
+
+impl<B: Backend> std::fmt::Debug for Engine<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("drafts", &self.draft_names())
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl<'m, B: Backend> Engine<'m, B> {
+    /// An engine with no drafts yet (it then decodes plainly, one token per step).
+    pub fn new(target: &'m Transformer<B>, tokenizer: &'m Tokenizer, policy: TreePolicy) -> Self {
+        Self {
+            target,
+            tokenizer,
+            drafts: Vec::new(),
+            policy,
+            planner: Planner::default(),
+        }
+    }
+
+    /// Adds any draft (the caller vouches that it speaks the target's token ids).
+    #[must_use]
+    pub fn with_draft(mut self, draft: impl Draft + 'm) -> Self {
+        self.drafts.push(Box::new(draft));
+        self
+    }
+
+    /// Adds a model draft after checking that its tokenizer matches the target's.
+    ///
+    /// # Errors
+    /// [`EngineError::DraftMismatch`] for a different tokenizer or a smaller vocabulary.
+    pub fn with_model_draft(
+        self,
+        name: &str,
+        model: &Transformer<B>,
+        tokenizer: &Tokenizer,
+    ) -> Result<Self, EngineError>
+    where
+        B: 'm,
+    {
+        check_same_tokenizer(self.tokenizer, tokenizer, name)?;
+        if model.vocab_size() < self.tokenizer.vocab_size() {
+            return Err(EngineError::DraftMismatch {
+                draft: name.into(),
+                reason: format!(
+                    "its output layer has {} rows for {} tokens",
+                    model.vocab_size(),
+                    self.tokenizer.vocab_size()
+                ),
+            });
+        }
+        Ok(self.with_draft(ModelDraft::new(name, model.clone())))
+    }
+
+    /// The drafts' names, in order.
+    pub fn draft_names(&self) -> Vec<String> {
+        self.drafts.iter().map(|d| d.name().to_string()).collect()
+    }
+
+    /// The tree policy.
+    pub fn policy(&self) -> &TreePolicy {
+        &self.policy
+    }
+
+    /// The cost model `auto` uses (measured figures; empty before the first generation).
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
+    /// Starts a speculative generation. Work happens as the returned iterator is advanced;
+    /// besides text it yields an [`Event::Step`] per verification step.
+    ///
+    /// # Errors
+    /// Invalid parameters, an empty or over-long prompt, or tokenizer failures.
+    pub fn generate(
+        &mut self,
+        prompt: &Prompt,
+        params: &GenerateParams,
+    ) -> Result<SpecGeneration<'_, 'm, B>, EngineError> {
+        params.validate()?;
+        let ids = prompt_tokens(self.tokenizer, prompt)?;
+        check_prompt(&ids, self.target)?;
+        for d in &mut self.drafts {
+            d.reset();
+        }
+        let mut output = Output::new(self.tokenizer, params, ids.len());
+        output.spec_mut().drafts = self
+            .drafts
+            .iter()
+            .map(|d| DraftStats {
+                name: d.name().into(),
+                ..DraftStats::default()
+            })
+            .collect();
+        Ok(SpecGeneration {
+            cache: self.target.new_cache(),
+            sampler: Sampler::new(params.sampling.clone()),
+            params: params.clone(),
+            context: ids,
+            output,
+            started: false,
+            finished: false,
+            engine: self,
+        })
+    }
+}
+
+/// A running speculative generation; iterate it for [`Event`]s.
+pub struct SpecGeneration<'e, 'm, B: Backend> {
+    engine: &'e mut Engine<'m, B>,
+    cache: KvCache<B>,
+    sampler: Sampler,
+    params: GenerateParams,
+    /// Prompt and generated tokens; once started, the last one is the next tree's root (not
+    /// yet in the cache).
+    context: Vec<u32>,
+    output: Output<'m>,
+    started: bool,
+    finished: bool,
+}
+
+impl<B: Backend> std::fmt::Debug for SpecGeneration<'_, '_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpecGeneration")
+            .field("context", &self.context.len())
+            .finish()
+    }
+}
+
+/// `shape` with its depth cut to `max_depth`.
+fn cap_depth(shape: &TreeShape, max_depth: usize) -> TreeShape {
+    match shape {
+        TreeShape::Expand(k) => TreeShape::Expand(k[..k.len().min(max_depth)].to_vec()),
+        TreeShape::Dynamic {
+            depth,
+            width,
+            budget,
+        } => TreeShape::Dynamic {
+            depth: (*depth).min(max_depth),
+            width: *width,
+            budget: *budget,
+        },
+    }
+}
+
+impl<B: Backend> SpecGeneration<'_, '_, B> {
+    /// Prefill and the first token (sampled by the target alone).
+    fn start(&mut self) -> Result<(), EngineError> {
+        let t0 = Instant::now();
+        let logits = prefill(
+            self.engine.target,
+            &mut self.cache,
+            &self.context,
+            self.params.prefill_chunk,
+        )?;
+        let token = self.sampler.sample(&logits);
+        self.output.add_time(t0.elapsed());
+        let first_pos = self.cache.len();
+        self.push(&[token], first_pos)
+    }
+
+    /// Hands emitted tokens to the output (stopping at the end) and extends the context;
+    /// `first_pos` is the position the first of them will take.
+    fn push(&mut self, tokens: &[u32], first_pos: usize) -> Result<(), EngineError> {
+        let max = self.engine.target.max_position();
+        for (k, &t) in tokens.iter().enumerate() {
+            self.context.push(t);
+            let left = max.saturating_sub(first_pos + k + 1);
+            if self.output.push(t, left)?.is_some() {
+                self.finished = true;
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Measures the target's verify cost by tree size (once per engine, for `auto`).
+    fn calibrate(&mut self) -> Result<(), EngineError> {
+        let cached = self.cache.len();
+        let root = *self.context.last().expect("started");
+        let room = self.engine.target.max_position().saturating_sub(cached);
+        let mut costs = Vec::new();
+        for &n in VERIFY_SIZES.iter().filter(|&&n| n <= room) {
+            let mut best = f64::INFINITY;
+            for _ in 0..2 {
+                let mut tree = TokenTree::new(root);
+                let mut node = 0;
+                for _ in 1..n {
+                    node = tree.push(node, root, 0)?;
+                }
+                let t0 = Instant::now();
+                self.engine
+                    .target
+                    .forward_all_logits(&tree.forward_input(cached), &mut self.cache)?;
+                best = best.min(t0.elapsed().as_secs_f64());
+                self.cache.truncate(cached);
+            }
+            costs.push((n, best));
+        }
+        tracing::debug!(?costs, "verify cost by tree size");
+        self.engine.planner.verify_cost = costs;
+        Ok(())
+    }
+
+    /// One draft → verify → commit step.
+    fn step(&mut self) -> Result<(), EngineError> {
+        let step_start = Instant::now();
+        let target = self.engine.target;
+        let cached = self.cache.len();
+        // Tokens a step may still emit, and tree depth the context allows.
+        let max_depth = (self.output.remaining().saturating_sub(1))
+            .min(target.max_position().saturating_sub(cached + 1));
+        let shape = match self.engine.policy.clone() {
+            TreePolicy::Fixed(s) => s,
+            TreePolicy::Auto { width, max_depth } => {
+                if !self.engine.planner.calibrated() && !self.engine.drafts.is_empty() {
+                    self.calibrate()?;
+                }
+                self.engine.planner.plan(width, max_depth)
+            }
+        };
+        let shape = cap_depth(&shape, max_depth);
+
+        let root = *self.context.last().expect("started");
+        let mut tree = TokenTree::new(root);
+        let mut draft_time = Duration::ZERO;
+        let mut per_forward = vec![None; self.engine.drafts.len()];
+        if shape.depth() > 0 {
+            for (id, draft) in self.engine.drafts.iter_mut().enumerate() {
+                let t0 = Instant::now();
+                let req = DraftRequest {
+                    context: &self.context,
+                    shape: &shape,
+                    sampling: &self.params.sampling,
+                    id,
+                };
+                let (t, cost) = draft.propose(&req, self.sampler.rng())?;
+                let dt = t0.elapsed();
+                tree.merge(&t)?;
+                draft_time += dt;
+                let s = &mut self.output.spec_mut().drafts[id];
+                s.time += dt;
+                s.forwards += cost.forwards;
+                if cost.forwards > 0 {
+                    per_forward[id] = Some(dt.as_secs_f64() / cost.forwards as f64);
+                }
+            }
+        }
+
+        let t0 = Instant::now();
+        let rows = target.forward_all_logits(&tree.forward_input(cached), &mut self.cache)?;
+        let sampling = &self.params.sampling;
+        let verified = if sampling.is_greedy() {
+            verify_greedy(&tree, &rows)
+        } else {
+            verify_sampling(
+                &tree,
+                |i| sampling.distribution(&rows[i]),
+                self.sampler.rng(),
+            )
+        };
+        let verify_time = t0.elapsed();
+
+        let t0 = Instant::now();
+        let keep: Vec<usize> = std::iter::once(cached)
+            .chain(verified.accepted.iter().map(|&a| cached + a))
+            .collect();
+        self.cache.retain(cached, &keep);
+        let spec = self.output.spec_mut();
+        spec.record_tree(&tree, &verified.accepted);
+        spec.draft_time += draft_time;
+        spec.verify_time += verify_time;
+        spec.emitted += verified.tokens.len();
+        let mut depths = Vec::new();
+        let mut node = 0;
+        for d in 0..tree.depth() {
+            let tried = tree.children(node).next().is_some();
+            let accepted = verified.accepted.get(d).copied();
+            depths.push((tried, accepted.is_some()));
+            match accepted {
+                Some(a) => node = a,
+                None => break,
+            }
+        }
+        self.output.step(StepStats {
+            tree_nodes: tree.len() - 1,
+            tree_depth: tree.depth(),
+            accepted: verified.accepted.len(),
+            emitted: verified.tokens.len(),
+            draft_time,
+            verify_time,
+        });
+        self.push(&verified.tokens, cached + 1)?;
+        let commit = t0.elapsed();
+        self.output.spec_mut().commit_time += commit;
+        let total = step_start.elapsed();
+        self.output.add_time(total);
+        let overhead = (total - draft_time - verify_time).as_secs_f64();
+        self.engine.planner.observe(&depths, &per_forward, overhead);
+        Ok(())
+    }
+}
+
+impl<B: Backend> Iterator for SpecGeneration<'_, '_, B> {
+    type Item = Result<Event, EngineError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(e) = self.output.pop() {
+                return Some(Ok(e));
+            }
+            if self.finished {
+                return None;
+            }
+            let r = if self.started {
+                self.step()
+            } else {
+                self.started = true;
+                self.start()
+            };
+            if let Err(e) = r {
+                self.finished = true;
+                return Some(Err(e));
+            }
+        }
+    }
+}

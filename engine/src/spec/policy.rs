@@ -1,0 +1,248 @@
+//! How each step's tree is shaped: a fixed shape, or `auto` — chosen every step from measured
+//! costs and acceptance to maximize expected tokens per second (Sequoia's hardware-aware tree
+//! size, arXiv 2402.12374, with EAGLE-2's draft-confidence growth, arXiv 2406.16858).
+
+use std::fmt;
+use std::str::FromStr;
+
+use arbor_speculators::{ShapeParseError, TreeShape};
+use serde::Serialize;
+
+/// The tree policy of an [`Engine`](crate::Engine).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreePolicy {
+    /// Every draft grows this shape every step (depth capped by `max_tokens` and the context).
+    Fixed(TreeShape),
+    /// Depth and size picked every step by the [`Planner`].
+    Auto {
+        /// Children per expanded node and expanded nodes per level (2 by default).
+        width: usize,
+        /// Deepest tree considered (8 by default).
+        max_depth: usize,
+    },
+}
+
+impl Default for TreePolicy {
+    fn default() -> Self {
+        Self::Auto {
+            width: 2,
+            max_depth: 8,
+        }
+    }
+}
+
+impl FromStr for TreePolicy {
+    type Err = ShapeParseError;
+
+    /// `auto`, `auto:WIDTH,MAX_DEPTH`, or a [`TreeShape`] (`2,2,1`, `chain:4`, `dyn:6,2,16`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "auto" {
+            return Ok(Self::default());
+        }
+        if let Some(body) = s.strip_prefix("auto:") {
+            let nums: Vec<usize> = body
+                .split(',')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .map_err(|_| ShapeParseError(s.into()))?;
+            return match nums[..] {
+                [width, max_depth] if (1..=8).contains(&width) && (1..=32).contains(&max_depth) => {
+                    Ok(Self::Auto { width, max_depth })
+                }
+                _ => Err(ShapeParseError(s.into())),
+            };
+        }
+        s.parse().map(Self::Fixed)
+    }
+}
+
+impl fmt::Display for TreePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fixed(s) => write!(f, "{s}"),
+            Self::Auto { width, max_depth } => write!(f, "auto:{width},{max_depth}"),
+        }
+    }
+}
+
+/// Prior acceptance per depth before anything was measured, and its weight in pseudo-steps.
+const PRIOR_ALPHA: f64 = 0.6;
+const PRIOR_WEIGHT: f64 = 2.0;
+/// Old statistics fade by this factor per step (drafts do better on some text than others).
+const DECAY: f64 = 0.97;
+/// Node counts at which the verify cost is measured.
+pub const VERIFY_SIZES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+
+/// The cost model behind `auto`: verify time by tree size (measured once on the target),
+/// time per draft forward (running average per draft), per-step overhead, and conditional
+/// acceptance per depth (decaying counts).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Planner {
+    /// `(nodes, seconds)` of one verification forward, increasing in nodes.
+    pub verify_cost: Vec<(usize, f64)>,
+    /// Seconds per batched forward of each draft (`None`: costs nothing, e.g. n-gram).
+    pub draft_cost: Vec<Option<f64>>,
+    /// Seconds per step outside drafting and verification.
+    pub overhead: f64,
+    /// `(tried, accepted)` per depth (index 0 = depth 1), decayed.
+    pub depth_counts: Vec<(f64, f64)>,
+}
+
+impl Planner {
+    /// Whether the verify cost was measured.
+    pub fn calibrated(&self) -> bool {
+        !self.verify_cost.is_empty()
+    }
+
+    /// Verify seconds for `n` nodes (linear between measured sizes, and beyond the last).
+    pub fn verify_secs(&self, n: usize) -> f64 {
+        let c = &self.verify_cost;
+        let Some(&(n0, t0)) = c.first() else {
+            return 0.0;
+        };
+        if n <= n0 {
+            return t0;
+        }
+        for w in c.windows(2) {
+            let ((a, ta), (b, tb)) = (w[0], w[1]);
+            if n <= b {
+                return ta + (tb - ta) * (n - a) as f64 / (b - a) as f64;
+            }
+        }
+        let (&(a, ta), &(b, tb)) = (&c[c.len() - 2], &c[c.len() - 1]);
+        tb + (tb - ta) * (n - b) as f64 / (b - a).max(1) as f64
+    }
+
+    /// Estimated conditional acceptance at `depth` (1-based).
+    pub fn alpha(&self, depth: usize) -> f64 {
+        let (tried, acc) = self
+            .depth_counts
+            .get(depth - 1)
+            .copied()
+            .unwrap_or_default();
+        (acc + PRIOR_ALPHA * PRIOR_WEIGHT) / (tried + PRIOR_WEIGHT)
+    }
+
+    /// Expected tokens per step (accepted + bonus) of a tree `depth` deep.
+    pub fn expected_tokens(&self, depth: usize) -> f64 {
+        let mut reach = 1.0;
+        let mut total = 1.0;
+        for d in 1..=depth {
+            reach *= self.alpha(d);
+            total += reach;
+        }
+        total
+    }
+
+    /// Picks the depth maximizing expected tokens per second for drafts that keep `width`
+    /// nodes per level, and returns the shape for it. Depth 0 (an empty shape: plain decoding)
+    /// wins when no tree pays; the statistics then fade back to the prior, so speculation is
+    /// retried later.
+    pub fn plan(&self, width: usize, max_depth: usize) -> TreeShape {
+        let model_cost: f64 = self.draft_cost.iter().flatten().sum();
+        let drafts = self.draft_cost.len().max(1);
+        let mut best = (1.0 / (self.verify_secs(1) + self.overhead).max(1e-9), 0);
+        for depth in 1..=max_depth {
+            let nodes = 1 + drafts * width * depth;
+            let secs = model_cost * depth as f64 + self.verify_secs(nodes) + self.overhead;
+            let rate = self.expected_tokens(depth) / secs.max(1e-9);
+            if rate > best.0 {
+                best = (rate, depth);
+            }
+        }
+        if best.1 == 0 {
+            return TreeShape::Expand(Vec::new());
+        }
+        TreeShape::Dynamic {
+            depth: best.1,
+            width,
+            budget: 1 + width * best.1,
+        }
+    }
+
+    /// Folds one step's outcome in: per-depth tries and accepts, draft and overhead times.
+    pub fn observe(
+        &mut self,
+        depths: &[(bool, bool)],
+        draft_secs_per_forward: &[Option<f64>],
+        overhead: f64,
+    ) {
+        for c in &mut self.depth_counts {
+            c.0 *= DECAY;
+            c.1 *= DECAY;
+        }
+        if self.depth_counts.len() < depths.len() {
+            self.depth_counts.resize(depths.len(), (0.0, 0.0));
+        }
+        for (c, &(tried, accepted)) in self.depth_counts.iter_mut().zip(depths) {
+            c.0 += f64::from(u8::from(tried));
+            c.1 += f64::from(u8::from(accepted));
+        }
+        if self.draft_cost.len() < draft_secs_per_forward.len() {
+            self.draft_cost.resize(draft_secs_per_forward.len(), None);
+        }
+        for (c, &m) in self.draft_cost.iter_mut().zip(draft_secs_per_forward) {
+            if let Some(m) = m {
+                *c = Some(c.map_or(m, |old| 0.8 * old + 0.2 * m));
+            }
+        }
+        self.overhead = if self.overhead == 0.0 {
+            overhead
+        } else {
+            0.8 * self.overhead + 0.2 * overhead
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_policies() {
+        assert_eq!("auto".parse(), Ok(TreePolicy::default()));
+        assert_eq!(
+            "auto:3,5".parse(),
+            Ok(TreePolicy::Auto {
+                width: 3,
+                max_depth: 5
+            })
+        );
+        assert_eq!(
+            "2,1".parse(),
+            Ok(TreePolicy::Fixed(TreeShape::Expand(vec![2, 1])))
+        );
+        assert!("auto:0,5".parse::<TreePolicy>().is_err());
+        assert!("auto:x".parse::<TreePolicy>().is_err());
+    }
+
+    #[test]
+    fn deeper_trees_when_drafting_is_cheap_and_accepted() {
+        let mut p = Planner {
+            verify_cost: vec![(1, 0.10), (8, 0.11), (64, 0.50)],
+            draft_cost: vec![Some(0.005)],
+            overhead: 0.0,
+            depth_counts: vec![],
+        };
+        assert!((p.verify_secs(4) - (0.10 + 0.01 * 3.0 / 7.0)).abs() < 1e-9);
+        for _ in 0..50 {
+            p.observe(&[(true, true); 8], &[Some(0.005)], 0.0);
+        }
+        assert_eq!(
+            p.plan(2, 8).depth(),
+            8,
+            "everything accepted and drafting is cheap"
+        );
+        // A draft as slow as the target and rarely right: shallow trees.
+        let mut q = p.clone();
+        q.draft_cost = vec![Some(0.1)];
+        for _ in 0..200 {
+            q.observe(&[(true, false)], &[Some(0.1)], 0.0);
+        }
+        assert_eq!(
+            q.plan(2, 8),
+            TreeShape::Expand(vec![]),
+            "plain decoding pays best"
+        );
+    }
+}
