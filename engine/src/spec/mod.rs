@@ -238,7 +238,6 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
 
     /// One draft → verify → commit step.
     fn step(&mut self) -> Result<(), EngineError> {
-        let step_start = Instant::now();
         let target = self.engine.target;
         let cached = self.cache.len();
         // Tokens a step may still emit, and tree depth the context allows.
@@ -254,6 +253,7 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
             }
         };
         let shape = cap_depth(&shape, max_depth);
+        let step_start = Instant::now();
 
         let root = *self.context.last().expect("started");
         let mut tree = TokenTree::new(root);
