@@ -41,7 +41,8 @@ enum Command {
     },
     /// Generate text from a prompt, streaming it to stdout.
     Generate(GenerateArgs),
-    /// Measure speed: `--plain` gives prefill and decode tokens/s of plain decoding.
+    /// Measure speed and acceptance: `--plain`, or `--draft D --prompts FILE` for speculative
+    /// decoding against plain decoding in the same run.
     Bench(crate::bench::BenchArgs),
 }
 
@@ -59,7 +60,7 @@ pub enum DeviceKind {
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Model: short name, .gguf path, HF folder, or HF hub id.
-    #[arg(short, long, default_value = "smollm2-135m")]
+    #[arg(short, long, visible_alias = "target", default_value = "smollm2-135m")]
     pub model: String,
     /// Device to run on.
     #[arg(long, value_enum, default_value_t)]

@@ -324,11 +324,12 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
             draft_time,
             verify_time,
         });
-        self.push(&verified.tokens, cached + 1)?;
-        let commit = t0.elapsed();
-        self.output.spec_mut().commit_time += commit;
+        self.output.spec_mut().commit_time += t0.elapsed();
+        // Time is booked before the tokens: the last one may end the generation, and the
+        // final event carries the totals.
         let total = step_start.elapsed();
         self.output.add_time(total);
+        self.push(&verified.tokens, cached + 1)?;
         let overhead = (total - draft_time - verify_time).as_secs_f64();
         self.engine.planner.observe(&depths, &per_forward, overhead);
         Ok(())

@@ -3,32 +3,10 @@
 use anyhow::{Result, bail};
 use arbor_engine::{Event, GenerateParams, Generator, Prompt};
 use arbor_model::LoadedModel;
-use clap::Args;
 use serde::Serialize;
 
-use crate::cli::{ModelArgs, with_backend};
-
-/// `arbor bench`.
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Plain (non-speculative) decoding: the only mode so far.
-    #[arg(long)]
-    pub plain: bool,
-    /// Prompt length in tokens.
-    #[arg(long, default_value_t = 128)]
-    pub prompt_tokens: usize,
-    /// Tokens to generate per run (EOS ignored).
-    #[arg(long, default_value_t = 64)]
-    pub gen_tokens: usize,
-    /// Runs to average (after one warm-up run).
-    #[arg(long, default_value_t = 3)]
-    pub repeats: usize,
-    /// Write the figures as JSON to this file.
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
-}
+use super::BenchArgs;
+use crate::cli::with_backend;
 
 /// Results of `arbor bench --plain` (the `--json` output).
 #[derive(Debug, Serialize)]
@@ -54,11 +32,6 @@ He wrote the weather in a leather ledger: wind from the north-east, a falling gl
 morning. def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n";
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    if !args.plain {
-        bail!(
-            "only `--plain` is implemented so far (speculative benchmarks come with tree speculation)"
-        );
-    }
     if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repeats == 0 {
         bail!("--prompt-tokens, --gen-tokens and --repeats must be at least 1");
     }
@@ -76,6 +49,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let params = GenerateParams {
             max_tokens: args.gen_tokens,
             ignore_eos: true,
+            sampling: args.sampling.params(),
             ..GenerateParams::default()
         };
         let generator = Generator::new(&loaded.model, tok);
