@@ -26,4 +26,7 @@ pub enum KernelError {
         /// Elements per block.
         block: usize,
     },
+    /// Operand sizes disagree with the shapes given.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
 }

@@ -5,6 +5,8 @@
 //!
 //! - [`quant`]: ggml/GGUF block formats (F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
 //!   Q6_K) and their dequantization to `f32`.
+//! - [`matmul`]: activations × packed f32 weights for few rows (decode, tree verification),
+//!   weights streamed once for all rows; AVX2/FMA with a portable fallback.
 //! - [`attention`]: masked, grouped-query attention as burn tensor ops: the reference for
 //!   decode, prefill and tree attention alike (the mask says which keys each query sees).
 //!
@@ -19,6 +21,7 @@
 
 pub mod attention;
 mod error;
+pub mod matmul;
 pub mod quant;
 
 pub use error::KernelError;

@@ -22,6 +22,7 @@ pub mod gguf;
 pub mod hub;
 mod input;
 mod load;
+mod proj;
 mod rope;
 pub mod safetensors;
 pub mod sampling;

@@ -8,23 +8,24 @@
 use arbor_cache::KvCache;
 use arbor_kernels::attention::attention_reference;
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::nn::{Embedding, RmsNorm};
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::input::ForwardInput;
+use crate::proj::Proj;
 use crate::rope::RopeAngles;
 use crate::weights::WeightSource;
 
 /// Self-attention with GQA and optional q/k/v biases.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    wq: Linear<B>,
-    wk: Linear<B>,
-    wv: Linear<B>,
-    wo: Linear<B>,
+    wq: Proj<B>,
+    wk: Proj<B>,
+    wv: Proj<B>,
+    wo: Proj<B>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -33,9 +34,9 @@ pub struct Attention<B: Backend> {
 /// SwiGLU feed-forward.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    gate: Linear<B>,
-    up: Linear<B>,
-    down: Linear<B>,
+    gate: Proj<B>,
+    up: Proj<B>,
+    down: Proj<B>,
 }
 
 /// One pre-norm decoder block.
@@ -53,7 +54,7 @@ pub struct Transformer<B: Backend> {
     embed: Embedding<B>,
     layers: Vec<DecoderLayer<B>>,
     norm: RmsNorm<B>,
-    lm_head: Linear<B>,
+    lm_head: Proj<B>,
     vocab_size: usize,
     head_dim: usize,
     max_position: usize,
@@ -72,31 +73,24 @@ impl<B: Backend> Builder<'_, B> {
         Ok(Tensor::from_data(TensorData::new(data, shape), self.device))
     }
 
-    /// A projection stored `[out, in]`, held by burn as `[in, out]`.
-    fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear<B>> {
+    /// A projection stored `[out, in]`.
+    fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Proj<B>> {
         let w = self.src.load(&format!("{name}.weight"), &[out, inp])?;
-        self.linear_from(w, out, inp, bias.then_some(name))
+        self.linear_from(&w, out, inp, bias.then_some(name))
     }
 
     fn linear_from(
         &mut self,
-        w: Vec<f32>,
+        w: &[f32],
         out: usize,
         inp: usize,
         bias_of: Option<&str>,
-    ) -> Result<Linear<B>> {
-        let t = transpose(&w, out, inp);
-        let weight = Tensor::from_data(TensorData::new(t, [inp, out]), self.device);
+    ) -> Result<Proj<B>> {
         let bias = match bias_of {
-            Some(name) => Some(Param::from_tensor(
-                self.tensor(&format!("{name}.bias"), [out])?,
-            )),
+            Some(name) => Some(self.src.load(&format!("{name}.bias"), &[out])?),
             None => None,
         };
-        Ok(Linear {
-            weight: Param::from_tensor(weight),
-            bias,
-        })
+        Proj::new(w, out, inp, bias, self.device)
     }
 
     fn norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm<B>> {
@@ -124,7 +118,7 @@ impl<B: Backend> Transformer<B> {
         let (d, hd) = (c.hidden_size, c.head_dim);
         let embed_w = b.src.load("token_embd.weight", &[c.vocab_size, d])?;
         let lm_head = if c.tie_embeddings || !b.src.contains("output.weight") {
-            b.linear_from(embed_w.clone(), c.vocab_size, d, None)?
+            b.linear_from(&embed_w, c.vocab_size, d, None)?
         } else {
             b.linear("output", c.vocab_size, d, false)?
         };
@@ -335,7 +329,7 @@ impl<B: Backend> Mlp<B> {
 
 /// Row-major `[rows, cols]` → `[cols, rows]`, in parallel tiles of 64 output rows (each tile
 /// reads 64 contiguous inputs per source row).
-fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     use rayon::prelude::*;
     const TILE: usize = 64;
     let mut t = vec![0.0f32; w.len()];

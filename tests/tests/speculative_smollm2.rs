@@ -43,7 +43,7 @@ fn tree_logits_equal_each_path_run_alone() {
         .forward_all_logits(&tree.forward_input(cached.len()), &mut cache)
         .unwrap();
     let mut worst = 0.0f32;
-    for i in 0..tree.len() {
+    for (i, row) in rows.iter().enumerate() {
         let seq: Vec<u32> = cached
             .iter()
             .copied()
@@ -56,7 +56,7 @@ fn tree_logits_equal_each_path_run_alone() {
             .unwrap();
         let diff = alone[0]
             .iter()
-            .zip(&rows[i])
+            .zip(row)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0f32, f32::max);
         worst = worst.max(diff);

@@ -18,7 +18,12 @@ const FONTS: [&str; 4] = [
 fn register_font() -> Result<()> {
     let path = std::env::var("ARBOR_FONT")
         .ok()
-        .or_else(|| FONTS.iter().find(|p| Path::new(p).exists()).map(|p| (*p).to_string()))
+        .or_else(|| {
+            FONTS
+                .iter()
+                .find(|p| Path::new(p).exists())
+                .map(|p| (*p).to_string())
+        })
         .context("--plot needs a TrueType font: install fonts-dejavu-core or set ARBOR_FONT")?;
     let bytes = std::fs::read(&path).with_context(|| format!("reading font {path}"))?;
     // plotters keeps registered fonts for the process lifetime.

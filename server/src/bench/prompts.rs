@@ -44,8 +44,9 @@ pub fn load(path: &Path) -> Result<Vec<BenchPrompt>> {
         if line.trim().is_empty() {
             continue;
         }
-        let l: Line = serde_json::from_str(&line)
-            .with_context(|| format!("{}: line {} is not a prompt object", path.display(), i + 1))?;
+        let l: Line = serde_json::from_str(&line).with_context(|| {
+            format!("{}: line {} is not a prompt object", path.display(), i + 1)
+        })?;
         let prompt = match (l.prompt, l.messages, l.turns) {
             (Some(p), None, None) => Prompt::Text(p),
             (None, Some(m), None) if !m.is_empty() => Prompt::Chat(m),
@@ -60,7 +61,10 @@ pub fn load(path: &Path) -> Result<Vec<BenchPrompt>> {
             ),
         };
         out.push(BenchPrompt {
-            id: l.id.or(l.task_id).unwrap_or_else(|| format!("line {}", i + 1)),
+            id: l
+                .id
+                .or(l.task_id)
+                .unwrap_or_else(|| format!("line {}", i + 1)),
             prompt,
         });
     }

@@ -194,8 +194,17 @@ pub fn print_table(r: &Report) {
     );
     println!(
         "{:<22} {:>6} {:>5} {:>5} {:>5} {:>6} {:>6} {:>9} {:>9} {:>7} {:>5}",
-        "prompt", "prompt", "gen", "tau", "alpha", "draft%", "verif%", "spec t/s", "plain t/s",
-        "speedup", "same"
+        "prompt",
+        "prompt",
+        "gen",
+        "tau",
+        "alpha",
+        "draft%",
+        "verif%",
+        "spec t/s",
+        "plain t/s",
+        "speedup",
+        "same"
     );
     let row = |id: &str, prompt: String, f: &Figures, same: &str| {
         let share = |x: f64| {
@@ -249,5 +258,8 @@ pub fn print_table(r: &Report) {
         .iter()
         .map(|d| format!("{}:{:.2}", d.depth, d.alpha))
         .collect();
-    println!("  acceptance by depth (accepted / tried): {}", depths.join("  "));
+    println!(
+        "  acceptance by depth (accepted / tried): {}",
+        depths.join("  ")
+    );
 }

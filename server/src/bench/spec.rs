@@ -42,7 +42,9 @@ impl DraftSpec {
     }
 }
 
-fn finish(events: impl Iterator<Item = Result<Event, arbor_engine::EngineError>>) -> Result<Finished> {
+fn finish(
+    events: impl Iterator<Item = Result<Event, arbor_engine::EngineError>>,
+) -> Result<Finished> {
     for e in events {
         if let Event::Done(d) = e? {
             return Ok(d);
@@ -162,7 +164,10 @@ mod tests {
     fn draft_specs() {
         assert_eq!(DraftSpec::parse("ngram").unwrap(), DraftSpec::Ngram(4));
         assert_eq!(DraftSpec::parse("ngram:2").unwrap(), DraftSpec::Ngram(2));
-        assert_eq!(DraftSpec::parse("self:6").unwrap(), DraftSpec::SelfLayers(6));
+        assert_eq!(
+            DraftSpec::parse("self:6").unwrap(),
+            DraftSpec::SelfLayers(6)
+        );
         assert_eq!(
             DraftSpec::parse("qwen2.5-coder-0.5b").unwrap(),
             DraftSpec::Model("qwen2.5-coder-0.5b".into())

@@ -1,0 +1,101 @@
+//! A linear projection `y = x·wᵀ + b` with a CPU fast path.
+//!
+//! On the CPU backend the weights are held in `arbor-kernels`' packed f32 panels and the
+//! product runs in its few-rows matmul (weights streamed once for every row — decode and tree
+//! verification are bound by that stream); on other backends it is burn's `Linear`.
+
+use std::any::TypeId;
+use std::sync::Arc;
+
+use arbor_kernels::matmul::PackedF32;
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+
+use crate::error::{ModelError, Result};
+
+/// One projection.
+#[derive(Module, Debug)]
+pub struct Proj<B: Backend> {
+    /// burn's layer (weights `[in, out]`) on backends without the fast path.
+    linear: Option<Linear<B>>,
+    /// Bias for the fast path.
+    bias: Option<Param<Tensor<B, 1>>>,
+    /// Packed weights for the CPU fast path (shared by clones, e.g. truncated self-drafts).
+    #[module(skip)]
+    packed: Option<Arc<PackedF32>>,
+}
+
+/// Whether `B` is the CPU backend the fast path serves.
+pub fn uses_fast_path<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<crate::device::Cpu>()
+}
+
+impl<B: Backend> Proj<B> {
+    /// From weights stored `[out, in]` (row-major) and an optional bias of `out` values.
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] if the sizes disagree.
+    pub fn new(
+        w: &[f32],
+        out: usize,
+        inp: usize,
+        bias: Option<Vec<f32>>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        if bias.as_ref().is_some_and(|b| b.len() != out) {
+            return Err(ModelError::Input(format!("bias length for {out} outputs")));
+        }
+        let bias =
+            bias.map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device)));
+        if uses_fast_path::<B>() {
+            let packed = PackedF32::from_out_in(w, out, inp)
+                .map_err(|e| ModelError::Input(format!("packing weights: {e}")))?;
+            return Ok(Self {
+                linear: None,
+                bias,
+                packed: Some(Arc::new(packed)),
+            });
+        }
+        let t = crate::transformer::transpose(w, out, inp);
+        let weight = Tensor::from_data(TensorData::new(t, [inp, out]), device);
+        Ok(Self {
+            linear: Some(Linear {
+                weight: Param::from_tensor(weight),
+                bias,
+            }),
+            bias: None,
+            packed: None,
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, n, in]` → `[batch, n, out]`
+    ///
+    /// # Panics
+    /// If `x` is not f32 (internal invariant: the model computes in f32).
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let Some(packed) = &self.packed else {
+            return self
+                .linear
+                .as_ref()
+                .expect("a projection holds either packed weights or a burn layer")
+                .forward(x);
+        };
+        let [batch, n, k] = x.dims();
+        let device = x.device();
+        let xs = x
+            .into_data()
+            .into_vec::<f32>()
+            .expect("activations are f32");
+        let mut y = vec![0.0f32; batch * n * packed.n()];
+        packed
+            .matmul(&xs, batch * n, &mut y)
+            .unwrap_or_else(|e| panic!("projection of width {k}: {e}"));
+        let y = Tensor::<B, 3>::from_data(TensorData::new(y, [batch, n, packed.n()]), &device);
+        match &self.bias {
+            Some(b) => y + b.val().reshape([1, 1, packed.n()]),
+            None => y,
+        }
+    }
+}
