@@ -20,13 +20,18 @@ pub struct DraftRequest<'a> {
     pub id: usize,
 }
 
-/// Time and work one proposal took.
+/// Work one proposal took.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DraftCost {
     /// Batched draft forward passes (levels) run.
     pub forwards: usize,
     /// Tokens those forwards processed (catch-up tokens included).
     pub tokens: usize,
+    /// Seconds spent in level forwards that fed at most 64 tokens (catch-up after a long
+    /// jump excluded): what one more tree level costs, for the tree planner.
+    pub level_secs: f64,
+    /// How many forwards `level_secs` covers.
+    pub levels: usize,
 }
 
 /// A source of token trees. Each draft owns its state (a model draft its KV cache): it brings
@@ -48,4 +53,29 @@ pub trait Draft {
 
     /// Forgets all state (a new sequence starts).
     fn reset(&mut self);
+
+    /// Processes `context` ahead of the first proposal (during the target's prefill), so
+    /// that proposing does not start with a long catch-up. Drafts without state ignore it.
+    ///
+    /// # Errors
+    /// The draft model failed.
+    fn prefill(&mut self, context: &[u32], chunk: usize) -> Result<(), SpecError> {
+        let _ = (context, chunk);
+        Ok(())
+    }
+}
+
+impl DraftCost {
+    /// Books one forward of `tokens` tokens that took `secs`.
+    pub fn note_level(&mut self, tokens: usize, secs: f64) {
+        if tokens <= 64 {
+            self.level_secs += secs;
+            self.levels += 1;
+        }
+    }
+
+    /// Seconds per level forward, if any was measured.
+    pub fn secs_per_level(&self) -> Option<f64> {
+        (self.levels > 0).then(|| self.level_secs / self.levels as f64)
+    }
 }

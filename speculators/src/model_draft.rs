@@ -1,6 +1,8 @@
 //! A draft backed by a transformer: a smaller model sharing the target's tokenizer, or the
 //! target's own first layers ([`Transformer::truncated`]).
 
+use std::time::Instant;
+
 use arbor_cache::KvCache;
 use arbor_model::{ForwardInput, Transformer};
 use burn::tensor::backend::Backend;
@@ -127,12 +129,15 @@ impl<B: Backend> Draft for ModelDraft<B> {
         let mut cost = DraftCost {
             forwards: 1,
             tokens: pending.len(),
+            ..DraftCost::default()
         };
+        let t0 = Instant::now();
         let input = ForwardInput::causal(&pending, self.cache.len());
         let root_logits = self
             .model
             .forward_last_logits(&input, &mut self.cache)?
             .swap_remove(0);
+        cost.note_level(pending.len(), t0.elapsed().as_secs_f64());
         self.cached.extend_from_slice(&pending);
         let root_row = n - 1;
         let mut rows: Vec<Option<usize>> = vec![Some(root_row)];
@@ -167,6 +172,22 @@ impl<B: Backend> Draft for ModelDraft<B> {
         let rows = kept;
         self.last = Some((tree.clone(), rows));
         Ok((tree, cost))
+    }
+
+    fn prefill(&mut self, context: &[u32], chunk: usize) -> Result<(), SpecError> {
+        // Everything but the last token (the first tree's root, fed when proposing).
+        let Some((_, head)) = context.split_last() else {
+            return Ok(());
+        };
+        let pending = self.sync(context);
+        let todo = &pending[..pending.len() - 1];
+        debug_assert!(self.cached.len() + todo.len() == head.len());
+        for part in todo.chunks(chunk.max(1)) {
+            let input = ForwardInput::causal(part, self.cache.len());
+            self.model.forward(&input, &mut self.cache)?;
+            self.cached.extend_from_slice(part);
+        }
+        Ok(())
     }
 
     fn reset(&mut self) {

@@ -188,6 +188,12 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
             self.params.prefill_chunk,
         )?;
         let token = self.sampler.sample(&logits);
+        // Drafts take in the prompt now, so their first proposal only feeds the first token.
+        let mut with_first = self.context.clone();
+        with_first.push(token);
+        for d in &mut self.engine.drafts {
+            d.prefill(&with_first, self.params.prefill_chunk)?;
+        }
         self.output.add_time(t0.elapsed());
         let first_pos = self.cache.len();
         self.push(&[token], first_pos)
@@ -275,9 +281,7 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
                 let s = &mut self.output.spec_mut().drafts[id];
                 s.time += dt;
                 s.forwards += cost.forwards;
-                if cost.forwards > 0 {
-                    per_forward[id] = Some(dt.as_secs_f64() / cost.forwards as f64);
-                }
+                per_forward[id] = cost.secs_per_level();
             }
         }
 
