@@ -335,7 +335,13 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
         self.output.add_time(total);
         self.push(&verified.tokens, cached + 1)?;
         let overhead = (total - draft_time - verify_time).as_secs_f64();
-        self.engine.planner.observe(&depths, &per_forward, overhead);
+        let width = match &shape {
+            TreeShape::Expand(k) => k.iter().copied().max().unwrap_or(0),
+            TreeShape::Dynamic { width, .. } => *width,
+        };
+        self.engine
+            .planner
+            .observe(width, &depths, &per_forward, overhead);
         Ok(())
     }
 }

@@ -65,27 +65,37 @@ impl fmt::Display for TreePolicy {
     }
 }
 
-/// Prior acceptance per depth before anything was measured, and its weight in pseudo-steps.
-const PRIOR_ALPHA: f64 = 0.6;
+/// Prior acceptance at depth 1 before anything was measured, and its weight in pseudo-steps.
+/// Deeper depths borrow the estimate of the depth above as their prior.
+const PRIOR_ALPHA: f64 = 0.7;
 const PRIOR_WEIGHT: f64 = 2.0;
 /// Old statistics fade by this factor per step (drafts do better on some text than others).
 const DECAY: f64 = 0.97;
+/// Below this much (decayed) evidence at depth 1, a planner that would stop speculating takes
+/// one speculative step instead, to measure again.
+const STALE: f64 = 0.5;
 /// Node counts at which the verify cost is measured.
 pub const VERIFY_SIZES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 
 /// The cost model behind `auto`: verify time by tree size (measured once on the target),
-/// time per draft forward (running average per draft), per-step overhead, and conditional
-/// acceptance per depth (decaying counts).
+/// time per draft level forward (running average per draft), per-step overhead, and
+/// conditional acceptance per tree width and depth (decaying counts).
+///
+/// Each step it picks the width `w` and depth `d` maximizing
+/// `E[tokens] / (d · Σ draft level cost + verify(1 + drafts·w·d) + overhead)` with
+/// `E[tokens] = 1 + Σ_{i≤d} Π_{j≤i} α_w(j)`, or plain decoding (depth 0) when nothing beats
+/// `1 / (verify(1) + overhead)`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Planner {
     /// `(nodes, seconds)` of one verification forward, increasing in nodes.
     pub verify_cost: Vec<(usize, f64)>,
-    /// Seconds per batched forward of each draft (`None`: costs nothing, e.g. n-gram).
+    /// Seconds per level forward of each draft (`None`: costs nothing, e.g. n-gram).
     pub draft_cost: Vec<Option<f64>>,
     /// Seconds per step outside drafting and verification.
     pub overhead: f64,
-    /// `(tried, accepted)` per depth (index 0 = depth 1), decayed.
-    pub depth_counts: Vec<(f64, f64)>,
+    /// `(tried, accepted)` per width (index 0 = width 1) and depth (index 0 = depth 1),
+    /// decayed.
+    pub depth_counts: Vec<Vec<(f64, f64)>>,
 }
 
 impl Planner {
@@ -100,7 +110,7 @@ impl Planner {
         let Some(&(n0, t0)) = c.first() else {
             return 0.0;
         };
-        if n <= n0 {
+        if n <= n0 || c.len() == 1 {
             return t0;
         }
         for w in c.windows(2) {
@@ -113,75 +123,96 @@ impl Planner {
         tb + (tb - ta) * (n - b) as f64 / (b - a).max(1) as f64
     }
 
-    /// Estimated conditional acceptance at `depth` (1-based).
-    pub fn alpha(&self, depth: usize) -> f64 {
-        let (tried, acc) = self
-            .depth_counts
-            .get(depth - 1)
-            .copied()
-            .unwrap_or_default();
-        (acc + PRIOR_ALPHA * PRIOR_WEIGHT) / (tried + PRIOR_WEIGHT)
+    /// Estimated conditional acceptance at `depth` (1-based) for trees of `width`.
+    pub fn alpha(&self, width: usize, depth: usize) -> f64 {
+        let mut prior = PRIOR_ALPHA;
+        let counts = self.depth_counts.get(width - 1);
+        for d in 1..=depth {
+            let (tried, acc) = counts
+                .and_then(|c| c.get(d - 1))
+                .copied()
+                .unwrap_or_default();
+            prior = (acc + prior * PRIOR_WEIGHT) / (tried + PRIOR_WEIGHT);
+        }
+        prior
     }
 
-    /// Expected tokens per step (accepted + bonus) of a tree `depth` deep.
-    pub fn expected_tokens(&self, depth: usize) -> f64 {
+    /// Expected tokens per step (accepted + bonus) of a tree `width` wide, `depth` deep.
+    pub fn expected_tokens(&self, width: usize, depth: usize) -> f64 {
         let mut reach = 1.0;
         let mut total = 1.0;
         for d in 1..=depth {
-            reach *= self.alpha(d);
+            reach *= self.alpha(width, d);
             total += reach;
         }
         total
     }
 
-    /// Picks the depth maximizing expected tokens per second for drafts that keep `width`
-    /// nodes per level, and returns the shape for it. Depth 0 (an empty shape: plain decoding)
-    /// wins when no tree pays; the statistics then fade back to the prior, so speculation is
-    /// retried later.
-    pub fn plan(&self, width: usize, max_depth: usize) -> TreeShape {
+    /// The shape for the next step: widths `1..=max_width`, depths `0..=max_depth`.
+    pub fn plan(&self, max_width: usize, max_depth: usize) -> TreeShape {
         let model_cost: f64 = self.draft_cost.iter().flatten().sum();
         let drafts = self.draft_cost.len().max(1);
-        let mut best = (1.0 / (self.verify_secs(1) + self.overhead).max(1e-9), 0);
-        for depth in 1..=max_depth {
-            let nodes = 1 + drafts * width * depth;
-            let secs = model_cost * depth as f64 + self.verify_secs(nodes) + self.overhead;
-            let rate = self.expected_tokens(depth) / secs.max(1e-9);
-            if rate > best.0 {
-                best = (rate, depth);
+        let plain = 1.0 / (self.verify_secs(1) + self.overhead).max(1e-9);
+        let mut best: Option<(f64, usize, usize)> = None;
+        for width in 1..=max_width {
+            for depth in 1..=max_depth {
+                let nodes = 1 + drafts * width * depth;
+                let secs = model_cost * depth as f64 + self.verify_secs(nodes) + self.overhead;
+                let rate = self.expected_tokens(width, depth) / secs.max(1e-9);
+                if best.is_none_or(|b| rate > b.0) {
+                    best = Some((rate, width, depth));
+                }
             }
         }
-        if best.1 == 0 {
+        let Some((rate, width, depth)) = best else {
+            return TreeShape::Expand(Vec::new());
+        };
+        let evidence = self
+            .depth_counts
+            .iter()
+            .filter_map(|c| c.first())
+            .map(|c| c.0)
+            .sum::<f64>();
+        if rate <= plain && evidence >= STALE {
             return TreeShape::Expand(Vec::new());
         }
         TreeShape::Dynamic {
-            depth: best.1,
+            depth,
             width,
-            budget: 1 + width * best.1,
+            budget: 1 + width * depth,
         }
     }
 
-    /// Folds one step's outcome in: per-depth tries and accepts, draft and overhead times.
+    /// Folds one step's outcome in: for a tree of `width`, per-depth `(tried, accepted)`,
+    /// each draft's seconds per level forward, and the step's other time.
     pub fn observe(
         &mut self,
+        width: usize,
         depths: &[(bool, bool)],
-        draft_secs_per_forward: &[Option<f64>],
+        draft_secs_per_level: &[Option<f64>],
         overhead: f64,
     ) {
-        for c in &mut self.depth_counts {
+        for c in self.depth_counts.iter_mut().flatten() {
             c.0 *= DECAY;
             c.1 *= DECAY;
         }
-        if self.depth_counts.len() < depths.len() {
-            self.depth_counts.resize(depths.len(), (0.0, 0.0));
+        if width > 0 && !depths.is_empty() {
+            if self.depth_counts.len() < width {
+                self.depth_counts.resize(width, Vec::new());
+            }
+            let counts = &mut self.depth_counts[width - 1];
+            if counts.len() < depths.len() {
+                counts.resize(depths.len(), (0.0, 0.0));
+            }
+            for (c, &(tried, accepted)) in counts.iter_mut().zip(depths) {
+                c.0 += f64::from(u8::from(tried));
+                c.1 += f64::from(u8::from(accepted));
+            }
         }
-        for (c, &(tried, accepted)) in self.depth_counts.iter_mut().zip(depths) {
-            c.0 += f64::from(u8::from(tried));
-            c.1 += f64::from(u8::from(accepted));
+        if self.draft_cost.len() < draft_secs_per_level.len() {
+            self.draft_cost.resize(draft_secs_per_level.len(), None);
         }
-        if self.draft_cost.len() < draft_secs_per_forward.len() {
-            self.draft_cost.resize(draft_secs_per_forward.len(), None);
-        }
-        for (c, &m) in self.draft_cost.iter_mut().zip(draft_secs_per_forward) {
+        for (c, &m) in self.draft_cost.iter_mut().zip(draft_secs_per_level) {
             if let Some(m) = m {
                 *c = Some(c.map_or(m, |old| 0.8 * old + 0.2 * m));
             }
@@ -216,33 +247,49 @@ mod tests {
         assert!("auto:x".parse::<TreePolicy>().is_err());
     }
 
-    #[test]
-    fn deeper_trees_when_drafting_is_cheap_and_accepted() {
-        let mut p = Planner {
+    fn planner(draft: f64) -> Planner {
+        Planner {
             verify_cost: vec![(1, 0.10), (8, 0.11), (64, 0.50)],
-            draft_cost: vec![Some(0.005)],
-            overhead: 0.0,
-            depth_counts: vec![],
-        };
+            draft_cost: vec![Some(draft)],
+            ..Planner::default()
+        }
+    }
+
+    #[test]
+    fn deep_chains_when_drafting_is_cheap_and_accepted() {
+        let mut p = planner(0.005);
         assert!((p.verify_secs(4) - (0.10 + 0.01 * 3.0 / 7.0)).abs() < 1e-9);
         for _ in 0..50 {
-            p.observe(&[(true, true); 8], &[Some(0.005)], 0.0);
+            p.observe(1, &[(true, true); 8], &[Some(0.005)], 0.0);
         }
         assert_eq!(
             p.plan(2, 8).depth(),
             8,
             "everything accepted and drafting is cheap"
         );
-        // A draft as slow as the target and rarely right: shallow trees.
-        let mut q = p.clone();
-        q.draft_cost = vec![Some(0.1)];
+        // Unmeasured depths borrow the estimate above them: still deep at 12.
+        assert!(p.plan(1, 12).depth() > 8);
+    }
+
+    #[test]
+    fn no_tree_when_nothing_is_accepted_then_a_retry_once_evidence_fades() {
+        let mut q = planner(0.1);
         for _ in 0..200 {
-            q.observe(&[(true, false)], &[Some(0.1)], 0.0);
+            q.observe(1, &[(true, false)], &[Some(0.1)], 0.0);
+            q.observe(2, &[(true, false)], &[Some(0.1)], 0.0);
         }
         assert_eq!(
             q.plan(2, 8),
             TreeShape::Expand(vec![]),
             "plain decoding pays best"
         );
+        // Plain steps observe nothing; the evidence decays until one tree is tried again.
+        let mut steps = 0;
+        while q.plan(2, 8).depth() == 0 {
+            q.observe(0, &[], &[None], 0.0);
+            steps += 1;
+            assert!(steps < 500, "never retried");
+        }
+        assert!(steps > 10, "retried too eagerly: after {steps} steps");
     }
 }
