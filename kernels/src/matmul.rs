@@ -10,8 +10,13 @@
 //! over it (AVX2/FMA micro-kernel with runtime detection, portable fallback), and panels are
 //! spread over cores.
 //!
+//! Weights are held as f32 ([`PackedF32`]) or f16 ([`PackedF16`], half the bytes per step;
+//! converted to f32 in registers with F16C) — e.g. for a draft model, whose precision only
+//! affects acceptance, never the output.
+//!
 //! [`matmul_reference`] is the plain triple loop the tests compare against.
 
+use half::f16;
 use rayon::prelude::*;
 
 use crate::KernelError;
@@ -19,15 +24,65 @@ use crate::KernelError;
 /// Output columns per packed panel.
 pub const PANEL: usize = 16;
 
-/// A weight matrix `W` (`k` inputs × `n` outputs) packed in column panels.
-#[derive(Debug, Clone)]
-pub struct PackedF32 {
-    k: usize,
-    n: usize,
-    panels: Vec<f32>,
+/// A micro-kernel: rows of `x` (`k` values each) against one panel into `dst`.
+type RowsFn<E> = unsafe fn(&[f32], &[E], usize, &mut [f32]);
+
+/// How weights are stored in panels.
+pub trait PanelElement: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+    /// From f32 (rounding).
+    fn from_f32(x: f32) -> Self;
+    /// To f32.
+    fn to_f32(self) -> f32;
+    /// The AVX2 micro-kernels (4 rows, 1 row) if this CPU runs them.
+    fn simd_kernels() -> Option<(RowsFn<Self>, RowsFn<Self>)>;
 }
 
-impl PackedF32 {
+impl PanelElement for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn simd_kernels() -> Option<(RowsFn<Self>, RowsFn<Self>)> {
+        #[cfg(target_arch = "x86_64")]
+        if has(&["avx2", "fma"]) {
+            return Some((avx2::rows4_f32, avx2::row1_f32));
+        }
+        None
+    }
+}
+
+impl PanelElement for f16 {
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn simd_kernels() -> Option<(RowsFn<Self>, RowsFn<Self>)> {
+        #[cfg(target_arch = "x86_64")]
+        if has(&["avx2", "fma", "f16c"]) {
+            return Some((avx2::rows4_f16, avx2::row1_f16));
+        }
+        None
+    }
+}
+
+/// A weight matrix `W` (`k` inputs × `n` outputs) packed in column panels of `E`.
+#[derive(Debug, Clone)]
+pub struct Packed<E> {
+    k: usize,
+    n: usize,
+    panels: Vec<E>,
+}
+
+/// f32 weights.
+pub type PackedF32 = Packed<f32>;
+/// f16 weights.
+pub type PackedF16 = Packed<f16>;
+
+impl<E: PanelElement> Packed<E> {
     /// Packs `w` stored row-major as `[n, k]` (outputs × inputs: the checkpoint layout of a
     /// linear layer, `y = x·wᵀ`).
     ///
@@ -41,7 +96,7 @@ impl PackedF32 {
             )));
         }
         let np = n.div_ceil(PANEL);
-        let mut panels = vec![0.0f32; np * k * PANEL];
+        let mut panels = vec![E::default(); np * k * PANEL];
         panels
             .par_chunks_mut(k * PANEL)
             .enumerate()
@@ -49,11 +104,24 @@ impl PackedF32 {
                 for c in 0..PANEL.min(n - p * PANEL) {
                     let src = &w[(p * PANEL + c) * k..(p * PANEL + c + 1) * k];
                     for (kk, &v) in src.iter().enumerate() {
-                        dst[kk * PANEL + c] = v;
+                        dst[kk * PANEL + c] = E::from_f32(v);
                     }
                 }
             });
         Ok(Self { k, n, panels })
+    }
+
+    /// The same weights in another element type (same panel layout, each value converted).
+    pub fn convert<T: PanelElement>(&self) -> Packed<T> {
+        Packed {
+            k: self.k,
+            n: self.n,
+            panels: self
+                .panels
+                .par_iter()
+                .map(|&v| T::from_f32(v.to_f32()))
+                .collect(),
+        }
     }
 
     /// Inputs per row.
@@ -68,7 +136,7 @@ impl PackedF32 {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.panels.len() * 4
+        self.panels.len() * std::mem::size_of::<E>()
     }
 
     /// `y = x·W` for `m` rows: `x` is `[m, k]`, `y` is `[m, n]`, both row-major.
@@ -90,7 +158,7 @@ impl PackedF32 {
         let np = n.div_ceil(PANEL);
         // Results panel by panel ([panel][row][16]), then scattered into y's rows.
         let mut out = vec![0.0f32; np * m * PANEL];
-        let avx = has_avx2_fma();
+        let simd = E::simd_kernels();
         out.par_chunks_mut(m * PANEL)
             .zip(self.panels.par_chunks(k * PANEL))
             .for_each(|(o, panel)| {
@@ -98,22 +166,21 @@ impl PackedF32 {
                 while r + 4 <= m {
                     let rows = &x[r * k..(r + 4) * k];
                     let dst = &mut o[r * PANEL..(r + 4) * PANEL];
-                    if avx {
-                        // SAFETY: the CPU supports AVX2 and FMA (checked at runtime).
-                        unsafe { avx2::rows4(rows, panel, k, dst) }
-                    } else {
-                        portable::rows(rows, 4, panel, k, dst);
+                    match simd {
+                        // SAFETY: `simd_kernels` only returns kernels this CPU supports; the
+                        // slices have the sizes the kernels require.
+                        Some((rows4, _)) => unsafe { rows4(rows, panel, k, dst) },
+                        None => portable::rows(rows, 4, panel, k, dst),
                     }
                     r += 4;
                 }
                 while r < m {
                     let row = &x[r * k..(r + 1) * k];
                     let dst = &mut o[r * PANEL..(r + 1) * PANEL];
-                    if avx {
+                    match simd {
                         // SAFETY: as above.
-                        unsafe { avx2::row1(row, panel, k, dst) }
-                    } else {
-                        portable::rows(row, 1, panel, k, dst);
+                        Some((_, row1)) => unsafe { row1(row, panel, k, dst) },
+                        None => portable::rows(row, 1, panel, k, dst),
                     }
                     r += 1;
                 }
@@ -143,29 +210,34 @@ pub fn matmul_reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> V
     y
 }
 
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+#[cfg(target_arch = "x86_64")]
+fn has(features: &[&str]) -> bool {
+    features.iter().all(|f| match *f {
+        "avx2" => std::is_x86_feature_detected!("avx2"),
+        "fma" => std::is_x86_feature_detected!("fma"),
+        "f16c" => std::is_x86_feature_detected!("f16c"),
+        _ => false,
+    })
 }
 
 mod portable {
-    use super::PANEL;
+    use super::{PANEL, PanelElement};
 
     /// `dst[r][c] = Σ_kk rows[r][kk] · panel[kk][c]` for `nrows` rows.
-    pub(super) fn rows(rows: &[f32], nrows: usize, panel: &[f32], k: usize, dst: &mut [f32]) {
+    pub(super) fn rows<E: PanelElement>(
+        rows: &[f32],
+        nrows: usize,
+        panel: &[E],
+        k: usize,
+        dst: &mut [f32],
+    ) {
         for r in 0..nrows {
             let x = &rows[r * k..(r + 1) * k];
             let mut acc = [0.0f32; PANEL];
             for (kk, &a) in x.iter().enumerate() {
                 let w = &panel[kk * PANEL..(kk + 1) * PANEL];
                 for c in 0..PANEL {
-                    acc[c] += a * w[c];
+                    acc[c] += a * w[c].to_f32();
                 }
             }
             dst[r * PANEL..(r + 1) * PANEL].copy_from_slice(&acc);
@@ -176,79 +248,95 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256, _mm256_add_ps, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps,
-        _mm256_setzero_ps, _mm256_storeu_ps,
+        __m128i, __m256, _mm_loadu_si128, _mm256_add_ps, _mm256_broadcast_ss, _mm256_cvtph_ps,
+        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
     };
+
+    use half::f16;
 
     use super::PANEL;
 
-    /// Four rows against one panel; 8 accumulators stay in registers for the whole `k` loop.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `rows` holds `4·k` values, `panel` `k·16`, `dst` 64.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn rows4(rows: &[f32], panel: &[f32], k: usize, dst: &mut [f32]) {
-        assert!(rows.len() >= 4 * k && panel.len() >= k * PANEL && dst.len() >= 4 * PANEL);
-        let (x, w) = (rows.as_ptr(), panel.as_ptr());
-        let mut acc: [__m256; 8] = [_mm256_setzero_ps(); 8];
-        for kk in 0..k {
-            // SAFETY: kk < k, so every offset is inside the slices checked above.
-            unsafe {
-                let w0 = _mm256_loadu_ps(w.add(kk * PANEL));
-                let w1 = _mm256_loadu_ps(w.add(kk * PANEL + 8));
-                for r in 0..4 {
-                    let a = _mm256_broadcast_ss(&*x.add(r * k + kk));
-                    acc[2 * r] = _mm256_fmadd_ps(a, w0, acc[2 * r]);
-                    acc[2 * r + 1] = _mm256_fmadd_ps(a, w1, acc[2 * r + 1]);
+    /// Defines the 4-row and 1-row micro-kernels for one weight element type; `$load` turns
+    /// a pointer to 8 weights into 8 f32 lanes.
+    macro_rules! kernels {
+        ($rows4:ident, $row1:ident, $elem:ty, $features:literal, $load:expr) => {
+            /// Four rows against one panel; 8 accumulators stay in registers for the whole
+            /// `k` loop.
+            ///
+            /// # Safety
+            /// The CPU must support the enabled features; `rows` holds `4·k` values, `panel`
+            /// `k·16`, `dst` 64.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $rows4(rows: &[f32], panel: &[$elem], k: usize, dst: &mut [f32]) {
+                assert!(rows.len() >= 4 * k && panel.len() >= k * PANEL && dst.len() >= 4 * PANEL);
+                let load: unsafe fn(*const $elem) -> __m256 = $load;
+                let (x, w) = (rows.as_ptr(), panel.as_ptr());
+                let mut acc: [__m256; 8] = [_mm256_setzero_ps(); 8];
+                for kk in 0..k {
+                    // SAFETY: kk < k keeps every offset inside the slices checked above.
+                    unsafe {
+                        let w0 = load(w.add(kk * PANEL));
+                        let w1 = load(w.add(kk * PANEL + 8));
+                        for r in 0..4 {
+                            let a = _mm256_broadcast_ss(&*x.add(r * k + kk));
+                            acc[2 * r] = _mm256_fmadd_ps(a, w0, acc[2 * r]);
+                            acc[2 * r + 1] = _mm256_fmadd_ps(a, w1, acc[2 * r + 1]);
+                        }
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    // SAFETY: i·8 + 8 ≤ 64 ≤ dst.len().
+                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i * 8), *a) };
                 }
             }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            // SAFETY: i·8 + 8 ≤ 64 ≤ dst.len().
-            unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i * 8), *a) };
-        }
-    }
 
-    /// One row against one panel, two independent accumulator pairs (even / odd `kk`).
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `row` holds `k` values, `panel` `k·16`, `dst` 16.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn row1(row: &[f32], panel: &[f32], k: usize, dst: &mut [f32]) {
-        assert!(row.len() >= k && panel.len() >= k * PANEL && dst.len() >= PANEL);
-        let (x, w) = (row.as_ptr(), panel.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut kk = 0;
-        while kk < k {
-            let lane = 2 * (kk & 1);
-            // SAFETY: kk < k keeps every offset inside the checked slices.
-            unsafe {
-                let a = _mm256_broadcast_ss(&*x.add(kk));
-                let w0 = _mm256_loadu_ps(w.add(kk * PANEL));
-                let w1 = _mm256_loadu_ps(w.add(kk * PANEL + 8));
-                acc[lane] = _mm256_fmadd_ps(a, w0, acc[lane]);
-                acc[lane + 1] = _mm256_fmadd_ps(a, w1, acc[lane + 1]);
+            /// One row against one panel, two accumulator pairs (even / odd `kk`).
+            ///
+            /// # Safety
+            /// The CPU must support the enabled features; `row` holds `k` values, `panel`
+            /// `k·16`, `dst` 16.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $row1(row: &[f32], panel: &[$elem], k: usize, dst: &mut [f32]) {
+                assert!(row.len() >= k && panel.len() >= k * PANEL && dst.len() >= PANEL);
+                let load: unsafe fn(*const $elem) -> __m256 = $load;
+                let (x, w) = (row.as_ptr(), panel.as_ptr());
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for kk in 0..k {
+                    let lane = 2 * (kk & 1);
+                    // SAFETY: kk < k keeps every offset inside the checked slices.
+                    unsafe {
+                        let a = _mm256_broadcast_ss(&*x.add(kk));
+                        let w0 = load(w.add(kk * PANEL));
+                        let w1 = load(w.add(kk * PANEL + 8));
+                        acc[lane] = _mm256_fmadd_ps(a, w0, acc[lane]);
+                        acc[lane + 1] = _mm256_fmadd_ps(a, w1, acc[lane + 1]);
+                    }
+                }
+                let lo = _mm256_add_ps(acc[0], acc[2]);
+                let hi = _mm256_add_ps(acc[1], acc[3]);
+                // SAFETY: dst holds 16 values.
+                unsafe {
+                    _mm256_storeu_ps(dst.as_mut_ptr(), lo);
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(8), hi);
+                }
             }
-            kk += 1;
-        }
-        let lo = _mm256_add_ps(acc[0], acc[2]);
-        let hi = _mm256_add_ps(acc[1], acc[3]);
-        // SAFETY: dst holds 16 values.
-        unsafe {
-            _mm256_storeu_ps(dst.as_mut_ptr(), lo);
-            _mm256_storeu_ps(dst.as_mut_ptr().add(8), hi);
-        }
+        };
     }
-}
 
-#[cfg(not(target_arch = "x86_64"))]
-mod avx2 {
-    pub(super) unsafe fn rows4(rows: &[f32], panel: &[f32], k: usize, dst: &mut [f32]) {
-        super::portable::rows(rows, 4, panel, k, dst);
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_f32(p: *const f32) -> __m256 {
+        // SAFETY: the caller passes a pointer to 8 readable f32.
+        unsafe { _mm256_loadu_ps(p) }
     }
-    pub(super) unsafe fn row1(row: &[f32], panel: &[f32], k: usize, dst: &mut [f32]) {
-        super::portable::rows(row, 1, panel, k, dst);
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16(p: *const f16) -> __m256 {
+        // SAFETY: the caller passes a pointer to 8 readable f16 (16 bytes).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())) }
     }
+
+    kernels!(rows4_f32, row1_f32, f32, "avx2,fma", load_f32);
+    kernels!(rows4_f16, row1_f16, f16, "avx2,fma,f16c", load_f16);
 }
 
 #[cfg(test)]

@@ -202,6 +202,29 @@ impl<B: Backend> Transformer<B> {
         })
     }
 
+    /// The same model with its projections' weights held as f16 on the CPU fast path: half
+    /// the bytes read per token, at f16 rounding of every weight (≈5·10⁻⁴ relative). Meant
+    /// for drafts, whose precision affects only acceptance, never the verified output. On
+    /// other backends the model is returned unchanged.
+    pub fn with_f16_weights(&self) -> Self {
+        let mut m = self.clone();
+        for l in &mut m.layers {
+            for p in [
+                &mut l.attn.wq,
+                &mut l.attn.wk,
+                &mut l.attn.wv,
+                &mut l.attn.wo,
+                &mut l.mlp.gate,
+                &mut l.mlp.up,
+                &mut l.mlp.down,
+            ] {
+                *p = p.to_f16();
+            }
+        }
+        m.lm_head = m.lm_head.to_f16();
+        m
+    }
+
     /// A fresh, empty cache for this model.
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.layers.len())

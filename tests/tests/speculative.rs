@@ -57,7 +57,7 @@ fn speculative_greedy_equals_plain_greedy() {
     let plain = Generator::new(&target, &tok);
     let policies = ["chain:4", "2,2,1", "3", "dyn:5,2,9", "auto", "auto:1,6"];
     type Mix = for<'a> fn(Engine<'a, Cpu>, &Transformer<Cpu>, &Transformer<Cpu>) -> Engine<'a, Cpu>;
-    let mixes: [(&str, Mix); 4] = [
+    let mixes: [(&str, Mix); 5] = [
         ("self-draft (1 of 3 layers)", |e, t, _| {
             e.with_draft(ModelDraft::new("self1", t.truncated(1).unwrap()))
         }),
@@ -65,6 +65,9 @@ fn speculative_greedy_equals_plain_greedy() {
             e.with_draft(ModelDraft::new("oracle", t.clone()))
         }),
         ("n-gram", |e, _, _| e.with_draft(NgramDraft::default())),
+        ("target with f16 weights as draft", |e, t, _| {
+            e.with_draft(ModelDraft::new("f16", t.with_f16_weights()))
+        }),
         ("other model + self-draft + n-gram", |e, t, o| {
             e.with_draft(ModelDraft::new("other", o.clone()))
                 .with_draft(ModelDraft::new("self2", t.truncated(2).unwrap()))

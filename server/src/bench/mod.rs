@@ -27,8 +27,9 @@ pub struct BenchArgs {
     /// Plain decoding only (no drafts): prefill and decode tokens/s.
     #[arg(long, conflicts_with_all = ["drafts", "prompts"])]
     pub plain: bool,
-    /// A draft (repeatable): `ngram[:MAX_N]` (prompt lookup), `self:N` (the target's first N
-    /// layers), or a model sharing the target's tokenizer (short name, path, hub id).
+    /// A draft (repeatable): `ngram[:MAX_N]` (prompt lookup), `self:N[@f16]` (the target's
+    /// first N layers), or a model sharing the target's tokenizer (short name, path, hub id;
+    /// weights held as f16 unless `@f32` is appended).
     #[arg(long = "draft", value_name = "DRAFT")]
     pub drafts: Vec<String>,
     /// Tree policy: `auto`, `auto:WIDTH,MAX_DEPTH`, `k1,k2,..` (SpecInfer expansion), `chain:N`

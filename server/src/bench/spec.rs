@@ -16,28 +16,40 @@ use crate::cli::with_backend;
 pub enum DraftSpec {
     /// `ngram` or `ngram:MAX_N`: prompt lookup.
     Ngram(usize),
-    /// `self:N`: the target's first N layers with its norm and head.
-    SelfLayers(usize),
-    /// Anything else: a model (short name, path or hub id) sharing the target's tokenizer.
-    Model(String),
+    /// `self:N[@f16]`: the target's first N layers with its norm and head (sharing the
+    /// target's weights, or an f16 copy of them).
+    SelfLayers(usize, bool),
+    /// Anything else: a model (short name, path or hub id) sharing the target's tokenizer,
+    /// with f16 weights unless `@f32` is appended.
+    Model(String, bool),
 }
 
 impl DraftSpec {
-    pub fn parse(s: &str) -> Result<Self> {
+    pub fn parse(spec: &str) -> Result<Self> {
+        let (s, f16) = match spec.rsplit_once('@') {
+            Some((s, "f16")) => (s, Some(true)),
+            Some((s, "f32")) => (s, Some(false)),
+            Some(_) => bail!("bad --draft {spec:?}: the precision suffix is @f16 or @f32"),
+            None => (spec, None),
+        };
         let num = |x: &str| -> Result<usize> {
             match x.parse::<usize>() {
                 Ok(n) if n >= 1 => Ok(n),
                 _ => bail!("bad --draft {s:?}: expected a positive number after ':'"),
             }
         };
-        Ok(if s == "ngram" {
-            Self::Ngram(NgramDraft::default().max_n)
-        } else if let Some(n) = s.strip_prefix("ngram:") {
-            Self::Ngram(num(n)?)
+        Ok(if s == "ngram" || s.starts_with("ngram:") {
+            if f16.is_some() {
+                bail!("bad --draft {spec:?}: the n-gram draft has no weights");
+            }
+            match s.strip_prefix("ngram:") {
+                Some(n) => Self::Ngram(num(n)?),
+                None => Self::Ngram(NgramDraft::default().max_n),
+            }
         } else if let Some(n) = s.strip_prefix("self:") {
-            Self::SelfLayers(num(n)?)
+            Self::SelfLayers(num(n)?, f16.unwrap_or(false))
         } else {
-            Self::Model(s.to_string())
+            Self::Model(s.to_string(), f16.unwrap_or(true))
         })
     }
 }
@@ -79,14 +91,28 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     max_n: *n,
                     ..NgramDraft::default()
                 }),
-                DraftSpec::SelfLayers(n) => {
-                    let m = target.model.truncated(*n)?;
-                    engine.with_model_draft(&format!("self:{n}"), &m, &target.tokenizer)?
+                DraftSpec::SelfLayers(n, f16) => {
+                    let mut m = target.model.truncated(*n)?;
+                    if *f16 {
+                        m = m.with_f16_weights();
+                    }
+                    let name = format!("self:{n}{}", if *f16 { "@f16" } else { "" });
+                    engine.with_model_draft(&name, &m, &target.tokenizer)?
                 }
-                DraftSpec::Model(name) => {
-                    let m = LoadedModel::<B>::load(name, args.model.resolve_options(), &device)
-                        .with_context(|| format!("loading draft {name}"))?;
-                    engine.with_model_draft(&m.name, &m.model, &m.tokenizer)?
+                DraftSpec::Model(name, f16) => {
+                    let loaded =
+                        LoadedModel::<B>::load(name, args.model.resolve_options(), &device)
+                            .with_context(|| format!("loading draft {name}"))?;
+                    let (m, label) = if *f16 {
+                        (
+                            loaded.model.with_f16_weights(),
+                            format!("{}@f16", loaded.name),
+                        )
+                    } else {
+                        (loaded.model.clone(), loaded.name.clone())
+                    };
+                    drop(loaded.model);
+                    engine.with_model_draft(&label, &m, &loaded.tokenizer)?
                 }
             };
         }
@@ -162,17 +188,18 @@ mod tests {
 
     #[test]
     fn draft_specs() {
-        assert_eq!(DraftSpec::parse("ngram").unwrap(), DraftSpec::Ngram(4));
-        assert_eq!(DraftSpec::parse("ngram:2").unwrap(), DraftSpec::Ngram(2));
+        let p = |s: &str| DraftSpec::parse(s).unwrap();
+        assert_eq!(p("ngram"), DraftSpec::Ngram(4));
+        assert_eq!(p("ngram:2"), DraftSpec::Ngram(2));
+        assert_eq!(p("self:6"), DraftSpec::SelfLayers(6, false));
+        assert_eq!(p("self:6@f16"), DraftSpec::SelfLayers(6, true));
+        assert_eq!(p("qwen"), DraftSpec::Model("qwen".into(), true));
         assert_eq!(
-            DraftSpec::parse("self:6").unwrap(),
-            DraftSpec::SelfLayers(6)
+            p("./m.gguf@f32"),
+            DraftSpec::Model("./m.gguf".into(), false)
         );
-        assert_eq!(
-            DraftSpec::parse("qwen2.5-coder-0.5b").unwrap(),
-            DraftSpec::Model("qwen2.5-coder-0.5b".into())
-        );
-        assert!(DraftSpec::parse("self:0").is_err());
-        assert!(DraftSpec::parse("ngram:x").is_err());
+        for bad in ["self:0", "ngram:x", "ngram@f16", "m@q4"] {
+            assert!(DraftSpec::parse(bad).is_err(), "{bad}");
+        }
     }
 }
