@@ -174,6 +174,21 @@ impl<E: PanelElement> Packed<E> {
                     }
                     r += 4;
                 }
+                if m - r >= 2 {
+                    // 2 or 3 rows left: one pass of the 4-row kernel over zero-padded rows
+                    // beats 2–3 passes of the 1-row kernel.
+                    let left = m - r;
+                    let mut rows = vec![0.0f32; 4 * k];
+                    rows[..left * k].copy_from_slice(&x[r * k..m * k]);
+                    let mut dst = [0.0f32; 4 * PANEL];
+                    match simd {
+                        // SAFETY: as above.
+                        Some((rows4, _)) => unsafe { rows4(&rows, panel, k, &mut dst) },
+                        None => portable::rows(&rows, 4, panel, k, &mut dst),
+                    }
+                    o[r * PANEL..m * PANEL].copy_from_slice(&dst[..left * PANEL]);
+                    r = m;
+                }
                 while r < m {
                     let row = &x[r * k..(r + 1) * k];
                     let dst = &mut o[r * PANEL..(r + 1) * PANEL];
@@ -356,6 +371,9 @@ mod tests {
     fn agrees_with_the_reference_on_ragged_shapes() {
         for &(m, k, n) in &[
             (1, 1, 1),
+            (2, 9, 18),
+            (6, 20, 20),
+            (7, 31, 47),
             (1, 64, 16),
             (3, 33, 17),
             (4, 96, 40),

@@ -237,6 +237,10 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
             }
             costs.push((n, best));
         }
+        // A bigger tree never costs less: smooth timing noise away from the right.
+        for i in (0..costs.len().saturating_sub(1)).rev() {
+            costs[i].1 = costs[i].1.min(costs[i + 1].1);
+        }
         tracing::debug!(?costs, "verify cost by tree size");
         self.engine.planner.verify_cost = costs;
         Ok(())
