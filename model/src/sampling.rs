@@ -160,12 +160,15 @@ impl Sampler {
     }
 }
 
-/// Draws an index from a normalized distribution.
-pub fn sample_from(p: &[f32], rng: &mut impl Rng) -> usize {
-    let u: f32 = rng.random();
+/// Draws an index with probability proportional to `p` (non-negative weights, f32 or f64;
+/// accumulated in f64, so rounding in a normalized `p` cannot skew the last entries).
+pub fn sample_from<T: Copy + Into<f64>>(p: &[T], rng: &mut impl Rng) -> usize {
+    let total: f64 = p.iter().map(|&x| x.into()).filter(|&x| x > 0.0).sum();
+    let u = rng.random::<f64>() * total;
     let mut acc = 0.0;
     let mut last = 0;
     for (i, &x) in p.iter().enumerate() {
+        let x: f64 = x.into();
         if x > 0.0 {
             acc += x;
             last = i;

@@ -136,6 +136,14 @@ pub struct GenerateArgs {
     pub ignore_eos: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Speculative decoding with this draft (repeatable): `ngram[:MAX_N]`, `self:N[@f16]`, or
+    /// a model sharing the target's tokenizer (f16 weights unless `@f32` is appended).
+    #[arg(long = "draft", value_name = "DRAFT")]
+    pub drafts: Vec<String>,
+    /// Tree policy with --draft: `auto`, `auto:WIDTH,MAX_DEPTH`, `k1,k2,..`, `chain:N`,
+    /// `dyn:DEPTH,WIDTH,BUDGET`.
+    #[arg(long, default_value = "auto")]
+    pub tree: String,
 }
 
 pub fn run(cli: Cli) -> Result<()> {

@@ -3,10 +3,11 @@
 use std::io::{Read, Write};
 
 use anyhow::{Context, Result};
-use arbor_engine::{Event, GenerateParams, Generator, Prompt};
+use arbor_engine::{EngineError, Event, GenerateParams, Generator, Prompt, TreePolicy};
 use arbor_model::{ChatMessage, LoadedModel};
 
 use crate::cli::{GenerateArgs, with_backend};
+use crate::drafts::{DraftSpec, build_engine};
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let text = if args.prompt == "-" {
@@ -35,32 +36,63 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
         ..GenerateParams::default()
     };
+    let drafts = DraftSpec::parse_all(&args.drafts)?;
+    let policy: TreePolicy = args.tree.parse()?;
     with_backend!(args.model.device, |B, device| {
         let loaded =
             LoadedModel::<B>::load(&args.model.model, args.model.resolve_options(), &device)?;
-        let generator = Generator::new(&loaded.model, &loaded.tokenizer);
         let mut out = std::io::stdout().lock();
-        for event in generator.generate(&prompt, &params)? {
-            match event? {
-                Event::Text(t) => {
-                    out.write_all(t.as_bytes())?;
-                    out.flush()?;
-                }
-                Event::Step(_) => {}
-                Event::Done(done) => {
-                    writeln!(out)?;
-                    let s = &done.stats;
+        if drafts.is_empty() {
+            let generator = Generator::new(&loaded.model, &loaded.tokenizer);
+            stream(generator.generate(&prompt, &params)?, &mut out)
+        } else {
+            let mut engine = build_engine(
+                &loaded,
+                &drafts,
+                policy,
+                args.model.resolve_options(),
+                &device,
+            )?;
+            stream(engine.generate(&prompt, &params)?, &mut out)
+        }
+    })
+}
+
+/// Prints text as it comes, then timings (and speculation figures) on stderr.
+fn stream(
+    events: impl Iterator<Item = Result<Event, EngineError>>,
+    out: &mut impl Write,
+) -> Result<()> {
+    for event in events {
+        match event? {
+            Event::Text(t) => {
+                out.write_all(t.as_bytes())?;
+                out.flush()?;
+            }
+            Event::Step(_) => {}
+            Event::Done(done) => {
+                writeln!(out)?;
+                let s = &done.stats;
+                eprintln!(
+                    "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?}",
+                    s.prompt_tokens,
+                    s.prefill_tokens_per_sec(),
+                    s.generated_tokens,
+                    s.decode_tokens_per_sec(),
+                    done.reason,
+                );
+                if let Some(spec) = &done.spec {
                     eprintln!(
-                        "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?}",
-                        s.prompt_tokens,
-                        s.prefill_tokens_per_sec(),
-                        s.generated_tokens,
-                        s.decode_tokens_per_sec(),
-                        done.reason,
+                        "speculation: {} steps, tau {:.2} tokens/step, alpha {:.2} ({} of {} drafted)",
+                        spec.steps,
+                        spec.tau(),
+                        spec.alpha(),
+                        spec.accepted,
+                        spec.drafted
                     );
                 }
             }
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod drafts;
 mod generate;
 
 use clap::Parser;

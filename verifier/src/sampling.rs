@@ -1,5 +1,6 @@
 //! SpecInfer multi-step speculative sampling, lossless for the way each child was drawn.
 
+use arbor_model::sampling::sample_from;
 use rand::Rng;
 
 use crate::{TokenTree, Verified};
@@ -69,7 +70,7 @@ pub fn verify_sampling(
                 }
             }
         }
-        tokens.push(draw(&p, rng) as u32);
+        tokens.push(sample_from(&p, rng) as u32);
         return Verified { accepted, tokens };
     }
 }
@@ -93,23 +94,6 @@ fn normalize(v: &mut [f64]) {
     if z > 0.0 {
         v.iter_mut().for_each(|x| *x /= z);
     }
-}
-
-/// Draws an index from a normalized distribution.
-fn draw(p: &[f64], rng: &mut impl Rng) -> usize {
-    let u = rng.random::<f64>() * p.iter().sum::<f64>();
-    let mut acc = 0.0;
-    let mut last = 0;
-    for (i, &x) in p.iter().enumerate() {
-        if x > 0.0 {
-            acc += x;
-            last = i;
-            if u < acc {
-                return i;
-            }
-        }
-    }
-    last
 }
 
 #[cfg(test)]

@@ -302,6 +302,15 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
             )
         };
         let verify_time = t0.elapsed();
+        tracing::trace!(
+            %shape,
+            nodes = tree.len(),
+            accepted = verified.accepted.len(),
+            draft_secs = draft_time.as_secs_f64(),
+            verify_secs = verify_time.as_secs_f64(),
+            ?per_forward,
+            "step"
+        );
 
         let t0 = Instant::now();
         let keep: Vec<usize> = std::iter::once(cached)

@@ -214,14 +214,21 @@ impl Planner {
         }
         for (c, &m) in self.draft_cost.iter_mut().zip(draft_secs_per_level) {
             if let Some(m) = m {
-                *c = Some(c.map_or(m, |old| 0.8 * old + 0.2 * m));
+                *c = Some(c.map_or(m, |old| track_cost(old, m)));
             }
         }
-        self.overhead = if self.overhead == 0.0 {
-            overhead
-        } else {
-            0.8 * self.overhead + 0.2 * overhead
-        };
+        self.overhead = track_cost(self.overhead, overhead);
+    }
+}
+
+/// Folds a new timing into a running cost. Interference on a shared machine only ever adds
+/// time, so a lower measurement is taken at once and a higher one only slowly: one slow first
+/// forward (page faults, a busy neighbour) must not switch speculation off for long.
+fn track_cost(old: f64, new: f64) -> f64 {
+    if old == 0.0 || new < old {
+        new
+    } else {
+        0.9 * old + 0.1 * new
     }
 }
 
@@ -291,5 +298,19 @@ mod tests {
             assert!(steps < 500, "never retried");
         }
         assert!(steps > 10, "retried too eagerly: after {steps} steps");
+    }
+
+    #[test]
+    fn one_slow_draft_forward_is_forgotten_at_the_next_fast_one() {
+        let mut p = planner(0.01);
+        p.observe(1, &[(true, true)], &[Some(2.0)], 0.0);
+        let c = p.draft_cost[0].unwrap();
+        assert!(
+            (c - 0.209).abs() < 1e-9,
+            "a higher timing moves the cost a tenth: {c}"
+        );
+        let mut q = planner(2.0);
+        q.observe(1, &[(true, true)], &[Some(0.05)], 0.0);
+        assert_eq!(q.draft_cost, vec![Some(0.05)]);
     }
 }
