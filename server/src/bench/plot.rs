@@ -46,8 +46,16 @@ pub fn draw(r: &Report, out: &Path) -> Result<()> {
         .x_label_area_size(40)
         .y_label_area_size(50)
         .build_cartesian_2d(0.5f64..depths.len().max(1) as f64 + 0.5, 0.0f64..1.0)?;
+    let whole = |x: &f64| {
+        if x.fract() == 0.0 {
+            format!("{x:.0}")
+        } else {
+            String::new()
+        }
+    };
     c.configure_mesh()
         .x_desc("depth")
+        .x_label_formatter(&whole)
         .y_desc("accepted / tried")
         .disable_x_mesh()
         .draw()?;
@@ -77,6 +85,7 @@ pub fn draw(r: &Report, out: &Path) -> Result<()> {
         .build_cartesian_2d(-0.5f64..n.max(1) as f64 - 0.5, 0.0f64..top)?;
     c.configure_mesh()
         .x_desc("prompt")
+        .x_label_formatter(&whole)
         .y_desc("spec tok/s / plain tok/s")
         .disable_x_mesh()
         .draw()?;
