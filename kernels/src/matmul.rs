@@ -156,48 +156,45 @@ impl<E: PanelElement> Packed<E> {
             return Ok(());
         }
         let np = n.div_ceil(PANEL);
+        // Groups of 4 rows, interleaved once ([kk][4]) so the kernel's four broadcasts per
+        // step read one cache line; 2–3 leftover rows ride in a zero-padded group (one pass
+        // over each panel beats 2–3), a single leftover row takes the 1-row kernel.
+        let groups = m / 4 + usize::from(m % 4 >= 2);
+        let mut xi = vec![0.0f32; groups * 4 * k];
+        for (g, block) in xi.chunks_mut(4 * k).enumerate() {
+            for r in 0..4.min(m - g * 4) {
+                let row = &x[(g * 4 + r) * k..(g * 4 + r + 1) * k];
+                for (kk, &v) in row.iter().enumerate() {
+                    block[kk * 4 + r] = v;
+                }
+            }
+        }
         // Results panel by panel ([panel][row][16]), then scattered into y's rows.
         let mut out = vec![0.0f32; np * m * PANEL];
         let simd = E::simd_kernels();
         out.par_chunks_mut(m * PANEL)
             .zip(self.panels.par_chunks(k * PANEL))
             .for_each(|(o, panel)| {
-                let mut r = 0;
-                while r + 4 <= m {
-                    let rows = &x[r * k..(r + 4) * k];
-                    let dst = &mut o[r * PANEL..(r + 4) * PANEL];
+                for (g, block) in xi.chunks(4 * k).enumerate() {
+                    let rows = 4.min(m - g * 4);
+                    let mut dst = [0.0f32; 4 * PANEL];
                     match simd {
                         // SAFETY: `simd_kernels` only returns kernels this CPU supports; the
                         // slices have the sizes the kernels require.
-                        Some((rows4, _)) => unsafe { rows4(rows, panel, k, dst) },
-                        None => portable::rows(rows, 4, panel, k, dst),
+                        Some((rows4, _)) => unsafe { rows4(block, panel, k, &mut dst) },
+                        None => portable::rows(block, 4, 1, 4, panel, k, &mut dst),
                     }
-                    r += 4;
+                    o[g * 4 * PANEL..(g * 4 + rows) * PANEL].copy_from_slice(&dst[..rows * PANEL]);
                 }
-                if m - r >= 2 {
-                    // 2 or 3 rows left: one pass of the 4-row kernel over zero-padded rows
-                    // beats 2–3 passes of the 1-row kernel.
-                    let left = m - r;
-                    let mut rows = vec![0.0f32; 4 * k];
-                    rows[..left * k].copy_from_slice(&x[r * k..m * k]);
-                    let mut dst = [0.0f32; 4 * PANEL];
-                    match simd {
-                        // SAFETY: as above.
-                        Some((rows4, _)) => unsafe { rows4(&rows, panel, k, &mut dst) },
-                        None => portable::rows(&rows, 4, panel, k, &mut dst),
-                    }
-                    o[r * PANEL..m * PANEL].copy_from_slice(&dst[..left * PANEL]);
-                    r = m;
-                }
-                while r < m {
+                if m % 4 == 1 {
+                    let r = m - 1;
                     let row = &x[r * k..(r + 1) * k];
                     let dst = &mut o[r * PANEL..(r + 1) * PANEL];
                     match simd {
                         // SAFETY: as above.
                         Some((_, row1)) => unsafe { row1(row, panel, k, dst) },
-                        None => portable::rows(row, 1, panel, k, dst),
+                        None => portable::rows(row, 1, k, 1, panel, k, dst),
                     }
-                    r += 1;
                 }
             });
         y.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
@@ -238,18 +235,21 @@ fn has(features: &[&str]) -> bool {
 mod portable {
     use super::{PANEL, PanelElement};
 
-    /// `dst[r][c] = Σ_kk rows[r][kk] · panel[kk][c]` for `nrows` rows.
+    /// `dst[r][c] = Σ_kk x(r, kk) · panel[kk][c]` for `nrows` rows, where `x(r, kk)` is
+    /// `rows[r·row_stride + kk·k_stride]` (row-major: `k, 1`; interleaved groups: `1, 4`).
     pub(super) fn rows<E: PanelElement>(
         rows: &[f32],
         nrows: usize,
+        row_stride: usize,
+        k_stride: usize,
         panel: &[E],
         k: usize,
         dst: &mut [f32],
     ) {
         for r in 0..nrows {
-            let x = &rows[r * k..(r + 1) * k];
             let mut acc = [0.0f32; PANEL];
-            for (kk, &a) in x.iter().enumerate() {
+            for kk in 0..k {
+                let a = rows[r * row_stride + kk * k_stride];
                 let w = &panel[kk * PANEL..(kk + 1) * PANEL];
                 for c in 0..PANEL {
                     acc[c] += a * w[c].to_f32();
@@ -275,8 +275,8 @@ mod avx2 {
     /// a pointer to 8 weights into 8 f32 lanes.
     macro_rules! kernels {
         ($rows4:ident, $row1:ident, $elem:ty, $features:literal, $load:expr) => {
-            /// Four rows against one panel; 8 accumulators stay in registers for the whole
-            /// `k` loop.
+            /// Four rows, interleaved (`rows[kk·4 + r]`), against one panel; 8 accumulators
+            /// stay in registers for the whole `k` loop.
             ///
             /// # Safety
             /// The CPU must support the enabled features; `rows` holds `4·k` values, `panel`
@@ -293,7 +293,7 @@ mod avx2 {
                         let w0 = load(w.add(kk * PANEL));
                         let w1 = load(w.add(kk * PANEL + 8));
                         for r in 0..4 {
-                            let a = _mm256_broadcast_ss(&*x.add(r * k + kk));
+                            let a = _mm256_broadcast_ss(&*x.add(kk * 4 + r));
                             acc[2 * r] = _mm256_fmadd_ps(a, w0, acc[2 * r]);
                             acc[2 * r + 1] = _mm256_fmadd_ps(a, w1, acc[2 * r + 1]);
                         }
@@ -397,7 +397,15 @@ mod tests {
             // The portable path too.
             let np = n.div_ceil(PANEL);
             let mut o = vec![0.0; m * PANEL];
-            portable::rows(&x, m, &packed.panels[(np - 1) * k * PANEL..], k, &mut o);
+            portable::rows(
+                &x,
+                m,
+                k,
+                1,
+                &packed.panels[(np - 1) * k * PANEL..],
+                k,
+                &mut o,
+            );
             let c0 = (np - 1) * PANEL;
             for r in 0..m {
                 for c in 0..(n - c0) {
