@@ -41,13 +41,6 @@ impl Packed {
         }
     }
 
-    fn bytes(&self) -> usize {
-        match self {
-            Self::F32(p) => p.bytes(),
-            Self::F16(p) => p.bytes(),
-        }
-    }
-
     fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> std::result::Result<(), String> {
         match self {
             Self::F32(p) => p.matmul(x, m, y),
@@ -111,11 +104,6 @@ impl<B: Backend> Proj<B> {
                 Packed::F16(w) => Packed::F16(w.clone()),
             }),
         }
-    }
-
-    /// Bytes of weights held by the CPU fast path.
-    pub fn packed_bytes(&self) -> usize {
-        self.packed.as_ref().map_or(0, Packed::bytes)
     }
 
     /// # Shapes

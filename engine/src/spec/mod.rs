@@ -318,21 +318,11 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
             .collect();
         self.cache.retain(cached, &keep);
         let spec = self.output.spec_mut();
-        spec.record_tree(&tree, &verified.accepted);
+        let walk = spec.record_tree(&tree, &verified.accepted);
         spec.draft_time += draft_time;
         spec.verify_time += verify_time;
         spec.emitted += verified.tokens.len();
-        let mut depths = Vec::new();
-        let mut node = 0;
-        for d in 0..tree.depth() {
-            let tried = tree.children(node).next().is_some();
-            let accepted = verified.accepted.get(d).copied();
-            depths.push((tried, accepted.is_some()));
-            match accepted {
-                Some(a) => node = a,
-                None => break,
-            }
-        }
+        let depths: Vec<(bool, bool)> = walk.iter().map(|&ok| (true, ok)).collect();
         self.output.step(StepStats {
             tree_nodes: tree.len() - 1,
             tree_depth: tree.depth(),

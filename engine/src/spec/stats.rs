@@ -94,8 +94,9 @@ impl SpecStats {
         ratio(self.accepted, self.drafted)
     }
 
-    /// Records a verified tree: which nodes each draft proposed, the accepted path.
-    pub(crate) fn record_tree(&mut self, tree: &TokenTree, accepted: &[usize]) {
+    /// Records a verified tree: which nodes each draft proposed, the accepted path. Returns,
+    /// for each depth the acceptance walk tried (its node had children), whether it accepted.
+    pub(crate) fn record_tree(&mut self, tree: &TokenTree, accepted: &[usize]) -> Vec<bool> {
         self.steps += 1;
         self.drafted += tree.len() - 1;
         self.accepted += accepted.len();
@@ -111,24 +112,64 @@ impl SpecStats {
             d.drafted += row.iter().filter(|&&x| x).count();
             d.accepted += accepted.iter().filter(|&&n| row[n]).count();
         }
-        let mut node = 0;
-        for depth in 0..tree.depth() {
-            if tree.children(node).next().is_none() {
+        let walk = depth_walk(tree, accepted);
+        if self.depths.len() < walk.len() {
+            self.depths.resize(walk.len(), DepthStats::default());
+        }
+        for (d, &ok) in self.depths.iter_mut().zip(&walk) {
+            d.tried += 1;
+            d.accepted += usize::from(ok);
+        }
+        walk
+    }
+
+    /// Adds another generation's figures to these (totals over several generations).
+    pub fn merge(&mut self, s: &SpecStats) {
+        self.steps += s.steps;
+        self.drafted += s.drafted;
+        self.accepted += s.accepted;
+        self.emitted += s.emitted;
+        self.draft_time += s.draft_time;
+        self.verify_time += s.verify_time;
+        self.commit_time += s.commit_time;
+        if self.drafts.len() < s.drafts.len() {
+            self.drafts.resize(s.drafts.len(), DraftStats::default());
+        }
+        for (t, d) in self.drafts.iter_mut().zip(&s.drafts) {
+            t.name.clone_from(&d.name);
+            t.drafted += d.drafted;
+            t.accepted += d.accepted;
+            t.time += d.time;
+            t.forwards += d.forwards;
+        }
+        if self.depths.len() < s.depths.len() {
+            self.depths.resize(s.depths.len(), DepthStats::default());
+        }
+        for (t, d) in self.depths.iter_mut().zip(&s.depths) {
+            t.tried += d.tried;
+            t.accepted += d.accepted;
+        }
+    }
+}
+
+/// The acceptance walk down `tree` along the `accepted` path: one entry per depth whose node
+/// had children to try, `true` where a child was accepted (the walk ends at the first `false`).
+fn depth_walk(tree: &TokenTree, accepted: &[usize]) -> Vec<bool> {
+    let mut walk = Vec::new();
+    let mut node = 0;
+    while tree.children(node).next().is_some() {
+        match accepted.get(walk.len()) {
+            Some(&n) => {
+                walk.push(true);
+                node = n;
+            }
+            None => {
+                walk.push(false);
                 break;
-            }
-            if self.depths.len() <= depth {
-                self.depths.resize(depth + 1, DepthStats::default());
-            }
-            self.depths[depth].tried += 1;
-            match accepted.get(depth) {
-                Some(&n) => {
-                    self.depths[depth].accepted += 1;
-                    node = n;
-                }
-                None => break,
             }
         }
     }
+    walk
 }
 
 fn ratio(a: usize, b: usize) -> f64 {

@@ -75,34 +75,6 @@ fn rate(n: usize, secs: f64) -> f64 {
     if secs > 0.0 { n as f64 / secs } else { 0.0 }
 }
 
-/// Sums speculation statistics of several generations.
-pub fn add(total: &mut SpecStats, s: &SpecStats) {
-    total.steps += s.steps;
-    total.drafted += s.drafted;
-    total.accepted += s.accepted;
-    total.emitted += s.emitted;
-    total.draft_time += s.draft_time;
-    total.verify_time += s.verify_time;
-    total.commit_time += s.commit_time;
-    if total.drafts.len() < s.drafts.len() {
-        total.drafts.resize(s.drafts.len(), Default::default());
-    }
-    for (t, d) in total.drafts.iter_mut().zip(&s.drafts) {
-        t.name.clone_from(&d.name);
-        t.drafted += d.drafted;
-        t.accepted += d.accepted;
-        t.time += d.time;
-        t.forwards += d.forwards;
-    }
-    if total.depths.len() < s.depths.len() {
-        total.depths.resize(s.depths.len(), Default::default());
-    }
-    for (t, d) in total.depths.iter_mut().zip(&s.depths) {
-        t.tried += d.tried;
-        t.accepted += d.accepted;
-    }
-}
-
 /// Token counts and decode time of one or more generations. Decode excludes the prompt and
 /// the first token (prefill).
 #[derive(Debug, Clone, Copy, Default)]

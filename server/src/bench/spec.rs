@@ -7,7 +7,7 @@ use arbor_model::LoadedModel;
 
 use super::BenchArgs;
 use super::prompts::load;
-use super::report::{PromptFigures, Report, Run, add, figures, print_table};
+use super::report::{PromptFigures, Report, Run, figures, print_table};
 use crate::cli::with_backend;
 use crate::drafts::{DraftSpec, build_engine};
 
@@ -67,7 +67,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             let spec = finish(engine.generate(&p.prompt, &params)?)?;
             let stats = spec.spec.clone().unwrap_or_default();
             let (s_run, p_run) = (Run::of(&spec), Run::of(&base));
-            add(&mut total, &stats);
+            total.merge(&stats);
             spec_all.add(s_run);
             plain_all.add(p_run);
             let f = figures(&stats, s_run, p_run);
