@@ -22,6 +22,7 @@
 pub mod attention;
 mod error;
 pub mod matmul;
+pub mod qmatmul;
 pub mod quant;
 
 pub use error::KernelError;

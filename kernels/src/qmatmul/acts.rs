@@ -1,0 +1,149 @@
+//! Activations quantized to 8 bits for integer dot products with block-quantized weights.
+//!
+//! Each row is cut into blocks (32 values for the 32-weight formats, 256 for the k-quants,
+//! matching the weight blocks they meet), each block stored as signed bytes `q` with one f32
+//! scale `d = max|x| / 127` (`x ≈ d·q`). Beside them: the integer sum of every 16 bytes (the
+//! k-quants' minimums and offsets are applied through these, once per super-block) and
+//! `d·Σq` per 32 values (the same for the 32-weight formats). This is the role ggml's `q8_0` /
+//! `q8_K` play for llama.cpp.
+
+use rayon::prelude::*;
+
+/// `m` rows of `k` activations, quantized per block.
+#[derive(Debug, Clone)]
+pub struct Q8Acts {
+    m: usize,
+    k: usize,
+    block: usize,
+    q: Vec<i8>,
+    /// One scale per block.
+    d: Vec<f32>,
+    /// Σq per 16 values.
+    sum16: Vec<i16>,
+    /// d·Σq per 32 values.
+    xsum: Vec<f32>,
+}
+
+/// One quantized row, as the kernels read it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ActRow<'a> {
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub sum16: &'a [i16],
+    pub xsum: &'a [f32],
+}
+
+impl Q8Acts {
+    /// Quantizes `x` (`[m, k]` row-major) in blocks of `block` values (a multiple of 32 that
+    /// divides `k`; callers check).
+    pub fn quantize(x: &[f32], m: usize, k: usize, block: usize) -> Self {
+        debug_assert!(block % 32 == 0 && k % block == 0 && x.len() == m * k);
+        let mut q = vec![0i8; m * k];
+        let mut d = vec![0.0f32; m * k / block];
+        let mut sum16 = vec![0i16; m * k / 16];
+        let mut xsum = vec![0.0f32; m * k / 32];
+        let work = |(((xb, qb), db), s16): (((&[f32], &mut [i8]), &mut f32), &mut [i16])| {
+            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            for (qv, &v) in qb.iter_mut().zip(xb) {
+                // |v·inv| ≤ 127, so the cast cannot saturate.
+                *qv = (v * inv).round() as i8;
+            }
+            *db = scale;
+            for (s, chunk) in s16.iter_mut().zip(qb.chunks_exact(16)) {
+                *s = chunk.iter().map(|&v| i16::from(v)).sum();
+            }
+        };
+        if m * k >= 1 << 15 {
+            x.par_chunks_exact(block)
+                .zip(q.par_chunks_exact_mut(block))
+                .zip(d.par_iter_mut())
+                .zip(sum16.par_chunks_exact_mut(block / 16))
+                .for_each(work);
+        } else {
+            x.chunks_exact(block)
+                .zip(q.chunks_exact_mut(block))
+                .zip(d.iter_mut())
+                .zip(sum16.chunks_exact_mut(block / 16))
+                .for_each(work);
+        }
+        for (i, xs) in xsum.iter_mut().enumerate() {
+            let scale = d[i * 32 / block];
+            *xs = scale * f32::from(sum16[2 * i] + sum16[2 * i + 1]);
+        }
+        Self {
+            m,
+            k,
+            block,
+            q,
+            d,
+            sum16,
+            xsum,
+        }
+    }
+
+    /// Rows.
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    /// Values per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Values per scale.
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// The values the quantized activations stand for (`d·q`), `[m, k]` row-major: the
+    /// exact input of the integer dot products, for tests.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| self.d[i / self.block] * f32::from(v))
+            .collect()
+    }
+
+    /// Row `r`.
+    pub(super) fn row(&self, r: usize) -> ActRow<'_> {
+        let (k, b) = (self.k, self.block);
+        ActRow {
+            q: &self.q[r * k..(r + 1) * k],
+            d: &self.d[r * k / b..(r + 1) * k / b],
+            sum16: &self.sum16[r * k / 16..(r + 1) * k / 16],
+            xsum: &self.xsum[r * k / 32..(r + 1) * k / 32],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_error_is_within_half_a_step() {
+        let x: Vec<f32> = (0..2 * 512).map(|i| ((i * 37) % 101) as f32 - 50.3).collect();
+        for block in [32, 256] {
+            let a = Q8Acts::quantize(&x, 2, 512, block);
+            let y = a.dequantize();
+            for (i, (&v, &w)) in x.iter().zip(&y).enumerate() {
+                let step = a.d[i / block];
+                assert!((v - w).abs() <= 0.5 * step + 1e-6, "{v} vs {w}");
+            }
+            let r = a.row(1);
+            let s: i32 = r.q[..32].iter().map(|&v| i32::from(v)).sum();
+            assert_eq!(i32::from(r.sum16[0] + r.sum16[1]), s);
+            assert!((r.xsum[0] - r.d[0] * s as f32).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn zero_rows_quantize_to_zero() {
+        let a = Q8Acts::quantize(&[0.0; 64], 1, 64, 32);
+        assert!(a.dequantize().iter().all(|&v| v == 0.0));
+    }
+}

@@ -1,0 +1,270 @@
+//! Activations × weights kept in their GGUF block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+//! Q5_K, Q6_K), for few rows: 1 (decode) to a few dozen (tree verification, small prefill
+//! chunks).
+//!
+//! Decode on a CPU is bound by the bytes of weights each step reads; a 4-bit matrix is 1/8 of
+//! its f32 copy. The activations are quantized to 8 bits per block ([`Q8Acts`], as llama.cpp
+//! does), so each weight block is decoded once into bytes in a register and meets every row
+//! with integer multiply-adds: `m` rows cost little more than one until the integer units,
+//! not memory, are the limit. Rows are taken 4 at a time; output rows are spread over cores.
+//!
+//! Two kernels compute the same sums: AVX2 (`vpmaddubsw`/`vpmaddwd`, runtime detection) and a
+//! portable one that decodes 32 weights at a time into integers. Tests compare both against
+//! [`crate::matmul::matmul_reference`] over the dequantized weights, exactly (to f32 rounding)
+//! for the dequantized activations and within the activations' quantization bound for the
+//! original ones.
+//!
+//! ```
+//! use arbor_kernels::qmatmul::QuantMatrix;
+//! use arbor_kernels::quant::GgmlType;
+//! // Two output rows of one Q8_0 block each: scale 1.0 (f16 0x3c00), weights 0..32 and all 1.
+//! let mut bytes = vec![0x00, 0x3c];
+//! bytes.extend(0..32u8);
+//! bytes.extend([0x00, 0x3c]);
+//! bytes.extend([1u8; 32]);
+//! let w = QuantMatrix::new(GgmlType::Q8_0, 2, 32, bytes).unwrap();
+//! let x = vec![1.0f32; 32];
+//! let mut y = vec![0.0; 2];
+//! w.matmul(&x, 1, &mut y).unwrap();
+//! assert_eq!(y, [496.0, 32.0]);
+//! ```
+
+mod acts;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod portable;
+
+pub use acts::Q8Acts;
+
+use rayon::prelude::*;
+
+use crate::KernelError;
+use crate::quant::{GgmlType, dequantize_into};
+
+/// Which kernel runs a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust integer loops.
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+}
+
+impl Isa {
+    /// The fastest kernel this CPU runs.
+    pub fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            return Self::Avx2;
+        }
+        Self::Portable
+    }
+
+    /// Whether this CPU runs the kernel.
+    pub fn available(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => avx2::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Self::Avx2 => false,
+        }
+    }
+}
+
+/// A weight matrix `[n, k]` (outputs × inputs, the checkpoint layout of a linear layer) held
+/// as GGUF blocks: row `j` is `k / block_size` consecutive blocks.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    ty: GgmlType,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl QuantMatrix {
+    /// Wraps `data`, `n` rows of `k` weights in blocks of `ty`.
+    ///
+    /// # Errors
+    /// [`KernelError::UnsupportedType`] for float types (they belong in
+    /// [`crate::matmul::Packed`]), [`KernelError::RaggedBlocks`] if `k` is not a multiple
+    /// of the block size, [`KernelError::ByteLength`] if `data` has the wrong size,
+    /// [`KernelError::Shape`] for an empty matrix.
+    pub fn new(ty: GgmlType, n: usize, k: usize, data: Vec<u8>) -> Result<Self, KernelError> {
+        if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            return Err(KernelError::UnsupportedType(format!(
+                "{ty:?} in a block-quantized matmul"
+            )));
+        }
+        if n == 0 || k == 0 {
+            return Err(KernelError::Shape(format!("empty matrix [{n}, {k}]")));
+        }
+        let row = ty.bytes_for(k)?;
+        if data.len() != n * row {
+            return Err(KernelError::ByteLength {
+                ty: format!("{ty:?}"),
+                elements: n * k,
+                expected: n * row,
+                actual: data.len(),
+            });
+        }
+        Ok(Self { ty, n, k, data })
+    }
+
+    /// The block format.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Outputs (rows of the stored matrix).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Inputs per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.data.len() / self.n
+    }
+
+    /// Stored row `j` (output `j`'s weights) as f32, into `out` (`k` values).
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] if `j ≥ n` or `out` is not `k` long.
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        if j >= self.n || out.len() != self.k {
+            return Err(KernelError::Shape(format!(
+                "row {j} of {} into {} values (k = {})",
+                self.n,
+                out.len(),
+                self.k
+            )));
+        }
+        let rb = self.row_bytes();
+        dequantize_into(self.ty, &self.data[j * rb..(j + 1) * rb], out)
+    }
+
+    /// The whole matrix as f32 `[n, k]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.n * self.k];
+        dequantize_into(self.ty, &self.data, &mut out)
+            .expect("the constructor checked the byte length");
+        out
+    }
+
+    /// Activations per scale when multiplying with this matrix (the weights' block size).
+    fn act_block(&self) -> usize {
+        self.ty.block_size()
+    }
+
+    /// `y = x·Wᵀ` for `m` rows: `x` is `[m, k]`, `y` is `[m, n]`, both row-major, with the
+    /// fastest kernel this CPU runs.
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] if the slice lengths disagree with `m`, `k`, `n`.
+    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), KernelError> {
+        self.matmul_with(Isa::best(), x, m, y)
+    }
+
+    /// As [`QuantMatrix::matmul`] with a chosen kernel.
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] as there; [`KernelError::UnsupportedType`] if this CPU does not
+    /// run `isa`.
+    pub fn matmul_with(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let (k, n) = (self.k, self.n);
+        if x.len() != m * k || y.len() != m * n {
+            return Err(KernelError::Shape(format!(
+                "x has {} values and y {} for m={m}, k={k}, n={n}",
+                x.len(),
+                y.len()
+            )));
+        }
+        if !isa.available() {
+            return Err(KernelError::UnsupportedType(format!(
+                "{isa:?} kernels on this CPU"
+            )));
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        let acts = Q8Acts::quantize(x, m, k, self.act_block());
+        self.matmul_q8(isa, &acts, y);
+        Ok(())
+    }
+
+    /// The product with activations already quantized (in blocks of the weights' block
+    /// size; several matrices with the same input can share them).
+    fn matmul_q8(&self, isa: Isa, acts: &Q8Acts, y: &mut [f32]) {
+        let (m, n) = (acts.m(), self.n);
+        let rb = self.row_bytes();
+        // Output rows in chunks, a few per core at least; results land transposed ([n][m]).
+        let chunk = (n / (8 * rayon::current_num_threads())).clamp(4, 256);
+        let mut yt = vec![0.0f32; n * m];
+        yt.par_chunks_mut(chunk * m)
+            .zip(self.data.par_chunks(chunk * rb))
+            .for_each(|(out, w)| {
+                let rows = out.len() / m;
+                for g in (0..m).step_by(4) {
+                    for j in 0..rows {
+                        let wr = &w[j * rb..(j + 1) * rb];
+                        let dst = &mut out[j * m + g..j * m + (m - g).min(4) + g];
+                        self.dot_group(isa, wr, acts, g, dst);
+                    }
+                }
+            });
+        for (j, col) in yt.chunks_exact(m).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                y[i * n + j] = v;
+            }
+        }
+    }
+
+    /// Dot products of weight row `w` with activation rows `g..g + dst.len()` (≤ 4).
+    fn dot_group(&self, isa: Isa, w: &[u8], acts: &Q8Acts, g: usize, dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 {
+            let row = |i: usize| acts.row(g + i);
+            // SAFETY: `matmul_with` checked that this CPU runs AVX2/FMA/F16C; `w` is one
+            // whole stored row and the activation rows are `k` long.
+            unsafe {
+                match dst.len() {
+                    1 => dst.copy_from_slice(&avx2::dot_rows(self.ty, w, &[row(0)])),
+                    2 => dst.copy_from_slice(&avx2::dot_rows(self.ty, w, &[row(0), row(1)])),
+                    3 => dst.copy_from_slice(&avx2::dot_rows(
+                        self.ty,
+                        w,
+                        &[row(0), row(1), row(2)],
+                    )),
+                    _ => dst.copy_from_slice(&avx2::dot_rows(
+                        self.ty,
+                        w,
+                        &[row(0), row(1), row(2), row(3)],
+                    )),
+                }
+            }
+            return;
+        }
+        let _ = isa;
+        for (i, v) in dst.iter_mut().enumerate() {
+            *v = portable::dot(self.ty, w, acts.row(g + i), self.act_block());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,172 @@
+use super::*;
+use crate::matmul::matmul_reference;
+
+/// The block formats the matmul takes.
+const TYPES: [GgmlType; 8] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// Byte offsets of each block's f16 scale/min fields.
+fn f16_fields(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q6_K => &[208],
+        _ => &[0, 2],
+    }
+}
+
+/// A small deterministic generator (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+/// Random blocks: every bit random except the f16 scales, which are finite and modest.
+fn random_matrix(ty: GgmlType, n: usize, k: usize, rng: &mut Rng) -> QuantMatrix {
+    let bytes = ty.bytes_for(n * k).unwrap();
+    let mut data: Vec<u8> = (0..bytes).map(|_| rng.next() as u8).collect();
+    for block in data.chunks_exact_mut(ty.block_bytes()) {
+        for &at in f16_fields(ty) {
+            let v = half::f16::from_f32(0.05 * rng.unit());
+            block[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    QuantMatrix::new(ty, n, k, data).unwrap()
+}
+
+/// Checks `y` against the f64 reference over `w` with per-entry tolerance `tol(r, c)`.
+fn check(y: &[f32], want: &[f32], n: usize, tol: impl Fn(usize, usize) -> f32, what: &str) {
+    for (i, (&a, &b)) in y.iter().zip(want).enumerate() {
+        let t = tol(i / n, i % n);
+        assert!(
+            (a - b).abs() <= t,
+            "{what}: entry {i}: {a} vs {b} (tolerance {t})"
+        );
+    }
+}
+
+#[test]
+fn every_format_and_kernel_agrees_with_the_reference() {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let isas: Vec<Isa> = [Isa::Portable, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.available())
+        .collect();
+    for ty in TYPES {
+        let ks: &[usize] = if ty.block_size() == 256 {
+            &[256, 768]
+        } else {
+            &[32, 96, 544]
+        };
+        for &k in ks {
+            for (n, m) in [(1, 1), (5, 2), (37, 3), (9, 4), (13, 5), (6, 13)] {
+                let w = random_matrix(ty, n, k, &mut rng);
+                let wf = w.dequantize();
+                let x: Vec<f32> = (0..m * k).map(|_| 3.0 * rng.unit()).collect();
+                let acts = Q8Acts::quantize(&x, m, k, w.act_block());
+                let xq = acts.dequantize();
+                let exact = matmul_reference(&xq, &wf, m, k, n);
+                let orig = matmul_reference(&x, &wf, m, k, n);
+                // f32 rounding of the block sums, relative to Σ|w·x|.
+                let mag = |r: usize, c: usize, xs: &[f32]| -> f32 {
+                    (0..k)
+                        .map(|e| (wf[c * k + e] * xs[r * k + e]).abs())
+                        .sum()
+                };
+                // The activations' rounding: at most half a step per value.
+                let quant = |r: usize, c: usize| -> f32 {
+                    (0..k)
+                        .map(|e| wf[c * k + e].abs() * 0.5 * x_step(&acts, r, e))
+                        .sum()
+                };
+                for &isa in &isas {
+                    let mut y = vec![f32::NAN; m * n];
+                    w.matmul_with(isa, &x, m, &mut y).unwrap();
+                    let what = format!("{ty:?} {isa:?} m={m} n={n} k={k}");
+                    check(&y, &exact, n, |r, c| 2e-5 * mag(r, c, &xq) + 1e-5, &what);
+                    check(
+                        &y,
+                        &orig,
+                        n,
+                        |r, c| quant(r, c) + 2e-5 * mag(r, c, &x) + 1e-5,
+                        &what,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The quantization step of activation `e` of row `r`.
+fn x_step(acts: &Q8Acts, r: usize, e: usize) -> f32 {
+    acts.row(r).d[e / acts.block()]
+}
+
+#[test]
+fn many_rows_match_one_row_at_a_time() {
+    let mut rng = Rng(7);
+    for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q8_0] {
+        let (n, k, m) = (19, 512, 64);
+        let w = random_matrix(ty, n, k, &mut rng);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
+        let mut all = vec![0.0; m * n];
+        w.matmul(&x, m, &mut all).unwrap();
+        for r in 0..m {
+            let mut one = vec![0.0; n];
+            w.matmul(&x[r * k..(r + 1) * k], 1, &mut one).unwrap();
+            assert_eq!(&all[r * n..(r + 1) * n], &one[..], "{ty:?} row {r}");
+        }
+    }
+}
+
+#[test]
+fn rows_dequantize_like_the_whole_matrix() {
+    let mut rng = Rng(3);
+    let w = random_matrix(GgmlType::Q5_K, 4, 256, &mut rng);
+    let all = w.dequantize();
+    let mut row = vec![0.0; 256];
+    w.dequantize_row(2, &mut row).unwrap();
+    assert_eq!(&row[..], &all[512..768]);
+    assert!(w.dequantize_row(4, &mut row).is_err());
+    assert!(w.dequantize_row(0, &mut row[..10]).is_err());
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    assert!(matches!(
+        QuantMatrix::new(GgmlType::F16, 1, 32, vec![0; 64]),
+        Err(KernelError::UnsupportedType(_))
+    ));
+    assert!(matches!(
+        QuantMatrix::new(GgmlType::Q4_K, 1, 128, vec![0; 72]),
+        Err(KernelError::RaggedBlocks { .. })
+    ));
+    assert!(matches!(
+        QuantMatrix::new(GgmlType::Q8_0, 2, 32, vec![0; 34]),
+        Err(KernelError::ByteLength { .. })
+    ));
+    assert!(QuantMatrix::new(GgmlType::Q8_0, 0, 32, vec![]).is_err());
+    let w = QuantMatrix::new(GgmlType::Q8_0, 1, 32, vec![0; 34]).unwrap();
+    let mut y = vec![0.0; 2];
+    assert!(matches!(
+        w.matmul(&[0.0; 32], 2, &mut y),
+        Err(KernelError::Shape(_))
+    ));
+    assert!(w.matmul(&[], 0, &mut []).is_ok());
+}
