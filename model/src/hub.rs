@@ -137,6 +137,8 @@ pub struct ResolveOptions {
     pub fetch_missing: bool,
     /// Show progress bars.
     pub progress: bool,
+    /// How a quantized checkpoint's weights are held once loaded.
+    pub weights: WeightFormat,
 }
 
 impl Default for ResolveOptions {
@@ -144,8 +146,22 @@ impl Default for ResolveOptions {
         Self {
             fetch_missing: true,
             progress: true,
+            weights: WeightFormat::Native,
         }
     }
+}
+
+/// How the projection and embedding weights of a quantized (GGUF) checkpoint are held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// In their stored block format on the CPU backend (multiplied by the int8 kernels:
+    /// 4–8 bits read per weight per step, activations rounded to 8 bits per block as
+    /// llama.cpp does). Float checkpoints and other backends use f32.
+    #[default]
+    Native,
+    /// Dequantized to f32: exact arithmetic over the stored weights (the reference the
+    /// parity tests compare with), at 4–8× the memory and bytes per step.
+    F32,
 }
 
 /// Resolves a short name, a path, or a Hugging Face hub id (`org/name`) to files.
@@ -410,6 +426,7 @@ mod tests {
             ResolveOptions {
                 fetch_missing: false,
                 progress: false,
+                ..ResolveOptions::default()
             },
         )
         .unwrap_err()

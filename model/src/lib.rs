@@ -17,6 +17,7 @@
 
 mod chat;
 mod config;
+mod embed;
 mod error;
 pub mod gguf;
 pub mod hub;
@@ -40,7 +41,7 @@ pub use rope::{RopeAngles, interleaved_to_half_split};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use transformer::Transformer;
-pub use weights::{RandomWeights, WeightSource};
+pub use weights::{MatrixData, RandomWeights, WeightSource};
 
 /// Backend selection shared by the engine, the CLI and tests.
 pub mod device;

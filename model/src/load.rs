@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufWeights};
-use crate::hub::{ModelFiles, ResolveOptions, resolve};
+use crate::hub::{ModelFiles, ResolveOptions, WeightFormat, resolve};
 use crate::safetensors::SafetensorsWeights;
 use crate::tokenizer::Tokenizer;
 use crate::transformer::Transformer;
@@ -31,32 +31,48 @@ impl<B: Backend> LoadedModel<B> {
     /// # Errors
     /// Any resolution, parsing or shape error, each as its own [`ModelError`] variant.
     pub fn load(spec: &str, opts: ResolveOptions, device: &B::Device) -> Result<Self> {
-        Self::from_files(&resolve(spec, opts)?, device)
+        let weights = opts.weights;
+        Self::from_files(&resolve(spec, opts)?, weights, device)
     }
 
     /// Loads from resolved files.
     ///
     /// # Errors
     /// As [`LoadedModel::load`].
-    pub fn from_files(files: &ModelFiles, device: &B::Device) -> Result<Self> {
+    pub fn from_files(
+        files: &ModelFiles,
+        weights: WeightFormat,
+        device: &B::Device,
+    ) -> Result<Self> {
         match files {
-            ModelFiles::Gguf(p) => Self::from_gguf(p, device),
+            ModelFiles::Gguf(p) => Self::from_gguf_as(p, weights, device),
             ModelFiles::HfDir(p) => Self::from_hf_dir(p, device),
         }
     }
 
-    /// Loads a GGUF file.
+    /// Loads a GGUF file, weights kept in their block formats ([`WeightFormat::Native`]).
     ///
     /// # Errors
     /// As [`LoadedModel::load`].
     pub fn from_gguf(path: &Path, device: &B::Device) -> Result<Self> {
+        Self::from_gguf_as(path, WeightFormat::Native, device)
+    }
+
+    /// Loads a GGUF file with weights held as `weights` says.
+    ///
+    /// # Errors
+    /// As [`LoadedModel::load`].
+    pub fn from_gguf_as(path: &Path, weights: WeightFormat, device: &B::Device) -> Result<Self> {
         let start = std::time::Instant::now();
         let file = GgufFile::open(path)?;
         let config = file.model_config()?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let model =
-            Transformer::from_weights(&config, &mut GgufWeights::new(&file, &config), device)?;
-        tracing::info!(path = %path.display(), layers = config.num_layers, secs = start.elapsed().as_secs_f32(), "loaded GGUF model");
+        let mut src = GgufWeights::new(&file, &config);
+        if weights == WeightFormat::F32 {
+            src = src.dequantized();
+        }
+        let model = Transformer::from_weights(&config, &mut src, device)?;
+        tracing::info!(path = %path.display(), layers = config.num_layers, ?weights, secs = start.elapsed().as_secs_f32(), "loaded GGUF model");
         Ok(Self {
             model,
             tokenizer,

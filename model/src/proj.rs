@@ -1,18 +1,22 @@
 //! A linear projection `y = x·wᵀ + b` with a CPU fast path.
 //!
-//! On the CPU backend the weights are held in `arbor-kernels`' packed f32 panels and the
-//! product runs in its few-rows matmul (weights streamed once for every row — decode and tree
-//! verification are bound by that stream); on other backends it is burn's `Linear`.
+//! On the CPU backend the weights are held by `arbor-kernels` — in their GGUF block format
+//! when the checkpoint is quantized (`qmatmul`: int8 dot products, 4–8 bits per weight read
+//! per step), else in packed f32/f16 panels (`matmul`) — and the product runs in its few-rows
+//! kernels (weights streamed once for every row: decode and tree verification are bound by
+//! that stream). On other backends it is burn's `Linear` over f32 weights.
 
 use std::any::TypeId;
 use std::sync::Arc;
 
 use arbor_kernels::matmul::{PackedF16, PackedF32};
+use arbor_kernels::qmatmul::QuantMatrix;
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::error::{ModelError, Result};
+use crate::weights::MatrixData;
 
 /// One projection.
 #[derive(Module, Debug)]
@@ -31,6 +35,7 @@ pub struct Proj<B: Backend> {
 enum Packed {
     F32(Arc<PackedF32>),
     F16(Arc<PackedF16>),
+    Blocks(Arc<QuantMatrix>),
 }
 
 impl Packed {
@@ -38,6 +43,7 @@ impl Packed {
         match self {
             Self::F32(p) => p.n(),
             Self::F16(p) => p.n(),
+            Self::Blocks(p) => p.n(),
         }
     }
 
@@ -45,8 +51,17 @@ impl Packed {
         match self {
             Self::F32(p) => p.matmul(x, m, y),
             Self::F16(p) => p.matmul(x, m, y),
+            Self::Blocks(p) => p.matmul(x, m, y),
         }
         .map_err(|e| e.to_string())
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::F32(p) => p.bytes(),
+            Self::F16(p) => p.bytes(),
+            Self::Blocks(p) => p.bytes(),
+        }
     }
 }
 
@@ -93,15 +108,79 @@ impl<B: Backend> Proj<B> {
         })
     }
 
-    /// The same projection with f16 weights on the CPU fast path (half the bytes per step);
-    /// unchanged elsewhere.
+    /// From weights as a source holds them: GGUF blocks stay blocks on the CPU fast path
+    /// (shared, so a tied output head and the embedding hold one copy); everything else goes
+    /// through [`Proj::new`].
+    ///
+    /// # Errors
+    /// As [`Proj::new`].
+    pub fn from_matrix(
+        w: MatrixData,
+        out: usize,
+        inp: usize,
+        bias: Option<Vec<f32>>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        match w {
+            MatrixData::Blocks(q) if uses_fast_path::<B>() => {
+                Self::from_blocks(Arc::new(q), out, inp, bias, device)
+            }
+            w => Self::new(&w.into_f32(), out, inp, bias, device),
+        }
+    }
+
+    /// From shared GGUF blocks (CPU backend only; elsewhere dequantized into a burn layer).
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] if the sizes disagree.
+    pub fn from_blocks(
+        q: Arc<QuantMatrix>,
+        out: usize,
+        inp: usize,
+        bias: Option<Vec<f32>>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        if q.n() != out || q.k() != inp {
+            return Err(ModelError::Input(format!(
+                "blocks of [{}, {}] for a [{out}, {inp}] projection",
+                q.n(),
+                q.k()
+            )));
+        }
+        if !uses_fast_path::<B>() {
+            return Self::new(&q.dequantize(), out, inp, bias, device);
+        }
+        if bias.as_ref().is_some_and(|b| b.len() != out) {
+            return Err(ModelError::Input(format!("bias length for {out} outputs")));
+        }
+        let bias =
+            bias.map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device)));
+        Ok(Self {
+            linear: None,
+            bias,
+            packed: Some(Packed::Blocks(q)),
+        })
+    }
+
+    /// Bytes of weights a forward reads (the fast path's storage, or burn's f32 layer).
+    pub fn weight_bytes(&self) -> usize {
+        match (&self.packed, &self.linear) {
+            (Some(p), _) => p.bytes(),
+            (None, Some(l)) => l.weight.val().shape().num_elements() * 4,
+            (None, None) => 0,
+        }
+    }
+
+    /// The same projection with f16 weights on the CPU fast path (half the bytes per step)
+    /// where it holds f32; block-quantized weights (already smaller) and other backends are
+    /// unchanged.
     pub fn to_f16(&self) -> Self {
         Self {
             linear: self.linear.clone(),
             bias: self.bias.clone(),
             packed: self.packed.as_ref().map(|p| match p {
                 Packed::F32(w) => Packed::F16(Arc::new(w.convert())),
-                Packed::F16(w) => Packed::F16(w.clone()),
+                other => other.clone(),
             }),
         }
     }

@@ -8,16 +8,19 @@
 use arbor_cache::KvCache;
 use arbor_kernels::attention::attention_reference;
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, RmsNorm};
+use std::sync::Arc;
+
+use burn::nn::RmsNorm;
 use burn::tensor::activation::silu;
-use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Bool, Tensor, TensorData, backend::Backend};
 
 use crate::config::ModelConfig;
+use crate::embed::Embed;
 use crate::error::{ModelError, Result};
 use crate::input::ForwardInput;
-use crate::proj::Proj;
+use crate::proj::{Proj, uses_fast_path};
 use crate::rope::RopeAngles;
-use crate::weights::WeightSource;
+use crate::weights::{MatrixData, WeightSource};
 
 /// Self-attention with GQA and optional q/k/v biases.
 #[derive(Module, Debug)]
@@ -51,7 +54,7 @@ pub struct DecoderLayer<B: Backend> {
 /// The whole decoder: embedding, layers, final norm and output head.
 #[derive(Module, Debug)]
 pub struct Transformer<B: Backend> {
-    embed: Embedding<B>,
+    embed: Embed<B>,
     layers: Vec<DecoderLayer<B>>,
     norm: RmsNorm<B>,
     lm_head: Proj<B>,
@@ -73,24 +76,37 @@ impl<B: Backend> Builder<'_, B> {
         Ok(Tensor::from_data(TensorData::new(data, shape), self.device))
     }
 
-    /// A projection stored `[out, in]`.
+    /// A projection stored `[out, in]` (kept in its block format where the source has one).
     fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Proj<B>> {
-        let w = self.src.load(&format!("{name}.weight"), &[out, inp])?;
-        self.linear_from(&w, out, inp, bias.then_some(name))
+        let w = self.src.load_matrix(&format!("{name}.weight"), out, inp)?;
+        let bias = match bias {
+            true => Some(self.src.load(&format!("{name}.bias"), &[out])?),
+            false => None,
+        };
+        Proj::from_matrix(w, out, inp, bias, self.device)
     }
 
-    fn linear_from(
-        &mut self,
-        w: &[f32],
-        out: usize,
-        inp: usize,
-        bias_of: Option<&str>,
-    ) -> Result<Proj<B>> {
-        let bias = match bias_of {
-            Some(name) => Some(self.src.load(&format!("{name}.bias"), &[out])?),
-            None => None,
-        };
-        Proj::new(w, out, inp, bias, self.device)
+    /// The token embedding and the output head (tied to the embedding when the config says
+    /// so or the source has no separate head; a tied quantized table is held once).
+    fn embedding_and_head(&mut self, c: &ModelConfig) -> Result<(Embed<B>, Proj<B>)> {
+        let (v, d) = (c.vocab_size, c.hidden_size);
+        let table = self.src.load_matrix("token_embd.weight", v, d)?;
+        if !c.tie_embeddings && self.src.contains("output.weight") {
+            let head = self.linear("output", v, d, false)?;
+            return Ok((Embed::new(table, v, d, self.device), head));
+        }
+        Ok(match table {
+            MatrixData::Blocks(q) if uses_fast_path::<B>() => {
+                let q = Arc::new(q);
+                let head = Proj::from_blocks(q.clone(), v, d, None, self.device)?;
+                (Embed::from_blocks(q), head)
+            }
+            table => {
+                let w = table.into_f32();
+                let head = Proj::new(&w, v, d, None, self.device)?;
+                (Embed::new(MatrixData::F32(w), v, d, self.device), head)
+            }
+        })
     }
 
     fn norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm<B>> {
@@ -116,18 +132,7 @@ impl<B: Backend> Transformer<B> {
         let c = config;
         let mut b = Builder::<B> { src, device };
         let (d, hd) = (c.hidden_size, c.head_dim);
-        let embed_w = b.src.load("token_embd.weight", &[c.vocab_size, d])?;
-        let lm_head = if c.tie_embeddings || !b.src.contains("output.weight") {
-            b.linear_from(&embed_w, c.vocab_size, d, None)?
-        } else {
-            b.linear("output", c.vocab_size, d, false)?
-        };
-        let embed = Embedding {
-            weight: Param::from_tensor(Tensor::from_data(
-                TensorData::new(embed_w, [c.vocab_size, d]),
-                device,
-            )),
-        };
+        let (embed, lm_head) = b.embedding_and_head(c)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("blk.{i}");
@@ -241,10 +246,8 @@ impl<B: Backend> Transformer<B> {
     /// range, position past the context, mask width not `cache.len() + n_new`).
     pub fn forward(&self, input: &ForwardInput, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
         input.validate(self.vocab_size, self.max_position, cache.len())?;
-        let device = self.embed.weight.device();
+        let device = self.norm.gamma.device();
         let (batch, n) = (input.batch, input.n_new);
-        let ids: Vec<i64> = input.tokens.iter().map(|&t| i64::from(t)).collect();
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, n]), &device);
         let total = cache.len() + n;
         let mask = Tensor::<B, 3, Bool>::from_data(
             TensorData::new(input.mask.clone(), [batch, n, total]),
@@ -258,7 +261,7 @@ impl<B: Backend> Transformer<B> {
             &device,
         );
 
-        let mut x = self.embed.forward(tokens);
+        let mut x = self.embed.forward(&input.tokens, batch, n, &device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer
                 .attn

@@ -4,9 +4,29 @@
 //! shaped row-major as in PyTorch (`[out_features, in_features]` for projections). Each
 //! checkpoint format maps its own names and layouts onto these.
 
+use arbor_kernels::qmatmul::QuantMatrix;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::error::Result;
+
+/// A projection's weights `[out, in]`, as the source holds them.
+#[derive(Debug)]
+pub enum MatrixData {
+    /// Row-major f32.
+    F32(Vec<f32>),
+    /// GGUF blocks, kept quantized (the CPU fast path multiplies them as they are).
+    Blocks(QuantMatrix),
+}
+
+impl MatrixData {
+    /// The weights as row-major f32 (dequantizing blocks).
+    pub fn into_f32(self) -> Vec<f32> {
+        match self {
+            Self::F32(w) => w,
+            Self::Blocks(q) => q.dequantize(),
+        }
+    }
+}
 
 /// A source of named f32 parameters.
 pub trait WeightSource {
@@ -19,6 +39,15 @@ pub trait WeightSource {
 
     /// Whether the source has `name` (used for optional tensors such as `output.weight`).
     fn contains(&self, name: &str) -> bool;
+
+    /// The matrix `name` of shape `[out, inp]`, kept in its stored block format where the
+    /// source has one (GGUF), else as f32.
+    ///
+    /// # Errors
+    /// As [`WeightSource::load`].
+    fn load_matrix(&mut self, name: &str, out: usize, inp: usize) -> Result<MatrixData> {
+        self.load(name, &[out, inp]).map(MatrixData::F32)
+    }
 }
 
 /// Random parameters for tests: normal(0, `std`) for matrices, 1 + normal(0, `std`) for norm

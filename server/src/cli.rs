@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use arbor_model::SamplingParams;
-use arbor_model::hub::{REGISTRY, ResolveOptions, registry_model};
+use arbor_model::hub::{REGISTRY, ResolveOptions, WeightFormat, registry_model};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Arbor — LLM serving with tree-based speculative decoding.
@@ -68,6 +68,10 @@ pub struct ModelArgs {
     /// Do not fetch a short-named model that is not cached yet.
     #[arg(long)]
     pub no_fetch: bool,
+    /// Hold a quantized checkpoint's weights as f32 (exact arithmetic, 4-8x the memory and
+    /// bytes read per token) instead of in their GGUF block formats. Applies to drafts too.
+    #[arg(long)]
+    pub f32_weights: bool,
 }
 
 impl ModelArgs {
@@ -75,6 +79,11 @@ impl ModelArgs {
         ResolveOptions {
             fetch_missing: !self.no_fetch,
             progress: true,
+            weights: if self.f32_weights {
+                WeightFormat::F32
+            } else {
+                WeightFormat::Native
+            },
         }
     }
 }

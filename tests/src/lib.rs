@@ -26,6 +26,7 @@ pub fn registry_model_path(name: &str) -> PathBuf {
         ResolveOptions {
             fetch_missing: true,
             progress: false,
+            ..ResolveOptions::default()
         },
     ) {
         Ok(ModelFiles::Gguf(p)) => p,

@@ -12,11 +12,20 @@ fn load() -> LoadedModel<Cpu> {
 
 /// Largest |Δlogit| allowed between one tree forward and a node's path run alone: both are f32
 /// with different matmul shapes and reduction orders (measured: 5e-5 on logits of size ~20).
+/// Checked with f32 weights: with int8 activations (the default) a last-bit difference in
+/// attention can flip an activation's rounding, and logits then move by up to the
+/// quantization noise itself (measured 0.83) — the property under test is the tree's
+/// masking and positions, which exact arithmetic isolates.
 const TREE_TOLERANCE: f32 = 2e-3;
 
 #[test]
 fn tree_logits_equal_each_path_run_alone() {
-    let m = load();
+    let m = LoadedModel::<Cpu>::from_gguf_as(
+        &smollm2_path(),
+        arbor_model::hub::WeightFormat::F32,
+        &Default::default(),
+    )
+    .unwrap();
     let prefix = m.tokenizer.encode("The capital of France is").unwrap();
     // A tree of real continuations and distractors, 3 levels deep.
     let words = [" Paris", " the", " a", ".", " and", " city", " known"];

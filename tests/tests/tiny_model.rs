@@ -172,6 +172,7 @@ fn hub_id_resolves_from_offline_hf_cache() {
     let opts = ResolveOptions {
         fetch_missing: false,
         progress: false,
+        ..ResolveOptions::default()
     };
     let files = resolve("arbor-test/tiny-qwen", opts).unwrap();
     assert_eq!(files, ModelFiles::HfDir(snapshot.clone()));

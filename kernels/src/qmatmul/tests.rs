@@ -121,8 +121,8 @@ fn x_step(acts: &Q8Acts, r: usize, e: usize) -> f32 {
 #[test]
 fn many_rows_match_one_row_at_a_time() {
     let mut rng = Rng(7);
-    for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q8_0] {
-        let (n, k, m) = (19, 512, 64);
+    for (ty, m) in TYPES.into_iter().flat_map(|t| [(t, 64), (t, 7), (t, 6)]) {
+        let (n, k) = (19, 512);
         let w = random_matrix(ty, n, k, &mut rng);
         let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
         let mut all = vec![0.0; m * n];

@@ -12,7 +12,10 @@ pub use writer::GgufWriter;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::rope::interleaved_to_half_split;
-use crate::weights::{WeightSource, check_shape};
+use arbor_kernels::qmatmul::QuantMatrix;
+use arbor_kernels::quant::GgmlType;
+
+use crate::weights::{MatrixData, WeightSource, check_shape};
 
 impl GgufFile {
     /// The model configuration recorded in the metadata.
@@ -76,6 +79,8 @@ pub struct GgufWeights<'a> {
     file: &'a GgufFile,
     /// Heads for `attn_q` and `attn_k` when rows must be permuted, plus the head width.
     permute: Option<(usize, usize, usize)>,
+    /// Hand out matrices in their block formats (else dequantized to f32).
+    keep_blocks: bool,
 }
 
 impl<'a> GgufWeights<'a> {
@@ -86,34 +91,79 @@ impl<'a> GgufWeights<'a> {
             config.num_kv_heads,
             config.head_dim,
         ));
-        Self { file, permute }
+        Self {
+            file,
+            permute,
+            keep_blocks: true,
+        }
     }
+
+    /// The same source handing out every matrix dequantized to f32.
+    pub fn dequantized(self) -> Self {
+        Self {
+            keep_blocks: false,
+            ..self
+        }
+    }
+}
+
+impl GgufWeights<'_> {
+    /// The row order a tensor's rows must take (llama.cpp's interleaved q/k heads to Arbor's
+    /// half-split layout), or `None` to keep them.
+    fn row_permutation(&self, name: &str) -> Option<Vec<usize>> {
+        let (q_heads, kv_heads, head_dim) = self.permute?;
+        let heads = if name.contains(".attn_q.") {
+            q_heads
+        } else if name.contains(".attn_k.") {
+            kv_heads
+        } else {
+            return None;
+        };
+        Some(interleaved_to_half_split(heads, head_dim))
+    }
+}
+
+/// `data` cut into `perm.len()` equal rows, reassembled in the order `perm` names.
+fn permute_rows<T: Copy>(data: &[T], perm: &[usize]) -> Vec<T> {
+    let row = data.len() / perm.len();
+    let mut out = Vec::with_capacity(data.len());
+    for &src in perm {
+        out.extend_from_slice(&data[src * row..(src + 1) * row]);
+    }
+    out
 }
 
 impl WeightSource for GgufWeights<'_> {
     fn load(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (actual, data) = self.file.tensor_f32(name)?;
         check_shape(name, shape, &actual)?;
-        let Some((q_heads, kv_heads, head_dim)) = self.permute else {
-            return Ok(data);
-        };
-        let heads = if name.contains(".attn_q.") {
-            q_heads
-        } else if name.contains(".attn_k.") {
-            kv_heads
-        } else {
-            return Ok(data);
-        };
-        let row = data.len() / (heads * head_dim);
-        let perm = interleaved_to_half_split(heads, head_dim);
-        let mut out = Vec::with_capacity(data.len());
-        for &src in &perm {
-            out.extend_from_slice(&data[src * row..(src + 1) * row]);
-        }
-        Ok(out)
+        Ok(match self.row_permutation(name) {
+            Some(perm) => permute_rows(&data, &perm),
+            None => data,
+        })
     }
 
     fn contains(&self, name: &str) -> bool {
         self.file.has_tensor(name)
+    }
+
+    fn load_matrix(&mut self, name: &str, out: usize, inp: usize) -> Result<MatrixData> {
+        let (info, bytes) = self.file.tensor(name)?;
+        let float = matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+        if float || !self.keep_blocks || !inp.is_multiple_of(info.ty.block_size()) {
+            return self.load(name, &[out, inp]).map(MatrixData::F32);
+        }
+        check_shape(name, &[out, inp], &info.shape())?;
+        let bytes = match self.row_permutation(name) {
+            // Whole rows of blocks move; their bytes are untouched.
+            Some(perm) => permute_rows(bytes, &perm),
+            None => bytes.to_vec(),
+        };
+        QuantMatrix::new(info.ty, out, inp, bytes)
+            .map(MatrixData::Blocks)
+            .map_err(|source| ModelError::TensorType {
+                name: name.to_string(),
+                source,
+            })
     }
 }

@@ -1,0 +1,67 @@
+//! Block-quantized matmul: time against the number of rows (1 = plain decode, 2–64 = tree
+//! verification) for each GGUF format, at a Qwen2.5-1.5B MLP shape (1536 → 8960), beside the
+//! f32 panels of `matmul` for scale. `cargo bench -p arbor-kernels --bench qmatmul`.
+
+use arbor_kernels::matmul::PackedF32;
+use arbor_kernels::qmatmul::{Isa, QuantMatrix};
+use arbor_kernels::quant::GgmlType;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+/// Deterministic blocks with finite f16 scales.
+fn matrix(ty: GgmlType, n: usize, k: usize) -> QuantMatrix {
+    let bytes = ty.bytes_for(n * k).expect("whole blocks");
+    let mut data: Vec<u8> = (0..bytes).map(|i| (i * 7919 % 251) as u8).collect();
+    let fields: &[usize] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q6_K => &[208],
+        _ => &[0, 2],
+    };
+    for block in data.chunks_exact_mut(ty.block_bytes()) {
+        for &at in fields {
+            block[at..at + 2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+        }
+    }
+    QuantMatrix::new(ty, n, k, data).expect("valid matrix")
+}
+
+fn rows_curve(c: &mut Criterion) {
+    let (k, n) = (1536usize, 8960usize);
+    let types = [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_1,
+    ];
+    let mats: Vec<QuantMatrix> = types.iter().map(|&t| matrix(t, n, k)).collect();
+    let w: Vec<f32> = (0..k * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let f32w = PackedF32::from_out_in(&w, n, k).expect("valid shape");
+    let mut group = c.benchmark_group("qmatmul_1536x8960");
+    group.sample_size(20);
+    for m in [1usize, 2, 4, 8, 16, 32, 64] {
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0 - 0.4).collect();
+        let mut y = vec![0.0f32; m * n];
+        group.throughput(Throughput::Elements(m as u64));
+        for (ty, mat) in types.iter().zip(&mats) {
+            group.bench_with_input(BenchmarkId::new(format!("{ty:?}"), m), &m, |b, &m| {
+                b.iter(|| mat.matmul(&x, m, &mut y).expect("sizes match"));
+            });
+        }
+        if m <= 8 {
+            group.bench_with_input(BenchmarkId::new("Q4_K-portable", m), &m, |b, &m| {
+                b.iter(|| {
+                    mats[0]
+                        .matmul_with(Isa::Portable, &x, m, &mut y)
+                        .expect("sizes match")
+                });
+            });
+        }
+        group.bench_with_input(BenchmarkId::new("f32", m), &m, |b, &m| {
+            b.iter(|| f32w.matmul(&x, m, &mut y).expect("sizes match"));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, rows_curve);
+criterion_main!(benches);
