@@ -230,6 +230,24 @@ impl<B: Backend> Transformer<B> {
         m
     }
 
+    /// Bytes of projection weights (output head included) one forward reads.
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.attn.wq, &l.attn.wk, &l.attn.wv, &l.attn.wo, &l.mlp.gate, &l.mlp.up,
+                    &l.mlp.down,
+                ]
+                .iter()
+                .map(|p| p.weight_bytes())
+                .sum::<usize>()
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
+    }
+
     /// A fresh, empty cache for this model.
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.layers.len())

@@ -15,8 +15,9 @@ pub enum DraftSpec {
     /// `self:N[@f16]`: the target's first N layers with its norm and head (sharing the
     /// target's weights, or an f16 copy of them).
     SelfLayers(usize, bool),
-    /// Anything else: a model (short name, path or hub id) sharing the target's tokenizer,
-    /// with f16 weights unless `@f32` is appended.
+    /// Anything else: a model (short name, path or hub id) sharing the target's tokenizer.
+    /// Block-quantized (GGUF) weights are used as stored; weights held as f32 (float
+    /// checkpoints, `--f32-weights`) become f16 unless `@f32` is appended.
     Model(String, bool),
 }
 
@@ -84,13 +85,13 @@ pub fn build_engine<'m, B: Backend>(
             DraftSpec::Model(name, f16) => {
                 let loaded = LoadedModel::<B>::load(name, opts, device)
                     .with_context(|| format!("loading draft {name}"))?;
-                let (m, label) = if *f16 {
-                    (
-                        loaded.model.with_f16_weights(),
-                        format!("{}@f16", loaded.name),
-                    )
-                } else {
-                    (loaded.model.clone(), loaded.name.clone())
+                // Block-quantized weights stay as they are; only f32-held ones become f16.
+                let converted = f16.then(|| loaded.model.with_f16_weights());
+                let (m, label) = match converted {
+                    Some(m) if m.weight_bytes() < loaded.model.weight_bytes() => {
+                        (m, format!("{}@f16", loaded.name))
+                    }
+                    _ => (loaded.model.clone(), loaded.name.clone()),
                 };
                 drop(loaded.model);
                 engine.with_model_draft(&label, &m, &loaded.tokenizer)?
