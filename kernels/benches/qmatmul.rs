@@ -34,7 +34,9 @@ fn rows_curve(c: &mut Criterion) {
         GgmlType::Q4_1,
     ];
     let mats: Vec<QuantMatrix> = types.iter().map(|&t| matrix(t, n, k)).collect();
-    let w: Vec<f32> = (0..k * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let w: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
     let f32w = PackedF32::from_out_in(&w, n, k).expect("valid shape");
     let mut group = c.benchmark_group("qmatmul_1536x8960");
     group.sample_size(20);

@@ -237,7 +237,12 @@ impl<B: Backend> Transformer<B> {
             .iter()
             .map(|l| {
                 [
-                    &l.attn.wq, &l.attn.wk, &l.attn.wv, &l.attn.wo, &l.mlp.gate, &l.mlp.up,
+                    &l.attn.wq,
+                    &l.attn.wk,
+                    &l.attn.wv,
+                    &l.attn.wo,
+                    &l.mlp.gate,
+                    &l.mlp.up,
                     &l.mlp.down,
                 ]
                 .iter()

@@ -1,8 +1,8 @@
 //! Checks against llama.cpp goldens, shared by the per-model parity tests.
 
 use arbor_engine::{Event, GenerateParams, Generator, Prompt};
-use arbor_model::sampling::argmax;
 use arbor_model::hub::WeightFormat;
+use arbor_model::sampling::argmax;
 use arbor_model::{ForwardInput, LoadedModel, device::Cpu};
 
 use crate::golden;

@@ -24,6 +24,9 @@ pub struct Q8Acts {
     xsum: Vec<f32>,
 }
 
+/// One block to quantize: inputs, quantized values, scale, per-16 sums.
+type BlockJob<'a> = (((&'a [f32], &'a mut [i8]), &'a mut f32), &'a mut [i16]);
+
 /// One quantized row, as the kernels read it.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ActRow<'a> {
@@ -37,12 +40,12 @@ impl Q8Acts {
     /// Quantizes `x` (`[m, k]` row-major) in blocks of `block` values (a multiple of 32 that
     /// divides `k`; callers check).
     pub fn quantize(x: &[f32], m: usize, k: usize, block: usize) -> Self {
-        debug_assert!(block % 32 == 0 && k % block == 0 && x.len() == m * k);
+        debug_assert!(block.is_multiple_of(32) && k.is_multiple_of(block) && x.len() == m * k);
         let mut q = vec![0i8; m * k];
         let mut d = vec![0.0f32; m * k / block];
         let mut sum16 = vec![0i16; m * k / 16];
         let mut xsum = vec![0.0f32; m * k / 32];
-        let work = |(((xb, qb), db), s16): (((&[f32], &mut [i8]), &mut f32), &mut [i16])| {
+        let work = |(((xb, qb), db), s16): BlockJob<'_>| {
             let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
             let scale = amax / 127.0;
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
@@ -126,7 +129,9 @@ mod tests {
 
     #[test]
     fn round_trip_error_is_within_half_a_step() {
-        let x: Vec<f32> = (0..2 * 512).map(|i| ((i * 37) % 101) as f32 - 50.3).collect();
+        let x: Vec<f32> = (0..2 * 512)
+            .map(|i| ((i * 37) % 101) as f32 - 50.3)
+            .collect();
         for block in [32, 256] {
             let a = Q8Acts::quantize(&x, 2, 512, block);
             let y = a.dequantize();

@@ -234,11 +234,8 @@ unsafe fn rows_k45<const FIFTH: bool, const R: usize>(w: &[u8], x: &[ActRow<'_>;
             for r in 0..R {
                 let xr = &x[r];
                 let dx = *xr.d.get_unchecked(bi);
-                acc[r] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(isum[r]),
-                    _mm256_set1_ps(d * dx),
-                    acc[r],
-                );
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * dx), acc[r]);
                 let s16 = _mm256_loadu_si256(xr.sum16.as_ptr().add(bi * 16).cast());
                 acc_min[r] = _mm256_fmadd_ps(
                     _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, s16)),

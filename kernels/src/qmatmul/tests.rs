@@ -85,9 +85,7 @@ fn every_format_and_kernel_agrees_with_the_reference() {
                 let orig = matmul_reference(&x, &wf, m, k, n);
                 // f32 rounding of the block sums, relative to Σ|w·x|.
                 let mag = |r: usize, c: usize, xs: &[f32]| -> f32 {
-                    (0..k)
-                        .map(|e| (wf[c * k + e] * xs[r * k + e]).abs())
-                        .sum()
+                    (0..k).map(|e| (wf[c * k + e] * xs[r * k + e]).abs()).sum()
                 };
                 // The activations' rounding: at most half a step per value.
                 let quant = |r: usize, c: usize| -> f32 {
