@@ -145,13 +145,7 @@ impl<E: PanelElement> Packed<E> {
     /// [`KernelError::Shape`] if the slice lengths disagree with `m`, `k`, `n`.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), KernelError> {
         let (k, n) = (self.k, self.n);
-        if x.len() != m * k || y.len() != m * n {
-            return Err(KernelError::Shape(format!(
-                "x has {} values and y {} for m={m}, k={k}, n={n}",
-                x.len(),
-                y.len()
-            )));
-        }
+        check_operands(x, y, m, k, n)?;
         if m == 0 {
             return Ok(());
         }
@@ -206,6 +200,24 @@ impl<E: PanelElement> Packed<E> {
         });
         Ok(())
     }
+}
+
+/// Checks that `x` is `[m, k]` and `y` is `[m, n]`.
+pub(crate) fn check_operands(
+    x: &[f32],
+    y: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<(), KernelError> {
+    if x.len() != m * k || y.len() != m * n {
+        return Err(KernelError::Shape(format!(
+            "x has {} values and y {} for m={m}, k={k}, n={n}",
+            x.len(),
+            y.len()
+        )));
+    }
+    Ok(())
 }
 
 /// `y = x·wᵀ` with `w` row-major `[n, k]`, as a plain loop (f64 accumulation).

@@ -189,13 +189,7 @@ impl QuantMatrix {
         y: &mut [f32],
     ) -> Result<(), KernelError> {
         let (k, n) = (self.k, self.n);
-        if x.len() != m * k || y.len() != m * n {
-            return Err(KernelError::Shape(format!(
-                "x has {} values and y {} for m={m}, k={k}, n={n}",
-                x.len(),
-                y.len()
-            )));
-        }
+        crate::matmul::check_operands(x, y, m, k, n)?;
         if !isa.available() {
             return Err(KernelError::UnsupportedType(format!(
                 "{isa:?} kernels on this CPU"
