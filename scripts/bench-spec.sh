@@ -2,7 +2,8 @@
 # The speculative-decoding figures in the README: Qwen2.5-Coder-1.5B target, 0.5B draft (f16
 # weights), greedy, 128 new tokens, HumanEval and the chat set, plus tree-policy and draft
 # comparisons. Each run measures plain decoding of the same target on the same prompts in the
-# same process. Writes bench-results/*.json, *.txt and *.png.
+# same process. Writes bench-results/*.json, *.txt and *.png. Weights as stored (GGUF blocks);
+# `EXTRA=--f32-weights bash scripts/bench-spec.sh` reproduces the f32-weights table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p arbor-server
@@ -16,7 +17,8 @@ CHAT=bench/prompts/chat.jsonl
 run() {
     local name=$1
     shift
-    "$arbor" bench --target "$T" "$@" --json "$out/$name.json" --plot "$out/$name.png" \
+    # shellcheck disable=SC2086  # EXTRA is a list of flags, e.g. EXTRA=--f32-weights
+    "$arbor" bench --target "$T" ${EXTRA:-} "$@" --json "$out/$name.json" --plot "$out/$name.png" \
         2> "$out/$name.log" | tee "$out/$name.txt"
 }
 run humaneval-auto --draft "$D" --tree auto --prompts "$HE" --limit "${N_HE:-10}" --max-tokens 128
