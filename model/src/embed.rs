@@ -49,16 +49,6 @@ impl<B: Backend> Embed<B> {
         }
     }
 
-    /// The quantized table, when it is held that way (for a tied output head to share).
-    pub fn blocks(&self) -> Option<&Arc<QuantMatrix>> {
-        self.blocks.as_ref()
-    }
-
-    /// The f32 table `[vocab, dim]`, when it is held that way.
-    pub fn f32_table(&self) -> Option<Tensor<B, 2>> {
-        self.table.as_ref().map(|t| t.weight.val())
-    }
-
     /// # Shapes
     /// - `tokens`: `batch·n` ids, sequence-major → `[batch, n, dim]`
     ///

@@ -70,6 +70,23 @@ pub fn uses_fast_path<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<crate::device::Cpu>()
 }
 
+/// A bias of `out` values as a parameter.
+fn bias_param<B: Backend>(
+    bias: Option<Vec<f32>>,
+    out: usize,
+    device: &B::Device,
+) -> Result<Option<Param<Tensor<B, 1>>>> {
+    match bias {
+        Some(b) if b.len() != out => Err(ModelError::Input(format!(
+            "bias of {} values for {out} outputs",
+            b.len()
+        ))),
+        b => {
+            Ok(b.map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device))))
+        }
+    }
+}
+
 impl<B: Backend> Proj<B> {
     /// From weights stored `[out, in]` (row-major) and an optional bias of `out` values.
     ///
@@ -82,11 +99,7 @@ impl<B: Backend> Proj<B> {
         bias: Option<Vec<f32>>,
         device: &B::Device,
     ) -> Result<Self> {
-        if bias.as_ref().is_some_and(|b| b.len() != out) {
-            return Err(ModelError::Input(format!("bias length for {out} outputs")));
-        }
-        let bias =
-            bias.map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device)));
+        let bias = bias_param(bias, out, device)?;
         if uses_fast_path::<B>() {
             let packed = PackedF32::from_out_in(w, out, inp)
                 .map_err(|e| ModelError::Input(format!("packing weights: {e}")))?;
@@ -150,14 +163,9 @@ impl<B: Backend> Proj<B> {
         if !uses_fast_path::<B>() {
             return Self::new(&q.dequantize(), out, inp, bias, device);
         }
-        if bias.as_ref().is_some_and(|b| b.len() != out) {
-            return Err(ModelError::Input(format!("bias length for {out} outputs")));
-        }
-        let bias =
-            bias.map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device)));
         Ok(Self {
             linear: None,
-            bias,
+            bias: bias_param(bias, out, device)?,
             packed: Some(Packed::Blocks(q)),
         })
     }

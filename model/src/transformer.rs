@@ -214,15 +214,7 @@ impl<B: Backend> Transformer<B> {
     pub fn with_f16_weights(&self) -> Self {
         let mut m = self.clone();
         for l in &mut m.layers {
-            for p in [
-                &mut l.attn.wq,
-                &mut l.attn.wk,
-                &mut l.attn.wv,
-                &mut l.attn.wo,
-                &mut l.mlp.gate,
-                &mut l.mlp.up,
-                &mut l.mlp.down,
-            ] {
+            for p in l.projections_mut() {
                 *p = p.to_f16();
             }
         }
@@ -235,20 +227,8 @@ impl<B: Backend> Transformer<B> {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| {
-                [
-                    &l.attn.wq,
-                    &l.attn.wk,
-                    &l.attn.wv,
-                    &l.attn.wo,
-                    &l.mlp.gate,
-                    &l.mlp.up,
-                    &l.mlp.down,
-                ]
-                .iter()
-                .map(|p| p.weight_bytes())
-                .sum::<usize>()
-            })
+            .flat_map(|l| l.projections())
+            .map(Proj::weight_bytes)
             .sum();
         layers + self.lm_head.weight_bytes()
     }
@@ -339,6 +319,27 @@ impl<B: Backend> Transformer<B> {
         let [batch, n, d] = hidden.dims();
         let last = hidden.narrow(1, n - 1, 1).reshape([batch, 1, d]);
         self.host_rows(self.logits(last))
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// The block's seven projections.
+    fn projections(&self) -> [&Proj<B>; 7] {
+        let (a, m) = (&self.attn, &self.mlp);
+        [&a.wq, &a.wk, &a.wv, &a.wo, &m.gate, &m.up, &m.down]
+    }
+
+    fn projections_mut(&mut self) -> [&mut Proj<B>; 7] {
+        let (a, m) = (&mut self.attn, &mut self.mlp);
+        [
+            &mut a.wq,
+            &mut a.wk,
+            &mut a.wv,
+            &mut a.wo,
+            &mut m.gate,
+            &mut m.up,
+            &mut m.down,
+        ]
     }
 }
 

@@ -31,6 +31,14 @@ impl TreeShape {
         }
     }
 
+    /// Children per expanded node at the widest level (0 for an empty shape).
+    pub fn width(&self) -> usize {
+        match self {
+            Self::Expand(k) => k.iter().copied().max().unwrap_or(0),
+            Self::Dynamic { width, .. } => *width,
+        }
+    }
+
     /// Most nodes a tree of this shape can have, root included.
     pub fn max_nodes(&self) -> usize {
         match self {

@@ -263,11 +263,14 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
             .min(target.max_position().saturating_sub(cached + 1));
         let shape = match self.engine.policy.clone() {
             TreePolicy::Fixed(s) => s,
-            TreePolicy::Auto { width, max_depth } => {
+            TreePolicy::Auto {
+                width,
+                max_depth: deepest,
+            } => {
                 if !self.engine.planner.calibrated() && !self.engine.drafts.is_empty() {
-                    self.calibrate(max_depth)?;
+                    self.calibrate(deepest)?;
                 }
-                self.engine.planner.plan(width, max_depth)
+                self.engine.planner.plan(width, deepest)
             }
         };
         let shape = cap_depth(&shape, max_depth);
@@ -330,7 +333,6 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
         spec.draft_time += draft_time;
         spec.verify_time += verify_time;
         spec.emitted += verified.tokens.len();
-        let depths: Vec<(bool, bool)> = walk.iter().map(|&ok| (true, ok)).collect();
         self.output.step(StepStats {
             tree_nodes: tree.len() - 1,
             tree_depth: tree.depth(),
@@ -346,13 +348,9 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
         self.output.add_time(total);
         self.push(&verified.tokens, cached + 1)?;
         let overhead = (total - draft_time - verify_time).as_secs_f64();
-        let width = match &shape {
-            TreeShape::Expand(k) => k.iter().copied().max().unwrap_or(0),
-            TreeShape::Dynamic { width, .. } => *width,
-        };
         self.engine
             .planner
-            .observe(width, &depths, &per_forward, overhead);
+            .observe(shape.width(), &walk, &per_forward, overhead);
         Ok(())
     }
 }

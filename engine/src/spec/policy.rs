@@ -183,12 +183,13 @@ impl Planner {
         }
     }
 
-    /// Folds one step's outcome in: for a tree of `width`, per-depth `(tried, accepted)`,
-    /// each draft's seconds per level forward, and the step's other time.
+    /// Folds one step's outcome in: for a tree of `width`, the acceptance walk (one entry per
+    /// depth tried, `true` where a child was accepted), each draft's seconds per level
+    /// forward, and the step's other time.
     pub fn observe(
         &mut self,
         width: usize,
-        depths: &[(bool, bool)],
+        walk: &[bool],
         draft_secs_per_level: &[Option<f64>],
         overhead: f64,
     ) {
@@ -196,16 +197,16 @@ impl Planner {
             c.0 *= DECAY;
             c.1 *= DECAY;
         }
-        if width > 0 && !depths.is_empty() {
+        if width > 0 && !walk.is_empty() {
             if self.depth_counts.len() < width {
                 self.depth_counts.resize(width, Vec::new());
             }
             let counts = &mut self.depth_counts[width - 1];
-            if counts.len() < depths.len() {
-                counts.resize(depths.len(), (0.0, 0.0));
+            if counts.len() < walk.len() {
+                counts.resize(walk.len(), (0.0, 0.0));
             }
-            for (c, &(tried, accepted)) in counts.iter_mut().zip(depths) {
-                c.0 += f64::from(u8::from(tried));
+            for (c, &accepted) in counts.iter_mut().zip(walk) {
+                c.0 += 1.0;
                 c.1 += f64::from(u8::from(accepted));
             }
         }
@@ -267,7 +268,7 @@ mod tests {
         let mut p = planner(0.005);
         assert!((p.verify_secs(4) - (0.10 + 0.01 * 3.0 / 7.0)).abs() < 1e-9);
         for _ in 0..50 {
-            p.observe(1, &[(true, true); 8], &[Some(0.005)], 0.0);
+            p.observe(1, &[true; 8], &[Some(0.005)], 0.0);
         }
         assert_eq!(
             p.plan(2, 8).depth(),
@@ -282,8 +283,8 @@ mod tests {
     fn no_tree_when_nothing_is_accepted_then_a_retry_once_evidence_fades() {
         let mut q = planner(0.1);
         for _ in 0..200 {
-            q.observe(1, &[(true, false)], &[Some(0.1)], 0.0);
-            q.observe(2, &[(true, false)], &[Some(0.1)], 0.0);
+            q.observe(1, &[false], &[Some(0.1)], 0.0);
+            q.observe(2, &[false], &[Some(0.1)], 0.0);
         }
         assert_eq!(
             q.plan(2, 8),
@@ -303,14 +304,14 @@ mod tests {
     #[test]
     fn one_slow_draft_forward_is_forgotten_at_the_next_fast_one() {
         let mut p = planner(0.01);
-        p.observe(1, &[(true, true)], &[Some(2.0)], 0.0);
+        p.observe(1, &[true], &[Some(2.0)], 0.0);
         let c = p.draft_cost[0].unwrap();
         assert!(
             (c - 0.209).abs() < 1e-9,
             "a higher timing moves the cost a tenth: {c}"
         );
         let mut q = planner(2.0);
-        q.observe(1, &[(true, true)], &[Some(0.05)], 0.0);
+        q.observe(1, &[true], &[Some(0.05)], 0.0);
         assert_eq!(q.draft_cost, vec![Some(0.05)]);
     }
 }

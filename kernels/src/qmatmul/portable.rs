@@ -2,32 +2,14 @@
 //! a scale per 16 and a minimum, then integer dot products with the quantized activations.
 //! It runs where AVX2 does not, and states the arithmetic the SIMD kernels must reproduce.
 
-use half::f16;
-
 use super::acts::ActRow;
-use crate::quant::GgmlType;
+use crate::quant::{GgmlType, half, scale_min_k4};
 
 /// 32 weights: `w[e] = scale[e / 16] · q[e] + min`.
 pub(super) struct Sub {
     pub q: [i8; 32],
     pub scale: [f32; 2],
     pub min: f32,
-}
-
-fn half(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
-/// 6-bit scale and min `j` (0..8) of a Q4_K/Q5_K super-block (`s`: its 12 scale bytes).
-pub(super) fn k4_scale_min(s: &[u8], j: usize) -> (u8, u8) {
-    if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        (
-            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
-    }
 }
 
 /// The 32-weight sub-block `sub` of one block `b` of type `ty`.
@@ -71,7 +53,7 @@ pub(super) fn decode_sub(ty: GgmlType, b: &[u8], sub: usize) -> Sub {
             (half(b, 0), 0.0)
         }
         GgmlType::Q4_K | GgmlType::Q5_K => {
-            let (sc, m) = k4_scale_min(&b[4..16], sub);
+            let (sc, m) = scale_min_k4(sub, &b[4..16]);
             let (chunk, high) = (sub / 2, sub % 2 == 1);
             let qs_at = if ty == GgmlType::Q4_K { 16 } else { 48 };
             let qs = &b[qs_at + 32 * chunk..qs_at + 32 * chunk + 32];
@@ -83,7 +65,7 @@ pub(super) fn decode_sub(ty: GgmlType, b: &[u8], sub: usize) -> Sub {
                     *v += (((h >> sub) & 1) << 4) as i8;
                 }
             }
-            (half(b, 0) * f32::from(sc), -half(b, 2) * f32::from(m))
+            (half(b, 0) * sc, -half(b, 2) * m)
         }
         GgmlType::Q6_K => {
             let (hb, quarter) = (sub / 4, sub % 4);

@@ -3,8 +3,9 @@
 
 use half::{bf16 as Bf16, f16 as F16};
 
+/// The little-endian f16 at byte `at` of `b`, as f32.
 #[inline]
-pub(super) fn half(b: &[u8], at: usize) -> f32 {
+pub(crate) fn half(b: &[u8], at: usize) -> f32 {
     F16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 

@@ -4,7 +4,7 @@ use super::blocks::half;
 
 /// 6-bit scale and min number `j` (0..8) packed in the 12-byte `scales` of Q4_K/Q5_K.
 #[inline]
-fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     let (sc, m) = if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -7,6 +7,9 @@
 mod blocks;
 mod kquants;
 
+pub(crate) use blocks::half;
+pub(crate) use kquants::scale_min_k4;
+
 use crate::KernelError;
 
 /// A ggml tensor type, with its GGUF type id.
