@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use burn::nn::RmsNorm;
 use burn::tensor::activation::silu;
-use burn::tensor::{Bool, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 
 use crate::config::ModelConfig;
 use crate::embed::Embed;
@@ -62,6 +62,35 @@ pub struct Transformer<B: Backend> {
     head_dim: usize,
     max_position: usize,
     rope_theta: f64,
+}
+
+/// Which logits rows a sequence of a [`Transformer::forward_batch`] wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// None (a prefill chunk that is not the prompt's last).
+    None,
+    /// The last new token's (the end of a prompt, a plain decode step).
+    Last,
+    /// Every new token's (tree verification).
+    All,
+}
+
+/// One sequence of a batched forward: its new tokens (`batch == 1`) and its own cache.
+#[derive(Debug)]
+pub struct SeqForward<'a, B: Backend> {
+    /// New tokens, positions and mask over this sequence's cached + new tokens.
+    pub input: &'a ForwardInput,
+    /// This sequence's cache; the new tokens' keys and values are appended to it.
+    pub cache: &'a mut KvCache<B>,
+    /// Which logits to return.
+    pub logits: LogitRows,
+}
+
+/// A run of consecutive rows of a batched forward that belong to one sequence.
+struct Segment<'a, B: Backend> {
+    len: usize,
+    mask: Tensor<B, 3, Bool>,
+    cache: &'a mut KvCache<B>,
 }
 
 /// Builds parameters from a [`WeightSource`] on one device.
@@ -248,27 +277,100 @@ impl<B: Backend> Transformer<B> {
     /// [`ModelError::Input`] if `input` disagrees with the model or the cache (token id out of
     /// range, position past the context, mask width not `cache.len() + n_new`).
     pub fn forward(&self, input: &ForwardInput, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
-        input.validate(self.vocab_size, self.max_position, cache.len())?;
-        let device = self.norm.gamma.device();
-        let (batch, n) = (input.batch, input.n_new);
-        let total = cache.len() + n;
-        let mask = Tensor::<B, 3, Bool>::from_data(
-            TensorData::new(input.mask.clone(), [batch, n, total]),
-            &device,
-        );
-        let rope = RopeAngles::new(
-            &input.positions,
-            batch,
-            self.head_dim,
-            self.rope_theta,
-            &device,
-        );
+        let mut seqs = [SeqForward {
+            input,
+            cache,
+            logits: LogitRows::None,
+        }];
+        self.forward_hidden(&mut seqs, input.batch)
+    }
 
-        let mut x = self.embed.forward(&input.tokens, batch, n, &device)?;
+    /// One forward over several sequences at once, each with its own cache (continuous
+    /// batching). Their new tokens are concatenated into one matrix for every projection, so
+    /// the weights are read once for all of them; attention runs per sequence against its own
+    /// cache and mask. Each row's arithmetic is the same as in a forward of that sequence
+    /// alone. Returns, per sequence, the logits rows its [`LogitRows`] asks for.
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] if a sequence's input has `batch != 1` or disagrees with the model
+    /// or its cache; caches are untouched then.
+    pub fn forward_batch(&self, seqs: &mut [SeqForward<'_, B>]) -> Result<Vec<Vec<Vec<f32>>>> {
+        if let Some(s) = seqs.iter().find(|s| s.input.batch != 1) {
+            return Err(ModelError::Input(format!(
+                "a batched forward takes one sequence per input, got batch {}",
+                s.input.batch
+            )));
+        }
+        let hidden = self.forward_hidden(seqs, 1)?;
+        let [_, _, d] = hidden.dims();
+        let mut pick = Vec::new();
+        let mut counts = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for s in seqs.iter() {
+            let n = s.input.n_new;
+            let rows: Vec<usize> = match s.logits {
+                LogitRows::None => vec![],
+                LogitRows::Last => vec![start + n - 1],
+                LogitRows::All => (start..start + n).collect(),
+            };
+            counts.push(rows.len());
+            pick.extend(rows.into_iter().map(|r| r as i64));
+            start += n;
+        }
+        let mut rows = if pick.is_empty() {
+            Vec::new()
+        } else {
+            let device = self.norm.gamma.device();
+            let idx = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(pick.clone(), [pick.len()]),
+                &device,
+            );
+            let picked = hidden.select(1, idx).reshape([1, pick.len(), d]);
+            self.host_rows(self.logits(picked))?
+        }
+        .into_iter();
+        Ok(counts
+            .into_iter()
+            .map(|c| rows.by_ref().take(c).collect())
+            .collect())
+    }
+
+    /// The decoder over `seqs` (validated first), hidden states of all their new tokens
+    /// concatenated along the token axis.
+    fn forward_hidden(&self, seqs: &mut [SeqForward<'_, B>], batch: usize) -> Result<Tensor<B, 3>> {
+        if seqs.is_empty() {
+            return Err(ModelError::Input("no sequences".into()));
+        }
+        for s in seqs.iter() {
+            s.input
+                .validate(self.vocab_size, self.max_position, s.cache.len())?;
+        }
+        let device = self.norm.gamma.device();
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut segments = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            let n = s.input.n_new;
+            let total = s.cache.len() + n;
+            let mask = Tensor::<B, 3, Bool>::from_data(
+                TensorData::new(s.input.mask.clone(), [batch, n, total]),
+                &device,
+            );
+            tokens.extend_from_slice(&s.input.tokens);
+            positions.extend_from_slice(&s.input.positions);
+            segments.push(Segment {
+                len: n,
+                mask,
+                cache: &mut *s.cache,
+            });
+        }
+        let n = tokens.len() / batch;
+        let rope = RopeAngles::new(&positions, batch, self.head_dim, self.rope_theta, &device);
+        let mut x = self.embed.forward(&tokens, batch, n, &device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer
                 .attn
-                .forward(layer.attn_norm.forward(x.clone()), &rope, &mask, i, cache);
+                .forward(layer.attn_norm.forward(x.clone()), &rope, &mut segments, i);
             x = x + h;
             let h = layer.mlp.forward(layer.ffn_norm.forward(x.clone()));
             x = x + h;
@@ -344,15 +446,18 @@ impl<B: Backend> DecoderLayer<B> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// Projections over all rows of `x` at once; RoPE, cache append and attention per segment
+    /// (consecutive runs of rows belonging to one sequence and its cache).
+    ///
     /// # Shapes
-    /// - `x`: `[batch, n, hidden]`, `mask`: `[batch, n, cached + n]` → `[batch, n, hidden]`
+    /// - `x`: `[batch, n, hidden]` with `n` the segments' lengths summed → `[batch, n, hidden]`
+    /// - each segment's `mask`: `[batch, len, cached + len]`
     fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeAngles<B>,
-        mask: &Tensor<B, 3, Bool>,
+        segments: &mut [Segment<'_, B>],
         layer: usize,
-        cache: &mut KvCache<B>,
     ) -> Tensor<B, 3> {
         let [batch, n, _] = x.dims();
         let split = |t: Tensor<B, 3>, heads: usize| {
@@ -361,8 +466,26 @@ impl<B: Backend> Attention<B> {
         let q = rope.apply(split(self.wq.forward(x.clone()), self.n_heads));
         let k = rope.apply(split(self.wk.forward(x.clone()), self.n_kv_heads));
         let v = split(self.wv.forward(x), self.n_kv_heads);
-        let (k, v) = cache.append(layer, k, v);
-        let out = attention_reference(q, k, v, mask.clone());
+        let whole = segments.len() == 1;
+        let mut outs = Vec::with_capacity(segments.len());
+        let mut start = 0;
+        for seg in segments.iter_mut() {
+            let part = |t: &Tensor<B, 4>| {
+                if whole {
+                    t.clone()
+                } else {
+                    t.clone().narrow(2, start, seg.len)
+                }
+            };
+            let (k, v) = seg.cache.append(layer, part(&k), part(&v));
+            outs.push(attention_reference(part(&q), k, v, seg.mask.clone()));
+            start += seg.len;
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one segment")
+        } else {
+            Tensor::cat(outs, 2)
+        };
         self.wo.forward(
             out.swap_dims(1, 2)
                 .reshape([batch, n, self.n_heads * self.head_dim]),
