@@ -34,4 +34,27 @@ pub enum EngineError {
     /// A generation parameter is out of range.
     #[error("invalid parameter: {0}")]
     InvalidParams(String),
+    /// The engine's queue is full; try again later.
+    #[error("too many requests waiting ({waiting})")]
+    QueueFull {
+        /// Requests waiting.
+        waiting: usize,
+    },
+    /// The request's deadline passed before it finished.
+    #[error("request timed out after {after:?}")]
+    Timeout {
+        /// Time since the request arrived.
+        after: std::time::Duration,
+    },
+    /// The KV page pool cannot hold this many tokens of one sequence.
+    #[error("{tokens} tokens need more KV cache than the pool's {capacity} tokens")]
+    KvCapacity {
+        /// Tokens the sequence needs.
+        tokens: usize,
+        /// Tokens the pool holds.
+        capacity: usize,
+    },
+    /// A batched forward failed; every sequence in it ends with this.
+    #[error("batched forward failed: {0}")]
+    Step(String),
 }

@@ -1,6 +1,8 @@
 //! Arbor's embeddable engine.
 //!
 //! - [`Generator`]: plain autoregressive generation for one sequence.
+//! - [`BatchEngine`]: continuous batching of many requests, one batched target forward per
+//!   step (prefill chunks, plain tokens and draft trees together), for servers.
 //! - [`Engine`]: speculative decoding for one sequence — drafts propose token trees, the
 //!   target verifies each tree in one forward pass, the accepted path's KV rows are kept
 //!   (SpecInfer, arXiv 2305.09781). Greedy output equals [`Generator`]'s token for token;
@@ -41,6 +43,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod batch;
 mod error;
 mod generator;
 mod output;
@@ -48,6 +51,10 @@ mod params;
 mod spec;
 mod stop;
 
+pub use batch::{
+    BatchEngine, BatchRequest, DraftFactory, EventSink, Load, RequestId, Scheduler,
+    SchedulerConfig, SeqLoad, StepPlan, StepReport, Work,
+};
 pub use error::EngineError;
 pub use generator::{Generation, Generator};
 pub use output::{Event, Finished, GenerationStats};

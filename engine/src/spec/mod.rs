@@ -2,14 +2,14 @@
 
 mod policy;
 mod stats;
+pub(crate) mod step;
 mod vocab;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arbor_cache::KvCache;
 use arbor_model::{Sampler, Tokenizer, Transformer};
-use arbor_speculators::{Draft, DraftRequest, ModelDraft, TokenTree, TreeShape};
-use arbor_verifier::{verify_greedy, verify_sampling};
+use arbor_speculators::{Draft, ModelDraft, TokenTree};
 use burn::tensor::backend::Backend;
 
 pub use policy::{Planner, TreePolicy, VERIFY_SIZES};
@@ -19,6 +19,7 @@ pub use vocab::check_same_tokenizer;
 use crate::generator::prefill;
 use crate::output::{Event, Output, check_prompt, prompt_tokens};
 use crate::{EngineError, GenerateParams, Prompt};
+use step::{cap_depth, draft_tree, verify_commit};
 
 /// Speculative decoding of one sequence at a time: a target model, its drafts and a tree
 /// policy. Greedy output equals the target's plain greedy output token for token; sampled
@@ -161,22 +162,6 @@ impl<B: Backend> std::fmt::Debug for SpecGeneration<'_, '_, B> {
     }
 }
 
-/// `shape` with its depth cut to `max_depth`.
-fn cap_depth(shape: &TreeShape, max_depth: usize) -> TreeShape {
-    match shape {
-        TreeShape::Expand(k) => TreeShape::Expand(k[..k.len().min(max_depth)].to_vec()),
-        TreeShape::Dynamic {
-            depth,
-            width,
-            budget,
-        } => TreeShape::Dynamic {
-            depth: (*depth).min(max_depth),
-            width: *width,
-            budget: *budget,
-        },
-    }
-}
-
 impl<B: Backend> SpecGeneration<'_, '_, B> {
     /// Prefill and the first token (sampled by the target alone).
     fn start(&mut self) -> Result<(), EngineError> {
@@ -275,82 +260,36 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
         };
         let shape = cap_depth(&shape, max_depth);
         let step_start = Instant::now();
-
-        let root = *self.context.last().expect("started");
-        let mut tree = TokenTree::new(root);
-        let mut draft_time = Duration::ZERO;
-        let mut per_forward = vec![None; self.engine.drafts.len()];
-        if shape.depth() > 0 {
-            for (id, draft) in self.engine.drafts.iter_mut().enumerate() {
-                let t0 = Instant::now();
-                let req = DraftRequest {
-                    context: &self.context,
-                    shape: &shape,
-                    sampling: &self.params.sampling,
-                    id,
-                };
-                let (t, cost) = draft.propose(&req, self.sampler.rng())?;
-                let dt = t0.elapsed();
-                tree.merge(&t)?;
-                draft_time += dt;
-                let s = &mut self.output.spec_mut().drafts[id];
-                s.time += dt;
-                s.forwards += cost.forwards;
-                per_forward[id] = cost.secs_per_level();
-            }
-        }
-
+        let d = draft_tree(
+            &mut self.engine.drafts,
+            &self.context,
+            &shape,
+            &self.params,
+            &mut self.sampler,
+            &mut self.output,
+        )?;
         let t0 = Instant::now();
-        let rows = target.forward_all_logits(&tree.forward_input(cached), &mut self.cache)?;
-        let sampling = &self.params.sampling;
-        let verified = if sampling.is_greedy() {
-            verify_greedy(&tree, &rows)
-        } else {
-            verify_sampling(
-                &tree,
-                |i| sampling.distribution(&rows[i]),
-                self.sampler.rng(),
-            )
-        };
-        let verify_time = t0.elapsed();
-        tracing::trace!(
-            %shape,
-            nodes = tree.len(),
-            accepted = verified.accepted.len(),
-            draft_secs = draft_time.as_secs_f64(),
-            verify_secs = verify_time.as_secs_f64(),
-            ?per_forward,
-            "step"
+        let rows = target.forward_all_logits(&d.tree.forward_input(cached), &mut self.cache)?;
+        let v = verify_commit(
+            &d.tree,
+            &rows,
+            &self.params,
+            &mut self.sampler,
+            &mut self.cache,
+            cached,
+            &mut self.output,
+            (d.time, t0.elapsed()),
         );
-
-        let t0 = Instant::now();
-        let keep: Vec<usize> = std::iter::once(cached)
-            .chain(verified.accepted.iter().map(|&a| cached + a))
-            .collect();
-        self.cache.retain(cached, &keep);
-        let spec = self.output.spec_mut();
-        let walk = spec.record_tree(&tree, &verified.accepted);
-        spec.draft_time += draft_time;
-        spec.verify_time += verify_time;
-        spec.emitted += verified.tokens.len();
-        self.output.step(StepStats {
-            tree_nodes: tree.len() - 1,
-            tree_depth: tree.depth(),
-            accepted: verified.accepted.len(),
-            emitted: verified.tokens.len(),
-            draft_time,
-            verify_time,
-        });
-        self.output.spec_mut().commit_time += t0.elapsed();
         // Time is booked before the tokens: the last one may end the generation, and the
         // final event carries the totals.
         let total = step_start.elapsed();
         self.output.add_time(total);
-        self.push(&verified.tokens, cached + 1)?;
-        let overhead = (total - draft_time - verify_time).as_secs_f64();
+        self.push(&v.tokens, cached + 1)?;
+        let spent = d.time + v.verify_time;
+        let overhead = total.saturating_sub(spent).as_secs_f64();
         self.engine
             .planner
-            .observe(shape.width(), &walk, &per_forward, overhead);
+            .observe(shape.width(), &v.walk, &d.per_forward, overhead);
         Ok(())
     }
 }

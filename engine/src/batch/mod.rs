@@ -1,0 +1,460 @@
+//! Continuous batching: many sequences, one target forward per step.
+//!
+//! [`BatchEngine`] keeps a queue of waiting requests and a set of running sequences. Each
+//! [`step`](BatchEngine::step) asks the [`Scheduler`] what every sequence does (a prompt chunk,
+//! one plain token, or a draft tree of some size), drafts the trees, runs **one** batched
+//! target forward over all of it ([`Transformer::forward_batch`]: ragged sequences, each
+//! with its own cache and mask), then verifies each tree, commits the accepted rows and
+//! hands the sequence's events to its [`EventSink`]. Requests join between steps; a sink
+//! whose receiver is gone cancels its request at the next step and frees its cache.
+//!
+//! ```
+//! use std::sync::mpsc;
+//! use arbor_engine::{BatchEngine, BatchRequest, Event, GenerateParams, Prompt, SchedulerConfig};
+//! use arbor_model::{Architecture, ModelConfig, RandomWeights, Transformer};
+//! use arbor_speculators::NgramDraft;
+//! type B = burn::backend::Flex;
+//! let dev = Default::default();
+//! let tok = arbor_model::testing::byte_tokenizer();
+//! let config =
+//!     ModelConfig { vocab_size: tok.vocab_size(), ..ModelConfig::tiny(Architecture::Llama) };
+//! let target = Transformer::<B>::from_weights(&config, &mut RandomWeights::new(1, 0.2), &dev)?;
+//! let mut engine = BatchEngine::new(&target, &tok, SchedulerConfig::default())?
+//!     .with_draft(|| Box::new(NgramDraft::default()))
+//!     .with_tree("chain:3".parse()?);
+//! let params = GenerateParams { max_tokens: 5, ignore_eos: true, ..GenerateParams::default() };
+//! let mut streams = Vec::new();
+//! for text in ["abcabc", "hello"] {
+//!     let (tx, rx) = mpsc::channel();
+//!     let req = BatchRequest::new(Prompt::Text(text.into()), params.clone());
+//!     engine.add(req, Box::new(tx))?;
+//!     streams.push(rx);
+//! }
+//! while engine.has_work() {
+//!     engine.step();
+//! }
+//! for rx in streams {
+//!     let done = rx.try_iter().find_map(|e| match e {
+//!         Ok(Event::Done(d)) => Some(d),
+//!         _ => None,
+//!     });
+//!     assert_eq!(done.unwrap().tokens.len(), 5);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod scheduler;
+mod sequence;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use arbor_model::{SeqForward, Tokenizer, Transformer};
+use arbor_speculators::{Draft, ModelDraft, TreeShape};
+use burn::tensor::backend::Backend;
+
+pub use scheduler::{Scheduler, SchedulerConfig, SeqLoad, StepPlan, Work};
+
+use crate::output::{Event, Output, check_prompt, prompt_tokens};
+use crate::{DraftStats, EngineError, GenerateParams, Prompt, check_same_tokenizer};
+use sequence::Sequence;
+
+/// Identifies a request within one [`BatchEngine`].
+pub type RequestId = u64;
+
+/// Where a request's events go. Implemented for `std::sync::mpsc::Sender`; servers wrap
+/// their async channels.
+pub trait EventSink {
+    /// Delivers one item; `false` if the receiver is gone (the request is then cancelled).
+    fn send(&mut self, item: Result<Event, EngineError>) -> bool;
+
+    /// Whether the receiver is gone, checked before every step (a client that disconnected
+    /// while nothing was sent to it is noticed within one step).
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+impl EventSink for std::sync::mpsc::Sender<Result<Event, EngineError>> {
+    fn send(&mut self, item: Result<Event, EngineError>) -> bool {
+        std::sync::mpsc::Sender::send(self, item).is_ok()
+    }
+}
+
+/// Builds a fresh draft for one sequence (drafts hold per-sequence state).
+pub type DraftFactory<'m> = Box<dyn Fn() -> Box<dyn Draft + 'm> + 'm>;
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct BatchRequest {
+    /// What to continue.
+    pub prompt: Prompt,
+    /// Sampling, stops and limits (`prefill_chunk` is the scheduler's here).
+    pub params: GenerateParams,
+    /// Speculate for this request (when the engine has drafts and a tree shape).
+    pub speculate: bool,
+    /// Fail with [`EngineError::Timeout`] if not finished by then.
+    pub deadline: Option<Instant>,
+}
+
+impl BatchRequest {
+    /// A request that speculates (if the engine can) and has no deadline.
+    pub fn new(prompt: Prompt, params: GenerateParams) -> Self {
+        Self {
+            prompt,
+            params,
+            speculate: true,
+            deadline: None,
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// Rows in the step's target forward.
+    pub rows: usize,
+    /// Sequences in that forward.
+    pub sequences: usize,
+    /// Prompt tokens fed.
+    pub prefill_rows: usize,
+    /// Tree nodes verified beyond the roots.
+    pub tree_rows: usize,
+    /// Sequences admitted from the queue.
+    pub admitted: usize,
+    /// Sequences preempted (cache dropped, back in the queue).
+    pub preempted: usize,
+    /// Sequences that ended (finished, failed, cancelled or timed out).
+    pub ended: usize,
+}
+
+/// A snapshot of the engine's load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Sequences running.
+    pub running: usize,
+    /// Requests waiting.
+    pub waiting: usize,
+    /// KV tokens held by running sequences.
+    pub kv_tokens: usize,
+    /// KV pages they occupy.
+    pub kv_pages_used: usize,
+    /// KV pages in all.
+    pub kv_pages_total: usize,
+}
+
+/// Continuous batching with speculative decoding over one target model.
+pub struct BatchEngine<'m, B: Backend> {
+    target: &'m Transformer<B>,
+    tokenizer: &'m Tokenizer,
+    drafts: Vec<(String, DraftFactory<'m>)>,
+    shape: Option<TreeShape>,
+    scheduler: Scheduler,
+    waiting: VecDeque<Sequence<'m, B>>,
+    running: Vec<Sequence<'m, B>>,
+    next_id: RequestId,
+}
+
+impl<B: Backend> std::fmt::Debug for BatchEngine<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchEngine")
+            .field("load", &self.load())
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+impl<'m, B: Backend> BatchEngine<'m, B> {
+    /// An engine with no drafts (plain decoding) under `config`'s limits.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidParams`] for inconsistent limits.
+    pub fn new(
+        target: &'m Transformer<B>,
+        tokenizer: &'m Tokenizer,
+        config: SchedulerConfig,
+    ) -> Result<Self, EngineError> {
+        Ok(Self {
+            target,
+            tokenizer,
+            drafts: Vec::new(),
+            shape: None,
+            scheduler: Scheduler::new(config).map_err(EngineError::InvalidParams)?,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+        })
+    }
+
+    /// Adds a draft, built afresh for every sequence by `factory` (the caller vouches that it
+    /// speaks the target's token ids).
+    #[must_use]
+    pub fn with_draft(mut self, factory: impl Fn() -> Box<dyn Draft + 'm> + 'm) -> Self {
+        let name = factory().name().to_string();
+        self.drafts.push((name, Box::new(factory)));
+        self
+    }
+
+    /// Adds a model draft after checking its tokenizer; each sequence gets its own cache over
+    /// the shared weights.
+    ///
+    /// # Errors
+    /// [`EngineError::DraftMismatch`] for a different tokenizer or a smaller vocabulary.
+    pub fn with_model_draft(
+        self,
+        name: &str,
+        model: &'m Transformer<B>,
+        tokenizer: &Tokenizer,
+    ) -> Result<Self, EngineError> {
+        check_same_tokenizer(self.tokenizer, tokenizer, name)?;
+        if model.vocab_size() < self.tokenizer.vocab_size() {
+            return Err(EngineError::DraftMismatch {
+                draft: name.into(),
+                reason: format!(
+                    "its output layer has {} rows for {} tokens",
+                    model.vocab_size(),
+                    self.tokenizer.vocab_size()
+                ),
+            });
+        }
+        let name = name.to_string();
+        Ok(self.with_draft(move || Box::new(ModelDraft::new(name.clone(), model.clone()))))
+    }
+
+    /// The tree shape speculating sequences verify (cut down by the scheduler under load).
+    #[must_use]
+    pub fn with_tree(mut self, shape: TreeShape) -> Self {
+        self.shape = Some(shape);
+        self
+    }
+
+    /// The drafts' names.
+    pub fn draft_names(&self) -> Vec<String> {
+        self.drafts.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// The scheduler's limits.
+    pub fn config(&self) -> &SchedulerConfig {
+        self.scheduler.config()
+    }
+
+    /// Queues a request; its events go to `sink`.
+    ///
+    /// # Errors
+    /// Invalid parameters, an empty, over-long or out-of-vocabulary prompt, tokenizer
+    /// failures, or [`EngineError::QueueFull`].
+    pub fn add(
+        &mut self,
+        req: BatchRequest,
+        sink: Box<dyn EventSink>,
+    ) -> Result<RequestId, EngineError> {
+        req.params.validate()?;
+        if self.waiting.len() >= self.config().max_waiting {
+            return Err(EngineError::QueueFull {
+                waiting: self.waiting.len(),
+            });
+        }
+        let ids = prompt_tokens(self.tokenizer, &req.prompt)?;
+        check_prompt(&ids, self.target)?;
+        let c = self.config();
+        if c.pages(ids.len() + 1) > c.kv_pages {
+            return Err(EngineError::KvCapacity {
+                tokens: ids.len() + 1,
+                capacity: c.kv_pages * c.page_size,
+            });
+        }
+        let speculate = req.speculate && self.shape.is_some() && !self.drafts.is_empty();
+        let mut output = Output::new(self.tokenizer, &req.params, ids.len());
+        let drafts = if speculate {
+            output.spec_mut().drafts = self
+                .drafts
+                .iter()
+                .map(|(name, _)| DraftStats {
+                    name: name.clone(),
+                    ..DraftStats::default()
+                })
+                .collect();
+            self.drafts.iter().map(|(_, f)| f()).collect()
+        } else {
+            Vec::new()
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back(Sequence::new(
+            id,
+            self.target,
+            ids,
+            req.params,
+            output,
+            drafts,
+            self.shape.clone().filter(|_| speculate),
+            sink,
+            req.deadline,
+        ));
+        Ok(id)
+    }
+
+    /// Ends a request now (its cache is freed); `false` if it is not known (already over).
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        let before = self.running.len() + self.waiting.len();
+        self.running.retain(|s| s.id != id);
+        self.waiting.retain(|s| s.id != id);
+        before != self.running.len() + self.waiting.len()
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// The engine's load now.
+    pub fn load(&self) -> Load {
+        let c = self.config();
+        let kv_tokens = self.running.iter().map(|s| s.cache.len()).sum();
+        let kv_pages_used = self.running.iter().map(|s| c.pages(s.cache.len())).sum();
+        Load {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            kv_tokens,
+            kv_pages_used,
+            kv_pages_total: c.kv_pages,
+        }
+    }
+
+    /// Ends sequences whose receiver is gone or whose deadline passed.
+    fn reap(&mut self) -> usize {
+        let now = Instant::now();
+        let mut ended = 0;
+        for s in self.running.iter_mut().chain(self.waiting.iter_mut()) {
+            if s.sink.is_closed() {
+                s.done = true;
+            } else if s.deadline.is_some_and(|d| now >= d) {
+                s.fail(EngineError::Timeout {
+                    after: now - s.arrived,
+                });
+            }
+            ended += usize::from(s.done);
+        }
+        self.running.retain(|s| !s.done);
+        self.waiting.retain(|s| !s.done);
+        ended
+    }
+
+    /// One scheduling step: admit, prefill chunks, draft, one batched target forward, verify
+    /// and commit, deliver events. Failures end only the sequences they concern.
+    pub fn step(&mut self) -> StepReport {
+        let mut report = StepReport {
+            ended: self.reap(),
+            ..StepReport::default()
+        };
+        let max_pos = self.target.max_position();
+        let running: Vec<SeqLoad> = self.running.iter().map(|s| s.load(max_pos)).collect();
+        let waiting: Vec<SeqLoad> = self.waiting.iter().map(|s| s.load(max_pos)).collect();
+        let plan = self.scheduler.plan(&running, &waiting);
+        report.admitted = plan.admit;
+        for _ in 0..plan.admit {
+            let s = self.waiting.pop_front().expect("planned from the queue");
+            self.running.push(s);
+        }
+        // Preempted sequences go back to the queue's front, in their order.
+        let mut work = Vec::with_capacity(plan.work.len());
+        let mut kept = Vec::with_capacity(self.running.len());
+        let mut preempted = Vec::new();
+        let capacity = self.config().kv_pages * self.config().page_size;
+        for (mut s, w) in self.running.drain(..).zip(plan.work) {
+            if w == Work::Preempt {
+                s.preempt();
+                preempted.push(s);
+            } else if w == Work::Abort {
+                s.fail(EngineError::KvCapacity {
+                    tokens: s.cache.len() + 1,
+                    capacity,
+                });
+                report.ended += 1;
+            } else {
+                kept.push(s);
+                work.push(w);
+            }
+        }
+        report.preempted = preempted.len();
+        for s in preempted.into_iter().rev() {
+            tracing::debug!(id = s.id, "preempted (KV pages exhausted)");
+            self.waiting.push_front(s);
+        }
+        self.running = kept;
+
+        for (s, w) in self.running.iter_mut().zip(&work) {
+            match *w {
+                Work::Prefill(n) => {
+                    s.prepare_prefill(n);
+                    report.prefill_rows += n;
+                }
+                Work::Decode(n) => {
+                    if let Err(e) = s.prepare_decode(n) {
+                        s.fail(e);
+                    }
+                }
+                Work::Idle | Work::Preempt | Work::Abort => {}
+            }
+        }
+        self.forward(&mut report);
+        for s in &mut self.running {
+            s.flush();
+        }
+        let before = self.running.len();
+        self.running.retain(|s| !s.done);
+        report.ended += before - self.running.len();
+        report
+    }
+
+    /// The batched target forward over every prepared sequence, and each one's commit.
+    fn forward(&mut self, report: &mut StepReport) {
+        let max_pos = self.target.max_position();
+        let t0 = Instant::now();
+        let mut batch: Vec<SeqForward<'_, B>> = Vec::new();
+        for s in self.running.iter_mut().filter(|s| !s.done) {
+            let logits = s.logit_rows();
+            if let Some(input) = &s.input {
+                report.rows += input.n_new;
+                batch.push(SeqForward {
+                    input,
+                    cache: &mut s.cache,
+                    logits,
+                });
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        report.sequences = batch.len();
+        let result = self.target.forward_batch(&mut batch);
+        drop(batch);
+        let forward_time: Duration = t0.elapsed();
+        let mut results = match result {
+            Ok(r) => r.into_iter(),
+            Err(e) => {
+                tracing::error!(error = %e, "batched forward failed");
+                for s in self.running.iter_mut().filter(|s| s.input.is_some()) {
+                    s.input = None;
+                    s.pending = None;
+                    s.fail(EngineError::Step(e.to_string()));
+                }
+                return;
+            }
+        };
+        for s in self
+            .running
+            .iter_mut()
+            .filter(|s| !s.done && s.input.is_some())
+        {
+            let rows = results.next().expect("one result per sequence");
+            report.tree_rows += s.tree_rows();
+            if let Err(e) = s.finish_step(&rows, max_pos, forward_time) {
+                s.fail(e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

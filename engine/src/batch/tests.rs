@@ -1,0 +1,340 @@
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use arbor_model::{
+    Architecture, ModelConfig, RandomWeights, SamplingParams, Tokenizer, Transformer,
+};
+use arbor_speculators::NgramDraft;
+
+use super::*;
+use crate::{Event, Finished, Generator};
+
+type B = burn::backend::Flex;
+type Rx = mpsc::Receiver<Result<Event, EngineError>>;
+
+fn model() -> (Transformer<B>, Tokenizer) {
+    let tok = arbor_model::testing::byte_tokenizer();
+    let config = ModelConfig {
+        vocab_size: tok.vocab_size(),
+        ..ModelConfig::tiny(Architecture::Qwen2)
+    };
+    let m = Transformer::from_weights(
+        &config,
+        &mut RandomWeights::new(3, 0.3),
+        &Default::default(),
+    )
+    .unwrap();
+    (m, tok)
+}
+
+fn params(max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    }
+}
+
+fn prompts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!("{i} the tree grows {} leaves, ", "ab".repeat(i % 5 + 1)).repeat(i % 3 + 1)
+        })
+        .collect()
+}
+
+fn submit(e: &mut BatchEngine<'_, B>, prompt: &str, p: GenerateParams, spec: bool) -> Rx {
+    let (tx, rx) = mpsc::channel();
+    let req = BatchRequest {
+        speculate: spec,
+        ..BatchRequest::new(Prompt::Text(prompt.into()), p)
+    };
+    e.add(req, Box::new(tx)).unwrap();
+    rx
+}
+
+fn run(e: &mut BatchEngine<'_, B>) {
+    let mut steps = 0;
+    while e.has_work() {
+        e.step();
+        steps += 1;
+        assert!(steps < 10_000, "engine does not finish");
+    }
+}
+
+fn finished(rx: &Rx) -> (String, Finished) {
+    let mut text = String::new();
+    for e in rx.try_iter() {
+        match e.unwrap() {
+            Event::Text(t) => text.push_str(&t),
+            Event::Step(_) => {}
+            Event::Done(d) => return (text, d),
+        }
+    }
+    panic!("no Done event");
+}
+
+fn plain(m: &Transformer<B>, tok: &Tokenizer, prompt: &str, p: &GenerateParams) -> Vec<u32> {
+    let g = Generator::new(m, tok);
+    g.generate(&Prompt::Text(prompt.into()), p)
+        .unwrap()
+        .find_map(|e| match e.unwrap() {
+            Event::Done(d) => Some(d.tokens),
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// Sixteen requests at once — prompt chunks, plain tokens and trees in shared forwards —
+/// each produce exactly the tokens plain greedy decoding of that prompt alone produces.
+#[test]
+fn batched_greedy_equals_plain_greedy_alone() {
+    let (m, tok) = model();
+    let config = SchedulerConfig {
+        max_batch_tokens: 48,
+        prefill_chunk: 16,
+        ..SchedulerConfig::default()
+    };
+    for spec in [false, true] {
+        let mut e = BatchEngine::new(&m, &tok, config.clone())
+            .unwrap()
+            .with_draft(|| Box::new(NgramDraft::default()))
+            .with_tree("2,1,1".parse().unwrap());
+        let texts = prompts(16);
+        let rxs: Vec<Rx> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| submit(&mut e, t, params(12 + i % 7), spec))
+            .collect();
+        run(&mut e);
+        for ((t, rx), i) in texts.iter().zip(&rxs).zip(0..) {
+            let (_, done) = finished(rx);
+            assert_eq!(
+                done.tokens,
+                plain(&m, &tok, t, &params(12 + i % 7)),
+                "request {i} (speculation {spec})"
+            );
+            assert_eq!(done.spec.is_some(), spec);
+        }
+        assert_eq!(
+            e.load(),
+            Load {
+                kv_pages_total: config.kv_pages,
+                ..Load::default()
+            }
+        );
+    }
+}
+
+/// Speculation really runs in a batch: trees are verified, and some nodes accepted on a
+/// repetitive prompt (prompt lookup), while the output stays the plain greedy one.
+#[test]
+fn trees_are_verified_inside_batched_steps() {
+    let (m, tok) = model();
+    let mut e = BatchEngine::new(&m, &tok, SchedulerConfig::default())
+        .unwrap()
+        .with_draft(|| Box::new(NgramDraft::default()))
+        .with_tree("chain:4".parse().unwrap());
+    // The model's own greedy output, repeated, is what prompt lookup will find.
+    let seed = plain(&m, &tok, "xyz", &params(40));
+    let cont = tok.decode(&seed, false).unwrap();
+    let prompt = format!("xyz{cont}xyz");
+    let rx = submit(&mut e, &prompt, params(30), true);
+    let mut tree_rows = 0;
+    while e.has_work() {
+        tree_rows += e.step().tree_rows;
+    }
+    let (_, done) = finished(&rx);
+    assert_eq!(done.tokens, plain(&m, &tok, &prompt, &params(30)));
+    let spec = done.spec.unwrap();
+    assert!(
+        tree_rows > 0 && spec.drafted == tree_rows,
+        "{tree_rows} {spec:?}"
+    );
+    assert!(spec.accepted > 0, "{spec:?}");
+}
+
+/// Continuous batching: a request that arrives while others decode joins between steps,
+/// and a long prompt is fed in chunks while the running stream keeps emitting.
+#[test]
+fn requests_join_between_steps_and_long_prompts_do_not_stall_streams() {
+    let (m, tok) = model();
+    let config = SchedulerConfig {
+        max_batch_tokens: 24,
+        prefill_chunk: 16,
+        ..SchedulerConfig::default()
+    };
+    let mut e = BatchEngine::new(&m, &tok, config).unwrap();
+    let first = submit(&mut e, "hello", params(40), false);
+    for _ in 0..3 {
+        e.step();
+    }
+    let long = "a long prompt that needs many chunks. ".repeat(4);
+    let second = submit(&mut e, &long, params(5), false);
+    let mut texts_during_prefill = 0;
+    let mut prefill_steps = 0;
+    while e.has_work() {
+        let r = e.step();
+        if r.prefill_rows > 0 {
+            prefill_steps += 1;
+            assert!(r.rows <= 24);
+            texts_during_prefill += usize::from(r.sequences == 2);
+        }
+    }
+    assert!(prefill_steps >= long.len() / 16, "{prefill_steps} chunks");
+    assert!(texts_during_prefill >= prefill_steps - 1);
+    assert_eq!(
+        finished(&first).1.tokens,
+        plain(&m, &tok, "hello", &params(40))
+    );
+    assert_eq!(
+        finished(&second).1.tokens,
+        plain(&m, &tok, &long, &params(5))
+    );
+}
+
+/// A dropped receiver cancels its request at the next step and frees its cache; an explicit
+/// cancel does the same; a deadline ends a request with a timeout error.
+#[test]
+fn cancel_disconnect_and_timeout_free_everything() {
+    let (m, tok) = model();
+    let mut e = BatchEngine::new(&m, &tok, SchedulerConfig::default()).unwrap();
+    let keep = submit(&mut e, "stay", params(20), false);
+    let gone = submit(&mut e, "leave", params(1000), false);
+    let (tx, _rx_cancelled) = mpsc::channel();
+    let cancelled = e
+        .add(
+            BatchRequest::new(Prompt::Text("cancel".into()), params(1000)),
+            Box::new(tx),
+        )
+        .unwrap();
+    let (tx, timed) = mpsc::channel();
+    let req = BatchRequest {
+        deadline: Some(Instant::now() + Duration::from_millis(30)),
+        ..BatchRequest::new(Prompt::Text("slow".into()), params(100_000))
+    };
+    e.add(req, Box::new(tx)).unwrap();
+    for _ in 0..3 {
+        e.step();
+    }
+    assert_eq!(e.load().running, 4);
+    drop(gone);
+    e.step();
+    assert_eq!(e.load().running, 3, "the disconnected request is dropped");
+    assert!(e.cancel(cancelled));
+    assert!(!e.cancel(cancelled));
+    std::thread::sleep(Duration::from_millis(40));
+    e.step();
+    assert!(matches!(
+        timed.try_iter().last(),
+        Some(Err(EngineError::Timeout { .. }))
+    ));
+    run(&mut e);
+    assert_eq!(finished(&keep).1.tokens.len(), 20);
+    let load = e.load();
+    assert_eq!(
+        (
+            load.running,
+            load.waiting,
+            load.kv_tokens,
+            load.kv_pages_used
+        ),
+        (0, 0, 0, 0)
+    );
+}
+
+/// With too few KV pages for everyone, sequences are preempted and recomputed — and still
+/// produce the plain greedy tokens. A full queue refuses new requests.
+#[test]
+fn preemption_recomputes_and_full_queue_refuses() {
+    let (m, tok) = model();
+    let config = SchedulerConfig {
+        page_size: 4,
+        kv_pages: 20,
+        max_waiting: 6,
+        ..SchedulerConfig::default()
+    };
+    let mut e = BatchEngine::new(&m, &tok, config).unwrap();
+    let texts: Vec<String> = (0..6).map(|i| format!("short {i}")).collect();
+    let rxs: Vec<Rx> = texts
+        .iter()
+        .map(|t| submit(&mut e, t, params(24), false))
+        .collect();
+    let (tx, _rx) = mpsc::channel();
+    let err = e
+        .add(
+            BatchRequest::new(Prompt::Text("x".into()), params(1)),
+            Box::new(tx),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::QueueFull { waiting: 6 }),
+        "{err}"
+    );
+    let mut preempted = 0;
+    while e.has_work() {
+        let r = e.step();
+        preempted += r.preempted;
+        assert!(e.load().kv_pages_used <= 20);
+    }
+    assert!(preempted > 0, "the test must exercise preemption");
+    for (t, rx) in texts.iter().zip(&rxs) {
+        assert_eq!(finished(rx).1.tokens, plain(&m, &tok, t, &params(24)));
+    }
+    // A prompt the whole pool cannot hold is refused; one that outgrows it alone is ended.
+    let (tx, _rx) = mpsc::channel();
+    let err = e
+        .add(
+            BatchRequest::new(Prompt::Text("y".repeat(80)), params(1)),
+            Box::new(tx),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::KvCapacity { capacity: 80, .. }),
+        "{err}"
+    );
+    let rx = submit(&mut e, "grows", params(200), false);
+    run(&mut e);
+    assert!(matches!(
+        rx.try_iter().last(),
+        Some(Err(EngineError::KvCapacity { .. }))
+    ));
+}
+
+/// Bad requests are refused at `add`, the engine unharmed.
+#[test]
+fn bad_requests_are_refused() {
+    let (m, tok) = model();
+    let mut e = BatchEngine::new(&m, &tok, SchedulerConfig::default()).unwrap();
+    let (tx, _rx) = mpsc::channel::<Result<Event, EngineError>>();
+    let bad = [
+        BatchRequest::new(Prompt::Text(String::new()), params(3)),
+        BatchRequest::new(Prompt::Text("x".repeat(m.max_position() + 5)), params(3)),
+        BatchRequest::new(Prompt::Text("x".into()), params(0)),
+        BatchRequest::new(
+            Prompt::Text("x".into()),
+            GenerateParams {
+                sampling: SamplingParams {
+                    temperature: -1.0,
+                    ..SamplingParams::greedy()
+                },
+                ..params(3)
+            },
+        ),
+    ];
+    for req in bad {
+        assert!(e.add(req, Box::new(tx.clone())).is_err());
+    }
+    assert!(!e.has_work());
+    assert!(
+        BatchEngine::new(
+            &m,
+            &tok,
+            SchedulerConfig {
+                max_running: 0,
+                ..SchedulerConfig::default()
+            }
+        )
+        .is_err()
+    );
+}
