@@ -39,6 +39,8 @@ enum Command {
         /// Short name; `list` shows them.
         name: String,
     },
+    /// Serve an OpenAI-compatible HTTP API (continuous batching, SSE streaming, metrics).
+    Serve(crate::serve::ServeArgs),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(GenerateArgs),
     /// Measure speed and acceptance: `--plain`, or `--draft D --prompts FILE` for speculative
@@ -172,6 +174,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
+        Command::Serve(args) => crate::serve::run(&args),
         Command::Generate(args) => crate::generate::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
     }

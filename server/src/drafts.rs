@@ -1,10 +1,11 @@
-//! `--draft` values shared by `generate` and `bench`, and building an [`Engine`] from them.
+//! `--draft` values shared by `generate`, `bench` and `serve`, loading them, and building an
+//! [`Engine`] or a [`BatchEngine`] from them.
 
 use anyhow::{Context, Result, bail};
-use arbor_engine::{Engine, TreePolicy};
-use arbor_model::LoadedModel;
+use arbor_engine::{BatchEngine, Engine, SchedulerConfig, TreePolicy, check_same_tokenizer};
 use arbor_model::hub::ResolveOptions;
-use arbor_speculators::NgramDraft;
+use arbor_model::{LoadedModel, Transformer};
+use arbor_speculators::{NgramDraft, TreeShape};
 use burn::tensor::backend::Backend;
 
 /// A `--draft` value.
@@ -58,47 +59,122 @@ impl DraftSpec {
     }
 }
 
-/// A speculative engine over `target` with the drafts `specs` (model drafts loaded now and
-/// checked against the target's tokenizer).
-pub fn build_engine<'m, B: Backend>(
-    target: &'m LoadedModel<B>,
+/// A draft ready to use: prompt lookup, or a loaded model checked against the target.
+pub enum LoadedDraft<B: Backend> {
+    /// Prompt lookup up to this n-gram length.
+    Ngram(usize),
+    /// A model draft (label as shown in statistics).
+    Model {
+        /// Display name (e.g. `self:6@f16`, `qwen2.5-coder-0.5b`).
+        label: String,
+        /// The network.
+        model: Transformer<B>,
+    },
+}
+
+/// Loads the drafts `specs` for `target` (model drafts resolved and loaded now).
+///
+/// # Errors
+/// A draft that cannot be loaded, or whose tokenizer differs from the target's.
+pub fn load_drafts<B: Backend>(
+    target: &LoadedModel<B>,
     specs: &[DraftSpec],
-    policy: TreePolicy,
     opts: ResolveOptions,
     device: &B::Device,
-) -> Result<Engine<'m, B>> {
-    let mut engine = Engine::new(&target.model, &target.tokenizer, policy);
+) -> Result<Vec<LoadedDraft<B>>> {
+    let mut out = Vec::new();
     for d in specs {
-        engine = match d {
-            DraftSpec::Ngram(n) => engine.with_draft(NgramDraft {
-                max_n: *n,
-                ..NgramDraft::default()
-            }),
+        out.push(match d {
+            DraftSpec::Ngram(n) => LoadedDraft::Ngram(*n),
             DraftSpec::SelfLayers(n, f16) => {
                 let mut m = target.model.truncated(*n)?;
                 if *f16 {
                     m = m.with_f16_weights();
                 }
-                let name = format!("self:{n}{}", if *f16 { "@f16" } else { "" });
-                engine.with_model_draft(&name, &m, &target.tokenizer)?
+                LoadedDraft::Model {
+                    label: format!("self:{n}{}", if *f16 { "@f16" } else { "" }),
+                    model: m,
+                }
             }
             DraftSpec::Model(name, f16) => {
                 let loaded = LoadedModel::<B>::load(name, opts, device)
                     .with_context(|| format!("loading draft {name}"))?;
+                check_same_tokenizer(&target.tokenizer, &loaded.tokenizer, name)?;
                 // Block-quantized weights stay as they are; only f32-held ones become f16.
                 let converted = f16.then(|| loaded.model.with_f16_weights());
-                let (m, label) = match converted {
+                match converted {
                     Some(m) if m.weight_bytes() < loaded.model.weight_bytes() => {
-                        (m, format!("{}@f16", loaded.name))
+                        LoadedDraft::Model {
+                            label: format!("{}@f16", loaded.name),
+                            model: m,
+                        }
                     }
-                    _ => (loaded.model.clone(), loaded.name.clone()),
-                };
-                drop(loaded.model);
-                engine.with_model_draft(&label, &m, &loaded.tokenizer)?
+                    _ => LoadedDraft::Model {
+                        label: loaded.name.clone(),
+                        model: loaded.model,
+                    },
+                }
+            }
+        });
+    }
+    Ok(out)
+}
+
+fn ngram(max_n: usize) -> NgramDraft {
+    NgramDraft {
+        max_n,
+        ..NgramDraft::default()
+    }
+}
+
+/// A speculative engine over `target` with `drafts`.
+///
+/// # Errors
+/// A model draft whose vocabulary is smaller than the target's.
+pub fn build_engine<'m, B: Backend>(
+    target: &'m LoadedModel<B>,
+    drafts: &'m [LoadedDraft<B>],
+    policy: TreePolicy,
+) -> Result<Engine<'m, B>> {
+    let mut engine = Engine::new(&target.model, &target.tokenizer, policy);
+    for d in drafts {
+        engine = match d {
+            LoadedDraft::Ngram(n) => engine.with_draft(ngram(*n)),
+            LoadedDraft::Model { label, model } => {
+                engine.with_model_draft(label, model, &target.tokenizer)?
             }
         };
     }
     Ok(engine)
+}
+
+/// A continuous-batching engine over `target` with `drafts` (each sequence gets its own
+/// draft state) verifying trees of `tree`.
+///
+/// # Errors
+/// Inconsistent scheduler limits, or a model draft whose vocabulary is smaller.
+pub fn build_batch_engine<'m, B: Backend>(
+    target: &'m LoadedModel<B>,
+    drafts: &'m [LoadedDraft<B>],
+    tree: Option<TreeShape>,
+    config: SchedulerConfig,
+) -> Result<BatchEngine<'m, B>> {
+    let mut engine = BatchEngine::new(&target.model, &target.tokenizer, config)?;
+    for d in drafts {
+        engine = match d {
+            LoadedDraft::Ngram(n) => {
+                let n = *n;
+                engine.with_draft(move || Box::new(ngram(n)))
+            }
+            LoadedDraft::Model { label, model } => {
+                engine.with_model_draft(label, model, &target.tokenizer)?
+            }
+        };
+    }
+    Ok(match tree {
+        Some(t) => engine.with_tree(t),
+        None => engine,
+    })
 }
 
 #[cfg(test)]

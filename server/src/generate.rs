@@ -7,7 +7,7 @@ use arbor_engine::{EngineError, Event, GenerateParams, Generator, Prompt, TreePo
 use arbor_model::{ChatMessage, LoadedModel};
 
 use crate::cli::{GenerateArgs, with_backend};
-use crate::drafts::{DraftSpec, build_engine};
+use arbor_server::drafts::{DraftSpec, build_engine, load_drafts};
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let text = if args.prompt == "-" {
@@ -46,13 +46,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             let generator = Generator::new(&loaded.model, &loaded.tokenizer);
             stream(generator.generate(&prompt, &params)?, &mut out)
         } else {
-            let mut engine = build_engine(
-                &loaded,
-                &drafts,
-                policy,
-                args.model.resolve_options(),
-                &device,
-            )?;
+            let drafts = load_drafts(&loaded, &drafts, args.model.resolve_options(), &device)?;
+            let mut engine = build_engine(&loaded, &drafts, policy)?;
             stream(engine.generate(&prompt, &params)?, &mut out)
         }
     })

@@ -1,9 +1,9 @@
-//! `arbor`: tree-speculative LLM serving. Subcommands: `fetch`, `generate`, `bench`.
+//! `arbor`: tree-speculative LLM serving. Subcommands: `fetch`, `serve`, `generate`, `bench`.
 
 mod bench;
 mod cli;
-mod drafts;
 mod generate;
+mod serve;
 
 use clap::Parser;
 

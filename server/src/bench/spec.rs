@@ -9,7 +9,7 @@ use super::BenchArgs;
 use super::prompts::load;
 use super::report::{PromptFigures, Report, Run, figures, print_table};
 use crate::cli::with_backend;
-use crate::drafts::{DraftSpec, build_engine};
+use arbor_server::drafts::{DraftSpec, build_engine, load_drafts};
 
 fn finish(
     events: impl Iterator<Item = Result<Event, arbor_engine::EngineError>>,
@@ -37,13 +37,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     with_backend!(args.model.device, |B, device| {
         let target =
             LoadedModel::<B>::load(&args.model.model, args.model.resolve_options(), &device)?;
-        let mut engine = build_engine(
-            &target,
-            &drafts,
-            policy.clone(),
-            args.model.resolve_options(),
-            &device,
-        )?;
+        let loaded = load_drafts(&target, &drafts, args.model.resolve_options(), &device)?;
+        let mut engine = build_engine(&target, &loaded, policy.clone())?;
         let plain = Generator::new(&target.model, &target.tokenizer);
         let bar = indicatif::ProgressBar::new(prompts.len() as u64);
         bar.set_style(indicatif::ProgressStyle::with_template(

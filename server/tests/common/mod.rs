@@ -1,0 +1,112 @@
+//! A real `arbor serve` (in-process, on a loopback port) over SmolLM2 for the HTTP tests.
+
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::time::Duration;
+
+use arbor_model::device::Cpu;
+use arbor_server::http::{ServeConfig, serve};
+use serde_json::Value;
+
+pub struct TestServer {
+    pub base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// The SmolLM2 checkpoint (fetched on first use).
+pub fn smollm2() -> String {
+    arbor_tests::smollm2_path().display().to_string()
+}
+
+/// Serve `config` on 127.0.0.1:0 and wait until it answers `/health`.
+pub async fn start(config: ServeConfig) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(serve::<Cpu>(listener, config, Default::default(), async {
+        let _ = rx.await;
+    }));
+    let client = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(r) = client.get(format!("{base}/health")).send().await
+            && r.status().is_success()
+        {
+            return TestServer {
+                base,
+                stop: Some(tx),
+                handle,
+            };
+        }
+        assert!(!handle.is_finished(), "server ended while starting");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("server did not come up");
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Shuts down and waits for the server to return.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(60), &mut self.handle)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// A metric's value from `/metrics` (first sample whose line starts with `name`).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+}
+
+/// Model name the server answers to.
+pub fn model_name() -> String {
+    smollm2()
+}
+
+/// POST JSON, return status and body.
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value) {
+    let r = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let v =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
+    (status, v)
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|ev| {
+            ev.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_string)
+        })
+        .collect()
+}
