@@ -8,7 +8,9 @@
 //! - [`matmul`]: activations × packed f32 weights for few rows (decode, tree verification),
 //!   weights streamed once for all rows; AVX2/FMA with a portable fallback.
 //! - [`attention`]: masked, grouped-query attention as burn tensor ops: the reference for
-//!   decode, prefill and tree attention alike (the mask says which keys each query sees).
+//!   decode, prefill and tree attention alike (the mask says which keys each query sees);
+//!   and [`attention::attention_rows`], the fused row-wise CPU kernel (only visible keys,
+//!   no score matrix, batch-invariant: a tree row equals its path decoded alone, bitwise).
 //!
 //! ```
 //! use arbor_kernels::quant::{GgmlType, dequantize};

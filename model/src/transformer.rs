@@ -6,7 +6,7 @@
 //! causal decoding, chunked prefill and tree verification are all the same call.
 
 use arbor_cache::KvCache;
-use arbor_kernels::attention::attention_reference;
+use arbor_kernels::attention::{AttentionDims, attention_reference, attention_rows};
 use burn::module::{Module, Param};
 use std::sync::Arc;
 
@@ -89,7 +89,9 @@ pub struct SeqForward<'a, B: Backend> {
 /// A run of consecutive rows of a batched forward that belong to one sequence.
 struct Segment<'a, B: Backend> {
     len: usize,
+    /// The mask on the device (tensor-op attention) and on the host (fused CPU kernel).
     mask: Tensor<B, 3, Bool>,
+    mask_host: &'a [bool],
     cache: &'a mut KvCache<B>,
 }
 
@@ -361,6 +363,7 @@ impl<B: Backend> Transformer<B> {
             segments.push(Segment {
                 len: n,
                 mask,
+                mask_host: &s.input.mask,
                 cache: &mut *s.cache,
             });
         }
@@ -478,7 +481,11 @@ impl<B: Backend> Attention<B> {
                 }
             };
             let (k, v) = seg.cache.append(layer, part(&k), part(&v));
-            outs.push(attention_reference(part(&q), k, v, seg.mask.clone()));
+            outs.push(if uses_fast_path::<B>() {
+                fused_attention(part(&q), k, v, seg.mask_host)
+            } else {
+                attention_reference(part(&q), k, v, seg.mask.clone())
+            });
             start += seg.len;
         }
         let out = if outs.len() == 1 {
@@ -491,6 +498,38 @@ impl<B: Backend> Attention<B> {
                 .reshape([batch, n, self.n_heads * self.head_dim]),
         )
     }
+}
+
+/// [`attention_rows`] over burn tensors (the CPU backend's attention): batch-invariant, so
+/// a tree row is bitwise its path decoded alone.
+///
+/// # Panics
+/// On shapes the model did not build (internal invariant: the forward input was validated,
+/// so every mask row allows a key and the shapes agree).
+fn fused_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &[bool],
+) -> Tensor<B, 4> {
+    let [batch, n_heads, n_q, head_dim] = q.dims();
+    let [_, n_kv_heads, n_kv, _] = k.dims();
+    let device = q.device();
+    let host = |t: Tensor<B, 4>| t.into_data().to_vec::<f32>().expect("activations are f32");
+    let dims = AttentionDims {
+        batch,
+        n_heads,
+        n_kv_heads,
+        n_q,
+        n_kv,
+        head_dim,
+    };
+    let out =
+        attention_rows(&host(q), &host(k), &host(v), mask, dims).expect("validated forward input");
+    Tensor::from_data(
+        TensorData::new(out, [batch, n_heads, n_q, head_dim]),
+        &device,
+    )
 }
 
 impl<B: Backend> Mlp<B> {

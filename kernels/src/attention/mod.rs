@@ -1,9 +1,14 @@
-//! Masked grouped-query attention: the tensor-op reference.
+//! Masked grouped-query attention: the tensor-op reference, and the row-wise fused CPU
+//! kernel beside it ([`attention_rows`], batch-invariant).
 //!
 //! One function covers plain causal decoding, chunked prefill and tree attention: the mask alone
 //! says which keys each query may see. GQA is handled by folding the query heads that share a
 //! KV head into the query-row dimension, so K and V are never repeated in memory
 //! (GQA, arXiv 2305.13245).
+
+mod rows;
+
+pub use rows::{AttentionDims, attention_rows};
 
 use burn::tensor::{Bool, Tensor, activation::softmax, backend::Backend};
 

@@ -1,0 +1,304 @@
+//! Row-wise fused attention on the CPU: each query row is one task that walks only the keys
+//! its mask allows, in cache order, with a two-pass softmax (max, then exp-sum and the
+//! weighted sum of values) — no `[n_q, n_kv]` score matrix, no masked work, K/V never
+//! repeated for GQA.
+//!
+//! **Batch-invariant**: a row's arithmetic depends only on its query, the keys it sees and
+//! their order — not on how many other rows, trees or sequences share the call. A tree node
+//! therefore gets bitwise the result its path would get decoded alone, which keeps
+//! speculative greedy output equal to plain greedy output even with 8-bit activation
+//! rounding downstream (where a last-bit difference can flip a rounding).
+
+use rayon::prelude::*;
+
+use crate::KernelError;
+
+/// Sizes of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionDims {
+    /// Independent sequences.
+    pub batch: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (divides `n_heads`).
+    pub n_kv_heads: usize,
+    /// Query rows per sequence.
+    pub n_q: usize,
+    /// Keys per sequence (cached + new).
+    pub n_kv: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+}
+
+/// Dot product with eight fixed lanes (vectorizable, same order for every call).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, ra) = a.as_chunks::<8>();
+    let (cb, rb) = b.as_chunks::<8>();
+    for (x, y) in ca.iter().zip(cb) {
+        for l in 0..8 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    let mut tail = 0.0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail = x.mul_add(*y, tail);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Masked grouped-query attention, one task per query row; same contract as
+/// [`attention_reference`](super::attention_reference).
+///
+/// # Shapes (row-major host data)
+/// - `q`: `[batch, n_heads, n_q, head_dim]`
+/// - `k`, `v`: `[batch, n_kv_heads, n_kv, head_dim]`
+/// - `mask`: `[batch, n_q, n_kv]`
+/// - returns `[batch, n_heads, n_q, head_dim]`
+///
+/// # Errors
+/// [`KernelError::Shape`] if a length disagrees with `dims`, `n_heads` is not a multiple of
+/// `n_kv_heads`, or a mask row allows no key.
+pub fn attention_rows(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[bool],
+    d: AttentionDims,
+) -> Result<Vec<f32>, KernelError> {
+    let hd = d.head_dim;
+    let bad = |m: String| Err(KernelError::Shape(m));
+    if d.n_kv_heads == 0 || d.n_heads % d.n_kv_heads != 0 {
+        return bad(format!(
+            "{} heads over {} KV heads",
+            d.n_heads, d.n_kv_heads
+        ));
+    }
+    let (nq, nk) = (
+        d.batch * d.n_heads * d.n_q * hd,
+        d.batch * d.n_kv_heads * d.n_kv * hd,
+    );
+    if q.len() != nq || k.len() != nk || v.len() != nk || mask.len() != d.batch * d.n_q * d.n_kv {
+        return bad(format!(
+            "attention operands q {} k {} v {} mask {} for {d:?}",
+            q.len(),
+            k.len(),
+            v.len(),
+            mask.len()
+        ));
+    }
+    if let Some(r) = mask
+        .chunks(d.n_kv.max(1))
+        .position(|row| !row.contains(&true))
+    {
+        return bad(format!("mask row {r} attends to nothing"));
+    }
+    let group = d.n_heads / d.n_kv_heads;
+    let scale = (hd as f32).powf(-0.5);
+    let mut out = vec![0.0f32; nq];
+    out.par_chunks_mut(hd).enumerate().for_each_init(
+        || (Vec::new(), Vec::new(), vec![0.0f32; hd]),
+        |(keys, scores, acc), (row, o)| {
+            let i = row % d.n_q;
+            let h = (row / d.n_q) % d.n_heads;
+            let b = row / (d.n_q * d.n_heads);
+            let kv = (b * d.n_kv_heads + h / group) * d.n_kv * hd;
+            let qi = &q[row * hd..(row + 1) * hd];
+            let m = &mask[(b * d.n_q + i) * d.n_kv..(b * d.n_q + i + 1) * d.n_kv];
+            keys.clear();
+            keys.extend(m.iter().enumerate().filter(|(_, ok)| **ok).map(|(j, _)| j));
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for &j in keys.iter() {
+                let s = dot(qi, &k[kv + j * hd..kv + (j + 1) * hd]) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0.0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            acc.fill(0.0);
+            for (&j, &p) in keys.iter().zip(scores.iter()) {
+                let vj = &v[kv + j * hd..kv + (j + 1) * hd];
+                for (a, &x) in acc.iter_mut().zip(vj) {
+                    *a = p.mul_add(x, *a);
+                }
+            }
+            let inv = 1.0 / sum;
+            for (o, a) in o.iter_mut().zip(acc.iter()) {
+                *o = a * inv;
+            }
+        },
+    );
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::attention_reference;
+    use burn::backend::Flex;
+    use burn::tensor::{Tensor, TensorData};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    type B = Flex;
+
+    fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// A tree-shaped mask: `cached` keys visible to all, then each new row sees its random
+    /// ancestors (parent index below its own) and itself.
+    fn tree_mask(rng: &mut StdRng, batch: usize, n_q: usize, cached: usize) -> Vec<bool> {
+        let n_kv = cached + n_q;
+        let mut m = vec![false; batch * n_q * n_kv];
+        for b in 0..batch {
+            let parents: Vec<Option<usize>> = (0..n_q)
+                .map(|i| (i > 0).then(|| rng.random_range(0..i)))
+                .collect();
+            for i in 0..n_q {
+                let row = &mut m[(b * n_q + i) * n_kv..(b * n_q + i + 1) * n_kv];
+                row[..cached].fill(true);
+                let mut node = Some(i);
+                while let Some(j) = node {
+                    row[cached + j] = true;
+                    node = parents[j];
+                }
+            }
+        }
+        m
+    }
+
+    fn reference(q: &[f32], k: &[f32], v: &[f32], mask: &[bool], d: AttentionDims) -> Vec<f32> {
+        let dev = Default::default();
+        let t = |x: &[f32], s: [usize; 4]| {
+            Tensor::<B, 4>::from_data(TensorData::new(x.to_vec(), s), &dev)
+        };
+        let qs = [d.batch, d.n_heads, d.n_q, d.head_dim];
+        let ks = [d.batch, d.n_kv_heads, d.n_kv, d.head_dim];
+        let m = Tensor::<B, 3, burn::tensor::Bool>::from_data(
+            TensorData::new(mask.to_vec(), [d.batch, d.n_q, d.n_kv]),
+            &dev,
+        );
+        attention_reference(t(q, qs), t(k, ks), t(v, ks), m)
+            .into_data()
+            .to_vec()
+            .unwrap()
+    }
+
+    #[test]
+    fn agrees_with_the_tensor_reference_on_ragged_shapes() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for &(batch, n_heads, n_kv_heads, n_q, cached, head_dim) in &[
+            (1, 1, 1, 1, 0, 8),
+            (1, 4, 2, 1, 37, 64),
+            (2, 6, 3, 5, 11, 12),
+            (1, 9, 3, 17, 40, 20),
+            (3, 2, 1, 8, 0, 33),
+            (1, 14, 2, 64, 100, 64),
+        ] {
+            let n_kv = cached + n_q;
+            let d = AttentionDims {
+                batch,
+                n_heads,
+                n_kv_heads,
+                n_q,
+                n_kv,
+                head_dim,
+            };
+            let q = random(&mut rng, batch * n_heads * n_q * head_dim);
+            let k = random(&mut rng, batch * n_kv_heads * n_kv * head_dim);
+            let v = random(&mut rng, k.len());
+            let mask = tree_mask(&mut rng, batch, n_q, cached);
+            let got = attention_rows(&q, &k, &v, &mask, d).unwrap();
+            let want = reference(&q, &k, &v, &mask, d);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(worst < 2e-6, "{d:?}: {worst}");
+        }
+    }
+
+    /// A row's result does not depend on the other rows of the call: a tree node equals its
+    /// path computed alone (keys compacted to the path), bit for bit.
+    #[test]
+    fn tree_rows_equal_their_path_alone_bitwise() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (h, kvh, hd, cached) = (4, 2, 16, 9);
+        // Tree: 0 root; 1, 2 children of 0; 3 child of 2; 4 child of 3.
+        let parents = [None, Some(0), Some(0), Some(2), Some(3)];
+        let n = parents.len();
+        let n_kv = cached + n;
+        let k = random(&mut rng, kvh * n_kv * hd);
+        let v = random(&mut rng, k.len());
+        let q = random(&mut rng, h * n * hd);
+        let mut mask = vec![false; n * n_kv];
+        for i in 0..n {
+            mask[i * n_kv..i * n_kv + cached].fill(true);
+            let mut node = Some(i);
+            while let Some(j) = node {
+                mask[i * n_kv + cached + j] = true;
+                node = parents[j];
+            }
+        }
+        let d = AttentionDims {
+            batch: 1,
+            n_heads: h,
+            n_kv_heads: kvh,
+            n_q: n,
+            n_kv,
+            head_dim: hd,
+        };
+        let tree = attention_rows(&q, &k, &v, &mask, d).unwrap();
+        // Node 4 alone: path 0, 2, 3, 4 after the cache, one query row.
+        let path = [0usize, 2, 3, 4];
+        let rows: Vec<usize> = (0..cached).chain(path.iter().map(|p| cached + p)).collect();
+        let pick = |x: &[f32]| -> Vec<f32> {
+            (0..kvh)
+                .flat_map(|g| {
+                    rows.iter()
+                        .flat_map(move |&r| (0..hd).map(move |c| (g, r, c)))
+                })
+                .map(|(g, r, c)| x[(g * n_kv + r) * hd + c])
+                .collect()
+        };
+        let (k1, v1) = (pick(&k), pick(&v));
+        let q1: Vec<f32> = (0..h)
+            .flat_map(|hh| q[(hh * n + 4) * hd..(hh * n + 5) * hd].to_vec())
+            .collect();
+        let d1 = AttentionDims {
+            n_q: 1,
+            n_kv: rows.len(),
+            ..d
+        };
+        let alone = attention_rows(&q1, &k1, &v1, &vec![true; rows.len()], d1).unwrap();
+        for hh in 0..h {
+            assert_eq!(
+                &tree[(hh * n + 4) * hd..(hh * n + 5) * hd],
+                &alone[hh * hd..(hh + 1) * hd],
+                "head {hh}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_operands_are_errors() {
+        let d = AttentionDims {
+            batch: 1,
+            n_heads: 3,
+            n_kv_heads: 2,
+            n_q: 1,
+            n_kv: 1,
+            head_dim: 4,
+        };
+        assert!(attention_rows(&[0.0; 12], &[0.0; 8], &[0.0; 8], &[true], d).is_err());
+        let d = AttentionDims { n_heads: 2, ..d };
+        assert!(attention_rows(&[0.0; 8], &[0.0; 8], &[0.0; 8], &[false], d).is_err());
+        assert!(attention_rows(&[0.0; 7], &[0.0; 8], &[0.0; 8], &[true], d).is_err());
+        assert!(attention_rows(&[0.0; 8], &[0.0; 8], &[0.0; 8], &[true], d).is_ok());
+    }
+}
