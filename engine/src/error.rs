@@ -34,11 +34,13 @@ pub enum EngineError {
     /// A generation parameter is out of range.
     #[error("invalid parameter: {0}")]
     InvalidParams(String),
-    /// The engine's queue is full; try again later.
-    #[error("too many requests waiting ({waiting})")]
+    /// The engine holds as many requests as it may (running + waiting); try again later.
+    #[error("too many requests in flight ({in_flight}, limit {limit})")]
     QueueFull {
-        /// Requests waiting.
-        waiting: usize,
+        /// Requests running or waiting.
+        in_flight: usize,
+        /// `max_running + max_waiting`.
+        limit: usize,
     },
     /// The request's deadline passed before it finished.
     #[error("request timed out after {after:?}")]

@@ -9,7 +9,7 @@ use arbor_engine::SchedulerConfig;
 use arbor_server::http::ServeConfig;
 use serde_json::{Value, json};
 
-use common::{model_name, post, smollm2, start};
+use common::{model_name, post, raw_post, smollm2, start};
 
 fn chat(extra: Value) -> Value {
     let mut v = json!({
@@ -68,7 +68,11 @@ async fn hostile_inputs_get_clear_4xx_errors() {
         }, 413, "request_too_large"),
     ];
     for (what, body, status, code) in cases {
-        let (got, v) = post(&c, &chat_url, body).await;
+        let (got, v) = if body.len() > 1 << 20 {
+            raw_post(&server.base, "/v1/chat/completions", body).await
+        } else {
+            post(&c, &chat_url, body).await
+        };
         assert_eq!(got, status, "{what}: {v}");
         let err = &v["error"];
         assert_eq!(err["code"], code, "{what}: {v}");
@@ -148,7 +152,7 @@ async fn busy_server_answers_429_and_deadlines_504() {
         max_waiting: 1,
         ..SchedulerConfig::default()
     };
-    config.request_timeout = Some(Duration::from_millis(1500));
+    config.request_timeout = Some(Duration::from_millis(3000));
     let server = start(config).await;
     let c = reqwest::Client::new();
     let url = server.url("/v1/chat/completions");
@@ -161,7 +165,21 @@ async fn busy_server_answers_429_and_deadlines_504() {
         let (c, url, long) = (c.clone(), url.clone(), long.clone());
         async move { post(&c, &url, long).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until one runs and one waits (both slots taken).
+    let t0 = std::time::Instant::now();
+    while server.metric("arbor_running_sequences").await + server.metric("arbor_queue_depth").await
+        < 2.0
+    {
+        if a.is_finished() || b.is_finished() {
+            let r = if a.is_finished() { a.await } else { b.await };
+            panic!("a long request ended early: {r:?}");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the long requests never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let r = c
         .post(&url)
         .body(chat(json!({})).to_string())
@@ -172,14 +190,14 @@ async fn busy_server_answers_429_and_deadlines_504() {
     assert_eq!(r.headers()["retry-after"], "1");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "rate_limit_error");
-    // Both long ones run into the 1.5 s deadline.
+    // Both long ones run into the 3 s deadline.
     for h in [a, b] {
         let (s, v) = h.await.unwrap();
         assert_eq!(s, 504, "{v}");
         assert_eq!(v["error"]["code"], "timeout");
     }
     // Everything is released.
-    assert_eq!(server.metric("arbor_running_sequences").await, 0.0);
+    server.wait_idle().await;
     let (s, _) = post(&c, &url, chat(json!({})).to_string()).await;
     assert_eq!(s, 200);
     server.stop().await;

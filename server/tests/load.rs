@@ -163,20 +163,7 @@ async fn sixty_four_streams_with_disconnects_leave_nothing_behind() {
     }
     assert_eq!(completed, 64);
     // Cancelled sequences are dropped within a step; give the engine a moment to notice.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let running = server.metric("arbor_running_sequences").await;
-        let waiting = server.metric("arbor_queue_depth").await;
-        let used = server.metric("arbor_kv_pages_used").await;
-        if running == 0.0 && waiting == 0.0 && used == 0.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {running} running, {waiting} waiting, {used} pages"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    server.wait_idle().await;
     assert_eq!(server.metric("arbor_kv_tokens").await, 0.0);
     let finished = server.metric("arbor_request_duration_seconds_count").await;
     assert!(finished >= 42.0, "{finished} requests finished");

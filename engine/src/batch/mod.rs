@@ -249,10 +249,10 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         sink: Box<dyn EventSink>,
     ) -> Result<RequestId, EngineError> {
         req.params.validate()?;
-        if self.waiting.len() >= self.config().max_waiting {
-            return Err(EngineError::QueueFull {
-                waiting: self.waiting.len(),
-            });
+        let in_flight = self.waiting.len() + self.running.len();
+        let limit = self.config().max_running + self.config().max_waiting;
+        if in_flight >= limit {
+            return Err(EngineError::QueueFull { in_flight, limit });
         }
         let ids = prompt_tokens(self.tokenizer, &req.prompt)?;
         check_prompt(&ids, self.target)?;

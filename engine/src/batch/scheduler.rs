@@ -27,7 +27,8 @@
 pub struct SchedulerConfig {
     /// Most sequences running at once.
     pub max_running: usize,
-    /// Most requests waiting to start; more are refused.
+    /// Most requests waiting to start; more (beyond `max_running + max_waiting` in all) are
+    /// refused.
     pub max_waiting: usize,
     /// Most rows (tokens) in one target forward.
     pub max_batch_tokens: usize,

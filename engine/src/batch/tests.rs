@@ -250,8 +250,9 @@ fn preemption_recomputes_and_full_queue_refuses() {
     let (m, tok) = model();
     let config = SchedulerConfig {
         page_size: 4,
-        kv_pages: 20,
-        max_waiting: 6,
+        kv_pages: 14,
+        max_running: 2,
+        max_waiting: 4,
         ..SchedulerConfig::default()
     };
     let mut e = BatchEngine::new(&m, &tok, config).unwrap();
@@ -268,14 +269,20 @@ fn preemption_recomputes_and_full_queue_refuses() {
         )
         .unwrap_err();
     assert!(
-        matches!(err, EngineError::QueueFull { waiting: 6 }),
+        matches!(
+            err,
+            EngineError::QueueFull {
+                in_flight: 6,
+                limit: 6
+            }
+        ),
         "{err}"
     );
     let mut preempted = 0;
     while e.has_work() {
         let r = e.step();
         preempted += r.preempted;
-        assert!(e.load().kv_pages_used <= 20);
+        assert!(e.load().kv_pages_used <= 14);
     }
     assert!(preempted > 0, "the test must exercise preemption");
     for (t, rx) in texts.iter().zip(&rxs) {
@@ -290,7 +297,7 @@ fn preemption_recomputes_and_full_queue_refuses() {
         )
         .unwrap_err();
     assert!(
-        matches!(err, EngineError::KvCapacity { capacity: 80, .. }),
+        matches!(err, EngineError::KvCapacity { capacity: 56, .. }),
         "{err}"
     );
     let rx = submit(&mut e, "grows", params(200), false);

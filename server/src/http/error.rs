@@ -122,10 +122,7 @@ impl From<EngineError> for ApiError {
                 param: "parameters",
                 message: m,
             },
-            EngineError::QueueFull { waiting } => Self::Busy {
-                in_flight: waiting,
-                limit: waiting,
-            },
+            EngineError::QueueFull { in_flight, limit } => Self::Busy { in_flight, limit },
             EngineError::Timeout { .. } => Self::Timeout(e.to_string()),
             other => Self::Internal(other.to_string()),
         }

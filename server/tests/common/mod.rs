@@ -85,6 +85,28 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// Waits (up to 30 s) until nothing runs or waits and every KV page is free; the engine
+    /// updates its gauges after the step that ended the last request, a moment after the
+    /// client saw the end.
+    pub async fn wait_idle(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let running = self.metric("arbor_running_sequences").await;
+            let waiting = self.metric("arbor_queue_depth").await;
+            let used = self.metric("arbor_kv_pages_used").await;
+            if running == 0.0 && waiting == 0.0 && used == 0.0 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "left behind: {running} running, {waiting} waiting, {used} KV pages"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// Model name the server answers to.
 pub fn model_name() -> String {
     smollm2()
@@ -108,6 +130,58 @@ pub async fn post(
     let v =
         serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
     (status, v)
+}
+
+/// POST over a raw socket, writing the body while reading the answer: a server may answer
+/// (413) before the body is sent and close, which makes HTTP client libraries fail on the
+/// write instead of returning the response.
+pub async fn raw_post(base: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.write_all(&body).await;
+    });
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Read until the headers and the announced body are in (or the peer closes).
+    loop {
+        match rd.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok());
+            if len.is_some_and(|n| body.len() >= n) {
+                break;
+            }
+        }
+    }
+    writer.abort();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response: {text:?}"));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("non-JSON body: {body}")),
+    )
 }
 
 /// The `data:` payloads of an SSE body, in order.
