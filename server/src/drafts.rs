@@ -68,7 +68,7 @@ pub enum LoadedDraft<B: Backend> {
         /// Display name (e.g. `self:6@f16`, `qwen2.5-coder-0.5b`).
         label: String,
         /// The network.
-        model: Transformer<B>,
+        model: Box<Transformer<B>>,
     },
 }
 
@@ -93,7 +93,7 @@ pub fn load_drafts<B: Backend>(
                 }
                 LoadedDraft::Model {
                     label: format!("self:{n}{}", if *f16 { "@f16" } else { "" }),
-                    model: m,
+                    model: Box::new(m),
                 }
             }
             DraftSpec::Model(name, f16) => {
@@ -106,12 +106,12 @@ pub fn load_drafts<B: Backend>(
                     Some(m) if m.weight_bytes() < loaded.model.weight_bytes() => {
                         LoadedDraft::Model {
                             label: format!("{}@f16", loaded.name),
-                            model: m,
+                            model: Box::new(m),
                         }
                     }
                     _ => LoadedDraft::Model {
                         label: loaded.name.clone(),
-                        model: loaded.model,
+                        model: Box::new(loaded.model),
                     },
                 }
             }

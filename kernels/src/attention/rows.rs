@@ -68,7 +68,7 @@ pub fn attention_rows(
 ) -> Result<Vec<f32>, KernelError> {
     let hd = d.head_dim;
     let bad = |m: String| Err(KernelError::Shape(m));
-    if d.n_kv_heads == 0 || d.n_heads % d.n_kv_heads != 0 {
+    if d.n_kv_heads == 0 || !d.n_heads.is_multiple_of(d.n_kv_heads) {
         return bad(format!(
             "{} heads over {} KV heads",
             d.n_heads, d.n_kv_heads
