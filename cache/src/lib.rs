@@ -1,9 +1,14 @@
 //! Arbor's KV cache.
 //!
-//! Today: [`KvCache`], a dense, contiguous per-layer cache of keys and values with append and
-//! rollback (truncate). The paged store with commit/rollback of speculative branches and the
-//! compression policies (SKVQ quantization, Quest page selection, H2O eviction) are built here
-//! next, behind the same `&mut` handle that the model's forward takes.
+//! [`KvCache`] is the `&mut` handle the model's forward takes. It holds either
+//! - dense per-layer tensors on the model's device (any backend; append concatenates), or
+//! - [`PagedKv`]: host pages of `page_size` tokens (the CPU backend's store; append copies
+//!   into the last page, attention reads pages in place, rollback frees pages and zeroes the
+//!   vacated slots so the bytes are as before).
+//!
+//! Both support commit of an accepted tree path ([`KvCache::retain`]) and rollback
+//! ([`KvCache::truncate`]). The compression policies (SKVQ quantization, Quest page selection,
+//! H2O eviction) are built on the paged store next.
 //!
 //! ```
 //! use arbor_cache::KvCache;
@@ -19,6 +24,10 @@
 //! assert_eq!(cache.len(), 1);
 //! ```
 
+mod paged;
+
+pub use paged::{KvLayout, LayerView, PagedKv};
+
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 /// Keys and values of one layer.
@@ -31,28 +40,68 @@ struct LayerKv<B: Backend> {
     v: Tensor<B, 4>,
 }
 
-/// A dense KV cache for every layer of one model.
+/// The KV cache of one sequence for every layer of one model.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<LayerKv<B>>>,
+    paged: Option<PagedKv>,
 }
 
 impl<B: Backend> KvCache<B> {
-    /// An empty cache for a model with `n_layers` layers.
+    /// An empty dense cache for a model with `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
         Self {
             layers: vec![None; n_layers],
+            paged: None,
         }
+    }
+
+    /// An empty paged host cache.
+    pub fn paged(layout: KvLayout) -> Self {
+        Self {
+            layers: Vec::new(),
+            paged: Some(PagedKv::new(layout)),
+        }
+    }
+
+    /// The paged store, if this cache is paged.
+    pub fn paged_store(&self) -> Option<&PagedKv> {
+        self.paged.as_ref()
+    }
+
+    /// The paged store, mutably, if this cache is paged.
+    pub fn paged_store_mut(&mut self) -> Option<&mut PagedKv> {
+        self.paged.as_mut()
     }
 
     /// Number of layers.
     pub fn n_layers(&self) -> usize {
-        self.layers.len()
+        match &self.paged {
+            Some(p) => p.layout().n_layers,
+            None => self.layers.len(),
+        }
     }
 
     /// Tokens held (by the last layer, i.e. fully processed tokens).
     pub fn len(&self) -> usize {
-        self.layer_len(self.layers.len().saturating_sub(1))
+        match &self.paged {
+            Some(p) => p.len(),
+            None => self.layer_len(self.layers.len().saturating_sub(1)),
+        }
+    }
+
+    /// Bytes of key/value storage held: exact for a paged cache (whole pages), the tensors'
+    /// element bytes for a dense one.
+    pub fn bytes(&self) -> usize {
+        match &self.paged {
+            Some(p) => p.bytes(),
+            None => self
+                .layers
+                .iter()
+                .flatten()
+                .map(|l| 2 * l.k.shape().num_elements() * std::mem::size_of::<f32>())
+                .sum(),
+        }
     }
 
     /// Whether no token is cached.
@@ -74,13 +123,15 @@ impl<B: Backend> KvCache<B> {
     /// - returns two tensors `[batch, n_kv_heads, len + n_new, head_dim]`
     ///
     /// # Panics
-    /// If `layer` is out of range (internal invariant: the model owns the layer count).
+    /// If `layer` is out of range or the cache is paged (internal invariants: the model owns
+    /// the layer count, and feeds paged caches through [`KvCache::paged_store_mut`]).
     pub fn append(
         &mut self,
         layer: usize,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        assert!(self.paged.is_none(), "tensor append on a paged cache");
         let slot = &mut self.layers[layer];
         let merged = match slot.take() {
             None => LayerKv { k, v },
@@ -96,6 +147,10 @@ impl<B: Backend> KvCache<B> {
 
     /// Drops every token at position `len` and later (rollback); no-op if `len >= self.len()`.
     pub fn truncate(&mut self, len: usize) {
+        if let Some(p) = &mut self.paged {
+            p.truncate(len);
+            return;
+        }
         for slot in &mut self.layers {
             if let Some(l) = slot.take() {
                 let cur = l.k.dims()[2];
@@ -121,6 +176,10 @@ impl<B: Backend> KvCache<B> {
     /// If `rows` is not increasing, starts below `prefix`, or reaches past the cache (internal
     /// invariant: rows come from the tree that was just appended).
     pub fn retain(&mut self, prefix: usize, rows: &[usize]) {
+        if let Some(p) = &mut self.paged {
+            p.retain(prefix, rows);
+            return;
+        }
         let len = self.len();
         assert!(
             prefix <= len
@@ -154,6 +213,9 @@ impl<B: Backend> KvCache<B> {
 
     /// Removes everything.
     pub fn clear(&mut self) {
+        if let Some(p) = &mut self.paged {
+            p.clear();
+        }
         self.layers.iter_mut().for_each(|s| *s = None);
     }
 }

@@ -192,6 +192,26 @@ impl<'t> Output<'t> {
         Ok(reason)
     }
 
+    /// Adds `tokens` in order (appending each to `context`) until one ends the generation;
+    /// `first_pos` is the position the first takes in a context of `max_position`. Returns
+    /// whether the generation ended.
+    pub(crate) fn push_all(
+        &mut self,
+        context: &mut Vec<u32>,
+        tokens: &[u32],
+        first_pos: usize,
+        max_position: usize,
+    ) -> Result<bool, EngineError> {
+        for (k, &t) in tokens.iter().enumerate() {
+            context.push(t);
+            let left = max_position.saturating_sub(first_pos + k + 1);
+            if self.push(t, left)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Queues held-back text and the final event.
     fn finish(&mut self, reason: FinishReason, flush: bool) {
         self.done = true;

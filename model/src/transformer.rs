@@ -5,8 +5,10 @@
 //! tokens with explicit positions and an explicit mask over cached + new tokens, so plain
 //! causal decoding, chunked prefill and tree verification are all the same call.
 
-use arbor_cache::KvCache;
-use arbor_kernels::attention::{AttentionDims, attention_reference, attention_rows};
+use arbor_cache::{KvCache, KvLayout, PagedKv};
+use arbor_kernels::attention::{
+    AttentionDims, attention_reference, attention_rows, attention_rows_with,
+};
 use burn::module::{Module, Param};
 use std::sync::Arc;
 
@@ -63,6 +65,9 @@ pub struct Transformer<B: Backend> {
     max_position: usize,
     rope_theta: f64,
 }
+
+/// Tokens per KV page of the CPU backend's paged cache.
+pub const KV_PAGE_SIZE: usize = 16;
 
 /// Which logits rows a sequence of a [`Transformer::forward_batch`] wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,9 +269,19 @@ impl<B: Backend> Transformer<B> {
         layers + self.lm_head.weight_bytes()
     }
 
-    /// A fresh, empty cache for this model.
+    /// A fresh, empty cache for this model: paged host storage on the CPU backend (pages of
+    /// [`KV_PAGE_SIZE`] tokens, read in place by the fused attention), dense device tensors
+    /// elsewhere.
     pub fn new_cache(&self) -> KvCache<B> {
-        KvCache::new(self.layers.len())
+        match self.layers.first() {
+            Some(l) if uses_fast_path::<B>() => KvCache::paged(KvLayout {
+                n_layers: self.layers.len(),
+                n_kv_heads: l.attn.n_kv_heads,
+                head_dim: self.head_dim,
+                page_size: KV_PAGE_SIZE,
+            }),
+            _ => KvCache::new(self.layers.len()),
+        }
     }
 
     /// Runs the new tokens of `input` through the decoder, appending their keys and values to
@@ -346,6 +361,11 @@ impl<B: Backend> Transformer<B> {
         for s in seqs.iter() {
             s.input
                 .validate(self.vocab_size, self.max_position, s.cache.len())?;
+            if batch != 1 && s.cache.paged_store().is_some() {
+                return Err(ModelError::Input(format!(
+                    "a paged cache holds one sequence; got a batch of {batch}"
+                )));
+            }
         }
         let device = self.norm.gamma.device();
         let mut tokens = Vec::new();
@@ -480,11 +500,16 @@ impl<B: Backend> Attention<B> {
                     t.clone().narrow(2, start, seg.len)
                 }
             };
-            let (k, v) = seg.cache.append(layer, part(&k), part(&v));
-            outs.push(if uses_fast_path::<B>() {
-                fused_attention(part(&q), k, v, seg.mask_host)
-            } else {
-                attention_reference(part(&q), k, v, seg.mask.clone())
+            outs.push(match seg.cache.paged_store_mut() {
+                Some(p) => paged_attention(p, layer, part(&q), part(&k), part(&v), seg.mask_host),
+                None => {
+                    let (k, v) = seg.cache.append(layer, part(&k), part(&v));
+                    if uses_fast_path::<B>() {
+                        fused_attention(part(&q), k, v, seg.mask_host)
+                    } else {
+                        attention_reference(part(&q), k, v, seg.mask.clone())
+                    }
+                }
             });
             start += seg.len;
         }
@@ -500,8 +525,50 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// [`attention_rows`] over burn tensors (the CPU backend's attention): batch-invariant, so
-/// a tree row is bitwise its path decoded alone.
+/// Tensor data on the host (activations are f32 on every backend Arbor runs).
+fn host<B: Backend>(t: Tensor<B, 4>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().expect("activations are f32")
+}
+
+/// Appends the new keys and values to `layer` of a paged cache and attends over its pages in
+/// place ([`attention_rows_with`]; batch-invariant like [`fused_attention`]).
+///
+/// # Shapes
+/// - `q`: `[1, n_heads, n, head_dim]`, `k`, `v`: `[1, n_kv_heads, n, head_dim]` →
+///   `[1, n_heads, n, head_dim]`
+///
+/// # Panics
+/// On shapes the model did not build (internal invariant: validated input, batch 1).
+fn paged_attention<B: Backend>(
+    cache: &mut PagedKv,
+    layer: usize,
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &[bool],
+) -> Tensor<B, 4> {
+    let [batch, n_heads, n_q, head_dim] = q.dims();
+    let n_kv_heads = k.dims()[1];
+    let device = q.device();
+    cache.append_head_major(layer, &host(k), &host(v), n_q);
+    let dims = AttentionDims {
+        batch,
+        n_heads,
+        n_kv_heads,
+        n_q,
+        n_kv: cache.layer_len(layer),
+        head_dim,
+    };
+    let out = attention_rows_with(&host(q), &cache.layer(layer), mask, dims)
+        .expect("validated forward input");
+    Tensor::from_data(
+        TensorData::new(out, [batch, n_heads, n_q, head_dim]),
+        &device,
+    )
+}
+
+/// [`attention_rows`] over burn tensors (the CPU backend's attention with a dense cache):
+/// batch-invariant, so a tree row is bitwise its path decoded alone.
 ///
 /// # Panics
 /// On shapes the model did not build (internal invariant: the forward input was validated,
@@ -515,7 +582,6 @@ fn fused_attention<B: Backend>(
     let [batch, n_heads, n_q, head_dim] = q.dims();
     let [_, n_kv_heads, n_kv, _] = k.dims();
     let device = q.device();
-    let host = |t: Tensor<B, 4>| t.into_data().to_vec::<f32>().expect("activations are f32");
     let dims = AttentionDims {
         batch,
         n_heads,

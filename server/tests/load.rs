@@ -137,6 +137,13 @@ async fn stream_chat(
 /// remaining stream completes, and afterwards nothing runs and every KV page is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_streams_with_disconnects_leave_nothing_behind() {
+    // Any panic anywhere in the process (handlers, the engine thread) is counted.
+    static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        default_hook(info);
+    }));
     let mut config = ServeConfig::new(smollm2());
     config.drafts = vec![DraftSpec::Ngram(4)];
     let server = start(config).await;
@@ -168,8 +175,13 @@ async fn sixty_four_streams_with_disconnects_leave_nothing_behind() {
     let finished = server.metric("arbor_request_duration_seconds_count").await;
     assert!(finished >= 42.0, "{finished} requests finished");
     eprintln!("64 streams in {:.1} s", t0.elapsed().as_secs_f64());
-    // Still healthy.
+    // Still healthy, and nothing panicked.
     let r = c.get(server.url("/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     server.stop().await;
+    assert_eq!(
+        PANICS.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a panic happened"
+    );
 }

@@ -56,7 +56,8 @@ use burn::tensor::backend::Backend;
 pub use scheduler::{Scheduler, SchedulerConfig, SeqLoad, StepPlan, Work};
 
 use crate::output::{Event, Output, check_prompt, prompt_tokens};
-use crate::{DraftStats, EngineError, GenerateParams, Prompt, check_same_tokenizer};
+use crate::spec::check_model_draft;
+use crate::{DraftStats, EngineError, GenerateParams, Prompt};
 use sequence::Sequence;
 
 /// Identifies a request within one [`BatchEngine`].
@@ -206,17 +207,7 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         model: &'m Transformer<B>,
         tokenizer: &Tokenizer,
     ) -> Result<Self, EngineError> {
-        check_same_tokenizer(self.tokenizer, tokenizer, name)?;
-        if model.vocab_size() < self.tokenizer.vocab_size() {
-            return Err(EngineError::DraftMismatch {
-                draft: name.into(),
-                reason: format!(
-                    "its output layer has {} rows for {} tokens",
-                    model.vocab_size(),
-                    self.tokenizer.vocab_size()
-                ),
-            });
-        }
+        check_model_draft(self.tokenizer, model, tokenizer, name)?;
         let name = name.to_string();
         Ok(self.with_draft(move || Box::new(ModelDraft::new(name.clone(), model.clone()))))
     }

@@ -108,7 +108,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
 
     /// Drops the cache (recompute preemption); the sequence resumes from its context.
     pub fn preempt(&mut self) {
-        self.cache = KvCache::new(self.cache.n_layers());
+        self.cache.clear();
         for d in &mut self.drafts {
             d.reset();
         }
@@ -229,13 +229,11 @@ impl<'m, B: Backend> Sequence<'m, B> {
         first_pos: usize,
         max_position: usize,
     ) -> Result<(), EngineError> {
-        for (k, &t) in tokens.iter().enumerate() {
-            self.context.push(t);
-            let left = max_position.saturating_sub(first_pos + k + 1);
-            if self.output.push(t, left)?.is_some() {
-                self.done = true;
-                break;
-            }
+        if self
+            .output
+            .push_all(&mut self.context, tokens, first_pos, max_position)?
+        {
+            self.done = true;
         }
         Ok(())
     }

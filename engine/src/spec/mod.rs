@@ -14,6 +14,7 @@ use burn::tensor::backend::Backend;
 
 pub use policy::{Planner, TreePolicy, VERIFY_SIZES};
 pub use stats::{DepthStats, DraftStats, SpecStats, StepStats};
+pub(crate) use vocab::check_model_draft;
 pub use vocab::check_same_tokenizer;
 
 use crate::generator::prefill;
@@ -73,17 +74,7 @@ impl<'m, B: Backend> Engine<'m, B> {
     where
         B: 'm,
     {
-        check_same_tokenizer(self.tokenizer, tokenizer, name)?;
-        if model.vocab_size() < self.tokenizer.vocab_size() {
-            return Err(EngineError::DraftMismatch {
-                draft: name.into(),
-                reason: format!(
-                    "its output layer has {} rows for {} tokens",
-                    model.vocab_size(),
-                    self.tokenizer.vocab_size()
-                ),
-            });
-        }
+        check_model_draft(self.tokenizer, model, tokenizer, name)?;
         Ok(self.with_draft(ModelDraft::new(name, model.clone())))
     }
 
@@ -188,13 +179,11 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
     /// `first_pos` is the position the first of them will take.
     fn push(&mut self, tokens: &[u32], first_pos: usize) -> Result<(), EngineError> {
         let max = self.engine.target.max_position();
-        for (k, &t) in tokens.iter().enumerate() {
-            self.context.push(t);
-            let left = max.saturating_sub(first_pos + k + 1);
-            if self.output.push(t, left)?.is_some() {
-                self.finished = true;
-                break;
-            }
+        if self
+            .output
+            .push_all(&mut self.context, tokens, first_pos, max)?
+        {
+            self.finished = true;
         }
         Ok(())
     }

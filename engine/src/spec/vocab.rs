@@ -1,6 +1,7 @@
 //! A model draft must speak the target's tokenizer: same ids for the same tokens.
 
-use arbor_model::Tokenizer;
+use arbor_model::{Tokenizer, Transformer};
+use burn::tensor::backend::Backend;
 
 use crate::EngineError;
 
@@ -31,6 +32,31 @@ pub fn check_same_tokenizer(
                 "token {id} is {b:?} for the draft but {a:?} for the target"
             )));
         }
+    }
+    Ok(())
+}
+
+/// Checks that a model draft can serve a target with tokenizer `target`: same tokenizer, and
+/// an output layer covering the whole vocabulary.
+///
+/// # Errors
+/// [`EngineError::DraftMismatch`].
+pub(crate) fn check_model_draft<B: Backend>(
+    target: &Tokenizer,
+    model: &Transformer<B>,
+    tokenizer: &Tokenizer,
+    name: &str,
+) -> Result<(), EngineError> {
+    check_same_tokenizer(target, tokenizer, name)?;
+    if model.vocab_size() < target.vocab_size() {
+        return Err(EngineError::DraftMismatch {
+            draft: name.into(),
+            reason: format!(
+                "its output layer has {} rows for {} tokens",
+                model.vocab_size(),
+                target.vocab_size()
+            ),
+        });
     }
     Ok(())
 }

@@ -8,7 +8,7 @@
 
 mod rows;
 
-pub use rows::{AttentionDims, attention_rows};
+pub use rows::{AttentionDims, KvSource, attention_rows, attention_rows_with};
 
 use burn::tensor::{Bool, Tensor, activation::softmax, backend::Backend};
 

@@ -30,19 +30,51 @@ pub struct AttentionDims {
     pub head_dim: usize,
 }
 
-/// Dot product with eight fixed lanes (vectorizable, same order for every call).
+/// Where a call's keys and values live: contiguous tensors, or a paged cache.
+pub trait KvSource: Sync {
+    /// Key `j` of KV head `g` of sequence `b` (`head_dim` values).
+    fn key(&self, b: usize, g: usize, j: usize) -> &[f32];
+    /// Value `j` of KV head `g` of sequence `b`.
+    fn value(&self, b: usize, g: usize, j: usize) -> &[f32];
+}
+
+/// Row-major `[batch, n_kv_heads, n_kv, head_dim]` keys and values.
+struct Contiguous<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    d: AttentionDims,
+}
+
+impl KvSource for Contiguous<'_> {
+    fn key(&self, b: usize, g: usize, j: usize) -> &[f32] {
+        let at = ((b * self.d.n_kv_heads + g) * self.d.n_kv + j) * self.d.head_dim;
+        &self.k[at..at + self.d.head_dim]
+    }
+
+    fn value(&self, b: usize, g: usize, j: usize) -> &[f32] {
+        let at = ((b * self.d.n_kv_heads + g) * self.d.n_kv + j) * self.d.head_dim;
+        &self.v[at..at + self.d.head_dim]
+    }
+}
+
+/// Multiply-adds below which a call runs on the calling thread.
+const PARALLEL_WORK: usize = 1 << 20;
+
+/// Dot product with eight fixed lanes (vectorizable, same order for every call). Plain
+/// multiply-then-add: `mul_add` is a libm call unless the build targets FMA, and Rust never
+/// contracts `a * b + c` on its own, so the result is the same on every machine.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, ra) = a.as_chunks::<8>();
     let (cb, rb) = b.as_chunks::<8>();
     for (x, y) in ca.iter().zip(cb) {
         for l in 0..8 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+            acc[l] += x[l] * y[l];
         }
     }
     let mut tail = 0.0f32;
     for (x, y) in ra.iter().zip(rb) {
-        tail = x.mul_add(*y, tail);
+        tail += x * y;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
@@ -66,6 +98,27 @@ pub fn attention_rows(
     mask: &[bool],
     d: AttentionDims,
 ) -> Result<Vec<f32>, KernelError> {
+    let nk = d.batch * d.n_kv_heads * d.n_kv * d.head_dim;
+    if k.len() != nk || v.len() != nk {
+        return Err(KernelError::Shape(format!(
+            "attention operands k {} v {} for {d:?}",
+            k.len(),
+            v.len()
+        )));
+    }
+    attention_rows_with(q, &Contiguous { k, v, d }, mask, d)
+}
+
+/// [`attention_rows`] over any [`KvSource`] (e.g. a paged cache), `d.n_kv` keys per sequence.
+///
+/// # Errors
+/// As [`attention_rows`].
+pub fn attention_rows_with<S: KvSource>(
+    q: &[f32],
+    kv: &S,
+    mask: &[bool],
+    d: AttentionDims,
+) -> Result<Vec<f32>, KernelError> {
     let hd = d.head_dim;
     let bad = |m: String| Err(KernelError::Shape(m));
     if d.n_kv_heads == 0 || !d.n_heads.is_multiple_of(d.n_kv_heads) {
@@ -74,16 +127,11 @@ pub fn attention_rows(
             d.n_heads, d.n_kv_heads
         ));
     }
-    let (nq, nk) = (
-        d.batch * d.n_heads * d.n_q * hd,
-        d.batch * d.n_kv_heads * d.n_kv * hd,
-    );
-    if q.len() != nq || k.len() != nk || v.len() != nk || mask.len() != d.batch * d.n_q * d.n_kv {
+    let nq = d.batch * d.n_heads * d.n_q * hd;
+    if q.len() != nq || mask.len() != d.batch * d.n_q * d.n_kv {
         return bad(format!(
-            "attention operands q {} k {} v {} mask {} for {d:?}",
+            "attention operands q {} mask {} for {d:?}",
             q.len(),
-            k.len(),
-            v.len(),
             mask.len()
         ));
     }
@@ -96,42 +144,51 @@ pub fn attention_rows(
     let group = d.n_heads / d.n_kv_heads;
     let scale = (hd as f32).powf(-0.5);
     let mut out = vec![0.0f32; nq];
-    out.par_chunks_mut(hd).enumerate().for_each_init(
-        || (Vec::new(), Vec::new(), vec![0.0f32; hd]),
-        |(keys, scores, acc), (row, o)| {
-            let i = row % d.n_q;
-            let h = (row / d.n_q) % d.n_heads;
-            let b = row / (d.n_q * d.n_heads);
-            let kv = (b * d.n_kv_heads + h / group) * d.n_kv * hd;
-            let qi = &q[row * hd..(row + 1) * hd];
-            let m = &mask[(b * d.n_q + i) * d.n_kv..(b * d.n_q + i + 1) * d.n_kv];
-            keys.clear();
-            keys.extend(m.iter().enumerate().filter(|(_, ok)| **ok).map(|(j, _)| j));
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for &j in keys.iter() {
-                let s = dot(qi, &k[kv + j * hd..kv + (j + 1) * hd]) * scale;
-                max = max.max(s);
-                scores.push(s);
+    let row = |(keys, scores, acc): &mut (Vec<usize>, Vec<f32>, Vec<f32>),
+               (row, o): (usize, &mut [f32])| {
+        let i = row % d.n_q;
+        let h = (row / d.n_q) % d.n_heads;
+        let b = row / (d.n_q * d.n_heads);
+        let g = h / group;
+        let qi = &q[row * hd..(row + 1) * hd];
+        let m = &mask[(b * d.n_q + i) * d.n_kv..(b * d.n_q + i + 1) * d.n_kv];
+        keys.clear();
+        keys.extend(m.iter().enumerate().filter(|(_, ok)| **ok).map(|(j, _)| j));
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for &j in keys.iter() {
+            let s = dot(qi, kv.key(b, g, j)) * scale;
+            max = max.max(s);
+            scores.push(s);
+        }
+        let mut sum = 0.0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        acc.fill(0.0);
+        for (&j, &p) in keys.iter().zip(scores.iter()) {
+            let vj = kv.value(b, g, j);
+            for (a, &x) in acc.iter_mut().zip(vj) {
+                *a += p * x;
             }
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            acc.fill(0.0);
-            for (&j, &p) in keys.iter().zip(scores.iter()) {
-                let vj = &v[kv + j * hd..kv + (j + 1) * hd];
-                for (a, &x) in acc.iter_mut().zip(vj) {
-                    *a = p.mul_add(x, *a);
-                }
-            }
-            let inv = 1.0 / sum;
-            for (o, a) in o.iter_mut().zip(acc.iter()) {
-                *o = a * inv;
-            }
-        },
-    );
+        }
+        let inv = 1.0 / sum;
+        for (o, a) in o.iter_mut().zip(acc.iter()) {
+            *o = a * inv;
+        }
+    };
+    let scratch = || (Vec::new(), Vec::new(), vec![0.0f32; hd]);
+    // Small calls (a decode step: a few heads × one row) cost less than waking the pool;
+    // either way each row is computed by the same code, so results do not depend on it.
+    if d.batch * d.n_heads * d.n_q * d.n_kv * hd < PARALLEL_WORK {
+        let mut s = scratch();
+        out.chunks_mut(hd).enumerate().for_each(|r| row(&mut s, r));
+    } else {
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .for_each_init(scratch, |s, r| row(s, r));
+    }
     Ok(out)
 }
 

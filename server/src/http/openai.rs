@@ -4,12 +4,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Fields a chat request may carry (others are refused by name: a client that sends a
-/// parameter Arbor does not know expects it to take effect).
-pub const CHAT_FIELDS: &[&str] = &[
+/// Fields both endpoints accept ([`CommonParams`] and `model`). Others are refused by name:
+/// a client that sends a parameter Arbor does not know expects it to take effect.
+pub const COMMON_FIELDS: &[&str] = &[
     "model",
-    "messages",
-    "max_completion_tokens",
     "max_tokens",
     "temperature",
     "top_p",
@@ -26,38 +24,21 @@ pub const CHAT_FIELDS: &[&str] = &[
     "logprobs",
     "top_logprobs",
     "logit_bias",
-    "tools",
-    "tool_choice",
-    "response_format",
     "ignore_eos",
     "speculate",
 ];
 
-/// Fields a completion request may carry.
-pub const COMPLETION_FIELDS: &[&str] = &[
-    "model",
-    "prompt",
-    "echo",
-    "suffix",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "stop",
-    "n",
-    "stream",
-    "stream_options",
-    "user",
-    "presence_penalty",
-    "frequency_penalty",
-    "logprobs",
-    "top_logprobs",
-    "logit_bias",
-    "ignore_eos",
-    "speculate",
+/// Fields only a chat request carries.
+pub const CHAT_FIELDS: &[&str] = &[
+    "messages",
+    "max_completion_tokens",
+    "tools",
+    "tool_choice",
+    "response_format",
 ];
+
+/// Fields only a completion request carries.
+pub const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "suffix"];
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Deserialize)]

@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::openai::{
-    CHAT_FIELDS, COMPLETION_FIELDS, ChatRequest, CommonParams, CompletionRequest, Content,
-    PromptInput, StopInput,
+    CHAT_FIELDS, COMMON_FIELDS, COMPLETION_FIELDS, ChatRequest, CommonParams, CompletionRequest,
+    Content, PromptInput, StopInput,
 };
 
 /// Which endpoint a request came through (decides the response shape).
@@ -73,16 +73,18 @@ fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
     }
 }
 
-/// Parses `body` as a JSON object with only `fields`, then as `T`.
+/// Parses `body` as a JSON object with only the common fields and `fields`, then as `T`.
 fn parse<T: DeserializeOwned>(body: &[u8], fields: &[&str]) -> Result<T, ApiError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ApiError::BadJson(e.to_string()))?;
     let Value::Object(map) = &value else {
         return Err(ApiError::BadJson("the body must be a JSON object".into()));
     };
-    if let Some(k) = map.keys().find(|k| !fields.contains(&k.as_str())) {
+    let known = |k: &str| COMMON_FIELDS.contains(&k) || fields.contains(&k);
+    if let Some(k) = map.keys().find(|k| !known(k)) {
         return Err(ApiError::BadJson(format!(
-            "unknown field `{k}` (this server accepts: {})",
+            "unknown field `{k}` (this endpoint accepts: {}, {})",
+            COMMON_FIELDS.join(", "),
             fields.join(", ")
         )));
     }
