@@ -152,7 +152,7 @@ impl PagedKv {
             let pages = len.div_ceil(ps);
             l.k.truncate(pages);
             l.v.truncate(pages);
-            if len % ps != 0 {
+            if !len.is_multiple_of(ps) {
                 let from = (len % ps) * row;
                 l.k[pages - 1][from..].fill(0.0);
                 l.v[pages - 1][from..].fill(0.0);
