@@ -273,12 +273,17 @@ impl<B: Backend> Transformer<B> {
     /// [`KV_PAGE_SIZE`] tokens, read in place by the fused attention), dense device tensors
     /// elsewhere.
     pub fn new_cache(&self) -> KvCache<B> {
+        self.new_cache_paged(KV_PAGE_SIZE)
+    }
+
+    /// [`Transformer::new_cache`] with pages of `page_size` tokens (at least 1) on the CPU.
+    pub fn new_cache_paged(&self, page_size: usize) -> KvCache<B> {
         match self.layers.first() {
             Some(l) if uses_fast_path::<B>() => KvCache::paged(KvLayout {
                 n_layers: self.layers.len(),
                 n_kv_heads: l.attn.n_kv_heads,
                 head_dim: self.head_dim,
-                page_size: KV_PAGE_SIZE,
+                page_size: page_size.max(1),
             }),
             _ => KvCache::new(self.layers.len()),
         }

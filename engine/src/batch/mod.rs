@@ -138,6 +138,8 @@ pub struct Load {
     pub waiting: usize,
     /// KV tokens held by running sequences.
     pub kv_tokens: usize,
+    /// Bytes of KV storage they hold (whole pages on the CPU's paged cache).
+    pub kv_bytes: usize,
     /// KV pages they occupy.
     pub kv_pages_used: usize,
     /// KV pages in all.
@@ -281,6 +283,7 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             self.shape.clone().filter(|_| speculate),
             sink,
             req.deadline,
+            self.config().page_size,
         ));
         Ok(id)
     }
@@ -302,11 +305,21 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
     pub fn load(&self) -> Load {
         let c = self.config();
         let kv_tokens = self.running.iter().map(|s| s.cache.len()).sum();
-        let kv_pages_used = self.running.iter().map(|s| c.pages(s.cache.len())).sum();
+        // Pages allocated by paged caches; pages the tokens would fill for dense ones.
+        let kv_pages_used = self
+            .running
+            .iter()
+            .map(|s| {
+                s.cache
+                    .paged_store()
+                    .map_or_else(|| c.pages(s.cache.len()), |p| p.pages())
+            })
+            .sum();
         Load {
             running: self.running.len(),
             waiting: self.waiting.len(),
             kv_tokens,
+            kv_bytes: self.running.iter().map(|s| s.cache.bytes()).sum(),
             kv_pages_used,
             kv_pages_total: c.kv_pages,
         }

@@ -58,10 +58,11 @@ impl<'m, B: Backend> Sequence<'m, B> {
         shape: Option<TreeShape>,
         sink: Box<dyn EventSink>,
         deadline: Option<Instant>,
+        page_size: usize,
     ) -> Self {
         Self {
             id,
-            cache: target.new_cache(),
+            cache: target.new_cache_paged(page_size),
             sampler: Sampler::new(params.sampling.clone()),
             params,
             context: prompt,

@@ -278,11 +278,15 @@ fn preemption_recomputes_and_full_queue_refuses() {
         ),
         "{err}"
     );
+    let page_bytes = m.new_cache_paged(4).paged_store().unwrap().layout().page_bytes();
     let mut preempted = 0;
     while e.has_work() {
         let r = e.step();
         preempted += r.preempted;
-        assert!(e.load().kv_pages_used <= 14);
+        let load = e.load();
+        assert!(load.kv_pages_used <= 14);
+        // The accounting is the storage: every page counted is allocated, and nothing else.
+        assert_eq!(load.kv_bytes, load.kv_pages_used * page_bytes);
     }
     assert!(preempted > 0, "the test must exercise preemption");
     for (t, rx) in texts.iter().zip(&rxs) {

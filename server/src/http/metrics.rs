@@ -21,6 +21,7 @@ pub struct Metrics {
     running: Gauge,
     waiting: Gauge,
     kv_tokens: Gauge,
+    kv_bytes: Gauge,
     kv_pages_used: Gauge,
     kv_pages_free: Gauge,
     prompt_tokens: Counter,
@@ -55,6 +56,7 @@ impl Metrics {
             running: Gauge::default(),
             waiting: Gauge::default(),
             kv_tokens: Gauge::default(),
+            kv_bytes: Gauge::default(),
             kv_pages_used: Gauge::default(),
             kv_pages_free: Gauge::default(),
             prompt_tokens: Counter::default(),
@@ -93,6 +95,7 @@ impl Metrics {
             "KV cache tokens held by running sequences",
             m.kv_tokens.clone(),
         );
+        r.register("kv_bytes", "Bytes of KV storage held", m.kv_bytes.clone());
         r.register("kv_pages_used", "KV pages in use", m.kv_pages_used.clone());
         r.register("kv_pages_free", "KV pages free", m.kv_pages_free.clone());
         r.register(
@@ -179,6 +182,7 @@ impl Metrics {
         self.running.set(load.running as i64);
         self.waiting.set(load.waiting as i64);
         self.kv_tokens.set(load.kv_tokens as i64);
+        self.kv_bytes.set(load.kv_bytes as i64);
         self.kv_pages_used.set(load.kv_pages_used as i64);
         self.kv_pages_free
             .set(load.kv_pages_total.saturating_sub(load.kv_pages_used) as i64);
