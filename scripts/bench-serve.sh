@@ -24,7 +24,15 @@ run() {
     kill -TERM "$pid"
     wait "$pid" || true
 }
-run smollm2-ngram --model smollm2-135m --draft ngram --tree chain:4
-run qwen0.5b-ngram --model qwen2.5-coder-0.5b --draft ngram --tree chain:4
-run qwen1.5b-ngram --model qwen2.5-coder-1.5b --draft ngram --tree chain:4
-run qwen1.5b-draft0.5b --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --tree chain:3
+# RUNS selects a subset, e.g. RUNS="smollm2-ngram qwen1.5b-ngram".
+RUNS=${RUNS:-smollm2-ngram qwen0.5b-ngram qwen1.5b-ngram qwen1.5b-draft0.5b}
+for r in $RUNS; do
+    case $r in
+        smollm2-ngram) run "$r" --model smollm2-135m --draft ngram --tree chain:4 ;;
+        qwen0.5b-ngram) run "$r" --model qwen2.5-coder-0.5b --draft ngram --tree chain:4 ;;
+        qwen1.5b-ngram) run "$r" --model qwen2.5-coder-1.5b --draft ngram --tree chain:4 ;;
+        qwen1.5b-draft0.5b)
+            run "$r" --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --tree chain:3 ;;
+        *) echo "unknown run $r" >&2 ;;
+    esac
+done

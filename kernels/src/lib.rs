@@ -7,6 +7,8 @@
 //!   Q6_K) and their dequantization to `f32`.
 //! - [`matmul`]: activations × packed f32 weights for few rows (decode, tree verification),
 //!   weights streamed once for all rows; AVX2/FMA with a portable fallback.
+//! - [`kvquant`]: per-token KV row quantization (SKVQ: channel permutation, clipped groups,
+//!   2/4/8-bit packed codes with f16 scale and minimum) and its calibration.
 //! - [`attention`]: masked, grouped-query attention as burn tensor ops: the reference for
 //!   decode, prefill and tree attention alike (the mask says which keys each query sees);
 //!   and [`attention::attention_rows`], the fused row-wise CPU kernel (only visible keys,
@@ -23,6 +25,7 @@
 
 pub mod attention;
 mod error;
+pub mod kvquant;
 pub mod matmul;
 pub mod qmatmul;
 pub mod quant;

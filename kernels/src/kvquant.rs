@@ -1,0 +1,361 @@
+//! Per-token KV quantization (SKVQ, Duanmu et al., COLM 2024; KIVI arXiv 2402.02750): one
+//! token's key or value row is reordered by a fixed channel permutation, cut into groups of
+//! `group` channels, and each group stored as `bits`-bit codes (2, 4 or 8, packed) with an f16
+//! scale and minimum over the group's range clipped by a calibrated ratio. The building block of
+//! the compressed paged cache; calibration of the permutation and clip ratios is here too.
+//!
+//! ```
+//! use arbor_kernels::kvquant::RowQuantizer;
+//! let q = RowQuantizer::new(4, 32, 64, None, None)?;
+//! let row: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let mut packed = vec![0u8; q.packed_bytes()];
+//! q.quantize(&row, &mut packed);
+//! let mut back = vec![0.0; 64];
+//! q.dequantize(&packed, &mut back);
+//! assert_eq!(q.packed_bytes(), 2 * (16 + 4)); // two groups: 32 four-bit codes + scale + min
+//! assert!(row.iter().zip(&back).all(|(a, b)| (a - b).abs() < 0.08));
+//! # Ok::<(), arbor_kernels::KernelError>(())
+//! ```
+
+use half::f16;
+
+use crate::KernelError;
+
+/// Quantizes and dequantizes rows of `channels` values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowQuantizer {
+    bits: u32,
+    group: usize,
+    channels: usize,
+    /// Position `i` of the reordered row holds channel `perm[i]`.
+    perm: Vec<usize>,
+    /// Per group, the fraction of its half-range kept around the midpoint (1: no clipping).
+    clip: Vec<f32>,
+}
+
+impl RowQuantizer {
+    /// A quantizer for `bits` ∈ {2, 4, 8}, groups of `group` channels (dividing `channels`,
+    /// a multiple of 4), an optional channel permutation and per-group clip ratios in (0, 1].
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] for any inconsistent argument.
+    pub fn new(
+        bits: u32,
+        group: usize,
+        channels: usize,
+        perm: Option<Vec<usize>>,
+        clip: Option<Vec<f32>>,
+    ) -> Result<Self, KernelError> {
+        let bad = |m: String| Err(KernelError::Shape(m));
+        if ![2, 4, 8].contains(&bits) {
+            return bad(format!("KV quantization to {bits} bits (2, 4 or 8)"));
+        }
+        if group == 0 || !group.is_multiple_of(4) || !channels.is_multiple_of(group) {
+            return bad(format!(
+                "group of {group} channels for rows of {channels} (a multiple of 4 dividing it)"
+            ));
+        }
+        let perm = perm.unwrap_or_else(|| (0..channels).collect());
+        let mut seen = vec![false; channels];
+        if perm.len() != channels
+            || perm
+                .iter()
+                .any(|&p| p >= channels || std::mem::replace(&mut seen[p], true))
+        {
+            return bad(format!(
+                "channel permutation is not a permutation of 0..{channels}"
+            ));
+        }
+        let groups = channels / group;
+        let clip = clip.unwrap_or_else(|| vec![1.0; groups]);
+        if clip.len() != groups || clip.iter().any(|&c| !(c > 0.0 && c <= 1.0)) {
+            return bad(format!(
+                "{} clip ratios in (0, 1] for {groups} groups",
+                clip.len()
+            ));
+        }
+        Ok(Self {
+            bits,
+            group,
+            channels,
+            perm,
+            clip,
+        })
+    }
+
+    /// Bits per code.
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// Channels per row.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Bytes of one packed group: the codes, then the f16 scale and minimum.
+    fn group_bytes(&self) -> usize {
+        self.group * self.bits as usize / 8 + 4
+    }
+
+    /// Bytes of one packed row.
+    pub fn packed_bytes(&self) -> usize {
+        self.channels / self.group * self.group_bytes()
+    }
+
+    /// The scale and minimum a group gets (both f16-rounded, as stored).
+    fn params(&self, values: impl Iterator<Item = f32> + Clone, clip: f32) -> (f16, f16) {
+        let (lo, hi) = values.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), x| {
+            (a.min(x), b.max(x))
+        });
+        let mid = 0.5 * (lo + hi);
+        let half = 0.5 * (hi - lo) * clip;
+        let levels = ((1u32 << self.bits) - 1) as f32;
+        (
+            f16::from_f32(2.0 * half / levels),
+            f16::from_f32(mid - half),
+        )
+    }
+
+    /// Packs `row` (`channels` values) into `out` (`packed_bytes()` bytes).
+    ///
+    /// # Panics
+    /// If the lengths are wrong (internal invariant: callers size buffers from this type).
+    pub fn quantize(&self, row: &[f32], out: &mut [u8]) {
+        assert!(
+            row.len() == self.channels && out.len() == self.packed_bytes(),
+            "quantize sizes"
+        );
+        let max = (1u32 << self.bits) - 1;
+        let per_byte = 8 / self.bits as usize;
+        for (g, dst) in out.chunks_exact_mut(self.group_bytes()).enumerate() {
+            let idx = &self.perm[g * self.group..(g + 1) * self.group];
+            let (scale, min) = self.params(idx.iter().map(|&c| row[c]), self.clip[g]);
+            let (s, m) = (scale.to_f32(), min.to_f32());
+            let (codes, params) = dst.split_at_mut(dst.len() - 4);
+            codes.fill(0);
+            for (i, &c) in idx.iter().enumerate() {
+                let q = if s > 0.0 {
+                    ((row[c] - m) / s).round().clamp(0.0, max as f32) as u32
+                } else {
+                    0
+                };
+                codes[i / per_byte] |= (q as u8) << ((i % per_byte) as u32 * self.bits);
+            }
+            params[..2].copy_from_slice(&scale.to_le_bytes());
+            params[2..].copy_from_slice(&min.to_le_bytes());
+        }
+    }
+
+    /// Unpacks a row into `out` (`channels` values, original channel order).
+    ///
+    /// # Panics
+    /// If the lengths are wrong (internal invariant).
+    pub fn dequantize(&self, packed: &[u8], out: &mut [f32]) {
+        assert!(
+            out.len() == self.channels && packed.len() == self.packed_bytes(),
+            "dequantize sizes"
+        );
+        let mask = ((1u32 << self.bits) - 1) as u8;
+        let per_byte = 8 / self.bits as usize;
+        for (g, src) in packed.chunks_exact(self.group_bytes()).enumerate() {
+            let (codes, params) = src.split_at(src.len() - 4);
+            let s = f16::from_le_bytes([params[0], params[1]]).to_f32();
+            let m = f16::from_le_bytes([params[2], params[3]]).to_f32();
+            for (i, &c) in self.perm[g * self.group..(g + 1) * self.group]
+                .iter()
+                .enumerate()
+            {
+                let q = (codes[i / per_byte] >> ((i % per_byte) as u32 * self.bits)) & mask;
+                out[c] = f32::from(q) * s + m;
+            }
+        }
+    }
+}
+
+/// Calibration (SKVQ): a channel order that puts channels of similar range side by side, so
+/// each group's range — and with it the quantization step — is as small as it can be.
+/// `rows` are samples of `channels` values; channels are sorted by their largest magnitude.
+pub fn range_permutation(rows: &[Vec<f32>], channels: usize) -> Vec<usize> {
+    let mut peak = vec![0.0f32; channels];
+    for r in rows {
+        for (p, &x) in peak.iter_mut().zip(r) {
+            *p = p.max(x.abs());
+        }
+    }
+    let mut order: Vec<usize> = (0..channels).collect();
+    order.sort_by(|&a, &b| peak[a].total_cmp(&peak[b]).then(a.cmp(&b)));
+    order
+}
+
+/// Calibration (SKVQ): per group, the clip ratio from `grid` with the least squared
+/// reconstruction error over `rows`, given the quantizer's bits, groups and permutation.
+///
+/// # Errors
+/// As [`RowQuantizer::new`] for an empty or out-of-range grid.
+pub fn calibrate_clip(
+    base: &RowQuantizer,
+    rows: &[Vec<f32>],
+    grid: &[f32],
+) -> Result<Vec<f32>, KernelError> {
+    let groups = base.channels / base.group;
+    let mut best = vec![(f64::INFINITY, 1.0f32); groups];
+    for &ratio in grid {
+        let q = RowQuantizer::new(
+            base.bits,
+            base.group,
+            base.channels,
+            Some(base.perm.clone()),
+            Some(vec![ratio; groups]),
+        )?;
+        let mut err = vec![0.0f64; groups];
+        let mut packed = vec![0u8; q.packed_bytes()];
+        let mut back = vec![0.0f32; q.channels];
+        for r in rows {
+            q.quantize(r, &mut packed);
+            q.dequantize(&packed, &mut back);
+            for (i, &c) in q.perm.iter().enumerate() {
+                err[i / q.group] += f64::from(r[c] - back[c]).powi(2);
+            }
+        }
+        for (b, e) in best.iter_mut().zip(err) {
+            if e < b.0 {
+                *b = (e, ratio);
+            }
+        }
+    }
+    Ok(best.into_iter().map(|(_, r)| r).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn rows(rng: &mut StdRng, n: usize, channels: usize) -> Vec<Vec<f32>> {
+        // Channels with very different ranges, plus rare outliers: like real keys.
+        (0..n)
+            .map(|_| {
+                (0..channels)
+                    .map(|c| {
+                        let range = 0.05 + (c * 37 % channels) as f32 / channels as f32 * 4.0;
+                        let x = rng.random_range(-range..range);
+                        if rng.random_range(0..200) == 0 {
+                            x * 8.0
+                        } else {
+                            x
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Every value comes back within half a step of its group (f16 scale and minimum as
+    /// stored), or — if clipped — at the nearest end of the group's range.
+    #[test]
+    fn round_trip_within_the_bound_the_bits_and_range_allow() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for bits in [2, 4, 8] {
+            for &(group, channels) in &[(32usize, 64usize), (64, 128), (16, 48)] {
+                let data = rows(&mut rng, 20, channels);
+                let perm = range_permutation(&data, channels);
+                for clip in [None, Some(vec![0.8; channels / group])] {
+                    let unclipped = clip.is_none();
+                    let q =
+                        RowQuantizer::new(bits, group, channels, Some(perm.clone()), clip).unwrap();
+                    let mut packed = vec![0u8; q.packed_bytes()];
+                    let mut back = vec![0.0; channels];
+                    for r in &data {
+                        q.quantize(r, &mut packed);
+                        q.dequantize(&packed, &mut back);
+                        for (g, src) in packed.chunks_exact(q.group_bytes()).enumerate() {
+                            let p = &src[src.len() - 4..];
+                            let s = f16::from_le_bytes([p[0], p[1]]).to_f32();
+                            let m = f16::from_le_bytes([p[2], p[3]]).to_f32();
+                            let top = m + s * ((1u32 << bits) - 1) as f32;
+                            for &c in &q.perm[g * group..(g + 1) * group] {
+                                let x = r[c];
+                                let outside = (m - x).max(x - top).max(0.0);
+                                // Without clipping the codes span the whole group range (up to
+                                // the f16 rounding of scale and minimum).
+                                assert!(
+                                    !unclipped || outside <= 0.5 * s + 2e-3 * (1.0 + x.abs()),
+                                    "{bits} bits: {x} outside [{m}, {top}]"
+                                );
+                                let bound = 0.5 * s + outside + 1e-5 * (1.0 + x.abs());
+                                let err = (back[c] - x).abs();
+                                assert!(
+                                    err <= bound,
+                                    "{bits} bits, channel {c}: {x} → {} (bound {bound})",
+                                    back[c]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_size_is_codes_plus_scale_and_min() {
+        for (bits, want) in [(2, 16 + 4), (4, 32 + 4), (8, 64 + 4)] {
+            let q = RowQuantizer::new(bits, 64, 128, None, None).unwrap();
+            assert_eq!(q.packed_bytes(), 2 * want);
+        }
+        // 4-bit, group 64, 128 channels: 0.14 of f32 storage.
+        let q = RowQuantizer::new(4, 64, 128, None, None).unwrap();
+        assert!((q.packed_bytes() as f64) / (128.0 * 4.0) < 0.15);
+    }
+
+    /// Grouping similar ranges and clipping outliers both cut the error on outlier-heavy data.
+    #[test]
+    fn permutation_and_clipping_reduce_error() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (group, channels, bits) = (32, 128, 2);
+        let data = rows(&mut rng, 64, channels);
+        let mse = |q: &RowQuantizer| {
+            let mut packed = vec![0u8; q.packed_bytes()];
+            let mut back = vec![0.0; channels];
+            let mut e = 0.0f64;
+            for r in &data {
+                q.quantize(r, &mut packed);
+                q.dequantize(&packed, &mut back);
+                e += r
+                    .iter()
+                    .zip(&back)
+                    .map(|(a, b)| f64::from(a - b).powi(2))
+                    .sum::<f64>();
+            }
+            e
+        };
+        let plain = RowQuantizer::new(bits, group, channels, None, None).unwrap();
+        let perm = range_permutation(&data, channels);
+        let sorted = RowQuantizer::new(bits, group, channels, Some(perm.clone()), None).unwrap();
+        let grid: Vec<f32> = (0..=10).map(|i| 1.0 - 0.05 * i as f32).collect();
+        let clip = calibrate_clip(&sorted, &data, &grid).unwrap();
+        assert!(clip.iter().any(|&c| c < 1.0), "{clip:?}");
+        let clipped = RowQuantizer::new(bits, group, channels, Some(perm), Some(clip)).unwrap();
+        let (a, b, c) = (mse(&plain), mse(&sorted), mse(&clipped));
+        assert!(b < 0.8 * a, "permutation: {a} → {b}");
+        assert!(c < b, "clipping: {b} → {c}");
+    }
+
+    #[test]
+    fn constant_groups_and_bad_arguments() {
+        let q = RowQuantizer::new(2, 4, 8, None, None).unwrap();
+        let row = [3.5f32; 8];
+        let mut packed = vec![0u8; q.packed_bytes()];
+        q.quantize(&row, &mut packed);
+        let mut back = [0.0f32; 8];
+        q.dequantize(&packed, &mut back);
+        assert_eq!(back, row);
+        assert!(RowQuantizer::new(3, 4, 8, None, None).is_err());
+        assert!(RowQuantizer::new(4, 6, 12, None, None).is_err());
+        assert!(RowQuantizer::new(4, 4, 10, None, None).is_err());
+        assert!(RowQuantizer::new(4, 4, 8, Some(vec![0, 1, 2, 3, 4, 5, 6, 6]), None).is_err());
+        assert!(RowQuantizer::new(4, 4, 8, None, Some(vec![1.0, 0.0])).is_err());
+        assert!(RowQuantizer::new(4, 4, 8, None, Some(vec![1.0])).is_err());
+    }
+}
