@@ -26,7 +26,7 @@
 
 mod paged;
 
-pub use paged::{KvLayout, LayerView, PagedKv};
+pub use paged::{KvCompression, KvLayout, LayerView, PagedKv};
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
@@ -61,6 +61,14 @@ impl<B: Backend> KvCache<B> {
         Self {
             layers: Vec::new(),
             paged: Some(PagedKv::new(layout)),
+        }
+    }
+
+    /// An empty paged host cache compressing old tokens (SKVQ).
+    pub fn paged_compressed(layout: KvLayout, compression: std::sync::Arc<KvCompression>) -> Self {
+        Self {
+            layers: Vec::new(),
+            paged: Some(PagedKv::compressed(layout, compression)),
         }
     }
 

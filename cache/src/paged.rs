@@ -7,7 +7,67 @@
 //! truncation; the slots a rollback vacates are zeroed, so a rollback leaves the storage
 //! byte-identical to before the rolled-back tokens (tested).
 
+use std::sync::Arc;
+
+use arbor_kernels::KernelError;
 use arbor_kernels::attention::KvSource;
+use arbor_kernels::kvquant::RowQuantizer;
+
+/// SKVQ compression of a paged cache: tokens that are neither among the first `sinks` nor
+/// within `window` of the reading query are read as their quantized codes. Whole pages older
+/// than the window are stored only as codes.
+///
+/// Which representation a query reads depends on positions alone (key `j`, query at `i`:
+/// full precision iff `j < sinks` or `j + window >= i`), never on when a page happened to be
+/// packed — so plain and speculative decoding, and a sequence alone or batched, see the same
+/// values and keep producing the same greedy tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvCompression {
+    /// Full-precision attention sinks at the start.
+    pub sinks: usize,
+    /// Full-precision recent tokens.
+    pub window: usize,
+    /// Per layer, the quantizer of one token's keys of one KV head (`head_dim` channels).
+    pub keys: Vec<RowQuantizer>,
+    /// Per layer, the same for values.
+    pub values: Vec<RowQuantizer>,
+}
+
+impl KvCompression {
+    /// The same uncalibrated quantizer (identity permutation, no clipping) for every layer.
+    ///
+    /// # Errors
+    /// Bits not 2/4/8, or a group that does not divide `head_dim`.
+    pub fn uniform(
+        layout: &KvLayout,
+        bits: u32,
+        group: usize,
+        sinks: usize,
+        window: usize,
+    ) -> Result<Self, KernelError> {
+        let q = RowQuantizer::new(
+            bits,
+            group.min(layout.head_dim),
+            layout.head_dim,
+            None,
+            None,
+        )?;
+        Ok(Self {
+            sinks,
+            window,
+            keys: vec![q.clone(); layout.n_layers],
+            values: vec![q; layout.n_layers],
+        })
+    }
+
+    /// Whether key `j` is read quantized by a query at `pos`.
+    fn quantized(&self, j: usize, pos: usize) -> bool {
+        j >= self.sinks && j + self.window < pos
+    }
+}
+
+/// Largest packed row the on-stack scratch holds.
+const MAX_PACKED: usize = 1024;
 
 /// The geometry of one model's cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +99,14 @@ impl KvLayout {
     }
 }
 
-/// One layer's pages.
+/// One layer's pages. A page is held either in full precision (`k`/`v` non-empty) or as codes
+/// (`kq`/`vq` non-empty, `[slot][kv_head][packed row]`).
 #[derive(Debug, Clone, Default, PartialEq)]
 struct LayerPages {
     k: Vec<Box<[f32]>>,
     v: Vec<Box<[f32]>>,
+    kq: Vec<Box<[u8]>>,
+    vq: Vec<Box<[u8]>>,
     len: usize,
 }
 
@@ -52,6 +115,7 @@ struct LayerPages {
 pub struct PagedKv {
     layout: KvLayout,
     layers: Vec<LayerPages>,
+    compression: Option<Arc<KvCompression>>,
 }
 
 impl PagedKv {
@@ -64,6 +128,30 @@ impl PagedKv {
         Self {
             layout,
             layers: vec![LayerPages::default(); layout.n_layers],
+            compression: None,
+        }
+    }
+
+    /// An empty cache that compresses old tokens with `compression`.
+    ///
+    /// # Panics
+    /// If `page_size` is 0, the quantizers do not cover every layer, or a packed row is
+    /// larger than 1 KiB (internal invariants: built by [`KvCompression::uniform`] or a
+    /// calibration for this layout).
+    pub fn compressed(layout: KvLayout, compression: Arc<KvCompression>) -> Self {
+        assert!(
+            compression.keys.len() == layout.n_layers
+                && compression.values.len() == layout.n_layers
+                && compression
+                    .keys
+                    .iter()
+                    .chain(&compression.values)
+                    .all(|q| q.channels() == layout.head_dim && q.packed_bytes() <= MAX_PACKED),
+            "compression does not fit the layout"
+        );
+        Self {
+            compression: Some(compression),
+            ..Self::new(layout)
         }
     }
 
@@ -92,14 +180,94 @@ impl PagedKv {
         self.layers.iter().map(|l| l.k.len()).max().unwrap_or(0)
     }
 
-    /// Bytes of storage allocated: exactly the pages × [`KvLayout::page_bytes`] when every
-    /// layer holds the same tokens.
+    /// Bytes of key/value storage allocated (full-precision pages and packed pages): without
+    /// compression, exactly pages × [`KvLayout::page_bytes`] when every layer holds the same
+    /// tokens.
     pub fn bytes(&self) -> usize {
-        let per = self.layout.page_floats() * std::mem::size_of::<f32>();
+        let f = std::mem::size_of::<f32>();
         self.layers
             .iter()
-            .map(|l| (l.k.len() + l.v.len()) * per)
+            .map(|l| {
+                let full: usize = l.k.iter().chain(&l.v).map(|p| p.len() * f).sum();
+                let codes: usize = l.kq.iter().chain(&l.vq).map(|p| p.len()).sum();
+                full + codes
+            })
             .sum()
+    }
+
+    /// Packs every page of every layer that is complete, past the sinks and wholly older
+    /// than the window of any query still to come (queries come at positions `>= len`), and
+    /// frees its full-precision copy. Idempotent; [`PagedKv::append_head_major`] calls it
+    /// before appending.
+    pub fn compress(&mut self) {
+        for layer in 0..self.layers.len() {
+            self.compress_layer(layer);
+        }
+    }
+
+    fn compress_layer(&mut self, layer: usize) {
+        let Some(c) = self.compression.clone() else {
+            return;
+        };
+        let KvLayout {
+            page_size: ps,
+            n_kv_heads: kvh,
+            head_dim: hd,
+            ..
+        } = self.layout;
+        let (qk, qv) = (&c.keys[layer], &c.values[layer]);
+        let l = &mut self.layers[layer];
+        let old = l.len.saturating_sub(c.window);
+        for p in c.sinks.div_ceil(ps)..old / ps {
+            if l.k[p].is_empty() {
+                continue;
+            }
+            let pack = |full: &[f32], q: &RowQuantizer| -> Box<[u8]> {
+                let bytes = q.packed_bytes();
+                let mut out = vec![0u8; ps * kvh * bytes];
+                for (row, dst) in full.chunks_exact(hd).zip(out.chunks_exact_mut(bytes)) {
+                    q.quantize(row, dst);
+                }
+                out.into_boxed_slice()
+            };
+            l.kq[p] = pack(&l.k[p], qk);
+            l.vq[p] = pack(&l.v[p], qv);
+            l.k[p] = Box::default();
+            l.v[p] = Box::default();
+        }
+    }
+
+    /// Brings packed pages holding tokens at `from` or later back to full precision (from
+    /// their codes: lossy), before a rollback or commit rewrites them. The target model never
+    /// needs this (its rollbacks stay inside the window); a draft's deep rollback may.
+    fn unpack_from(&mut self, from: usize) {
+        let Some(c) = self.compression.clone() else {
+            return;
+        };
+        let hd = self.layout.head_dim;
+        let ps = self.layout.page_size;
+        let floats = self.layout.page_floats();
+        for (layer, l) in self.layers.iter_mut().enumerate() {
+            for p in from / ps..l.kq.len() {
+                if l.kq[p].is_empty() {
+                    continue;
+                }
+                let unpack = |codes: &[u8], q: &RowQuantizer| -> Box<[f32]> {
+                    let mut out = vec![0.0f32; floats];
+                    for (src, row) in codes
+                        .chunks_exact(q.packed_bytes())
+                        .zip(out.chunks_exact_mut(hd))
+                    {
+                        q.dequantize(src, row);
+                    }
+                    out.into_boxed_slice()
+                };
+                l.k[p] = unpack(&l.kq[p], &c.keys[layer]);
+                l.v[p] = unpack(&l.vq[p], &c.values[layer]);
+                l.kq[p] = Box::default();
+                l.vq[p] = Box::default();
+            }
+        }
     }
 
     /// Appends `n` tokens to `layer`; `k` and `v` are head-major `[n_kv_heads, n, head_dim]`
@@ -121,6 +289,7 @@ impl PagedKv {
             k.len(),
             v.len()
         );
+        self.compress_layer(layer);
         let floats = self.layout.page_floats();
         let l = &mut self.layers[layer];
         for t in 0..n {
@@ -128,6 +297,8 @@ impl PagedKv {
             if pos / ps == l.k.len() {
                 l.k.push(vec![0.0; floats].into_boxed_slice());
                 l.v.push(vec![0.0; floats].into_boxed_slice());
+                l.kq.push(Box::default());
+                l.vq.push(Box::default());
             }
             let (page, slot) = (pos / ps, pos % ps);
             for g in 0..kvh {
@@ -145,6 +316,7 @@ impl PagedKv {
     pub fn truncate(&mut self, len: usize) {
         let ps = self.layout.page_size;
         let row = self.layout.row();
+        self.unpack_from(len);
         for l in &mut self.layers {
             if len >= l.len {
                 continue;
@@ -152,6 +324,8 @@ impl PagedKv {
             let pages = len.div_ceil(ps);
             l.k.truncate(pages);
             l.v.truncate(pages);
+            l.kq.truncate(pages);
+            l.vq.truncate(pages);
             if !len.is_multiple_of(ps) {
                 let from = (len % ps) * row;
                 l.k[pages - 1][from..].fill(0.0);
@@ -178,6 +352,7 @@ impl PagedKv {
                 && rows.last().is_none_or(|&r| r < len),
             "bad retain: prefix {prefix}, rows {rows:?}, cache {len}"
         );
+        self.unpack_from(prefix);
         for l in &mut self.layers {
             for (i, &r) in rows.iter().enumerate() {
                 let dst = prefix + i;
@@ -209,6 +384,10 @@ impl PagedKv {
         LayerView {
             pages: &self.layers[layer],
             layout: self.layout,
+            compression: self
+                .compression
+                .as_deref()
+                .map(|c| (c, &c.keys[layer], &c.values[layer])),
         }
     }
 }
@@ -218,6 +397,7 @@ impl PagedKv {
 pub struct LayerView<'a> {
     pages: &'a LayerPages,
     layout: KvLayout,
+    compression: Option<(&'a KvCompression, &'a RowQuantizer, &'a RowQuantizer)>,
 }
 
 impl LayerView<'_> {
@@ -228,15 +408,74 @@ impl LayerView<'_> {
     }
 }
 
-impl KvSource for LayerView<'_> {
-    fn key(&self, _b: usize, g: usize, j: usize) -> &[f32] {
+impl<'v> LayerView<'v> {
+    /// Row `j` of head `g` as a query at `pos` reads it: stored full precision, stored codes
+    /// unpacked, or (a page not packed yet) full precision packed and unpacked on the fly —
+    /// bit for bit what its codes will hold.
+    fn read<'a>(
+        &'a self,
+        values: bool,
+        g: usize,
+        j: usize,
+        pos: usize,
+        buf: &'a mut [f32],
+    ) -> &'a [f32] {
+        let hd = self.layout.head_dim;
         let (p, o) = self.at(g, j);
-        &self.pages.k[p][o..o + self.layout.head_dim]
+        let (full, codes) = if values {
+            (&self.pages.v, &self.pages.vq)
+        } else {
+            (&self.pages.k, &self.pages.kq)
+        };
+        match self.compression {
+            Some((c, qk, qv)) if c.quantized(j, pos) => {
+                let q = if values { qv } else { qk };
+                let bytes = q.packed_bytes();
+                if codes[p].is_empty() {
+                    let mut scratch = [0u8; MAX_PACKED];
+                    q.quantize(&full[p][o..o + hd], &mut scratch[..bytes]);
+                    q.dequantize(&scratch[..bytes], buf);
+                } else {
+                    let at = (o / hd) * bytes;
+                    q.dequantize(&codes[p][at..at + bytes], buf);
+                }
+                buf
+            }
+            // A query older than a page's packing (the model never issues one): the codes are
+            // all that is left.
+            Some((_, qk, qv)) if full[p].is_empty() => {
+                let q = if values { qv } else { qk };
+                let bytes = q.packed_bytes();
+                let at = (o / hd) * bytes;
+                q.dequantize(&codes[p][at..at + bytes], buf);
+                buf
+            }
+            _ => &full[p][o..o + hd],
+        }
+    }
+}
+
+impl KvSource for LayerView<'_> {
+    fn key<'a>(
+        &'a self,
+        _b: usize,
+        g: usize,
+        j: usize,
+        pos: usize,
+        buf: &'a mut [f32],
+    ) -> &'a [f32] {
+        self.read(false, g, j, pos, buf)
     }
 
-    fn value(&self, _b: usize, g: usize, j: usize) -> &[f32] {
-        let (p, o) = self.at(g, j);
-        &self.pages.v[p][o..o + self.layout.head_dim]
+    fn value<'a>(
+        &'a self,
+        _b: usize,
+        g: usize,
+        j: usize,
+        pos: usize,
+        buf: &'a mut [f32],
+    ) -> &'a [f32] {
+        self.read(true, g, j, pos, buf)
     }
 }
 
@@ -288,9 +527,9 @@ mod tests {
                 let want: Vec<f32> = (0..3)
                     .map(|ch| (j * 100 + g * 10 + ch) as f32 + 0.5)
                     .collect();
-                assert_eq!(view.key(0, g, j), &want[..]);
+                assert_eq!(view.key(0, g, j, 0, &mut [0.0; 3]), &want[..]);
                 let neg: Vec<f32> = want.iter().map(|x| -x).collect();
-                assert_eq!(view.value(0, g, j), &neg[..]);
+                assert_eq!(view.value(0, g, j, 0, &mut [0.0; 3]), &neg[..]);
             }
         }
     }
@@ -309,14 +548,104 @@ mod tests {
         c.retain(6, &[7, 9]);
         assert_eq!(c.len(), 8);
         let v = c.layer(0);
-        assert_eq!(v.key(0, 1, 6)[0], (51 * 100 + 10) as f32 + 0.5);
-        assert_eq!(v.key(0, 1, 7)[0], (53 * 100 + 10) as f32 + 0.5);
+        assert_eq!(
+            v.key(0, 1, 6, 0, &mut [0.0; 3])[0],
+            (51 * 100 + 10) as f32 + 0.5
+        );
+        assert_eq!(
+            v.key(0, 1, 7, 0, &mut [0.0; 3])[0],
+            (53 * 100 + 10) as f32 + 0.5
+        );
         assert_eq!(c.pages(), 2);
         // Dropping the two kept rows again restores the original bytes.
         c.truncate(6);
         assert_eq!(c, before);
         c.clear();
         assert_eq!((c.len(), c.pages(), c.bytes()), (0, 0, 0));
+    }
+
+    /// Rows of `hd` channels for `kvh` heads, head-major, smooth in the channel.
+    fn wide_rows(first: usize, n: usize, kvh: usize, hd: usize) -> Vec<f32> {
+        let mut out = Vec::new();
+        for g in 0..kvh {
+            for t in first..first + n {
+                for c in 0..hd {
+                    out.push(((t * 7 + g * 3 + c) as f32 * 0.37).sin());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn compressed_pages_read_as_on_the_fly_codes_shrink_storage_and_roll_back_exactly() {
+        let layout = KvLayout {
+            n_layers: 2,
+            n_kv_heads: 2,
+            head_dim: 8,
+            page_size: 4,
+        };
+        let comp = Arc::new(KvCompression::uniform(&layout, 4, 8, 2, 4).unwrap());
+        let mut c = PagedKv::compressed(layout, comp.clone());
+        let mut plain = PagedKv::new(layout);
+        let add = |c: &mut PagedKv, first: usize, n: usize| {
+            let r = wide_rows(first, n, 2, 8);
+            let v: Vec<f32> = r.iter().map(|x| 1.0 - x).collect();
+            for layer in 0..2 {
+                c.append_head_major(layer, &r, &v, n);
+            }
+        };
+        add(&mut c, 0, 20);
+        add(&mut plain, 0, 20);
+        let read = |c: &PagedKv, values: bool, j: usize, pos: usize| -> Vec<f32> {
+            let mut buf = [0.0f32; 8];
+            let view = c.layer(1);
+            if values {
+                view.value(0, 1, j, pos, &mut buf).to_vec()
+            } else {
+                view.key(0, 1, j, pos, &mut buf).to_vec()
+            }
+        };
+        // Not packed yet: old tokens are quantized on the fly for a query at 20.
+        let before: Vec<Vec<f32>> = (0..20).map(|j| read(&c, false, j, 20)).collect();
+        let vals_before: Vec<Vec<f32>> = (0..20).map(|j| read(&c, true, j, 20)).collect();
+        c.compress();
+        for j in 0..20 {
+            assert_eq!(
+                read(&c, false, j, 20),
+                before[j],
+                "key {j}: codes == on-the-fly"
+            );
+            assert_eq!(read(&c, true, j, 20), vals_before[j], "value {j}");
+            let exact = read(&plain, false, j, 20);
+            if j < 2 || j + 4 >= 20 {
+                assert_eq!(before[j], exact, "sinks and window stay exact ({j})");
+            } else {
+                assert_ne!(before[j], exact, "token {j} is quantized");
+                let err = before[j]
+                    .iter()
+                    .zip(&exact)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(err <= 2.0 / 15.0 / 2.0 + 1e-2, "4-bit error {err} at {j}");
+            }
+        }
+        // Pages 1..4 (tokens 4..16) are packed: 8 codes × 4 bits + f16 scale and min = 8 bytes
+        // per (token, head) instead of 32.
+        let f32_page = 4 * 2 * 8 * 4;
+        let packed_page = 4 * 2 * 8;
+        assert_eq!(c.bytes(), 2 * 2 * (2 * f32_page + 3 * packed_page));
+        assert_eq!(plain.bytes(), 2 * 2 * 5 * f32_page);
+        // A rejected tree leaves the compressed store byte-identical.
+        let snapshot = c.clone();
+        add(&mut c, 90, 3);
+        c.truncate(20);
+        assert_eq!(c, snapshot);
+        // Accepting one of them: the packed pages are untouched.
+        add(&mut c, 90, 3);
+        c.retain(20, &[21]);
+        assert_eq!(c.len(), 21);
+        assert_eq!(read(&c, false, 10, 21), before[10]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! tokens with explicit positions and an explicit mask over cached + new tokens, so plain
 //! causal decoding, chunked prefill and tree verification are all the same call.
 
-use arbor_cache::{KvCache, KvLayout, PagedKv};
+use arbor_cache::{KvCache, KvCompression, KvLayout, PagedKv};
 use arbor_kernels::attention::{
     AttentionDims, attention_reference, attention_rows, attention_rows_with,
 };
@@ -97,6 +97,8 @@ struct Segment<'a, B: Backend> {
     /// The mask on the device (tensor-op attention) and on the host (fused CPU kernel).
     mask: Tensor<B, 3, Bool>,
     mask_host: &'a [bool],
+    /// The rows' positions (a compressed cache reads keys by query position).
+    positions: &'a [usize],
     cache: &'a mut KvCache<B>,
 }
 
@@ -278,13 +280,31 @@ impl<B: Backend> Transformer<B> {
 
     /// [`Transformer::new_cache`] with pages of `page_size` tokens (at least 1) on the CPU.
     pub fn new_cache_paged(&self, page_size: usize) -> KvCache<B> {
-        match self.layers.first() {
-            Some(l) if uses_fast_path::<B>() => KvCache::paged(KvLayout {
-                n_layers: self.layers.len(),
-                n_kv_heads: l.attn.n_kv_heads,
-                head_dim: self.head_dim,
-                page_size: page_size.max(1),
-            }),
+        self.new_cache_with(page_size, None)
+    }
+
+    /// The paged cache's geometry on the CPU backend (`None` elsewhere: dense device cache).
+    pub fn kv_layout(&self, page_size: usize) -> Option<KvLayout> {
+        let l = self.layers.first()?;
+        uses_fast_path::<B>().then(|| KvLayout {
+            n_layers: self.layers.len(),
+            n_kv_heads: l.attn.n_kv_heads,
+            head_dim: self.head_dim,
+            page_size: page_size.max(1),
+        })
+    }
+
+    /// A cache with pages of `page_size` tokens that compresses old tokens with
+    /// `compression` (SKVQ; built for [`Transformer::kv_layout`]) on the CPU backend; a dense
+    /// uncompressed device cache elsewhere.
+    pub fn new_cache_with(
+        &self,
+        page_size: usize,
+        compression: Option<Arc<KvCompression>>,
+    ) -> KvCache<B> {
+        match (self.kv_layout(page_size), compression) {
+            (Some(layout), Some(c)) => KvCache::paged_compressed(layout, c),
+            (Some(layout), None) => KvCache::paged(layout),
             _ => KvCache::new(self.layers.len()),
         }
     }
@@ -389,6 +409,7 @@ impl<B: Backend> Transformer<B> {
                 len: n,
                 mask,
                 mask_host: &s.input.mask,
+                positions: &s.input.positions,
                 cache: &mut *s.cache,
             });
         }
@@ -506,7 +527,10 @@ impl<B: Backend> Attention<B> {
                 }
             };
             outs.push(match seg.cache.paged_store_mut() {
-                Some(p) => paged_attention(p, layer, part(&q), part(&k), part(&v), seg.mask_host),
+                Some(p) => {
+                    let qkv = (part(&q), part(&k), part(&v));
+                    paged_attention(p, layer, qkv, seg.mask_host, seg.positions)
+                }
                 None => {
                     let (k, v) = seg.cache.append(layer, part(&k), part(&v));
                     if uses_fast_path::<B>() {
@@ -547,10 +571,9 @@ fn host<B: Backend>(t: Tensor<B, 4>) -> Vec<f32> {
 fn paged_attention<B: Backend>(
     cache: &mut PagedKv,
     layer: usize,
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+    (q, k, v): (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>),
     mask: &[bool],
+    positions: &[usize],
 ) -> Tensor<B, 4> {
     let [batch, n_heads, n_q, head_dim] = q.dims();
     let n_kv_heads = k.dims()[1];
@@ -564,7 +587,7 @@ fn paged_attention<B: Backend>(
         n_kv: cache.layer_len(layer),
         head_dim,
     };
-    let out = attention_rows_with(&host(q), &cache.layer(layer), mask, dims)
+    let out = attention_rows_with(&host(q), &cache.layer(layer), mask, Some(positions), dims)
         .expect("validated forward input");
     Tensor::from_data(
         TensorData::new(out, [batch, n_heads, n_q, head_dim]),

@@ -185,3 +185,37 @@ async fn sixty_four_streams_with_disconnects_leave_nothing_behind() {
         "a panic happened"
     );
 }
+
+/// With the KV cache compressed (`--kv-bits 2 --kv-window 16`: most of each prompt read as
+/// 2-bit codes) the server still gives each request the same greedy text alone and batched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_kv_cache_serves_batch_invariantly() {
+    let mut config = ServeConfig::new(smollm2());
+    config.kv_quant = Some(arbor_server::http::KvQuant {
+        bits: 2,
+        group: 64,
+        sinks: 4,
+        window: 16,
+    });
+    let server = start(config).await;
+    let c = reqwest::Client::new();
+    let ps: Vec<String> = prompts().into_iter().take(4).collect();
+    let mut alone = Vec::new();
+    for p in &ps {
+        alone.push(greedy(&c, &server, p).await);
+    }
+    let tasks: Vec<_> = ps
+        .iter()
+        .cloned()
+        .map(|p| {
+            let c = c.clone();
+            let url = server.url("");
+            tokio::spawn(async move { greedy(&c, &TestServer::attach(url), &p).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), alone[i], "request {i}");
+    }
+    assert!(server.metric("arbor_kv_bytes").await >= 0.0);
+    server.stop().await;
+}

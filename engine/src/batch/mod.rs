@@ -47,8 +47,10 @@ mod scheduler;
 mod sequence;
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arbor_cache::KvCompression;
 use arbor_model::{SeqForward, Tokenizer, Transformer};
 use arbor_speculators::{Draft, ModelDraft, TreeShape};
 use burn::tensor::backend::Backend;
@@ -156,6 +158,7 @@ pub struct BatchEngine<'m, B: Backend> {
     waiting: VecDeque<Sequence<'m, B>>,
     running: Vec<Sequence<'m, B>>,
     next_id: RequestId,
+    compression: Option<Arc<KvCompression>>,
 }
 
 impl<B: Backend> std::fmt::Debug for BatchEngine<'_, B> {
@@ -186,6 +189,7 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
+            compression: None,
         })
     }
 
@@ -218,6 +222,15 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
     #[must_use]
     pub fn with_tree(mut self, shape: TreeShape) -> Self {
         self.shape = Some(shape);
+        self
+    }
+
+    /// Compresses every sequence's KV cache with `compression` (SKVQ: tokens outside the
+    /// sinks and the window read as 2/4/8-bit codes; CPU backend). Build it for
+    /// [`Transformer::kv_layout`] with this engine's page size.
+    #[must_use]
+    pub fn with_kv_compression(mut self, compression: Arc<KvCompression>) -> Self {
+        self.compression = Some(compression);
         self
     }
 
@@ -275,7 +288,6 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         self.next_id += 1;
         self.waiting.push_back(Sequence::new(
             id,
-            self.target,
             ids,
             req.params,
             output,
@@ -283,7 +295,8 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             self.shape.clone().filter(|_| speculate),
             sink,
             req.deadline,
-            self.config().page_size,
+            self.target
+                .new_cache_with(self.config().page_size, self.compression.clone()),
         ));
         Ok(id)
     }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use arbor_cache::KvCache;
-use arbor_model::{ForwardInput, LogitRows, Sampler, Transformer};
+use arbor_model::{ForwardInput, LogitRows, Sampler};
 use arbor_speculators::{Draft, TreeShape};
 use burn::tensor::backend::Backend;
 
@@ -50,7 +50,6 @@ impl<'m, B: Backend> Sequence<'m, B> {
     #[allow(clippy::too_many_arguments)] // private constructor, one call site
     pub fn new(
         id: RequestId,
-        target: &Transformer<B>,
         prompt: Vec<u32>,
         params: GenerateParams,
         output: Output<'m>,
@@ -58,11 +57,11 @@ impl<'m, B: Backend> Sequence<'m, B> {
         shape: Option<TreeShape>,
         sink: Box<dyn EventSink>,
         deadline: Option<Instant>,
-        page_size: usize,
+        cache: KvCache<B>,
     ) -> Self {
         Self {
             id,
-            cache: target.new_cache_paged(page_size),
+            cache,
             sampler: Sampler::new(params.sampling.clone()),
             params,
             context: prompt,

@@ -354,3 +354,55 @@ fn bad_requests_are_refused() {
         .is_err()
     );
 }
+
+/// SKVQ compression on (2 bits, a short window so most of each sequence is quantized): a
+/// request gives the same tokens alone, batched with 15 others, and speculating — the values a
+/// query reads depend on positions only. With the window past the context it is the dense
+/// result exactly.
+#[test]
+fn compressed_cache_keeps_greedy_equal_across_batching_and_speculation() {
+    use arbor_cache::KvCompression;
+    use std::sync::Arc;
+    let (m, tok) = model();
+    let config = SchedulerConfig::default();
+    let layout = m.kv_layout(config.page_size).unwrap();
+    let hd = layout.head_dim;
+    let run = |comp: Option<Arc<KvCompression>>, texts: &[String], spec: bool| -> Vec<Vec<u32>> {
+        let mut e = BatchEngine::new(&m, &tok, config.clone())
+            .unwrap()
+            .with_draft(|| Box::new(NgramDraft::default()))
+            .with_tree("2,1,1".parse().unwrap());
+        if let Some(c) = comp {
+            e = e.with_kv_compression(c);
+        }
+        let rxs: Vec<Rx> = texts
+            .iter()
+            .map(|t| submit(&mut e, t, params(24), spec))
+            .collect();
+        run(&mut e);
+        rxs.iter().map(|rx| finished(rx).1.tokens).collect()
+    };
+    let texts = prompts(16);
+    let tight = Arc::new(KvCompression::uniform(&layout, 2, hd, 2, 8).unwrap());
+    let alone: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| run(Some(tight.clone()), std::slice::from_ref(t), false).remove(0))
+        .collect();
+    assert_eq!(run(Some(tight.clone()), &texts, false), alone, "batched");
+    assert_eq!(
+        run(Some(tight.clone()), &texts, true),
+        alone,
+        "batched + speculating"
+    );
+    let dense = run(None, &texts, false);
+    assert_ne!(
+        alone, dense,
+        "2-bit compression must change some output (else it is not on)"
+    );
+    let wide = Arc::new(KvCompression::uniform(&layout, 2, hd, 2, 100_000).unwrap());
+    assert_eq!(
+        run(Some(wide), &texts, true),
+        dense,
+        "a window past the context is exact"
+    );
+}

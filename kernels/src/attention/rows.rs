@@ -30,12 +30,29 @@ pub struct AttentionDims {
     pub head_dim: usize,
 }
 
-/// Where a call's keys and values live: contiguous tensors, or a paged cache.
+/// Where a call's keys and values live: contiguous tensors, or a paged (possibly quantized)
+/// cache. A source may answer from its storage or write the row into `buf` (`head_dim`
+/// values) and answer that — e.g. dequantized codes. `query_pos` is the position of the
+/// query reading it (what a compressed cache decides the representation by).
 pub trait KvSource: Sync {
-    /// Key `j` of KV head `g` of sequence `b` (`head_dim` values).
-    fn key(&self, b: usize, g: usize, j: usize) -> &[f32];
+    /// Key `j` of KV head `g` of sequence `b`.
+    fn key<'a>(
+        &'a self,
+        b: usize,
+        g: usize,
+        j: usize,
+        query_pos: usize,
+        buf: &'a mut [f32],
+    ) -> &'a [f32];
     /// Value `j` of KV head `g` of sequence `b`.
-    fn value(&self, b: usize, g: usize, j: usize) -> &[f32];
+    fn value<'a>(
+        &'a self,
+        b: usize,
+        g: usize,
+        j: usize,
+        query_pos: usize,
+        buf: &'a mut [f32],
+    ) -> &'a [f32];
 }
 
 /// Row-major `[batch, n_kv_heads, n_kv, head_dim]` keys and values.
@@ -46,12 +63,12 @@ struct Contiguous<'a> {
 }
 
 impl KvSource for Contiguous<'_> {
-    fn key(&self, b: usize, g: usize, j: usize) -> &[f32] {
+    fn key<'a>(&'a self, b: usize, g: usize, j: usize, _: usize, _: &'a mut [f32]) -> &'a [f32] {
         let at = ((b * self.d.n_kv_heads + g) * self.d.n_kv + j) * self.d.head_dim;
         &self.k[at..at + self.d.head_dim]
     }
 
-    fn value(&self, b: usize, g: usize, j: usize) -> &[f32] {
+    fn value<'a>(&'a self, b: usize, g: usize, j: usize, _: usize, _: &'a mut [f32]) -> &'a [f32] {
         let at = ((b * self.d.n_kv_heads + g) * self.d.n_kv + j) * self.d.head_dim;
         &self.v[at..at + self.d.head_dim]
     }
@@ -106,17 +123,19 @@ pub fn attention_rows(
             v.len()
         )));
     }
-    attention_rows_with(q, &Contiguous { k, v, d }, mask, d)
+    attention_rows_with(q, &Contiguous { k, v, d }, mask, None, d)
 }
 
-/// [`attention_rows`] over any [`KvSource`] (e.g. a paged cache), `d.n_kv` keys per sequence.
+/// [`attention_rows`] over any [`KvSource`] (e.g. a paged cache), `d.n_kv` keys per sequence;
+/// `positions` (`[batch, n_q]`) are the queries' positions, handed to the source.
 ///
 /// # Errors
-/// As [`attention_rows`].
+/// As [`attention_rows`], and for `positions` of the wrong length.
 pub fn attention_rows_with<S: KvSource>(
     q: &[f32],
     kv: &S,
     mask: &[bool],
+    positions: Option<&[usize]>,
     d: AttentionDims,
 ) -> Result<Vec<f32>, KernelError> {
     let hd = d.head_dim;
@@ -128,7 +147,10 @@ pub fn attention_rows_with<S: KvSource>(
         ));
     }
     let nq = d.batch * d.n_heads * d.n_q * hd;
-    if q.len() != nq || mask.len() != d.batch * d.n_q * d.n_kv {
+    if q.len() != nq
+        || mask.len() != d.batch * d.n_q * d.n_kv
+        || positions.is_some_and(|p| p.len() != d.batch * d.n_q)
+    {
         return bad(format!(
             "attention operands q {} mask {} for {d:?}",
             q.len(),
@@ -144,12 +166,13 @@ pub fn attention_rows_with<S: KvSource>(
     let group = d.n_heads / d.n_kv_heads;
     let scale = (hd as f32).powf(-0.5);
     let mut out = vec![0.0f32; nq];
-    let row = |(keys, scores, acc): &mut (Vec<usize>, Vec<f32>, Vec<f32>),
+    let row = |(keys, scores, acc, buf): &mut (Vec<usize>, Vec<f32>, Vec<f32>, Vec<f32>),
                (row, o): (usize, &mut [f32])| {
         let i = row % d.n_q;
         let h = (row / d.n_q) % d.n_heads;
         let b = row / (d.n_q * d.n_heads);
         let g = h / group;
+        let pos = positions.map_or(0, |p| p[b * d.n_q + i]);
         let qi = &q[row * hd..(row + 1) * hd];
         let m = &mask[(b * d.n_q + i) * d.n_kv..(b * d.n_q + i + 1) * d.n_kv];
         keys.clear();
@@ -157,7 +180,7 @@ pub fn attention_rows_with<S: KvSource>(
         scores.clear();
         let mut max = f32::NEG_INFINITY;
         for &j in keys.iter() {
-            let s = dot(qi, kv.key(b, g, j)) * scale;
+            let s = dot(qi, kv.key(b, g, j, pos, buf)) * scale;
             max = max.max(s);
             scores.push(s);
         }
@@ -168,7 +191,7 @@ pub fn attention_rows_with<S: KvSource>(
         }
         acc.fill(0.0);
         for (&j, &p) in keys.iter().zip(scores.iter()) {
-            let vj = kv.value(b, g, j);
+            let vj = kv.value(b, g, j, pos, buf);
             for (a, &x) in acc.iter_mut().zip(vj) {
                 *a += p * x;
             }
@@ -178,7 +201,7 @@ pub fn attention_rows_with<S: KvSource>(
             *o = a * inv;
         }
     };
-    let scratch = || (Vec::new(), Vec::new(), vec![0.0f32; hd]);
+    let scratch = || (Vec::new(), Vec::new(), vec![0.0f32; hd], vec![0.0f32; hd]);
     // Small calls (a decode step: a few heads × one row) cost less than waking the pool;
     // either way each row is computed by the same code, so results do not depend on it.
     if d.batch * d.n_heads * d.n_q * d.n_kv * hd < PARALLEL_WORK {

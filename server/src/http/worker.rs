@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use arbor_cache::KvCompression;
 use arbor_engine::{
     BatchEngine, BatchRequest, EngineError, Event, EventSink, Prompt, SchedulerConfig,
 };
@@ -107,6 +108,8 @@ pub struct Loaded<B: Backend> {
     pub tree: Option<TreeShape>,
     /// Scheduler limits.
     pub scheduler: SchedulerConfig,
+    /// KV cache compression.
+    pub kv_quant: Option<super::KvQuant>,
 }
 
 impl EngineWorker {
@@ -135,7 +138,8 @@ impl EngineWorker {
                     &loaded.drafts,
                     loaded.tree.clone(),
                     loaded.scheduler.clone(),
-                );
+                )
+                .and_then(|e| with_kv_quant(e, &loaded));
                 match built {
                     Err(e) => {
                         let _ = ready.send(Err(e));
@@ -166,6 +170,23 @@ impl EngineWorker {
             limits,
         }
     }
+}
+
+/// Adds the configured KV compression to `engine` (the CPU backend's paged cache only).
+fn with_kv_quant<'m, B: Backend>(
+    engine: BatchEngine<'m, B>,
+    loaded: &Loaded<B>,
+) -> anyhow::Result<BatchEngine<'m, B>> {
+    let Some(q) = loaded.kv_quant else {
+        return Ok(engine);
+    };
+    let Some(layout) = loaded.target.model.kv_layout(loaded.scheduler.page_size) else {
+        anyhow::bail!("--kv-bits needs the CPU backend's paged cache");
+    };
+    let c = KvCompression::uniform(&layout, q.bits, q.group, q.sinks, q.window)
+        .map_err(|e| anyhow::anyhow!("KV compression: {e}"))?;
+    tracing::info!(?q, "KV cache compression");
+    Ok(engine.with_kv_compression(Arc::new(c)))
 }
 
 /// Takes jobs and steps the engine until every handle is gone and the work is done.
