@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The serving figures in the README: `arbor serve` under 1, 4 and 16 concurrent streams,
+# The serving figures in the README: `arbor serve` (tree policy `auto`) under 1, 4 and 16 concurrent streams,
 # speculation on and off (same server, per-request switch), for SmolLM2-135M, Qwen2.5-Coder-0.5B
 # and -1.5B (n-gram draft; the 1.5B also with the 0.5B as draft). Greedy, 64 new tokens,
 # HumanEval prompts. Appends JSON lines to bench-results/serve.jsonl.
@@ -28,11 +28,11 @@ run() {
 RUNS=${RUNS:-smollm2-ngram qwen0.5b-ngram qwen1.5b-ngram qwen1.5b-draft0.5b}
 for r in $RUNS; do
     case $r in
-        smollm2-ngram) run "$r" --model smollm2-135m --draft ngram --tree chain:4 ;;
-        qwen0.5b-ngram) run "$r" --model qwen2.5-coder-0.5b --draft ngram --tree chain:4 ;;
-        qwen1.5b-ngram) run "$r" --model qwen2.5-coder-1.5b --draft ngram --tree chain:4 ;;
+        smollm2-ngram) run "$r" --model smollm2-135m --draft ngram ;;
+        qwen0.5b-ngram) run "$r" --model qwen2.5-coder-0.5b --draft ngram ;;
+        qwen1.5b-ngram) run "$r" --model qwen2.5-coder-1.5b --draft ngram ;;
         qwen1.5b-draft0.5b)
-            run "$r" --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --tree chain:3 ;;
+            run "$r" --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b ;;
         *) echo "unknown run $r" >&2 ;;
     esac
 done

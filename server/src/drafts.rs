@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use arbor_engine::{BatchEngine, Engine, SchedulerConfig, TreePolicy, check_same_tokenizer};
 use arbor_model::hub::ResolveOptions;
 use arbor_model::{LoadedModel, Transformer};
-use arbor_speculators::{NgramDraft, TreeShape};
+use arbor_speculators::NgramDraft;
 use burn::tensor::backend::Backend;
 
 /// A `--draft` value.
@@ -149,14 +149,14 @@ pub fn build_engine<'m, B: Backend>(
 }
 
 /// A continuous-batching engine over `target` with `drafts` (each sequence gets its own
-/// draft state) verifying trees of `tree`.
+/// draft state) shaping trees by `tree`.
 ///
 /// # Errors
 /// Inconsistent scheduler limits, or a model draft whose vocabulary is smaller.
 pub fn build_batch_engine<'m, B: Backend>(
     target: &'m LoadedModel<B>,
     drafts: &'m [LoadedDraft<B>],
-    tree: Option<TreeShape>,
+    tree: Option<TreePolicy>,
     config: SchedulerConfig,
 ) -> Result<BatchEngine<'m, B>> {
     let mut engine = BatchEngine::new(&target.model, &target.tokenizer, config)?;
@@ -172,7 +172,7 @@ pub fn build_batch_engine<'m, B: Backend>(
         };
     }
     Ok(match tree {
-        Some(t) => engine.with_tree(t),
+        Some(t) => engine.with_tree_policy(t),
         None => engine,
     })
 }

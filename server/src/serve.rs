@@ -26,9 +26,11 @@ pub struct ServeArgs {
     /// `"speculate": false`.
     #[arg(long = "draft", value_name = "DRAFT")]
     pub drafts: Vec<String>,
-    /// Tree shape for speculating requests: `k1,k2,..`, `chain:N` or `dyn:DEPTH,WIDTH,BUDGET`
-    /// (cut down by the scheduler when the batch is large).
-    #[arg(long, default_value = "chain:4")]
+    /// Tree policy for speculating requests: `auto` (shape chosen every step from the
+    /// measured verify cost and acceptance; plain decoding when no tree pays),
+    /// `auto:WIDTH,MAX_DEPTH`, or a fixed `k1,k2,..`, `chain:N`, `dyn:DEPTH,WIDTH,BUDGET`.
+    /// The scheduler cuts trees down when the batch is large.
+    #[arg(long, default_value = "auto")]
     pub tree: String,
     /// Most sequences running at once.
     #[arg(long, default_value_t = 16)]

@@ -58,8 +58,9 @@ use burn::tensor::backend::Backend;
 pub use scheduler::{Scheduler, SchedulerConfig, SeqLoad, StepPlan, Work};
 
 use crate::output::{Event, Output, check_prompt, prompt_tokens};
-use crate::spec::check_model_draft;
+use crate::spec::{check_model_draft, measure_verify_cost};
 use crate::{DraftStats, EngineError, GenerateParams, Prompt};
+use crate::{Planner, TreePolicy};
 use sequence::Sequence;
 
 /// Identifies a request within one [`BatchEngine`].
@@ -153,7 +154,8 @@ pub struct BatchEngine<'m, B: Backend> {
     target: &'m Transformer<B>,
     tokenizer: &'m Tokenizer,
     drafts: Vec<(String, DraftFactory<'m>)>,
-    shape: Option<TreeShape>,
+    policy: Option<TreePolicy>,
+    planner: Planner,
     scheduler: Scheduler,
     waiting: VecDeque<Sequence<'m, B>>,
     running: Vec<Sequence<'m, B>>,
@@ -165,7 +167,7 @@ impl<B: Backend> std::fmt::Debug for BatchEngine<'_, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BatchEngine")
             .field("load", &self.load())
-            .field("shape", &self.shape)
+            .field("policy", &self.policy)
             .finish()
     }
 }
@@ -184,7 +186,8 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             target,
             tokenizer,
             drafts: Vec::new(),
-            shape: None,
+            policy: None,
+            planner: Planner::default(),
             scheduler: Scheduler::new(config).map_err(EngineError::InvalidParams)?,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -220,9 +223,24 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
 
     /// The tree shape speculating sequences verify (cut down by the scheduler under load).
     #[must_use]
-    pub fn with_tree(mut self, shape: TreeShape) -> Self {
-        self.shape = Some(shape);
+    pub fn with_tree(self, shape: TreeShape) -> Self {
+        self.with_tree_policy(TreePolicy::Fixed(shape))
+    }
+
+    /// How speculating sequences' trees are shaped: fixed, or `auto` — the [`Planner`] picks
+    /// the shape every step from the target's measured verify cost (measured once, on the
+    /// first speculating sequence's cache, which is left as it was) and the acceptance seen
+    /// so far, pooled over all sequences; plain decoding when no tree pays. Either way the
+    /// scheduler cuts trees down under load.
+    #[must_use]
+    pub fn with_tree_policy(mut self, policy: TreePolicy) -> Self {
+        self.policy = Some(policy);
         self
+    }
+
+    /// The cost model `auto` uses.
+    pub fn planner(&self) -> &Planner {
+        &self.planner
     }
 
     /// Compresses every sequence's KV cache with `compression` (SKVQ: tokens outside the
@@ -269,7 +287,7 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
                 capacity: c.kv_pages * c.page_size,
             });
         }
-        let speculate = req.speculate && self.shape.is_some() && !self.drafts.is_empty();
+        let speculate = req.speculate && self.policy.is_some() && !self.drafts.is_empty();
         let mut output = Output::new(self.tokenizer, &req.params, ids.len());
         let drafts = if speculate {
             output.spec_mut().drafts = self
@@ -292,7 +310,6 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             req.params,
             output,
             drafts,
-            self.shape.clone().filter(|_| speculate),
             sink,
             req.deadline,
             self.target
@@ -365,8 +382,17 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             ..StepReport::default()
         };
         let max_pos = self.target.max_position();
-        let running: Vec<SeqLoad> = self.running.iter().map(|s| s.load(max_pos)).collect();
-        let waiting: Vec<SeqLoad> = self.waiting.iter().map(|s| s.load(max_pos)).collect();
+        let shape = self.step_shape();
+        let running: Vec<SeqLoad> = self
+            .running
+            .iter()
+            .map(|s| s.load(max_pos, shape.as_ref()))
+            .collect();
+        let waiting: Vec<SeqLoad> = self
+            .waiting
+            .iter()
+            .map(|s| s.load(max_pos, shape.as_ref()))
+            .collect();
         let plan = self.scheduler.plan(&running, &waiting);
         report.admitted = plan.admit;
         for _ in 0..plan.admit {
@@ -407,7 +433,7 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
                     report.prefill_rows += n;
                 }
                 Work::Decode(n) => {
-                    if let Err(e) = s.prepare_decode(n) {
+                    if let Err(e) = s.prepare_decode(n, shape.as_ref()) {
                         s.fail(e);
                     }
                 }
@@ -422,6 +448,29 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         self.running.retain(|s| !s.done);
         report.ended += before - self.running.len();
         report
+    }
+
+    /// This step's tree shape: the fixed one, or the planner's pick (measuring the verify
+    /// cost first, on a speculating sequence at its commit point, if not done yet).
+    fn step_shape(&mut self) -> Option<TreeShape> {
+        let Some(TreePolicy::Auto { width, max_depth }) = self.policy else {
+            return match &self.policy {
+                Some(TreePolicy::Fixed(s)) => Some(s.clone()),
+                _ => None,
+            };
+        };
+        if !self.planner.calibrated()
+            && let Some(s) = self.running.iter_mut().find(|s| s.ready_to_speculate())
+        {
+            let root = s.root();
+            match measure_verify_cost(self.target, &mut s.cache, root, max_depth) {
+                Ok(costs) => self.planner.verify_cost = costs,
+                Err(e) => s.fail(e),
+            }
+        }
+        self.planner
+            .calibrated()
+            .then(|| self.planner.plan(width, max_depth))
     }
 
     /// The batched target forward over every prepared sequence, and each one's commit.
@@ -466,8 +515,10 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         {
             let rows = results.next().expect("one result per sequence");
             report.tree_rows += s.tree_rows();
-            if let Err(e) = s.finish_step(&rows, max_pos, forward_time) {
-                s.fail(e);
+            match s.finish_step(&rows, max_pos, forward_time) {
+                Ok(Some(o)) => self.planner.observe(o.width, &o.walk, &o.per_forward, 0.0),
+                Ok(None) => {}
+                Err(e) => s.fail(e),
             }
         }
     }

@@ -19,8 +19,15 @@ pub(super) enum Pending {
     Prefill { logits: LogitRows },
     /// One plain token (the root).
     Plain,
-    /// A drafted tree.
-    Tree(Drafted),
+    /// A drafted tree, and the width of the shape it was grown with.
+    Tree(Drafted, usize),
+}
+
+/// What one verified tree tells the planner.
+pub(super) struct Observed {
+    pub width: usize,
+    pub walk: Vec<bool>,
+    pub per_forward: Vec<Option<f64>>,
 }
 
 pub(super) struct Sequence<'m, B: Backend> {
@@ -34,8 +41,8 @@ pub(super) struct Sequence<'m, B: Backend> {
     started: bool,
     pub output: Output<'m>,
     drafts: Vec<Box<dyn Draft + 'm>>,
-    /// Tree shape this sequence verifies when the scheduler allows (None: plain).
-    shape: Option<TreeShape>,
+    /// Whether this sequence speculates (it has drafts).
+    speculate: bool,
     pub sink: Box<dyn EventSink>,
     pub deadline: Option<Instant>,
     pub arrived: Instant,
@@ -54,7 +61,6 @@ impl<'m, B: Backend> Sequence<'m, B> {
         params: GenerateParams,
         output: Output<'m>,
         drafts: Vec<Box<dyn Draft + 'm>>,
-        shape: Option<TreeShape>,
         sink: Box<dyn EventSink>,
         deadline: Option<Instant>,
         cache: KvCache<B>,
@@ -67,8 +73,8 @@ impl<'m, B: Backend> Sequence<'m, B> {
             context: prompt,
             started: false,
             output,
+            speculate: !drafts.is_empty(),
             drafts,
-            shape,
             sink,
             deadline,
             arrived: Instant::now(),
@@ -85,10 +91,10 @@ impl<'m, B: Backend> Sequence<'m, B> {
         (self.context.len() - fed).saturating_sub(self.cache.len())
     }
 
-    /// What the scheduler sees.
-    pub fn load(&self, max_position: usize) -> SeqLoad {
-        let tree_nodes = match &self.shape {
-            Some(s) if self.started && !self.drafts.is_empty() => {
+    /// What the scheduler sees, given the step's tree shape (`None`: nobody speculates).
+    pub fn load(&self, max_position: usize, shape: Option<&TreeShape>) -> SeqLoad {
+        let tree_nodes = match shape {
+            Some(s) if self.started && self.speculate => {
                 // Depth is bounded by tokens still allowed and the context left.
                 let depth = self
                     .output
@@ -104,6 +110,16 @@ impl<'m, B: Backend> Sequence<'m, B> {
             pending: self.pending_tokens(),
             tree_nodes,
         }
+    }
+
+    /// Whether it speculates and is decoding (at a commit point, its root not yet fed).
+    pub fn ready_to_speculate(&self) -> bool {
+        self.speculate && self.started && !self.done && self.pending_tokens() == 0
+    }
+
+    /// The next step's root token.
+    pub fn root(&self) -> u32 {
+        *self.context.last().expect("started")
     }
 
     /// Drops the cache (recompute preemption); the sequence resumes from its context.
@@ -129,13 +145,17 @@ impl<'m, B: Backend> Sequence<'m, B> {
         });
     }
 
-    /// Prepares a decode step with at most `nodes` tree nodes: drafts a tree when speculating.
-    pub fn prepare_decode(&mut self, nodes: usize) -> Result<(), EngineError> {
+    /// Prepares a decode step with at most `nodes` tree nodes: drafts a tree of (a cut of)
+    /// `shape` when speculating.
+    pub fn prepare_decode(
+        &mut self,
+        nodes: usize,
+        shape: Option<&TreeShape>,
+    ) -> Result<(), EngineError> {
         let cached = self.cache.len();
-        let shape = self
-            .shape
-            .as_ref()
-            .filter(|_| nodes > 1 && !self.drafts.is_empty())
+        let width = shape.map_or(0, TreeShape::width);
+        let shape = shape
+            .filter(|_| nodes > 1 && self.speculate)
             .map(|s| largest_within(s, nodes));
         match shape {
             Some(shape) if shape.depth() > 0 => {
@@ -148,7 +168,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
                     &mut self.output,
                 )?;
                 self.input = Some(d.tree.forward_input(cached));
-                self.pending = Some(Pending::Tree(d));
+                self.pending = Some(Pending::Tree(d, width));
             }
             _ => {
                 let root = *self.context.last().expect("started");
@@ -162,7 +182,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
     /// Tree nodes beyond the root in the step in flight.
     pub fn tree_rows(&self) -> usize {
         match &self.pending {
-            Some(Pending::Tree(d)) => d.tree.len() - 1,
+            Some(Pending::Tree(d, _)) => d.tree.len() - 1,
             _ => 0,
         }
     }
@@ -172,19 +192,20 @@ impl<'m, B: Backend> Sequence<'m, B> {
         match &self.pending {
             Some(Pending::Prefill { logits }) => *logits,
             Some(Pending::Plain) => LogitRows::Last,
-            Some(Pending::Tree(_)) => LogitRows::All,
+            Some(Pending::Tree(..)) => LogitRows::All,
             None => LogitRows::None,
         }
     }
 
     /// Takes the step's logits `rows` (its cache already holds the step's new rows): samples or
-    /// verifies, commits, and queues output events. `elapsed` is the step's time so far.
+    /// verifies, commits, and queues output events. For a tree, returns what the planner
+    /// learns from it.
     pub fn finish_step(
         &mut self,
         rows: &[Vec<f32>],
         max_position: usize,
         forward_time: std::time::Duration,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Option<Observed>, EngineError> {
         self.input = None;
         let first_pos = self.cache.len();
         match self.pending.take() {
@@ -202,7 +223,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
                 self.output.add_time(forward_time);
                 self.push(&[token], first_pos, max_position)?;
             }
-            Some(Pending::Tree(d)) => {
+            Some(Pending::Tree(d, width)) => {
                 let cached = first_pos - d.tree.len();
                 let v = verify_commit(
                     &d.tree,
@@ -216,9 +237,14 @@ impl<'m, B: Backend> Sequence<'m, B> {
                 );
                 self.output.add_time(d.time + v.verify_time);
                 self.push(&v.tokens, cached + 1, max_position)?;
+                return Ok(Some(Observed {
+                    width,
+                    walk: v.walk,
+                    per_forward: d.per_forward,
+                }));
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Hands emitted tokens to the output, stopping at the end; `first_pos` is the position

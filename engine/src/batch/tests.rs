@@ -95,11 +95,11 @@ fn batched_greedy_equals_plain_greedy_alone() {
         prefill_chunk: 16,
         ..SchedulerConfig::default()
     };
-    for spec in [false, true] {
+    for (spec, policy) in [(false, "2,1,1"), (true, "2,1,1"), (true, "auto")] {
         let mut e = BatchEngine::new(&m, &tok, config.clone())
             .unwrap()
             .with_draft(|| Box::new(NgramDraft::default()))
-            .with_tree("2,1,1".parse().unwrap());
+            .with_tree_policy(policy.parse().unwrap());
         let texts = prompts(16);
         let rxs: Vec<Rx> = texts
             .iter()

@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use arbor_cache::KvCache;
 use arbor_model::{Sampler, Tokenizer, Transformer};
-use arbor_speculators::{Draft, ModelDraft, TokenTree};
+use arbor_speculators::{Draft, ModelDraft};
 use burn::tensor::backend::Backend;
 
+pub(crate) use policy::measure_verify_cost;
 pub use policy::{Planner, TreePolicy, VERIFY_SIZES};
 pub use stats::{DepthStats, DraftStats, SpecStats, StepStats};
 pub(crate) use vocab::check_model_draft;
@@ -189,42 +190,10 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
     }
 
     /// Measures the target's verify cost by tree size (once per engine, for `auto`).
-    ///
-    /// Sizes are measured upwards until one costs at least `max_depth + 1` one-node steps: a
-    /// tree emits at most `max_depth + 1` tokens, so no tree that size or larger can beat plain
-    /// decoding, and the planner extrapolates past it. (With quantized weights on 2 cores this
-    /// stops at 16 nodes and halves the calibration, ~3 s on Qwen-1.5B.)
     fn calibrate(&mut self, max_depth: usize) -> Result<(), EngineError> {
-        let cached = self.cache.len();
         let root = *self.context.last().expect("started");
-        let room = self.engine.target.max_position().saturating_sub(cached);
-        let mut costs = Vec::new();
-        for &n in VERIFY_SIZES.iter().filter(|&&n| n <= room) {
-            let mut best = f64::INFINITY;
-            for _ in 0..2 {
-                let mut tree = TokenTree::new(root);
-                let mut node = 0;
-                for _ in 1..n {
-                    node = tree.push(node, root, 0)?;
-                }
-                let t0 = Instant::now();
-                self.engine
-                    .target
-                    .forward_all_logits(&tree.forward_input(cached), &mut self.cache)?;
-                best = best.min(t0.elapsed().as_secs_f64());
-                self.cache.truncate(cached);
-            }
-            costs.push((n, best));
-            if best >= (max_depth + 1) as f64 * costs[0].1 {
-                break;
-            }
-        }
-        // A bigger tree never costs less: smooth timing noise away from the right.
-        for i in (0..costs.len().saturating_sub(1)).rev() {
-            costs[i].1 = costs[i].1.min(costs[i + 1].1);
-        }
-        tracing::debug!(?costs, "verify cost by tree size");
-        self.engine.planner.verify_cost = costs;
+        self.engine.planner.verify_cost =
+            measure_verify_cost(self.engine.target, &mut self.cache, root, max_depth)?;
         Ok(())
     }
 

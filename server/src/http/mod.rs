@@ -31,10 +31,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use arbor_engine::SchedulerConfig;
+use arbor_engine::{SchedulerConfig, TreePolicy};
 use arbor_model::LoadedModel;
 use arbor_model::hub::ResolveOptions;
-use arbor_speculators::TreeShape;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -62,8 +61,8 @@ pub struct ServeConfig {
     pub resolve: ResolveOptions,
     /// Drafts for speculation (none: plain decoding).
     pub drafts: Vec<DraftSpec>,
-    /// Tree shape for speculating requests.
-    pub tree: TreeShape,
+    /// Tree policy for speculating requests.
+    pub tree: TreePolicy,
     /// Scheduler limits.
     pub scheduler: SchedulerConfig,
     /// Per-request deadline.
@@ -92,14 +91,14 @@ pub struct KvQuant {
 }
 
 impl ServeConfig {
-    /// Defaults around `model`: plain decoding, default scheduler limits, 10 min timeout,
-    /// 2 MiB bodies, 30 s grace.
+    /// Defaults around `model`: no drafts (plain decoding; `auto` trees once drafts are
+    /// added), default scheduler limits, 10 min timeout, 2 MiB bodies, 30 s grace.
     pub fn new(model: impl Into<String>) -> Self {
         Self {
             model: model.into(),
             resolve: ResolveOptions::default(),
             drafts: Vec::new(),
-            tree: TreeShape::Expand(vec![1; 4]),
+            tree: TreePolicy::default(),
             scheduler: SchedulerConfig::default(),
             request_timeout: Some(Duration::from_secs(600)),
             max_body_bytes: 2 << 20,

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 
 use arbor_cache::KvCompression;
 use arbor_engine::{
-    BatchEngine, BatchRequest, EngineError, Event, EventSink, Prompt, SchedulerConfig,
+    BatchEngine, BatchRequest, EngineError, Event, EventSink, Prompt, SchedulerConfig, TreePolicy,
 };
 use arbor_model::{LoadedModel, Tokenizer};
-use arbor_speculators::TreeShape;
 use burn::tensor::backend::Backend;
 
 use crate::drafts::{LoadedDraft, build_batch_engine};
@@ -104,8 +103,8 @@ pub struct Loaded<B: Backend> {
     pub target: LoadedModel<B>,
     /// Its drafts.
     pub drafts: Vec<LoadedDraft<B>>,
-    /// Tree shape for speculating requests.
-    pub tree: Option<TreeShape>,
+    /// Tree policy for speculating requests.
+    pub tree: Option<TreePolicy>,
     /// Scheduler limits.
     pub scheduler: SchedulerConfig,
     /// KV cache compression.
