@@ -30,6 +30,20 @@ pub use paged::{KvCompression, KvLayout, LayerView, PagedKv};
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
+/// The invariant of a commit: `rows` increasing, from `prefix` on, inside a cache of `len`.
+///
+/// # Panics
+/// If it does not hold (internal invariant: rows come from the tree just appended).
+fn check_retain(prefix: usize, rows: &[usize], len: usize) {
+    assert!(
+        prefix <= len
+            && rows.windows(2).all(|w| w[0] < w[1])
+            && rows.first().is_none_or(|&r| r >= prefix)
+            && rows.last().is_none_or(|&r| r < len),
+        "bad retain: prefix {prefix}, rows {rows:?}, cache {len}"
+    );
+}
+
 /// Keys and values of one layer.
 ///
 /// # Shapes
@@ -188,14 +202,7 @@ impl<B: Backend> KvCache<B> {
             p.retain(prefix, rows);
             return;
         }
-        let len = self.len();
-        assert!(
-            prefix <= len
-                && rows.windows(2).all(|w| w[0] < w[1])
-                && rows.first().is_none_or(|&r| r >= prefix)
-                && rows.last().is_none_or(|&r| r < len),
-            "bad retain: prefix {prefix}, rows {rows:?}, cache {len}"
-        );
+        check_retain(prefix, rows, self.len());
         if rows.iter().enumerate().all(|(i, &r)| r == prefix + i) {
             self.truncate(prefix + rows.len());
             return;

@@ -344,14 +344,7 @@ impl PagedKv {
     pub fn retain(&mut self, prefix: usize, rows: &[usize]) {
         let ps = self.layout.page_size;
         let row = self.layout.row();
-        let len = self.len();
-        assert!(
-            prefix <= len
-                && rows.windows(2).all(|w| w[0] < w[1])
-                && rows.first().is_none_or(|&r| r >= prefix)
-                && rows.last().is_none_or(|&r| r < len),
-            "bad retain: prefix {prefix}, rows {rows:?}, cache {len}"
-        );
+        crate::check_retain(prefix, rows, self.len());
         self.unpack_from(prefix);
         for l in &mut self.layers {
             for (i, &r) in rows.iter().enumerate() {
@@ -401,6 +394,7 @@ pub struct LayerView<'a> {
 }
 
 impl LayerView<'_> {
+    #[inline]
     fn at(&self, g: usize, j: usize) -> (usize, usize) {
         let ps = self.layout.page_size;
         let off = ((j % ps) * self.layout.n_kv_heads + g) * self.layout.head_dim;
@@ -412,6 +406,7 @@ impl<'v> LayerView<'v> {
     /// Row `j` of head `g` as a query at `pos` reads it: stored full precision, stored codes
     /// unpacked, or (a page not packed yet) full precision packed and unpacked on the fly —
     /// bit for bit what its codes will hold.
+    #[inline]
     fn read<'a>(
         &'a self,
         values: bool,
@@ -456,6 +451,7 @@ impl<'v> LayerView<'v> {
 }
 
 impl KvSource for LayerView<'_> {
+    #[inline]
     fn key<'a>(
         &'a self,
         _b: usize,
@@ -467,6 +463,7 @@ impl KvSource for LayerView<'_> {
         self.read(false, g, j, pos, buf)
     }
 
+    #[inline]
     fn value<'a>(
         &'a self,
         _b: usize,

@@ -77,9 +77,101 @@ impl KvSource for Contiguous<'_> {
 /// Multiply-adds below which a call runs on the calling thread.
 const PARALLEL_WORK: usize = 1 << 20;
 
+/// What every row of one call shares.
+struct RowCtx<'a, S> {
+    q: &'a [f32],
+    kv: &'a S,
+    mask: &'a [bool],
+    positions: Option<&'a [usize]>,
+    d: AttentionDims,
+    group: usize,
+    scale: f32,
+}
+
+/// Per-thread buffers.
+struct Scratch {
+    keys: Vec<usize>,
+    /// `[group][visible keys]` scores, then probabilities.
+    scores: Vec<f32>,
+    /// `[group][head_dim]` accumulators, then the task's output rows.
+    acc: Vec<f32>,
+    buf: Vec<f32>,
+}
+
+/// One task: query `i` of sequence `b` for every head of KV group `g` (GQA heads share the
+/// keys and values, so each is read once for all of them). Each head's arithmetic is exactly
+/// that of a lone row — its scores over the visible keys in order, softmax, weighted sum — so
+/// grouping changes speed, not results.
+#[inline(always)]
+fn group_body<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
+    let d = c.d;
+    let (hd, gs) = (d.head_dim, c.group);
+    let i = task % d.n_q;
+    let g = (task / d.n_q) % d.n_kv_heads;
+    let b = task / (d.n_q * d.n_kv_heads);
+    let pos = c.positions.map_or(0, |p| p[b * d.n_q + i]);
+    let m = &c.mask[(b * d.n_q + i) * d.n_kv..(b * d.n_q + i + 1) * d.n_kv];
+    s.keys.clear();
+    s.keys
+        .extend(m.iter().enumerate().filter(|(_, ok)| **ok).map(|(j, _)| j));
+    let nk = s.keys.len();
+    let q_row = |h: usize| {
+        let row = (b * d.n_heads + h) * d.n_q + i;
+        &c.q[row * hd..(row + 1) * hd]
+    };
+    s.scores.clear();
+    s.scores.resize(gs * nk, 0.0);
+    for (t, &j) in s.keys.iter().enumerate() {
+        let kj = c.kv.key(b, g, j, pos, &mut s.buf);
+        for r in 0..gs {
+            s.scores[r * nk + t] = dot(q_row(g * gs + r), kj) * c.scale;
+        }
+    }
+    s.acc.clear();
+    s.acc.resize(gs * hd, 0.0);
+    let mut sums = Vec::with_capacity(gs);
+    for scores in s.scores.chunks_exact_mut(nk) {
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0.0f32;
+        for x in scores.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        sums.push(sum);
+    }
+    for (t, &j) in s.keys.iter().enumerate() {
+        let vj = c.kv.value(b, g, j, pos, &mut s.buf);
+        for (r, acc) in s.acc.chunks_exact_mut(hd).enumerate() {
+            let p = s.scores[r * nk + t];
+            for (a, &x) in acc.iter_mut().zip(vj) {
+                *a += p * x;
+            }
+        }
+    }
+    for (acc, &sum) in s.acc.chunks_exact_mut(hd).zip(&sums) {
+        let inv = 1.0 / sum;
+        for a in acc {
+            *a *= inv;
+        }
+    }
+}
+
+/// [`group_body`] compiled for AVX2 (256-bit lanes for the same operations in the same
+/// order: separate multiplies and adds, no FMA, so results equal the portable build bit for
+/// bit).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn group_avx2<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
+    group_body(c, s, task);
+}
+
 /// Dot product with eight fixed lanes (vectorizable, same order for every call). Plain
 /// multiply-then-add: `mul_add` is a libm call unless the build targets FMA, and Rust never
 /// contracts `a * b + c` on its own, so the result is the same on every machine.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, ra) = a.as_chunks::<8>();
@@ -163,54 +255,57 @@ pub fn attention_rows_with<S: KvSource>(
     {
         return bad(format!("mask row {r} attends to nothing"));
     }
-    let group = d.n_heads / d.n_kv_heads;
-    let scale = (hd as f32).powf(-0.5);
-    let mut out = vec![0.0f32; nq];
-    let row = |(keys, scores, acc, buf): &mut (Vec<usize>, Vec<f32>, Vec<f32>, Vec<f32>),
-               (row, o): (usize, &mut [f32])| {
-        let i = row % d.n_q;
-        let h = (row / d.n_q) % d.n_heads;
-        let b = row / (d.n_q * d.n_heads);
-        let g = h / group;
-        let pos = positions.map_or(0, |p| p[b * d.n_q + i]);
-        let qi = &q[row * hd..(row + 1) * hd];
-        let m = &mask[(b * d.n_q + i) * d.n_kv..(b * d.n_q + i + 1) * d.n_kv];
-        keys.clear();
-        keys.extend(m.iter().enumerate().filter(|(_, ok)| **ok).map(|(j, _)| j));
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for &j in keys.iter() {
-            let s = dot(qi, kv.key(b, g, j, pos, buf)) * scale;
-            max = max.max(s);
-            scores.push(s);
-        }
-        let mut sum = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        acc.fill(0.0);
-        for (&j, &p) in keys.iter().zip(scores.iter()) {
-            let vj = kv.value(b, g, j, pos, buf);
-            for (a, &x) in acc.iter_mut().zip(vj) {
-                *a += p * x;
-            }
-        }
-        let inv = 1.0 / sum;
-        for (o, a) in o.iter_mut().zip(acc.iter()) {
-            *o = a * inv;
-        }
+    let ctx = RowCtx {
+        q,
+        kv,
+        mask,
+        positions,
+        d,
+        group: d.n_heads / d.n_kv_heads,
+        scale: (hd as f32).powf(-0.5),
     };
-    let scratch = || (Vec::new(), Vec::new(), vec![0.0f32; hd], vec![0.0f32; hd]);
-    // Small calls (a decode step: a few heads × one row) cost less than waking the pool;
-    // either way each row is computed by the same code, so results do not depend on it.
-    if d.batch * d.n_heads * d.n_q * d.n_kv * hd < PARALLEL_WORK {
+    let mut out = vec![0.0f32; nq];
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    let run = |s: &mut Scratch, task: usize| -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: AVX2 was detected at run time just above.
+            unsafe { group_avx2(&ctx, s, task) };
+            return s.acc.clone();
+        }
+        let _ = avx2;
+        group_body(&ctx, s, task);
+        s.acc.clone()
+    };
+    let scratch = || Scratch {
+        keys: Vec::new(),
+        scores: Vec::new(),
+        acc: Vec::new(),
+        buf: vec![0.0f32; hd],
+    };
+    let tasks = d.batch * d.n_kv_heads * d.n_q;
+    // Small calls (a decode step) cost less than waking the pool; either way each row is
+    // computed by the same code, so results do not depend on it.
+    let results: Vec<Vec<f32>> = if d.batch * d.n_heads * d.n_q * d.n_kv * hd < PARALLEL_WORK {
         let mut s = scratch();
-        out.chunks_mut(hd).enumerate().for_each(|r| row(&mut s, r));
+        (0..tasks).map(|t| run(&mut s, t)).collect()
     } else {
-        out.par_chunks_mut(hd)
-            .enumerate()
-            .for_each_init(scratch, |s, r| row(s, r));
+        (0..tasks)
+            .into_par_iter()
+            .map_init(scratch, |s, t| run(s, t))
+            .collect()
+    };
+    for (task, rows) in results.iter().enumerate() {
+        let i = task % d.n_q;
+        let g = (task / d.n_q) % d.n_kv_heads;
+        let b = task / (d.n_q * d.n_kv_heads);
+        for (r, row) in rows.chunks_exact(hd).enumerate() {
+            let at = ((b * d.n_heads + g * ctx.group + r) * d.n_q + i) * hd;
+            out[at..at + hd].copy_from_slice(row);
+        }
     }
     Ok(out)
 }
