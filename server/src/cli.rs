@@ -46,6 +46,9 @@ enum Command {
     /// Measure speed and acceptance: `--plain`, or `--draft D --prompts FILE` for speculative
     /// decoding against plain decoding in the same run.
     Bench(crate::bench::BenchArgs),
+    /// What KV-cache compression costs: dense vs each `--settings` entry, teacher-forced over
+    /// a long text (top-1 agreement, perplexity, KV bytes per token, speed).
+    KvEval(crate::kv_eval::KvEvalArgs),
 }
 
 /// Which device runs the model.
@@ -177,6 +180,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => crate::serve::run(&args),
         Command::Generate(args) => crate::generate::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
+        Command::KvEval(args) => crate::kv_eval::run_cmd(&args),
     }
 }
 

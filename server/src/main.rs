@@ -1,8 +1,9 @@
-//! `arbor`: tree-speculative LLM serving. Subcommands: `fetch`, `serve`, `generate`, `bench`.
+//! `arbor`: tree-speculative LLM serving. Subcommands: `fetch`, `serve`, `generate`, `bench`, `kv-eval`.
 
 mod bench;
 mod cli;
 mod generate;
+mod kv_eval;
 mod serve;
 
 use clap::Parser;
