@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use arbor_cache::KvCompression;
+use arbor_cache::{KvCache, KvCompression};
+use arbor_kernels::attention::KvSource;
+use arbor_kernels::kvquant::{RowQuantizer, calibrate_clip, range_permutation};
 use arbor_model::sampling::argmax;
 use arbor_model::{ForwardInput, LoadedModel, Transformer};
 use burn::tensor::backend::Backend;
@@ -40,6 +42,63 @@ pub struct KvEvalArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also run each setting calibrated (SKVQ): per layer, a channel permutation grouping
+    /// channels of similar range and per-group clip ratios, fitted to the keys and values of
+    /// the dense run's first `--calibration-tokens` tokens (label suffix `+cal`).
+    #[arg(long)]
+    pub calibrate: bool,
+    /// Tokens whose keys and values calibrate.
+    #[arg(long, default_value_t = 512)]
+    pub calibration_tokens: usize,
+}
+
+/// Per-layer quantizers fitted to `cache`'s first `tokens` keys and values (SKVQ: range
+/// permutation, then the clip ratio with the least squared error per group).
+fn calibrated<B: Backend>(
+    cache: &KvCache<B>,
+    (bits, window, sinks, group): (u32, usize, usize, usize),
+    tokens: usize,
+) -> Result<KvCompression> {
+    let Some(p) = cache.paged_store() else {
+        bail!("calibration needs the CPU backend's paged cache");
+    };
+    let layout = p.layout();
+    let hd = layout.head_dim;
+    let grid: Vec<f32> = (0..=10).map(|i| 1.0 - 0.05 * i as f32).collect();
+    let fit = |rows: &[Vec<f32>]| -> Result<RowQuantizer> {
+        let perm = range_permutation(rows, hd);
+        let base = RowQuantizer::new(bits, group.min(hd), hd, Some(perm.clone()), None)?;
+        let clip = calibrate_clip(&base, rows, &grid)?;
+        Ok(RowQuantizer::new(
+            bits,
+            group.min(hd),
+            hd,
+            Some(perm),
+            Some(clip),
+        )?)
+    };
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    let mut buf = vec![0.0f32; hd];
+    for layer in 0..layout.n_layers {
+        let view = p.layer(layer);
+        let n = tokens.min(p.layer_len(layer));
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for j in 0..n {
+            for g in 0..layout.n_kv_heads {
+                // Position 0 reads every key in full precision.
+                k.push(view.key(0, g, j, 0, &mut buf).to_vec());
+                v.push(view.value(0, g, j, 0, &mut buf).to_vec());
+            }
+        }
+        keys.push(fit(&k)?);
+        values.push(fit(&v)?);
+    }
+    Ok(KvCompression {
+        sinks,
+        window,
+        keys,
+        values,
+    })
 }
 
 /// One setting's figures (the `--json` fields).
@@ -85,7 +144,7 @@ fn run<B: Backend>(
     chunk: usize,
     compression: Option<Arc<KvCompression>>,
     label: &str,
-) -> Result<(Vec<usize>, f64, f64, f64)> {
+) -> Result<(Vec<usize>, f64, f64, f64, KvCache<B>)> {
     let mut cache = model.new_cache_with(16, compression);
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template(
@@ -118,12 +177,8 @@ fn run<B: Backend>(
         p.compress();
     }
     let bytes = cache.bytes() as f64 / cache.len().max(1) as f64;
-    Ok((
-        top,
-        (nll / inputs.len() as f64).exp(),
-        bytes,
-        inputs.len() as f64 / secs,
-    ))
+    let ppl = (nll / inputs.len() as f64).exp();
+    Ok((top, ppl, bytes, inputs.len() as f64 / secs, cache))
 }
 
 pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
@@ -149,7 +204,7 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
         let Some(layout) = m.model.kv_layout(16) else {
             bail!("kv-eval needs the CPU backend's paged cache");
         };
-        let (dense_top, dense_ppl, dense_bytes, dense_rate) =
+        let (dense_top, dense_ppl, dense_bytes, dense_rate, dense_cache) =
             run(&m.model, &ids, args.chunk, None, "dense")?;
         let mut rows = vec![KvEvalRow {
             setting: "dense".into(),
@@ -161,11 +216,21 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
             kv_bytes_vs_f32: 1.0,
             tokens_per_sec: dense_rate,
         }];
+        let mut runs = Vec::new();
         for &(bits, window, sinks, group) in &settings {
             let label = format!("{bits}:{window}:{sinks}:{group}");
             let comp = KvCompression::uniform(&layout, bits, group, sinks, window)
                 .map_err(|e| anyhow::anyhow!("setting {label}: {e}"))?;
-            let (top, ppl, bytes, rate) =
+            runs.push((label.clone(), comp));
+            if args.calibrate {
+                let s = (bits, window, sinks, group);
+                let comp = calibrated(&dense_cache, s, args.calibration_tokens)?;
+                runs.push((format!("{label}+cal"), comp));
+            }
+        }
+        drop(dense_cache);
+        for (label, comp) in runs {
+            let (top, ppl, bytes, rate, _) =
                 run(&m.model, &ids, args.chunk, Some(Arc::new(comp)), &label)?;
             let agree = top.iter().zip(&dense_top).filter(|(a, b)| a == b).count();
             rows.push(KvEvalRow {

@@ -10,7 +10,15 @@ fn kv_eval_reports_dense_and_compressed_settings() {
     let json = dir.path().join("kv.json");
     let text = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http/validate.rs");
     let out = Command::new(env!("CARGO_BIN_EXE_arbor"))
-        .args(["kv-eval", "--no-fetch", "--tokens", "200", "--chunk", "64"])
+        .args([
+            "kv-eval",
+            "--no-fetch",
+            "--tokens",
+            "200",
+            "--chunk",
+            "64",
+            "--calibrate",
+        ])
         .args(["--settings", "8:32,2:32:4:32", "--text", text, "--model"])
         .arg(common::smollm2())
         .arg("--json")
@@ -24,8 +32,11 @@ fn kv_eval_reports_dense_and_compressed_settings() {
     );
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(rows.len(), 3);
+    // dense, then each setting uncalibrated and calibrated.
+    assert_eq!(rows.len(), 5);
     assert_eq!(rows[0]["setting"], "dense");
+    assert_eq!(rows[2]["setting"], "8:32:4:64+cal");
+    assert_eq!(rows[4]["setting"], "2:32:4:32+cal");
     assert_eq!(rows[0]["top1_agreement"], 1.0);
     for r in &rows[1..] {
         assert_eq!(r["predictions"], 199);
@@ -36,8 +47,8 @@ fn kv_eval_reports_dense_and_compressed_settings() {
     }
     // 8 bits loses less than 2 bits, in agreement and in perplexity.
     let f = |i: usize, k: &str| rows[i][k].as_f64().unwrap();
-    assert!(f(1, "top1_agreement") >= f(2, "top1_agreement"));
-    assert!(f(1, "perplexity_delta") <= f(2, "perplexity_delta"));
+    assert!(f(1, "top1_agreement") >= f(3, "top1_agreement"));
+    assert!(f(1, "perplexity_delta") <= f(3, "perplexity_delta"));
     assert!(
         f(1, "top1_agreement") > 0.9,
         "8-bit should barely change the model"
