@@ -137,14 +137,26 @@ fn parse_setting(s: &str) -> Result<(u32, usize, usize, usize)> {
     }
 }
 
-/// Argmax per position and the text's next-token log-likelihoods, through `cache`.
+/// One teacher-forced pass.
+struct Pass<B: Backend> {
+    /// Argmax per position.
+    top: Vec<usize>,
+    perplexity: f64,
+    /// KV bytes per cached token at the end.
+    bytes: f64,
+    tokens_per_sec: f64,
+    /// The cache afterwards (the dense run's feeds calibration).
+    cache: KvCache<B>,
+}
+
+/// Argmax per position and the text's perplexity, through a fresh cache.
 fn run<B: Backend>(
     model: &Transformer<B>,
     ids: &[u32],
     chunk: usize,
     compression: Option<Arc<KvCompression>>,
     label: &str,
-) -> Result<(Vec<usize>, f64, f64, f64, KvCache<B>)> {
+) -> Result<Pass<B>> {
     let mut cache = model.new_cache_with(16, compression);
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template(
@@ -177,8 +189,13 @@ fn run<B: Backend>(
         p.compress();
     }
     let bytes = cache.bytes() as f64 / cache.len().max(1) as f64;
-    let ppl = (nll / inputs.len() as f64).exp();
-    Ok((top, ppl, bytes, inputs.len() as f64 / secs, cache))
+    Ok(Pass {
+        top,
+        perplexity: (nll / inputs.len() as f64).exp(),
+        bytes,
+        tokens_per_sec: inputs.len() as f64 / secs,
+        cache,
+    })
 }
 
 pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
@@ -204,8 +221,8 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
         let Some(layout) = m.model.kv_layout(16) else {
             bail!("kv-eval needs the CPU backend's paged cache");
         };
-        let (dense_top, dense_ppl, dense_bytes, dense_rate, dense_cache) =
-            run(&m.model, &ids, args.chunk, None, "dense")?;
+        let dense = run(&m.model, &ids, args.chunk, None, "dense")?;
+        let (dense_top, dense_ppl, dense_bytes) = (&dense.top, dense.perplexity, dense.bytes);
         let mut rows = vec![KvEvalRow {
             setting: "dense".into(),
             predictions: dense_top.len(),
@@ -214,7 +231,7 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
             perplexity_delta: 0.0,
             kv_bytes_per_token: dense_bytes,
             kv_bytes_vs_f32: 1.0,
-            tokens_per_sec: dense_rate,
+            tokens_per_sec: dense.tokens_per_sec,
         }];
         let mut runs = Vec::new();
         for &(bits, window, sinks, group) in &settings {
@@ -224,14 +241,20 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
             runs.push((label.clone(), comp));
             if args.calibrate {
                 let s = (bits, window, sinks, group);
-                let comp = calibrated(&dense_cache, s, args.calibration_tokens)?;
+                let comp = calibrated(&dense.cache, s, args.calibration_tokens)?;
                 runs.push((format!("{label}+cal"), comp));
             }
         }
-        drop(dense_cache);
+        let dense_top = dense_top.clone();
+        drop(dense);
         for (label, comp) in runs {
-            let (top, ppl, bytes, rate, _) =
-                run(&m.model, &ids, args.chunk, Some(Arc::new(comp)), &label)?;
+            let Pass {
+                top,
+                perplexity: ppl,
+                bytes,
+                tokens_per_sec: rate,
+                ..
+            } = run(&m.model, &ids, args.chunk, Some(Arc::new(comp)), &label)?;
             let agree = top.iter().zip(&dense_top).filter(|(a, b)| a == b).count();
             rows.push(KvEvalRow {
                 setting: label,
