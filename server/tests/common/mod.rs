@@ -132,9 +132,10 @@ pub async fn post(
     (status, v)
 }
 
-/// POST over a raw socket, writing the body while reading the answer: a server may answer
-/// (413) before the body is sent and close, which makes HTTP client libraries fail on the
-/// write instead of returning the response.
+/// POST over a raw socket with `Expect: 100-continue`: the body goes out only after the
+/// server's `100 Continue` (or a second without an answer), so a server that refuses early
+/// (413) answers before any body byte is sent — a client library writing a 10 MB body into a
+/// closed connection gets a broken pipe instead of the response.
 pub async fn raw_post(base: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://");
@@ -142,22 +143,31 @@ pub async fn raw_post(base: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
     let (mut rd, mut wr) = stream.into_split();
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         Content-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
         body.len()
     );
+    wr.write_all(head.as_bytes()).await.unwrap();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
-        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), go_rx).await;
         let _ = wr.write_all(&body).await;
     });
+    let mut go = Some(go_tx);
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    // Read until the headers and the announced body are in (or the peer closes).
-    loop {
+    let response = loop {
         match rd.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => break String::from_utf8_lossy(&buf).to_string(),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
-        let text = String::from_utf8_lossy(&buf);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some(rest) = text.strip_prefix("HTTP/1.1 100 Continue\r\n\r\n") {
+            buf = rest.as_bytes().to_vec();
+            if let Some(tx) = go.take() {
+                let _ = tx.send(());
+            }
+            continue;
+        }
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
             let len = head
                 .lines()
@@ -168,15 +178,14 @@ pub async fn raw_post(base: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
                 })
                 .and_then(|v| v.parse::<usize>().ok());
             if len.is_some_and(|n| body.len() >= n) {
-                break;
+                break text;
             }
         }
-    }
+    };
     writer.abort();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text
+    let (head, body) = response
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response: {text:?}"));
+        .unwrap_or_else(|| panic!("no response: {response:?}"));
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap();
     (
         status,
