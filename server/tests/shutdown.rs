@@ -66,11 +66,9 @@ async fn sigterm_drains_running_streams_then_exits_0() {
             &bytes.next().await.unwrap().unwrap(),
         ));
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     // New requests are refused (closed listener or 503) while the stream keeps going.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let refused = match c.get(format!("{base}/health")).send().await {
