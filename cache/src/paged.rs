@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use arbor_kernels::KernelError;
 use arbor_kernels::attention::KvSource;
-use arbor_kernels::kvquant::RowQuantizer;
+use arbor_kernels::kvquant::{RowQuantizer, calibrate_clip, range_permutation};
 
 /// SKVQ compression of a paged cache: tokens that are neither among the first `sinks` nor
 /// within `window` of the reading query are read as their quantized codes. Whole pages older
@@ -57,6 +57,54 @@ impl KvCompression {
             window,
             keys: vec![q.clone(); layout.n_layers],
             values: vec![q; layout.n_layers],
+        })
+    }
+
+    /// SKVQ calibration: per layer, a channel permutation grouping channels of similar range
+    /// ([`range_permutation`]) and the per-group clip ratios with the least squared error
+    /// ([`calibrate_clip`], ratios 1.0, 0.95 … 0.5), fitted to the first `tokens` keys and values
+    /// of `store` (a full-precision cache of sample text).
+    ///
+    /// # Errors
+    /// As [`KvCompression::uniform`].
+    pub fn calibrated(
+        store: &PagedKv,
+        bits: u32,
+        group: usize,
+        sinks: usize,
+        window: usize,
+        tokens: usize,
+    ) -> Result<Self, KernelError> {
+        let layout = store.layout();
+        let hd = layout.head_dim;
+        let group = group.min(hd);
+        let grid: Vec<f32> = (0..=10).map(|i| 1.0 - 0.05 * i as f32).collect();
+        let fit = |rows: &[Vec<f32>]| -> Result<RowQuantizer, KernelError> {
+            let perm = range_permutation(rows, hd);
+            let base = RowQuantizer::new(bits, group, hd, Some(perm.clone()), None)?;
+            let clip = calibrate_clip(&base, rows, &grid)?;
+            RowQuantizer::new(bits, group, hd, Some(perm), Some(clip))
+        };
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let mut buf = vec![0.0f32; hd];
+        for layer in 0..layout.n_layers {
+            let view = store.layer(layer);
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            for j in 0..tokens.min(store.layer_len(layer)) {
+                for g in 0..layout.n_kv_heads {
+                    // A query at position 0 reads every token in full precision.
+                    k.push(view.key(0, g, j, 0, &mut buf).to_vec());
+                    v.push(view.value(0, g, j, 0, &mut buf).to_vec());
+                }
+            }
+            keys.push(fit(&k)?);
+            values.push(fit(&v)?);
+        }
+        Ok(Self {
+            sinks,
+            window,
+            keys,
+            values,
         })
     }
 
@@ -422,31 +470,25 @@ impl<'v> LayerView<'v> {
         } else {
             (&self.pages.k, &self.pages.kq)
         };
-        match self.compression {
-            Some((c, qk, qv)) if c.quantized(j, pos) => {
-                let q = if values { qv } else { qk };
-                let bytes = q.packed_bytes();
-                if codes[p].is_empty() {
-                    let mut scratch = [0u8; MAX_PACKED];
-                    q.quantize(&full[p][o..o + hd], &mut scratch[..bytes]);
-                    q.dequantize(&scratch[..bytes], buf);
-                } else {
-                    let at = (o / hd) * bytes;
-                    q.dequantize(&codes[p][at..at + bytes], buf);
-                }
-                buf
-            }
-            // A query older than a page's packing (the model never issues one): the codes are
-            // all that is left.
-            Some((_, qk, qv)) if full[p].is_empty() => {
-                let q = if values { qv } else { qk };
-                let bytes = q.packed_bytes();
-                let at = (o / hd) * bytes;
-                q.dequantize(&codes[p][at..at + bytes], buf);
-                buf
-            }
-            _ => &full[p][o..o + hd],
+        let Some((c, qk, qv)) = self.compression else {
+            return &full[p][o..o + hd];
+        };
+        // Full precision when the query is within reach of the token — unless the page was
+        // packed before this query (the model never issues one): then the codes are all left.
+        if !c.quantized(j, pos) && !full[p].is_empty() {
+            return &full[p][o..o + hd];
         }
+        let q = if values { qv } else { qk };
+        let bytes = q.packed_bytes();
+        if codes[p].is_empty() {
+            let mut scratch = [0u8; MAX_PACKED];
+            q.quantize(&full[p][o..o + hd], &mut scratch[..bytes]);
+            q.dequantize(&scratch[..bytes], buf);
+        } else {
+            let at = (o / hd) * bytes;
+            q.dequantize(&codes[p][at..at + bytes], buf);
+        }
+        buf
     }
 }
 

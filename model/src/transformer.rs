@@ -6,9 +6,7 @@
 //! causal decoding, chunked prefill and tree verification are all the same call.
 
 use arbor_cache::{KvCache, KvCompression, KvLayout, PagedKv};
-use arbor_kernels::attention::{
-    AttentionDims, attention_reference, attention_rows, attention_rows_with,
-};
+use arbor_kernels::attention::{AttentionDims, attention_reference, attention_rows_with};
 use burn::module::{Module, Param};
 use std::sync::Arc;
 
@@ -94,8 +92,9 @@ pub struct SeqForward<'a, B: Backend> {
 /// A run of consecutive rows of a batched forward that belong to one sequence.
 struct Segment<'a, B: Backend> {
     len: usize,
-    /// The mask on the device (tensor-op attention) and on the host (fused CPU kernel).
-    mask: Tensor<B, 3, Bool>,
+    /// The mask on the device (dense caches: tensor-op attention) and on the host (paged caches:
+    /// the fused kernel).
+    mask: Option<Tensor<B, 3, Bool>>,
     mask_host: &'a [bool],
     /// The rows' positions (a compressed cache reads keys by query position).
     positions: &'a [usize],
@@ -275,12 +274,7 @@ impl<B: Backend> Transformer<B> {
     /// [`KV_PAGE_SIZE`] tokens, read in place by the fused attention), dense device tensors
     /// elsewhere.
     pub fn new_cache(&self) -> KvCache<B> {
-        self.new_cache_paged(KV_PAGE_SIZE)
-    }
-
-    /// [`Transformer::new_cache`] with pages of `page_size` tokens (at least 1) on the CPU.
-    pub fn new_cache_paged(&self, page_size: usize) -> KvCache<B> {
-        self.new_cache_with(page_size, None)
+        self.new_cache_with(KV_PAGE_SIZE, None)
     }
 
     /// The paged cache's geometry on the CPU backend (`None` elsewhere: dense device cache).
@@ -399,10 +393,13 @@ impl<B: Backend> Transformer<B> {
         for s in seqs.iter_mut() {
             let n = s.input.n_new;
             let total = s.cache.len() + n;
-            let mask = Tensor::<B, 3, Bool>::from_data(
-                TensorData::new(s.input.mask.clone(), [batch, n, total]),
-                &device,
-            );
+            // The device mask only for tensor-op attention; paged caches read the host mask.
+            let mask = s.cache.paged_store().is_none().then(|| {
+                Tensor::<B, 3, Bool>::from_data(
+                    TensorData::new(s.input.mask.clone(), [batch, n, total]),
+                    &device,
+                )
+            });
             tokens.extend_from_slice(&s.input.tokens);
             positions.extend_from_slice(&s.input.positions);
             segments.push(Segment {
@@ -533,11 +530,8 @@ impl<B: Backend> Attention<B> {
                 }
                 None => {
                     let (k, v) = seg.cache.append(layer, part(&k), part(&v));
-                    if uses_fast_path::<B>() {
-                        fused_attention(part(&q), k, v, seg.mask_host)
-                    } else {
-                        attention_reference(part(&q), k, v, seg.mask.clone())
-                    }
+                    let mask = seg.mask.clone().expect("dense caches get a device mask");
+                    attention_reference(part(&q), k, v, mask)
                 }
             });
             start += seg.len;
@@ -560,7 +554,8 @@ fn host<B: Backend>(t: Tensor<B, 4>) -> Vec<f32> {
 }
 
 /// Appends the new keys and values to `layer` of a paged cache and attends over its pages in
-/// place ([`attention_rows_with`]; batch-invariant like [`fused_attention`]).
+/// place ([`attention_rows_with`]; batch-invariant: a tree row is bitwise its path decoded
+/// alone).
 ///
 /// # Shapes
 /// - `q`: `[1, n_heads, n, head_dim]`, `k`, `v`: `[1, n_kv_heads, n, head_dim]` →
@@ -589,37 +584,6 @@ fn paged_attention<B: Backend>(
     };
     let out = attention_rows_with(&host(q), &cache.layer(layer), mask, Some(positions), dims)
         .expect("validated forward input");
-    Tensor::from_data(
-        TensorData::new(out, [batch, n_heads, n_q, head_dim]),
-        &device,
-    )
-}
-
-/// [`attention_rows`] over burn tensors (the CPU backend's attention with a dense cache):
-/// batch-invariant, so a tree row is bitwise its path decoded alone.
-///
-/// # Panics
-/// On shapes the model did not build (internal invariant: the forward input was validated,
-/// so every mask row allows a key and the shapes agree).
-fn fused_attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    mask: &[bool],
-) -> Tensor<B, 4> {
-    let [batch, n_heads, n_q, head_dim] = q.dims();
-    let [_, n_kv_heads, n_kv, _] = k.dims();
-    let device = q.device();
-    let dims = AttentionDims {
-        batch,
-        n_heads,
-        n_kv_heads,
-        n_q,
-        n_kv,
-        head_dim,
-    };
-    let out =
-        attention_rows(&host(q), &host(k), &host(v), mask, dims).expect("validated forward input");
     Tensor::from_data(
         TensorData::new(out, [batch, n_heads, n_q, head_dim]),
         &device,

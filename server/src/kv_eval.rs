@@ -11,8 +11,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use arbor_cache::{KvCache, KvCompression};
-use arbor_kernels::attention::KvSource;
-use arbor_kernels::kvquant::{RowQuantizer, calibrate_clip, range_permutation};
 use arbor_model::sampling::argmax;
 use arbor_model::{ForwardInput, LoadedModel, Transformer};
 use burn::tensor::backend::Backend;
@@ -50,55 +48,6 @@ pub struct KvEvalArgs {
     /// Tokens whose keys and values calibrate.
     #[arg(long, default_value_t = 512)]
     pub calibration_tokens: usize,
-}
-
-/// Per-layer quantizers fitted to `cache`'s first `tokens` keys and values (SKVQ: range
-/// permutation, then the clip ratio with the least squared error per group).
-fn calibrated<B: Backend>(
-    cache: &KvCache<B>,
-    (bits, window, sinks, group): (u32, usize, usize, usize),
-    tokens: usize,
-) -> Result<KvCompression> {
-    let Some(p) = cache.paged_store() else {
-        bail!("calibration needs the CPU backend's paged cache");
-    };
-    let layout = p.layout();
-    let hd = layout.head_dim;
-    let grid: Vec<f32> = (0..=10).map(|i| 1.0 - 0.05 * i as f32).collect();
-    let fit = |rows: &[Vec<f32>]| -> Result<RowQuantizer> {
-        let perm = range_permutation(rows, hd);
-        let base = RowQuantizer::new(bits, group.min(hd), hd, Some(perm.clone()), None)?;
-        let clip = calibrate_clip(&base, rows, &grid)?;
-        Ok(RowQuantizer::new(
-            bits,
-            group.min(hd),
-            hd,
-            Some(perm),
-            Some(clip),
-        )?)
-    };
-    let (mut keys, mut values) = (Vec::new(), Vec::new());
-    let mut buf = vec![0.0f32; hd];
-    for layer in 0..layout.n_layers {
-        let view = p.layer(layer);
-        let n = tokens.min(p.layer_len(layer));
-        let (mut k, mut v) = (Vec::new(), Vec::new());
-        for j in 0..n {
-            for g in 0..layout.n_kv_heads {
-                // Position 0 reads every key in full precision.
-                k.push(view.key(0, g, j, 0, &mut buf).to_vec());
-                v.push(view.value(0, g, j, 0, &mut buf).to_vec());
-            }
-        }
-        keys.push(fit(&k)?);
-        values.push(fit(&v)?);
-    }
-    Ok(KvCompression {
-        sinks,
-        window,
-        keys,
-        values,
-    })
 }
 
 /// One setting's figures (the `--json` fields).
@@ -240,8 +189,12 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("setting {label}: {e}"))?;
             runs.push((label.clone(), comp));
             if args.calibrate {
-                let s = (bits, window, sinks, group);
-                let comp = calibrated(&dense.cache, s, args.calibration_tokens)?;
+                let Some(store) = dense.cache.paged_store() else {
+                    bail!("calibration needs the CPU backend's paged cache");
+                };
+                let tokens = args.calibration_tokens;
+                let comp = KvCompression::calibrated(store, bits, group, sinks, window, tokens)
+                    .map_err(|e| anyhow::anyhow!("calibrating {label}: {e}"))?;
                 runs.push((format!("{label}+cal"), comp));
             }
         }

@@ -10,7 +10,7 @@ use arbor_server::http::ServeConfig;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use common::{TestServer, model_name, post, smollm2, sse_data, start};
+use common::{model_name, post, smollm2, sse_data, start};
 
 fn prompts() -> Vec<String> {
     let topics = [
@@ -37,13 +37,13 @@ fn prompts() -> Vec<String> {
         .collect()
 }
 
-async fn greedy(c: &reqwest::Client, s: &TestServer, prompt: &str) -> String {
+async fn greedy(c: &reqwest::Client, base: &str, prompt: &str) -> String {
     let body = json!({
         "model": model_name(),
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": 24, "temperature": 0,
     });
-    let (status, v) = post(c, &s.url("/v1/chat/completions"), body.to_string()).await;
+    let (status, v) = post(c, &format!("{base}/v1/chat/completions"), body.to_string()).await;
     assert_eq!(status, 200, "{v}");
     v["choices"][0]["message"]["content"]
         .as_str()
@@ -61,17 +61,14 @@ async fn batched_greedy_equals_alone() {
     let c = reqwest::Client::new();
     let mut alone = Vec::new();
     for p in prompts() {
-        alone.push(greedy(&c, &server, &p).await);
+        alone.push(greedy(&c, &server.base, &p).await);
     }
     let tasks: Vec<_> = prompts()
         .into_iter()
         .map(|p| {
             let c = c.clone();
             let url = server.url("");
-            tokio::spawn(async move {
-                let s = TestServer::attach(url);
-                greedy(&c, &s, &p).await
-            })
+            tokio::spawn(async move { greedy(&c, &url, &p).await })
         })
         .collect();
     let mut together = Vec::new();
@@ -202,7 +199,7 @@ async fn compressed_kv_cache_serves_batch_invariantly() {
     let ps: Vec<String> = prompts().into_iter().take(4).collect();
     let mut alone = Vec::new();
     for p in &ps {
-        alone.push(greedy(&c, &server, p).await);
+        alone.push(greedy(&c, &server.base, p).await);
     }
     let tasks: Vec<_> = ps
         .iter()
@@ -210,7 +207,7 @@ async fn compressed_kv_cache_serves_batch_invariantly() {
         .map(|p| {
             let c = c.clone();
             let url = server.url("");
-            tokio::spawn(async move { greedy(&c, &TestServer::attach(url), &p).await })
+            tokio::spawn(async move { greedy(&c, &url, &p).await })
         })
         .collect();
     for (i, t) in tasks.into_iter().enumerate() {

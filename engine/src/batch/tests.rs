@@ -278,12 +278,7 @@ fn preemption_recomputes_and_full_queue_refuses() {
         ),
         "{err}"
     );
-    let page_bytes = m
-        .new_cache_paged(4)
-        .paged_store()
-        .unwrap()
-        .layout()
-        .page_bytes();
+    let page_bytes = m.kv_layout(4).unwrap().page_bytes();
     let mut preempted = 0;
     while e.has_work() {
         let r = e.step();

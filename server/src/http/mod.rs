@@ -261,10 +261,9 @@ async fn models(State(state): State<AppState>) -> Response {
 }
 
 async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    if state.info.names.contains(&id) {
-        respond::json(StatusCode::OK, model_card(&id))
-    } else {
-        ApiError::UnknownModel(id).into_response()
+    match validate::check_model(&id, &state.info) {
+        Ok(()) => respond::json(StatusCode::OK, model_card(&id)),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -295,40 +294,39 @@ struct TokenizeRequest {
 }
 
 async fn tokenize(State(state): State<AppState>, b: Result<Bytes, BytesRejection>) -> Response {
-    let r = (|| {
-        let bytes = body(b, state.max_body)?;
-        let req: TokenizeRequest =
-            serde_json::from_slice(&bytes).map_err(|e| ApiError::BadJson(e.to_string()))?;
-        if let Some(m) = &req.model
-            && !state.info.names.contains(m)
-        {
-            return Err(ApiError::UnknownModel(m.clone()));
-        }
-        let tok = &state.info.tokenizer;
-        let invalid = |m: String| ApiError::InvalidParam {
-            param: "prompt",
-            message: m,
-        };
-        let text = match (req.prompt, req.messages) {
-            (Some(p), None) => p,
-            (None, Some(m)) => tok
-                .apply_chat_template(&m)
-                .map_err(|e| invalid(format!("chat template: {e}")))?,
-            _ => {
-                return Err(invalid(
-                    "give exactly one of `prompt` and `messages`".into(),
-                ));
-            }
-        };
-        let tokens = tok
-            .encode(&text)
-            .map_err(|e| invalid(format!("tokenizing: {e}")))?;
-        Ok(json!({"count": tokens.len(), "max_model_len": state.info.context, "tokens": tokens}))
-    })();
-    match r {
-        Ok(v) => respond::json(StatusCode::OK, v),
-        Err(e) => e.into_response(),
+    reply(tokenize_json(&state, b))
+}
+
+fn tokenize_json(
+    state: &AppState,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<serde_json::Value, ApiError> {
+    let bytes = body(b, state.max_body)?;
+    let req: TokenizeRequest =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    if let Some(m) = &req.model {
+        validate::check_model(m, &state.info)?;
     }
+    let tok = &state.info.tokenizer;
+    let invalid = |m: String| ApiError::InvalidParam {
+        param: "prompt",
+        message: m,
+    };
+    let text = match (req.prompt, req.messages) {
+        (Some(p), None) => p,
+        (None, Some(m)) => tok
+            .apply_chat_template(&m)
+            .map_err(|e| invalid(format!("chat template: {e}")))?,
+        _ => {
+            return Err(invalid(
+                "give exactly one of `prompt` and `messages`".into(),
+            ));
+        }
+    };
+    let tokens = tok
+        .encode(&text)
+        .map_err(|e| invalid(format!("tokenizing: {e}")))?;
+    Ok(json!({"count": tokens.len(), "max_model_len": state.info.context, "tokens": tokens}))
 }
 
 #[derive(Deserialize)]
@@ -339,38 +337,32 @@ struct DetokenizeRequest {
 }
 
 async fn detokenize(State(state): State<AppState>, b: Result<Bytes, BytesRejection>) -> Response {
-    let r = (|| {
-        let bytes = body(b, state.max_body)?;
-        let req: DetokenizeRequest =
-            serde_json::from_slice(&bytes).map_err(|e| ApiError::BadJson(e.to_string()))?;
-        if let Some(m) = &req.model
-            && !state.info.names.contains(m)
-        {
-            return Err(ApiError::UnknownModel(m.clone()));
-        }
-        let tok = &state.info.tokenizer;
-        let vocab = tok.vocab_size();
-        let ids = req
-            .tokens
-            .iter()
-            .map(|&t| {
-                u32::try_from(t)
-                    .ok()
-                    .filter(|&t| (t as usize) < vocab)
-                    .ok_or_else(|| ApiError::InvalidParam {
-                        param: "tokens",
-                        message: format!("token id {t} outside the vocabulary of {vocab}"),
-                    })
-            })
-            .collect::<Result<Vec<u32>, _>>()?;
-        let text = tok
-            .decode(&ids, false)
-            .map_err(|e| ApiError::InvalidParam {
-                param: "tokens",
-                message: e.to_string(),
-            })?;
-        Ok(json!({"prompt": text}))
-    })();
+    reply(detokenize_json(&state, b))
+}
+
+fn detokenize_json(
+    state: &AppState,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<serde_json::Value, ApiError> {
+    let bytes = body(b, state.max_body)?;
+    let req: DetokenizeRequest =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    if let Some(m) = &req.model {
+        validate::check_model(m, &state.info)?;
+    }
+    let tok = &state.info.tokenizer;
+    let ids = validate::token_ids(&req.tokens, &state.info, "tokens")?;
+    let text = tok
+        .decode(&ids, false)
+        .map_err(|e| ApiError::InvalidParam {
+            param: "tokens",
+            message: e.to_string(),
+        })?;
+    Ok(json!({"prompt": text}))
+}
+
+/// A JSON body, or the error's.
+fn reply(r: Result<serde_json::Value, ApiError>) -> Response {
     match r {
         Ok(v) => respond::json(StatusCode::OK, v),
         Err(e) => e.into_response(),

@@ -188,22 +188,7 @@ pub fn completion(body: &[u8], info: &ModelInfo) -> Result<ValidRequest, ApiErro
                 format!("one prompt per request is supported, got {}", ts.len()),
             ));
         }
-        PromptInput::Tokens(ids) => {
-            let vocab = info.tokenizer.vocab_size();
-            ids.iter()
-                .map(|&t| {
-                    u32::try_from(t)
-                        .ok()
-                        .filter(|&t| (t as usize) < vocab)
-                        .ok_or_else(|| {
-                            invalid(
-                                "prompt",
-                                format!("token id {t} outside the vocabulary of {vocab}"),
-                            )
-                        })
-                })
-                .collect::<Result<_, _>>()?
-        }
+        PromptInput::Tokens(ids) => token_ids(ids, info, "prompt")?,
     };
     finish(
         Endpoint::Completion,
@@ -223,7 +208,32 @@ fn is_empty(v: &Value) -> bool {
     }
 }
 
-fn check_model(model: &str, info: &ModelInfo) -> Result<(), ApiError> {
+/// Client token ids as vocabulary ids, or an error naming `param`.
+///
+/// # Errors
+/// [`ApiError::InvalidParam`] for a negative id or one outside the vocabulary.
+pub fn token_ids(ids: &[i64], info: &ModelInfo, param: &'static str) -> Result<Vec<u32>, ApiError> {
+    let vocab = info.tokenizer.vocab_size();
+    ids.iter()
+        .map(|&t| {
+            u32::try_from(t)
+                .ok()
+                .filter(|&t| (t as usize) < vocab)
+                .ok_or_else(|| {
+                    invalid(
+                        param,
+                        format!("token id {t} outside the vocabulary of {vocab}"),
+                    )
+                })
+        })
+        .collect()
+}
+
+/// That requests name a model this server serves.
+///
+/// # Errors
+/// [`ApiError::UnknownModel`].
+pub fn check_model(model: &str, info: &ModelInfo) -> Result<(), ApiError> {
     if info.names.iter().any(|n| n == model) {
         Ok(())
     } else {

@@ -45,16 +45,6 @@ pub async fn start(config: ServeConfig) -> TestServer {
 }
 
 impl TestServer {
-    /// A handle on a server someone else runs (for URLs only; `stop` is not available).
-    pub fn attach(base: String) -> Self {
-        let (tx, _) = tokio::sync::oneshot::channel();
-        Self {
-            base,
-            stop: Some(tx),
-            handle: tokio::spawn(async { Ok(()) }),
-        }
-    }
-
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
