@@ -8,7 +8,9 @@
 
 mod rows;
 
-pub use rows::{AttentionDims, KvSource, attention_rows, attention_rows_with};
+pub use rows::{
+    AttentionDims, KvSource, attention_rows, attention_rows_voting, attention_rows_with,
+};
 
 use burn::tensor::{Bool, Tensor, activation::softmax, backend::Backend};
 

@@ -53,6 +53,12 @@ pub trait KvSource: Sync {
         query_pos: usize,
         buf: &'a mut [f32],
     ) -> &'a [f32];
+    /// Narrows `keys` (the keys the mask lets a query see, increasing) to those attention
+    /// should read — e.g. Quest's page selection. `queries` holds the query rows of every
+    /// head of KV group `g` (`group × head_dim`). The default reads them all.
+    fn select(&self, b: usize, g: usize, query_pos: usize, queries: &[f32], keys: &mut Vec<usize>) {
+        let _ = (b, g, query_pos, queries, keys);
+    }
 }
 
 /// Row-major `[batch, n_kv_heads, n_kv, head_dim]` keys and values.
@@ -86,11 +92,17 @@ struct RowCtx<'a, S> {
     d: AttentionDims,
     group: usize,
     scale: f32,
+    /// Whether each task also reports the attention its heads gave every key.
+    votes: bool,
 }
 
 /// Per-thread buffers.
 struct Scratch {
     keys: Vec<usize>,
+    /// The group's query rows, `[group][head_dim]`.
+    queries: Vec<f32>,
+    /// Per visible key, the attention the group's heads gave it (when votes are asked for).
+    votes: Vec<f32>,
     /// `[group][visible keys]` scores, then probabilities.
     scores: Vec<f32>,
     /// `[group][head_dim]` accumulators, then the task's output rows.
@@ -114,11 +126,16 @@ fn group_body<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
     s.keys.clear();
     s.keys
         .extend(m.iter().enumerate().filter(|(_, ok)| **ok).map(|(j, _)| j));
-    let nk = s.keys.len();
     let q_row = |h: usize| {
         let row = (b * d.n_heads + h) * d.n_q + i;
         &c.q[row * hd..(row + 1) * hd]
     };
+    s.queries.clear();
+    for r in 0..gs {
+        s.queries.extend_from_slice(q_row(g * gs + r));
+    }
+    c.kv.select(b, g, pos, &s.queries, &mut s.keys);
+    let nk = s.keys.len();
     s.scores.clear();
     s.scores.resize(gs * nk, 0.0);
     for (t, &j) in s.keys.iter().enumerate() {
@@ -152,6 +169,15 @@ fn group_body<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
         let inv = 1.0 / sum;
         for a in acc {
             *a *= inv;
+        }
+    }
+    s.votes.clear();
+    if c.votes {
+        s.votes.resize(nk, 0.0);
+        for (scores, &sum) in s.scores.chunks_exact(nk).zip(&sums) {
+            for (v, &p) in s.votes.iter_mut().zip(scores) {
+                *v += p / sum;
+            }
         }
     }
 }
@@ -230,6 +256,34 @@ pub fn attention_rows_with<S: KvSource>(
     positions: Option<&[usize]>,
     d: AttentionDims,
 ) -> Result<Vec<f32>, KernelError> {
+    attention_impl(q, kv, mask, positions, d, false).map(|(out, _)| out)
+}
+
+/// [`attention_rows_with`], also returning the attention every query row gave every key,
+/// summed over all heads (H2O's votes, Zhang et al., NeurIPS 2023, arXiv 2306.14048): `[batch,
+/// n_q, n_kv]`, 0 for keys the row did not read. Summed in KV-group order, so the votes are as
+/// batch-invariant as the outputs.
+///
+/// # Errors
+/// As [`attention_rows_with`].
+pub fn attention_rows_voting<S: KvSource>(
+    q: &[f32],
+    kv: &S,
+    mask: &[bool],
+    positions: Option<&[usize]>,
+    d: AttentionDims,
+) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
+    attention_impl(q, kv, mask, positions, d, true)
+}
+
+fn attention_impl<S: KvSource>(
+    q: &[f32],
+    kv: &S,
+    mask: &[bool],
+    positions: Option<&[usize]>,
+    d: AttentionDims,
+    votes: bool,
+) -> Result<(Vec<f32>, Vec<f32>), KernelError> {
     let hd = d.head_dim;
     let bad = |m: String| Err(KernelError::Shape(m));
     if d.n_kv_heads == 0 || !d.n_heads.is_multiple_of(d.n_kv_heads) {
@@ -263,25 +317,28 @@ pub fn attention_rows_with<S: KvSource>(
         d,
         group: d.n_heads / d.n_kv_heads,
         scale: (hd as f32).powf(-0.5),
+        votes,
     };
     let mut out = vec![0.0f32; nq];
     #[cfg(target_arch = "x86_64")]
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
     #[cfg(not(target_arch = "x86_64"))]
     let avx2 = false;
-    let run = |s: &mut Scratch, task: usize| -> Vec<f32> {
+    let run = |s: &mut Scratch, task: usize| -> TaskOut {
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: AVX2 was detected at run time just above.
             unsafe { group_avx2(&ctx, s, task) };
-            return s.acc.clone();
+            return TaskOut::take(s, votes);
         }
         let _ = avx2;
         group_body(&ctx, s, task);
-        s.acc.clone()
+        TaskOut::take(s, votes)
     };
     let scratch = || Scratch {
         keys: Vec::new(),
+        queries: Vec::new(),
+        votes: Vec::new(),
         scores: Vec::new(),
         acc: Vec::new(),
         buf: vec![0.0f32; hd],
@@ -289,7 +346,7 @@ pub fn attention_rows_with<S: KvSource>(
     let tasks = d.batch * d.n_kv_heads * d.n_q;
     // Small calls (a decode step) cost less than waking the pool; either way each row is
     // computed by the same code, so results do not depend on it.
-    let results: Vec<Vec<f32>> = if d.batch * d.n_heads * d.n_q * d.n_kv * hd < PARALLEL_WORK {
+    let results: Vec<TaskOut> = if d.batch * d.n_heads * d.n_q * d.n_kv * hd < PARALLEL_WORK {
         let mut s = scratch();
         (0..tasks).map(|t| run(&mut s, t)).collect()
     } else {
@@ -298,16 +355,39 @@ pub fn attention_rows_with<S: KvSource>(
             .map_init(scratch, |s, t| run(s, t))
             .collect()
     };
-    for (task, rows) in results.iter().enumerate() {
+    let mut voted = vec![0.0f32; if votes { d.batch * d.n_q * d.n_kv } else { 0 }];
+    // Tasks run in (sequence, group, row) order, so each key's votes add up group by group.
+    for (task, res) in results.iter().enumerate() {
         let i = task % d.n_q;
         let g = (task / d.n_q) % d.n_kv_heads;
         let b = task / (d.n_q * d.n_kv_heads);
-        for (r, row) in rows.chunks_exact(hd).enumerate() {
+        for (r, row) in res.rows.chunks_exact(hd).enumerate() {
             let at = ((b * d.n_heads + g * ctx.group + r) * d.n_q + i) * hd;
             out[at..at + hd].copy_from_slice(row);
         }
+        let dst = &mut voted[if votes { (b * d.n_q + i) * d.n_kv } else { 0 }..];
+        for (&j, &v) in res.keys.iter().zip(&res.votes) {
+            dst[j] += v;
+        }
     }
-    Ok(out)
+    Ok((out, voted))
+}
+
+/// One task's results.
+struct TaskOut {
+    rows: Vec<f32>,
+    keys: Vec<usize>,
+    votes: Vec<f32>,
+}
+
+impl TaskOut {
+    fn take(s: &Scratch, votes: bool) -> Self {
+        Self {
+            rows: s.acc.clone(),
+            keys: if votes { s.keys.clone() } else { Vec::new() },
+            votes: s.votes.clone(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -458,6 +538,85 @@ mod tests {
                 "head {hh}"
             );
         }
+    }
+
+    /// Contiguous keys and values that also drop every key `j` with `j % 3 == 1` in `select`.
+    struct Sparse<'a>(Contiguous<'a>);
+
+    impl KvSource for Sparse<'_> {
+        fn key<'a>(
+            &'a self,
+            b: usize,
+            g: usize,
+            j: usize,
+            p: usize,
+            x: &'a mut [f32],
+        ) -> &'a [f32] {
+            self.0.key(b, g, j, p, x)
+        }
+        fn value<'a>(
+            &'a self,
+            b: usize,
+            g: usize,
+            j: usize,
+            p: usize,
+            x: &'a mut [f32],
+        ) -> &'a [f32] {
+            self.0.value(b, g, j, p, x)
+        }
+        fn select(&self, _: usize, _: usize, _: usize, q: &[f32], keys: &mut Vec<usize>) {
+            assert_eq!(q.len() % self.0.d.head_dim, 0);
+            keys.retain(|&j| j % 3 != 1 || j == 0);
+        }
+    }
+
+    /// Selection reads exactly the narrowed keys (as a mask without them would), and the
+    /// votes are each row's attention probabilities summed over heads: per row they add up
+    /// to the number of heads and vanish on keys not read.
+    #[test]
+    fn selection_narrows_keys_and_votes_are_probabilities() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let d = AttentionDims {
+            batch: 2,
+            n_heads: 6,
+            n_kv_heads: 2,
+            n_q: 4,
+            n_kv: 13,
+            head_dim: 8,
+        };
+        let q = random(&mut rng, d.batch * d.n_heads * d.n_q * d.head_dim);
+        let k = random(&mut rng, d.batch * d.n_kv_heads * d.n_kv * d.head_dim);
+        let v = random(&mut rng, k.len());
+        let mask = tree_mask(&mut rng, d.batch, d.n_q, 9);
+        let narrowed: Vec<bool> = mask
+            .iter()
+            .enumerate()
+            .map(|(i, &m)| m && (i % d.n_kv % 3 != 1 || i % d.n_kv == 0))
+            .collect();
+        let src = Sparse(Contiguous { k: &k, v: &v, d });
+        let (got, votes) = attention_rows_voting(&q, &src, &mask, None, d).unwrap();
+        let want = attention_rows(&q, &k, &v, &narrowed, d).unwrap();
+        assert_eq!(got, want);
+        for (row, (vs, ms)) in votes
+            .chunks_exact(d.n_kv)
+            .zip(narrowed.chunks_exact(d.n_kv))
+            .enumerate()
+        {
+            let total: f32 = vs.iter().sum();
+            assert!(
+                (total - d.n_heads as f32).abs() < 1e-4,
+                "row {row}: {total}"
+            );
+            for (j, (&x, &m)) in vs.iter().zip(ms).enumerate() {
+                assert!(m || x == 0.0, "row {row} voted for unread key {j}");
+                assert!(!m || x > 0.0, "row {row} gave no attention to key {j}");
+            }
+        }
+        assert_eq!(
+            attention_rows_with(&q, &src, &mask, None, d).unwrap(),
+            got,
+            "votes change nothing"
+        );
     }
 
     #[test]

@@ -17,6 +17,10 @@
 //! # Ok::<(), arbor_kernels::KernelError>(())
 //! ```
 
+mod channel;
+
+pub use channel::ChannelQuantizer;
+
 use half::f16;
 
 use crate::KernelError;

@@ -1,0 +1,191 @@
+//! Per-channel key quantization over a block of tokens (KIVI, Liu et al., ICML 2024,
+//! arXiv 2402.02750): keys have a few channels of large, slowly varying magnitude (Qwen2's key
+//! bias makes them hundreds of times wider than the rest), which a per-token group range
+//! spreads over every channel of the group. Quantizing each channel over the tokens of a
+//! block (one cache page) gives every channel its own scale and minimum instead.
+//!
+//! Layout of one packed block: `channels` pairs of f16 (scale, minimum), then the codes
+//! token-major (`tokens` rows of `channels · bits / 8` bytes), so one token's row unpacks
+//! without touching the others.
+
+use half::f16;
+
+use crate::KernelError;
+
+/// Quantizes blocks of `tokens × channels` values per channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelQuantizer {
+    bits: u32,
+    tokens: usize,
+    channels: usize,
+}
+
+impl ChannelQuantizer {
+    /// A quantizer for `bits` ∈ {2, 4, 8} over blocks of `tokens` rows of `channels` values
+    /// (`channels · bits` a multiple of 8).
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] for an unsupported width or sizes.
+    pub fn new(bits: u32, tokens: usize, channels: usize) -> Result<Self, KernelError> {
+        if ![2, 4, 8].contains(&bits) {
+            return Err(KernelError::Shape(format!(
+                "KV quantization to {bits} bits (2, 4 or 8)"
+            )));
+        }
+        if tokens == 0 || channels == 0 || !(channels * bits as usize).is_multiple_of(8) {
+            return Err(KernelError::Shape(format!(
+                "per-channel blocks of {tokens} tokens × {channels} channels at {bits} bits"
+            )));
+        }
+        Ok(Self {
+            bits,
+            tokens,
+            channels,
+        })
+    }
+
+    /// Bits per code.
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// Tokens per block.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Channels per token.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.channels * self.bits as usize / 8
+    }
+
+    /// Bytes of one packed block.
+    pub fn packed_bytes(&self) -> usize {
+        4 * self.channels + self.tokens * self.row_bytes()
+    }
+
+    /// Packs `block` (`tokens × channels`, token-major) into `out` (`packed_bytes()`).
+    ///
+    /// # Panics
+    /// If the lengths are wrong (internal invariant: callers size buffers from this type).
+    pub fn quantize(&self, block: &[f32], out: &mut [u8]) {
+        let c = self.channels;
+        assert!(
+            block.len() == self.tokens * c && out.len() == self.packed_bytes(),
+            "quantize sizes"
+        );
+        let levels = ((1u32 << self.bits) - 1) as f32;
+        let per_byte = 8 / self.bits as usize;
+        let (params, codes) = out.split_at_mut(4 * c);
+        codes.fill(0);
+        let mut sm = Vec::with_capacity(c);
+        for ch in 0..c {
+            let (lo, hi) = block
+                .iter()
+                .skip(ch)
+                .step_by(c)
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+                    (a.min(x), b.max(x))
+                });
+            let scale = f16::from_f32((hi - lo) / levels);
+            let min = f16::from_f32(lo);
+            params[4 * ch..4 * ch + 2].copy_from_slice(&scale.to_le_bytes());
+            params[4 * ch + 2..4 * ch + 4].copy_from_slice(&min.to_le_bytes());
+            sm.push((scale.to_f32(), min.to_f32()));
+        }
+        for (row, dst) in block
+            .chunks_exact(c)
+            .zip(codes.chunks_exact_mut(self.row_bytes()))
+        {
+            for (i, (&x, &(s, m))) in row.iter().zip(&sm).enumerate() {
+                let q = if s > 0.0 {
+                    ((x - m) / s).round().clamp(0.0, levels) as u32
+                } else {
+                    0
+                };
+                dst[i / per_byte] |= (q as u8) << ((i % per_byte) as u32 * self.bits);
+            }
+        }
+    }
+
+    /// Unpacks channels `from .. from + out.len()` of token `t` of a packed block.
+    ///
+    /// # Panics
+    /// If the token or channel range is outside the block (internal invariant).
+    pub fn dequantize(&self, packed: &[u8], t: usize, from: usize, out: &mut [f32]) {
+        assert!(
+            packed.len() == self.packed_bytes()
+                && t < self.tokens
+                && from + out.len() <= self.channels,
+            "dequantize range"
+        );
+        let mask = ((1u32 << self.bits) - 1) as u8;
+        let per_byte = 8 / self.bits as usize;
+        let (params, codes) = packed.split_at(4 * self.channels);
+        let row = &codes[t * self.row_bytes()..(t + 1) * self.row_bytes()];
+        for (k, o) in out.iter_mut().enumerate() {
+            let i = from + k;
+            let p = &params[4 * i..4 * i + 4];
+            let s = f16::from_le_bytes([p[0], p[1]]).to_f32();
+            let m = f16::from_le_bytes([p[2], p[3]]).to_f32();
+            let q = (row[i / per_byte] >> ((i % per_byte) as u32 * self.bits)) & mask;
+            *o = f32::from(q) * s + m;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// Every value within half a step of its channel's range (f16 scale and minimum as stored).
+    #[test]
+    fn round_trip_within_half_a_step_per_channel() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for bits in [2, 4, 8] {
+            let (tokens, channels) = (16, 24);
+            // Channel offsets and widths that differ by orders of magnitude, as in real keys.
+            let block: Vec<f32> = (0..tokens * channels)
+                .map(|i| {
+                    let ch = i % channels;
+                    let offset = if ch % 7 == 0 { 80.0 } else { 0.0 };
+                    offset + rng.random_range(-1.0..1.0) * (0.01 + ch as f32 * 0.1)
+                })
+                .collect();
+            let q = ChannelQuantizer::new(bits, tokens, channels).unwrap();
+            let mut packed = vec![0u8; q.packed_bytes()];
+            q.quantize(&block, &mut packed);
+            let mut row = vec![0.0f32; channels];
+            for t in 0..tokens {
+                q.dequantize(&packed, t, 0, &mut row);
+                for (ch, &got) in row.iter().enumerate() {
+                    let p = &packed[4 * ch..4 * ch + 4];
+                    let s = f16::from_le_bytes([p[0], p[1]]).to_f32();
+                    let x = block[t * channels + ch];
+                    // Half a step, plus the f16 rounding of the stored minimum and scale.
+                    let bound = 0.5 * s + 1e-3 * (1.0 + x.abs());
+                    assert!(
+                        (got - x).abs() <= bound,
+                        "{bits} bits ({t}, {ch}): {x} → {got}, step {s}"
+                    );
+                }
+                // A channel sub-range reads the same values.
+                let mut part = vec![0.0f32; 8];
+                q.dequantize(&packed, t, 8, &mut part);
+                assert_eq!(part, row[8..16]);
+            }
+        }
+        assert_eq!(
+            ChannelQuantizer::new(4, 16, 64).unwrap().packed_bytes(),
+            4 * 64 + 16 * 32
+        );
+        assert!(ChannelQuantizer::new(3, 16, 64).is_err());
+        assert!(ChannelQuantizer::new(4, 0, 64).is_err());
+        assert!(ChannelQuantizer::new(2, 16, 3).is_err());
+    }
+}
