@@ -7,8 +7,9 @@
 //!   vacated slots so the bytes are as before).
 //!
 //! Both support commit of an accepted tree path ([`KvCache::retain`]) and rollback
-//! ([`KvCache::truncate`]). The compression policies (SKVQ quantization, Quest page selection,
-//! H2O eviction) are built on the paged store next.
+//! ([`KvCache::truncate`]). The paged store takes a [`KvPolicy`] composing the compression
+//! methods: SKVQ/KIVI quantization of old pages ([`compression`]), Quest page selection
+//! ([`quest`]) and H2O heavy-hitter eviction ([`h2o`]), each of which can be off.
 //!
 //! ```
 //! use arbor_cache::KvCache;
@@ -24,9 +25,21 @@
 //! assert_eq!(cache.len(), 1);
 //! ```
 
+pub mod compression;
+mod error;
+pub mod h2o;
+mod layout;
 mod paged;
+mod policy;
+pub mod quest;
 
-pub use paged::{KvCompression, KvLayout, LayerView, PagedKv};
+pub use compression::{Calibration, KeyAxis, KvCompression, QuantConfig};
+pub use error::CacheError;
+pub use h2o::H2oConfig;
+pub use layout::KvLayout;
+pub use paged::{LayerView, PagedKv};
+pub use policy::KvPolicy;
+pub use quest::QuestConfig;
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
@@ -78,11 +91,15 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
-    /// An empty paged host cache compressing old tokens (SKVQ).
-    pub fn paged_compressed(layout: KvLayout, compression: std::sync::Arc<KvCompression>) -> Self {
+    /// An empty paged host cache compressing with `policy`.
+    ///
+    /// # Panics
+    /// If the policy does not fit `layout` (internal invariant: callers check it with
+    /// [`KvPolicy::check`] when they build it).
+    pub fn paged_with(layout: KvLayout, policy: std::sync::Arc<KvPolicy>) -> Self {
         Self {
             layers: Vec::new(),
-            paged: Some(PagedKv::compressed(layout, compression)),
+            paged: Some(PagedKv::with_policy(layout, policy)),
         }
     }
 
@@ -94,6 +111,14 @@ impl<B: Backend> KvCache<B> {
     /// The paged store, mutably, if this cache is paged.
     pub fn paged_store_mut(&mut self) -> Option<&mut PagedKv> {
         self.paged.as_mut()
+    }
+
+    /// The deepest speculation tree that keeps speculative decoding equal to plain decoding
+    /// under this cache's policy at its current length (`None`: no limit). See
+    /// [`KvPolicy::max_tree_depth`].
+    pub fn max_tree_depth(&self) -> Option<usize> {
+        let p = self.paged.as_ref()?;
+        p.policy()?.max_tree_depth(p.len(), p.layout().page_size)
     }
 
     /// Number of layers.

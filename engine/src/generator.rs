@@ -2,8 +2,10 @@
 
 use std::time::Instant;
 
-use arbor_cache::KvCache;
-use arbor_model::{ForwardInput, Sampler, Tokenizer, Transformer};
+use std::sync::Arc;
+
+use arbor_cache::{KvCache, KvPolicy};
+use arbor_model::{ForwardInput, KV_PAGE_SIZE, Sampler, Tokenizer, Transformer};
 use burn::tensor::backend::Backend;
 
 use crate::output::{Event, Output, check_prompt, prompt_tokens};
@@ -14,12 +16,25 @@ use crate::{EngineError, GenerateParams, Prompt};
 pub struct Generator<'m, B: Backend> {
     model: &'m Transformer<B>,
     tokenizer: &'m Tokenizer,
+    kv_policy: Option<Arc<KvPolicy>>,
 }
 
 impl<'m, B: Backend> Generator<'m, B> {
     /// A generator over `model` and its `tokenizer`.
     pub fn new(model: &'m Transformer<B>, tokenizer: &'m Tokenizer) -> Self {
-        Self { model, tokenizer }
+        Self {
+            model,
+            tokenizer,
+            kv_policy: None,
+        }
+    }
+
+    /// Compresses the KV cache with `policy` (built and checked for
+    /// [`Transformer::kv_layout`] with pages of [`KV_PAGE_SIZE`]; CPU backend).
+    #[must_use]
+    pub fn with_kv_policy(mut self, policy: Arc<KvPolicy>) -> Self {
+        self.kv_policy = Some(policy);
+        self
     }
 
     /// Token ids of `prompt` (chat prompts rendered with the model's template).
@@ -44,7 +59,9 @@ impl<'m, B: Backend> Generator<'m, B> {
         check_prompt(&prompt_ids, self.model)?;
         Ok(Generation {
             model: self.model,
-            cache: self.model.new_cache(),
+            cache: self
+                .model
+                .new_cache_with(KV_PAGE_SIZE, self.kv_policy.clone()),
             sampler: Sampler::new(params.sampling.clone()),
             output: Output::new(self.tokenizer, params, prompt_ids.len()),
             params: params.clone(),

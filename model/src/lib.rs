@@ -40,7 +40,7 @@ pub use load::LoadedModel;
 pub use rope::{RopeAngles, interleaved_to_half_split};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{TextStream, Tokenizer};
-pub use transformer::{LogitRows, SeqForward, Transformer};
+pub use transformer::{KV_PAGE_SIZE, LogitRows, SeqForward, Transformer};
 pub use weights::{MatrixData, RandomWeights, WeightSource};
 
 /// Backend selection shared by the engine, the CLI and tests.

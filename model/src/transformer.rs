@@ -5,8 +5,10 @@
 //! tokens with explicit positions and an explicit mask over cached + new tokens, so plain
 //! causal decoding, chunked prefill and tree verification are all the same call.
 
-use arbor_cache::{KvCache, KvCompression, KvLayout, PagedKv};
-use arbor_kernels::attention::{AttentionDims, attention_reference, attention_rows_with};
+use arbor_cache::{KvCache, KvLayout, KvPolicy, PagedKv};
+use arbor_kernels::attention::{
+    AttentionDims, attention_reference, attention_rows_voting, attention_rows_with,
+};
 use burn::module::{Module, Param};
 use std::sync::Arc;
 
@@ -288,16 +290,12 @@ impl<B: Backend> Transformer<B> {
         })
     }
 
-    /// A cache with pages of `page_size` tokens that compresses old tokens with
-    /// `compression` (SKVQ; built for [`Transformer::kv_layout`]) on the CPU backend; a dense
-    /// uncompressed device cache elsewhere.
-    pub fn new_cache_with(
-        &self,
-        page_size: usize,
-        compression: Option<Arc<KvCompression>>,
-    ) -> KvCache<B> {
-        match (self.kv_layout(page_size), compression) {
-            (Some(layout), Some(c)) => KvCache::paged_compressed(layout, c),
+    /// A cache with pages of `page_size` tokens that compresses with `policy` (quantization,
+    /// Quest, H2O; built and checked for [`Transformer::kv_layout`]) on the CPU backend; a
+    /// dense exact device cache elsewhere.
+    pub fn new_cache_with(&self, page_size: usize, policy: Option<Arc<KvPolicy>>) -> KvCache<B> {
+        match (self.kv_layout(page_size), policy) {
+            (Some(layout), Some(p)) => KvCache::paged_with(layout, p),
             (Some(layout), None) => KvCache::paged(layout),
             _ => KvCache::new(self.layers.len()),
         }
@@ -582,8 +580,19 @@ fn paged_attention<B: Backend>(
         n_kv: cache.layer_len(layer),
         head_dim,
     };
-    let out = attention_rows_with(&host(q), &cache.layer(layer), mask, Some(positions), dims)
-        .expect("validated forward input");
+    // After H2O evictions the layer holds a subset of the positions the mask covers.
+    let mask = cache.layer_mask(layer, mask, n_q);
+    let q = host(q);
+    let out = if cache.wants_votes() {
+        let (out, votes) =
+            attention_rows_voting(&q, &cache.layer(layer), &mask, Some(positions), dims)
+                .expect("validated forward input");
+        cache.record_votes(layer, &votes, n_q);
+        out
+    } else {
+        attention_rows_with(&q, &cache.layer(layer), &mask, Some(positions), dims)
+            .expect("validated forward input")
+    };
     Tensor::from_data(
         TensorData::new(out, [batch, n_heads, n_q, head_dim]),
         &device,

@@ -49,6 +49,69 @@ enum Command {
     /// What KV-cache compression costs: dense vs each `--settings` entry, teacher-forced over
     /// a long text (top-1 agreement, perplexity, KV bytes per token, speed).
     KvEval(crate::kv_eval::KvEvalArgs),
+    /// Fit SKVQ KV quantizers (channel permutation, clip ratios) on sample prompts and write
+    /// them for `--kv-calib`.
+    Calibrate(crate::calibrate::CalibrateArgs),
+}
+
+/// KV-cache compression flags (serve, generate, bench); every part off by default.
+#[derive(Debug, Args, Clone)]
+pub struct KvArgs {
+    /// Quantize cached keys and values to 2, 4 or 8 bits outside the attention sinks and the
+    /// recent window (CPU backend).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["2", "4", "8"]))]
+    pub kv_bits: Option<String>,
+    /// Channels per value (and per-token key) quantization group.
+    #[arg(long, default_value_t = 64)]
+    pub kv_group: usize,
+    /// Full-precision attention-sink tokens at the start.
+    #[arg(long, default_value_t = 4)]
+    pub kv_sinks: usize,
+    /// Full-precision recent tokens (also the deepest speculation tree).
+    #[arg(long, default_value_t = 128)]
+    pub kv_window: usize,
+    /// How keys are quantized: per channel over each page (KIVI) or per token like values.
+    #[arg(long, value_enum, default_value_t = KeyAxisArg::Channel)]
+    pub kv_keys: KeyAxisArg,
+    /// SKVQ calibration (channel permutation, clip ratios) from `arbor calibrate`.
+    #[arg(long, value_name = "FILE")]
+    pub kv_calib: Option<std::path::PathBuf>,
+    /// Quest: tokens each query reads (best pages by key bound, plus sinks and recent).
+    #[arg(long, value_name = "TOKENS")]
+    pub quest_budget: Option<usize>,
+    /// H2O: tokens each layer keeps (half recent, the rest heavy hitters); the rest is evicted.
+    #[arg(long, value_name = "TOKENS")]
+    pub h2o_budget: Option<usize>,
+}
+
+/// `--kv-keys`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyAxisArg {
+    /// Per channel over each page (KIVI).
+    Channel,
+    /// Per token in channel groups (SKVQ).
+    Token,
+}
+
+impl KvArgs {
+    /// The settings, as the library takes them.
+    pub fn spec(&self) -> arbor_server::kv::KvSpec {
+        arbor_server::kv::KvSpec {
+            quant: self.kv_bits.as_ref().map(|b| arbor_cache::QuantConfig {
+                bits: b.parse().expect("clap checked 2/4/8"),
+                group: self.kv_group,
+                sinks: self.kv_sinks,
+                window: self.kv_window,
+                keys: match self.kv_keys {
+                    KeyAxisArg::Channel => arbor_cache::KeyAxis::Channel,
+                    KeyAxisArg::Token => arbor_cache::KeyAxis::Token,
+                },
+            }),
+            calibration: self.kv_calib.clone(),
+            quest_budget: self.quest_budget,
+            h2o_budget: self.h2o_budget,
+        }
+    }
 }
 
 /// Which device runs the model.
@@ -158,6 +221,8 @@ pub struct GenerateArgs {
     /// `dyn:DEPTH,WIDTH,BUDGET`.
     #[arg(long, default_value = "auto")]
     pub tree: String,
+    #[command(flatten)]
+    pub kv: KvArgs,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -181,6 +246,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => crate::generate::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
         Command::KvEval(args) => crate::kv_eval::run_cmd(&args),
+        Command::Calibrate(args) => crate::calibrate::run(&args),
     }
 }
 

@@ -42,12 +42,22 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         let loaded =
             LoadedModel::<B>::load(&args.model.model, args.model.resolve_options(), &device)?;
         let mut out = std::io::stdout().lock();
+        let kv = args
+            .kv
+            .spec()
+            .build(loaded.model.kv_layout(arbor_model::KV_PAGE_SIZE))?;
         if drafts.is_empty() {
-            let generator = Generator::new(&loaded.model, &loaded.tokenizer);
+            let mut generator = Generator::new(&loaded.model, &loaded.tokenizer);
+            if let Some(kv) = kv {
+                generator = generator.with_kv_policy(kv);
+            }
             stream(generator.generate(&prompt, &params)?, &mut out)
         } else {
             let drafts = load_drafts(&loaded, &drafts, args.model.resolve_options(), &device)?;
             let mut engine = build_engine(&loaded, &drafts, policy)?;
+            if let Some(kv) = kv {
+                engine = engine.with_kv_policy(kv);
+            }
             stream(engine.generate(&prompt, &params)?, &mut out)
         }
     })

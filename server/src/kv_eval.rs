@@ -1,18 +1,26 @@
 //! `arbor kv-eval`: what KV-cache compression costs. Teacher-forces a model over a long text
-//! with a dense cache and with each compression setting, and reports top-1 agreement with
-//! the dense run, perplexity and its change, KV bytes per token, and speed.
+//! with an exact cache and with each policy setting, and reports top-1 agreement with the
+//! exact run, perplexity and its change, KV bytes per token and speed; then, per setting,
+//! plain and speculative greedy decoding after the text (decode tokens/s, τ, and whether the
+//! two produced the same tokens — they must).
 //!
-//! The text is fed in chunks; which keys a query reads compressed depends on positions only
-//! (see `arbor_cache::KvCompression`), so the chunk size changes speed, not the figures.
+//! The text is fed in chunks. What a query reads under quantization and Quest depends on
+//! positions and the query alone, so the chunk size changes speed, not the figures; H2O
+//! evicts at forward starts, so settings with H2O are fed a page at a time, as decoding
+//! would meet its eviction points.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use arbor_cache::{KvCache, KvCompression};
+use arbor_cache::{
+    Calibration, H2oConfig, KeyAxis, KvCache, KvCompression, KvPolicy, QuantConfig, QuestConfig,
+};
+use arbor_engine::{Engine, Event, GenerateParams, Generator, Prompt, TreePolicy};
 use arbor_model::sampling::argmax;
-use arbor_model::{ForwardInput, LoadedModel, Transformer};
+use arbor_model::{ForwardInput, KV_PAGE_SIZE, LoadedModel, Transformer};
+use arbor_speculators::NgramDraft;
 use burn::tensor::backend::Backend;
 use clap::Args;
 use serde::Serialize;
@@ -30,60 +38,128 @@ pub struct KvEvalArgs {
     /// Tokens of it to evaluate (predictions made: one fewer).
     #[arg(long, default_value_t = 2048)]
     pub tokens: usize,
-    /// Compression settings, comma-separated, each `BITS:WINDOW[:SINKS[:GROUP]]`
-    /// (defaults: 4 sinks, group 64); the dense cache is always run first.
-    #[arg(long, default_value = "8:128,4:128,2:128,4:32")]
+    /// Policy settings, comma-separated; each joins parts with `+`:
+    /// `BITS:WINDOW[:SINKS[:GROUP]]` (quantization, keys per channel), `tok` (keys per
+    /// token instead), `cal` (SKVQ-calibrated: `--calib`, else fitted on the exact run's first
+    /// `--calibration-tokens` tokens), `quest=N` and `h2o=N` (token budgets; `N%` of
+    /// `--tokens`). The exact cache always runs first.
+    #[arg(long, default_value = "8:128,4:128,4:128+tok,2:128,quest=25%,h2o=50%")]
     pub settings: String,
-    /// Tokens per teacher-forced forward.
+    /// Tokens per teacher-forced forward (settings with H2O use the page size).
     #[arg(long, default_value_t = 128)]
     pub chunk: usize,
+    /// A calibration from `arbor calibrate` for `cal` settings.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Tokens whose keys and values calibrate `cal` settings without `--calib`.
+    #[arg(long, default_value_t = 512)]
+    pub calibration_tokens: usize,
+    /// Tokens to decode after the text, plainly and speculatively (n-gram draft), per
+    /// setting; 0 skips decoding.
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+    /// Tree shape of the speculative decode.
+    #[arg(long, default_value = "3,1,1,1")]
+    pub spec_tree: String,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Also run each setting calibrated (SKVQ): per layer, a channel permutation grouping
-    /// channels of similar range and per-group clip ratios, fitted to the keys and values of
-    /// the dense run's first `--calibration-tokens` tokens (label suffix `+cal`).
-    #[arg(long)]
-    pub calibrate: bool,
-    /// Tokens whose keys and values calibrate.
-    #[arg(long, default_value_t = 512)]
-    pub calibration_tokens: usize,
 }
 
 /// One setting's figures (the `--json` fields).
 #[derive(Debug, Clone, Serialize)]
 pub struct KvEvalRow {
-    /// `dense` or `BITS:WINDOW:SINKS:GROUP`.
+    /// `exact`, or the setting as given.
     pub setting: String,
     /// Predictions compared.
     pub predictions: usize,
-    /// Fraction of positions whose argmax equals the dense run's.
+    /// Fraction of positions whose argmax equals the exact run's.
     pub top1_agreement: f64,
     /// Perplexity of the text's next tokens.
     pub perplexity: f64,
-    /// Perplexity minus the dense run's.
+    /// Perplexity minus the exact run's.
     pub perplexity_delta: f64,
-    /// KV storage bytes per cached token at the end (every page past the window packed).
+    /// KV storage bytes per token of the sequence at the end (pages older than the window
+    /// held only as codes; evicted tokens hold nothing).
     pub kv_bytes_per_token: f64,
-    /// That over the dense (f32) cache's.
+    /// That over the exact (f32) cache's.
     pub kv_bytes_vs_f32: f64,
     /// Teacher-forced tokens per second.
     pub tokens_per_sec: f64,
+    /// Plain greedy decoding after the text: tokens per second.
+    pub decode_tokens_per_sec: Option<f64>,
+    /// Speculative greedy decoding after the text: tokens per second.
+    pub spec_tokens_per_sec: Option<f64>,
+    /// Its tokens per verification step τ.
+    pub tau: Option<f64>,
+    /// Whether speculative and plain decoding produced the same tokens.
+    pub spec_matches_plain: Option<bool>,
 }
 
-/// `BITS:WINDOW[:SINKS[:GROUP]]`.
-fn parse_setting(s: &str) -> Result<(u32, usize, usize, usize)> {
-    let nums: Vec<usize> = s
-        .split(':')
-        .map(|x| x.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("bad setting {s:?} (BITS:WINDOW[:SINKS[:GROUP]])"))?;
-    match nums[..] {
-        [b, w] => Ok((b as u32, w, 4, 64)),
-        [b, w, s] => Ok((b as u32, w, s, 64)),
-        [b, w, s, g] => Ok((b as u32, w, s, g)),
-        _ => bail!("bad setting {s:?} (BITS:WINDOW[:SINKS[:GROUP]])"),
+/// One parsed `--settings` entry.
+#[derive(Debug, Clone, PartialEq)]
+struct Setting {
+    label: String,
+    quant: Option<QuantConfig>,
+    calibrated: bool,
+    quest: Option<usize>,
+    h2o: Option<usize>,
+}
+
+fn parse_setting(s: &str, tokens: usize) -> Result<Setting> {
+    let label = s.trim().to_string();
+    let mut out = Setting {
+        label: label.clone(),
+        quant: None,
+        calibrated: false,
+        quest: None,
+        h2o: None,
+    };
+    let budget = |v: &str| -> Result<usize> {
+        match v.strip_suffix('%') {
+            Some(p) => Ok(tokens * p.parse::<usize>()? / 100),
+            None => Ok(v.parse()?),
+        }
+    };
+    let (mut tok, mut cal) = (false, false);
+    for part in label.split('+').map(str::trim) {
+        let bad = || format!("bad setting part {part:?} in {label:?}");
+        if part == "tok" {
+            tok = true;
+        } else if part == "cal" {
+            cal = true;
+        } else if let Some(v) = part.strip_prefix("quest=") {
+            out.quest = Some(budget(v).with_context(bad)?);
+        } else if let Some(v) = part.strip_prefix("h2o=") {
+            out.h2o = Some(budget(v).with_context(bad)?);
+        } else {
+            let nums: Vec<usize> = part
+                .split(':')
+                .map(|x| x.parse::<usize>())
+                .collect::<Result<_, _>>()
+                .with_context(bad)?;
+            let (bits, window, sinks, group) = match nums[..] {
+                [b, w] => (b, w, 4, 64),
+                [b, w, s] => (b, w, s, 64),
+                [b, w, s, g] => (b, w, s, g),
+                _ => bail!("{} (BITS:WINDOW[:SINKS[:GROUP]])", bad()),
+            };
+            out.quant = Some(QuantConfig {
+                bits: bits as u32,
+                group,
+                sinks,
+                window,
+                keys: KeyAxis::Channel,
+            });
+        }
     }
+    match &mut out.quant {
+        Some(q) if tok => q.keys = KeyAxis::Token,
+        None if tok || cal => bail!("{label:?}: `tok` and `cal` qualify a BITS:WINDOW part"),
+        _ => {}
+    }
+    out.calibrated = cal;
+    Ok(out)
 }
 
 /// One teacher-forced pass.
@@ -91,25 +167,25 @@ struct Pass<B: Backend> {
     /// Argmax per position.
     top: Vec<usize>,
     perplexity: f64,
-    /// KV bytes per cached token at the end.
+    /// KV bytes per sequence token at the end.
     bytes: f64,
     tokens_per_sec: f64,
-    /// The cache afterwards (the dense run's feeds calibration).
+    /// The cache afterwards (the exact run's feeds calibration).
     cache: KvCache<B>,
 }
 
 /// Argmax per position and the text's perplexity, through a fresh cache.
-fn run<B: Backend>(
+fn teacher_forced<B: Backend>(
     model: &Transformer<B>,
     ids: &[u32],
     chunk: usize,
-    compression: Option<Arc<KvCompression>>,
+    policy: Option<Arc<KvPolicy>>,
     label: &str,
 ) -> Result<Pass<B>> {
-    let mut cache = model.new_cache_with(16, compression);
+    let mut cache = model.new_cache_with(KV_PAGE_SIZE, policy);
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template(
-        "kv-eval {msg:>14} {bar:30} {pos}/{len} tokens {elapsed_precise}",
+        "kv-eval {msg:>22} {bar:30} {pos}/{len} tokens {elapsed_precise}",
     )?);
     bar.set_message(label.to_string());
     let (mut top, mut nll) = (Vec::with_capacity(ids.len()), 0.0f64);
@@ -133,7 +209,7 @@ fn run<B: Backend>(
     }
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
-    // Steady state: every page that has left the window packed.
+    // Steady state: no full-precision copy of a page older than the window.
     if let Some(p) = cache.paged_store_mut() {
         p.compress();
     }
@@ -147,105 +223,203 @@ fn run<B: Backend>(
     })
 }
 
+/// Decoding after the text under `policy`: plain decode tok/s, speculative tok/s, τ, and
+/// whether both produced the same tokens.
+struct Decode {
+    plain_rate: f64,
+    spec_rate: f64,
+    tau: f64,
+    same: bool,
+}
+
+fn decode<B: Backend>(
+    m: &LoadedModel<B>,
+    ids: &[u32],
+    n: usize,
+    tree: &TreePolicy,
+    policy: Option<Arc<KvPolicy>>,
+) -> Result<Decode> {
+    let params = GenerateParams {
+        max_tokens: n,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let prompt = Prompt::Tokens(ids.to_vec());
+    let mut plain = Generator::new(&m.model, &m.tokenizer);
+    let mut spec = Engine::new(&m.model, &m.tokenizer, tree.clone()).with_draft(NgramDraft::default());
+    if let Some(p) = policy {
+        plain = plain.with_kv_policy(p.clone());
+        spec = spec.with_kv_policy(p);
+    }
+    let done = |events: &mut dyn Iterator<Item = Result<Event, arbor_engine::EngineError>>| {
+        let mut last = None;
+        for e in events {
+            if let Event::Done(d) = e? {
+                last = Some(d);
+            }
+        }
+        last.context("generation ended without Done")
+    };
+    let a = done(&mut plain.generate(&prompt, &params)?)?;
+    let b = done(&mut spec.generate(&prompt, &params)?)?;
+    Ok(Decode {
+        plain_rate: a.stats.decode_tokens_per_sec(),
+        spec_rate: b.stats.decode_tokens_per_sec(),
+        tau: b.spec.as_ref().map_or(1.0, arbor_engine::SpecStats::tau),
+        same: a.tokens == b.tokens,
+    })
+}
+
 pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;
-    let settings: Vec<(u32, usize, usize, usize)> = args
+    let settings: Vec<Setting> = args
         .settings
         .split(',')
         .filter(|s| !s.trim().is_empty())
-        .map(parse_setting)
+        .map(|s| parse_setting(s, args.tokens))
         .collect::<Result<_>>()?;
     if args.chunk == 0 {
         bail!("--chunk must be at least 1");
     }
+    let tree: TreePolicy = args.spec_tree.parse().context("--spec-tree")?;
+    let calib = args
+        .calib
+        .as_deref()
+        .map(arbor_server::kv::load_calibration)
+        .transpose()?;
     with_backend!(args.model.device, |B, device| {
         let m = LoadedModel::<B>::load(&args.model.model, args.model.resolve_options(), &device)?;
         let mut ids = m.tokenizer.encode(&text)?;
         if ids.len() < 2 {
             bail!("{} has fewer than 2 tokens", args.text.display());
         }
-        let n = args.tokens.min(ids.len()).min(m.model.max_position());
+        let room = m.model.max_position().saturating_sub(args.decode_tokens + 1);
+        let n = args.tokens.min(ids.len()).min(room);
         ids.truncate(n);
-        let Some(layout) = m.model.kv_layout(16) else {
+        let Some(layout) = m.model.kv_layout(KV_PAGE_SIZE) else {
             bail!("kv-eval needs the CPU backend's paged cache");
         };
-        let dense = run(&m.model, &ids, args.chunk, None, "dense")?;
-        let (dense_top, dense_ppl, dense_bytes) = (&dense.top, dense.perplexity, dense.bytes);
-        let mut rows = vec![KvEvalRow {
-            setting: "dense".into(),
-            predictions: dense_top.len(),
-            top1_agreement: 1.0,
-            perplexity: dense_ppl,
-            perplexity_delta: 0.0,
-            kv_bytes_per_token: dense_bytes,
-            kv_bytes_vs_f32: 1.0,
-            tokens_per_sec: dense.tokens_per_sec,
-        }];
-        let mut runs = Vec::new();
-        for &(bits, window, sinks, group) in &settings {
-            let label = format!("{bits}:{window}:{sinks}:{group}");
-            let comp = KvCompression::uniform(&layout, bits, group, sinks, window)
-                .map_err(|e| anyhow::anyhow!("setting {label}: {e}"))?;
-            runs.push((label.clone(), comp));
-            if args.calibrate {
-                let Some(store) = dense.cache.paged_store() else {
-                    bail!("calibration needs the CPU backend's paged cache");
-                };
-                let tokens = args.calibration_tokens;
-                let comp = KvCompression::calibrated(store, bits, group, sinks, window, tokens)
-                    .map_err(|e| anyhow::anyhow!("calibrating {label}: {e}"))?;
-                runs.push((format!("{label}+cal"), comp));
+        let exact = teacher_forced(&m.model, &ids, args.chunk, None, "exact")?;
+        let fitted = match (&calib, settings.iter().find(|s| s.calibrated)) {
+            (None, Some(s)) => {
+                let q = s.quant.expect("cal qualifies a quantization");
+                let store = exact.cache.paged_store().context("paged cache")?;
+                Some(Calibration::fit(store, q.bits, q.group, args.calibration_tokens)?)
             }
-        }
-        let dense_top = dense_top.clone();
-        drop(dense);
-        for (label, comp) in runs {
-            let Pass {
-                top,
-                perplexity: ppl,
-                bytes,
-                tokens_per_sec: rate,
-                ..
-            } = run(&m.model, &ids, args.chunk, Some(Arc::new(comp)), &label)?;
-            let agree = top.iter().zip(&dense_top).filter(|(a, b)| a == b).count();
+            _ => None,
+        };
+        let (exact_top, exact_ppl, exact_bytes) = (exact.top.clone(), exact.perplexity, exact.bytes);
+        let exact_rate = exact.tokens_per_sec;
+        drop(exact);
+        let mut rows = Vec::new();
+        let mut push = |label: String, pass: &Pass<B>, d: Option<Decode>| {
+            let agree = pass.top.iter().zip(&exact_top).filter(|(a, b)| a == b).count();
             rows.push(KvEvalRow {
                 setting: label,
-                predictions: top.len(),
-                top1_agreement: agree as f64 / top.len() as f64,
-                perplexity: ppl,
-                perplexity_delta: ppl - dense_ppl,
-                kv_bytes_per_token: bytes,
-                kv_bytes_vs_f32: bytes / dense_bytes,
-                tokens_per_sec: rate,
+                predictions: pass.top.len(),
+                top1_agreement: agree as f64 / pass.top.len() as f64,
+                perplexity: pass.perplexity,
+                perplexity_delta: pass.perplexity - exact_ppl,
+                kv_bytes_per_token: pass.bytes,
+                kv_bytes_vs_f32: pass.bytes / exact_bytes,
+                tokens_per_sec: pass.tokens_per_sec,
+                decode_tokens_per_sec: d.as_ref().map(|d| d.plain_rate),
+                spec_tokens_per_sec: d.as_ref().map(|d| d.spec_rate),
+                tau: d.as_ref().map(|d| d.tau),
+                spec_matches_plain: d.as_ref().map(|d| d.same),
             });
+        };
+        let dec = |policy: Option<Arc<KvPolicy>>| -> Result<Option<Decode>> {
+            (args.decode_tokens > 0)
+                .then(|| decode(&m, &ids, args.decode_tokens, &tree, policy))
+                .transpose()
+        };
+        // The exact row again through `push` keeps one code path for every row.
+        let exact = Pass {
+            top: exact_top.clone(),
+            perplexity: exact_ppl,
+            bytes: exact_bytes,
+            tokens_per_sec: exact_rate,
+            cache: m.model.new_cache(),
+        };
+        push("exact".into(), &exact, dec(None)?);
+        for s in &settings {
+            let cal = if s.calibrated {
+                calib.as_ref().or(fitted.as_ref())
+            } else {
+                None
+            };
+            let compression = s
+                .quant
+                .map(|q| KvCompression::new(&layout, &q, cal))
+                .transpose()
+                .with_context(|| format!("setting {}", s.label))?;
+            let policy = KvPolicy {
+                compression,
+                quest: s.quest.map(QuestConfig::with_budget),
+                h2o: s.h2o.map(H2oConfig::with_budget),
+            };
+            policy
+                .check(&layout)
+                .with_context(|| format!("setting {}", s.label))?;
+            let policy = Arc::new(policy);
+            let chunk = if s.h2o.is_some() {
+                args.chunk.min(KV_PAGE_SIZE)
+            } else {
+                args.chunk
+            };
+            let pass = teacher_forced(&m.model, &ids, chunk, Some(policy.clone()), &s.label)?;
+            push(s.label.clone(), &pass, dec(Some(policy))?);
         }
+        println!("{} on {} ({} tokens)", m.name, args.text.display(), ids.len());
         println!(
-            "{} on {} ({} tokens)",
-            m.name,
-            args.text.display(),
-            ids.len()
+            "{:<24} {:>8} {:>9} {:>8} {:>9} {:>6} {:>7} {:>8} {:>8} {:>5} {:>5}",
+            "setting", "top-1", "ppl", "Δppl", "KV B/tok", "×f32", "tf t/s", "dec t/s", "spec t/s", "τ", "same"
         );
-        println!(
-            "{:<16} {:>9} {:>10} {:>8} {:>12} {:>7} {:>8}",
-            "setting", "top-1", "ppl", "Δppl", "KV B/token", "×f32", "tok/s"
-        );
+        let opt = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
         for r in &rows {
             println!(
-                "{:<16} {:>8.2}% {:>10.3} {:>+8.3} {:>12.0} {:>7.3} {:>8.1}",
+                "{:<24} {:>7.2}% {:>9.3} {:>+8.3} {:>9.0} {:>6.3} {:>7.1} {:>8} {:>8} {:>5} {:>5}",
                 r.setting,
                 100.0 * r.top1_agreement,
                 r.perplexity,
                 r.perplexity_delta,
                 r.kv_bytes_per_token,
                 r.kv_bytes_vs_f32,
-                r.tokens_per_sec
+                r.tokens_per_sec,
+                opt(r.decode_tokens_per_sec, 1),
+                opt(r.spec_tokens_per_sec, 1),
+                opt(r.tau, 2),
+                r.spec_matches_plain.map_or("-", |s| if s { "yes" } else { "NO" }),
             );
         }
         if let Some(p) = &args.json {
             std::fs::write(p, serde_json::to_string_pretty(&rows)?)
                 .with_context(|| format!("writing {}", p.display()))?;
         }
+        if rows.iter().any(|r| r.spec_matches_plain == Some(false)) {
+            bail!("speculative decoding diverged from plain decoding under a policy (a bug)");
+        }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_parts_and_percentages() {
+        let s = parse_setting("4:128+tok+cal+quest=25%+h2o=300", 4000).unwrap();
+        let q = s.quant.unwrap();
+        assert_eq!((q.bits, q.window, q.sinks, q.group), (4, 128, 4, 64));
+        assert_eq!(q.keys, KeyAxis::Token);
+        assert!(s.calibrated);
+        assert_eq!((s.quest, s.h2o), (Some(1000), Some(300)));
+        assert!(parse_setting("quest=1024", 10).unwrap().quant.is_none());
+        assert!(parse_setting("tok", 10).is_err());
+        assert!(parse_setting("4", 10).is_err());
+        assert!(parse_setting("quest=x", 10).is_err());
+    }
 }

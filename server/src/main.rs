@@ -1,6 +1,8 @@
-//! `arbor`: tree-speculative LLM serving. Subcommands: `fetch`, `serve`, `generate`, `bench`, `kv-eval`.
+//! `arbor`: tree-speculative LLM serving. Subcommands: `fetch`, `serve`, `generate`, `bench`,
+//! `kv-eval`, `calibrate`.
 
 mod bench;
+mod calibrate;
 mod cli;
 mod generate;
 mod kv_eval;

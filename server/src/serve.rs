@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use arbor_engine::SchedulerConfig;
 use arbor_server::drafts::DraftSpec;
-use arbor_server::http::{KvQuant, ServeConfig, serve};
+use arbor_server::http::{ServeConfig, serve};
 use clap::Args;
 
 use crate::cli::{ModelArgs, with_backend};
@@ -66,19 +66,8 @@ pub struct ServeArgs {
     /// Another name the model answers to in requests (repeatable).
     #[arg(long = "served-model-name")]
     pub aliases: Vec<String>,
-    /// Quantize cached keys and values to 2, 4 or 8 bits (SKVQ) outside the attention sinks
-    /// and the recent window (CPU backend). Off by default.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["2", "4", "8"]))]
-    pub kv_bits: Option<String>,
-    /// Channels per KV quantization group.
-    #[arg(long, default_value_t = 64)]
-    pub kv_group: usize,
-    /// Full-precision attention-sink tokens at the start.
-    #[arg(long, default_value_t = 4)]
-    pub kv_sinks: usize,
-    /// Full-precision recent tokens.
-    #[arg(long, default_value_t = 128)]
-    pub kv_window: usize,
+    #[command(flatten)]
+    pub kv: crate::cli::KvArgs,
 }
 
 impl ServeArgs {
@@ -106,12 +95,7 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             grace: Duration::from_secs(self.grace_period),
             aliases: self.aliases.clone(),
-            kv_quant: self.kv_bits.as_ref().map(|b| KvQuant {
-                bits: b.parse().expect("clap checked 2/4/8"),
-                group: self.kv_group,
-                sinks: self.kv_sinks,
-                window: self.kv_window,
-            }),
+            kv: self.kv.spec(),
         })
     }
 }

@@ -183,17 +183,22 @@ async fn sixty_four_streams_with_disconnects_leave_nothing_behind() {
     );
 }
 
-/// With the KV cache compressed (`--kv-bits 2 --kv-window 16`: most of each prompt read as
-/// 2-bit codes) the server still gives each request the same greedy text alone and batched.
+/// With the KV cache compressed (`--kv-bits 2 --kv-window 16 --quest-budget 100
+/// --h2o-budget 48`: most of each prompt read as 2-bit codes, pages selected, tokens evicted)
+/// the server still gives each request the same greedy text alone and batched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_kv_cache_serves_batch_invariantly() {
     let mut config = ServeConfig::new(smollm2());
-    config.kv_quant = Some(arbor_server::http::KvQuant {
-        bits: 2,
-        group: 64,
-        sinks: 4,
-        window: 16,
-    });
+    config.kv = arbor_server::kv::KvSpec {
+        quant: Some(arbor_cache::QuantConfig {
+            bits: 2,
+            window: 16,
+            ..arbor_cache::QuantConfig::default()
+        }),
+        calibration: None,
+        quest_budget: Some(100),
+        h2o_budget: Some(48),
+    };
     let server = start(config).await;
     let c = reqwest::Client::new();
     let ps: Vec<String> = prompts().into_iter().take(4).collect();

@@ -50,7 +50,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arbor_cache::KvCompression;
+use arbor_cache::KvPolicy;
 use arbor_model::{SeqForward, Tokenizer, Transformer};
 use arbor_speculators::{Draft, ModelDraft, TreeShape};
 use burn::tensor::backend::Backend;
@@ -160,7 +160,7 @@ pub struct BatchEngine<'m, B: Backend> {
     waiting: VecDeque<Sequence<'m, B>>,
     running: Vec<Sequence<'m, B>>,
     next_id: RequestId,
-    compression: Option<Arc<KvCompression>>,
+    kv_policy: Option<Arc<KvPolicy>>,
 }
 
 impl<B: Backend> std::fmt::Debug for BatchEngine<'_, B> {
@@ -192,7 +192,7 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
-            compression: None,
+            kv_policy: None,
         })
     }
 
@@ -243,12 +243,12 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         &self.planner
     }
 
-    /// Compresses every sequence's KV cache with `compression` (SKVQ: tokens outside the
-    /// sinks and the window read as 2/4/8-bit codes; CPU backend). Build it for
-    /// [`Transformer::kv_layout`] with this engine's page size.
+    /// Compresses every sequence's KV cache with `policy` (quantization, Quest, H2O; CPU
+    /// backend). Build and check it for [`Transformer::kv_layout`] with this engine's page
+    /// size. Trees are cut to the depth the policy allows ([`KvPolicy::max_tree_depth`]).
     #[must_use]
-    pub fn with_kv_compression(mut self, compression: Arc<KvCompression>) -> Self {
-        self.compression = Some(compression);
+    pub fn with_kv_policy(mut self, policy: Arc<KvPolicy>) -> Self {
+        self.kv_policy = Some(policy);
         self
     }
 
@@ -313,7 +313,7 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             sink,
             req.deadline,
             self.target
-                .new_cache_with(self.config().page_size, self.compression.clone()),
+                .new_cache_with(self.config().page_size, self.kv_policy.clone()),
         ));
         Ok(id)
     }

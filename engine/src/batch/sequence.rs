@@ -100,7 +100,8 @@ impl<'m, B: Backend> Sequence<'m, B> {
                     .output
                     .remaining()
                     .saturating_sub(1)
-                    .min(max_position.saturating_sub(self.cache.len() + 1));
+                    .min(max_position.saturating_sub(self.cache.len() + 1))
+                    .min(self.policy_depth());
                 cap_depth(s, depth).max_nodes()
             }
             _ => 1,
@@ -110,6 +111,11 @@ impl<'m, B: Backend> Sequence<'m, B> {
             pending: self.pending_tokens(),
             tree_nodes,
         }
+    }
+
+    /// The deepest tree the cache's compression policy allows now (speculative == plain).
+    fn policy_depth(&self) -> usize {
+        self.cache.max_tree_depth().unwrap_or(usize::MAX)
     }
 
     /// Whether it speculates and is decoding (at a commit point, its root not yet fed).
@@ -156,7 +162,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
         let width = shape.map_or(0, TreeShape::width);
         let shape = shape
             .filter(|_| nodes > 1 && self.speculate)
-            .map(|s| largest_within(s, nodes));
+            .map(|s| largest_within(&cap_depth(s, self.policy_depth()), nodes));
         match shape {
             Some(shape) if shape.depth() > 0 => {
                 let d = draft_tree(

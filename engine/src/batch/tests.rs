@@ -350,25 +350,29 @@ fn bad_requests_are_refused() {
     );
 }
 
-/// SKVQ compression on (2 bits, a short window so most of each sequence is quantized): a
-/// request gives the same tokens alone, batched with 15 others, and speculating — the values a
-/// query reads depend on positions only. With the window past the context it is the dense
-/// result exactly.
+/// Every KV policy — quantization (per-channel and per-token keys, 2 bits, a short window),
+/// Quest (a budget of a few pages), H2O (a budget below most contexts) and all three together
+/// — gives a request the same tokens alone, batched with 15 others, and speculating: what a
+/// query reads depends on positions and committed tokens only, and trees are cut to the depth
+/// the policy allows. Each policy changes some output (so it is on); with budgets past the
+/// context and no quantization the result is the dense one exactly.
 #[test]
-fn compressed_cache_keeps_greedy_equal_across_batching_and_speculation() {
-    use arbor_cache::KvCompression;
+fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
+    use arbor_cache::{H2oConfig, KeyAxis, KvCompression, KvPolicy, QuantConfig, QuestConfig};
     use std::sync::Arc;
     let (m, tok) = model();
-    let config = SchedulerConfig::default();
+    let config = SchedulerConfig {
+        page_size: 4,
+        ..SchedulerConfig::default()
+    };
     let layout = m.kv_layout(config.page_size).unwrap();
-    let hd = layout.head_dim;
-    let run = |comp: Option<Arc<KvCompression>>, texts: &[String], spec: bool| -> Vec<Vec<u32>> {
+    let run = |policy: Option<&Arc<KvPolicy>>, texts: &[String], spec: bool| -> Vec<Vec<u32>> {
         let mut e = BatchEngine::new(&m, &tok, config.clone())
             .unwrap()
             .with_draft(|| Box::new(NgramDraft::default()))
             .with_tree("2,1,1".parse().unwrap());
-        if let Some(c) = comp {
-            e = e.with_kv_compression(c);
+        if let Some(p) = policy {
+            e = e.with_kv_policy(p.clone());
         }
         let rxs: Vec<Rx> = texts
             .iter()
@@ -377,27 +381,66 @@ fn compressed_cache_keeps_greedy_equal_across_batching_and_speculation() {
         run(&mut e);
         rxs.iter().map(|rx| finished(rx).1.tokens).collect()
     };
+    let quant = |keys| {
+        let cfg = QuantConfig {
+            bits: 2,
+            group: layout.head_dim,
+            sinks: 2,
+            window: 8,
+            keys,
+        };
+        KvCompression::uniform(&layout, &cfg).unwrap()
+    };
+    let quest = |budget| QuestConfig {
+        budget,
+        recent: 8,
+        sinks: 2,
+        dense_layers: 1,
+    };
+    let h2o = |budget| H2oConfig {
+        budget,
+        recent: 8,
+        sinks: 2,
+    };
+    let policies = [
+        ("2-bit, per-channel keys", KvPolicy::quantized(quant(KeyAxis::Channel))),
+        ("2-bit, per-token keys", KvPolicy::quantized(quant(KeyAxis::Token))),
+        ("Quest", KvPolicy { quest: Some(quest(20)), ..KvPolicy::default() }),
+        ("H2O", KvPolicy { h2o: Some(h2o(16)), ..KvPolicy::default() }),
+        (
+            "all three",
+            KvPolicy {
+                compression: Some(quant(KeyAxis::Channel)),
+                quest: Some(quest(20)),
+                h2o: Some(h2o(24)),
+            },
+        ),
+    ];
     let texts = prompts(16);
-    let tight = Arc::new(KvCompression::uniform(&layout, 2, hd, 2, 8).unwrap());
-    let alone: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| run(Some(tight.clone()), std::slice::from_ref(t), false).remove(0))
-        .collect();
-    assert_eq!(run(Some(tight.clone()), &texts, false), alone, "batched");
-    assert_eq!(
-        run(Some(tight.clone()), &texts, true),
-        alone,
-        "batched + speculating"
-    );
     let dense = run(None, &texts, false);
-    assert_ne!(
-        alone, dense,
-        "2-bit compression must change some output (else it is not on)"
-    );
-    let wide = Arc::new(KvCompression::uniform(&layout, 2, hd, 2, 100_000).unwrap());
+    for (name, policy) in policies {
+        policy.check(&layout).unwrap();
+        let policy = Arc::new(policy);
+        let alone: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| run(Some(&policy), std::slice::from_ref(t), false).remove(0))
+            .collect();
+        assert_eq!(run(Some(&policy), &texts, false), alone, "{name}: batched");
+        assert_eq!(
+            run(Some(&policy), &texts, true),
+            alone,
+            "{name}: batched + speculating"
+        );
+        assert_ne!(alone, dense, "{name} must change some output (else it is not on)");
+    }
+    let exact = Arc::new(KvPolicy {
+        compression: None,
+        quest: Some(quest(100_000)),
+        h2o: Some(h2o(100_000)),
+    });
     assert_eq!(
-        run(Some(wide), &texts, true),
+        run(Some(&exact), &texts, true),
         dense,
-        "a window past the context is exact"
+        "budgets past the context are exact"
     );
 }

@@ -7,8 +7,10 @@ mod vocab;
 
 use std::time::Instant;
 
-use arbor_cache::KvCache;
-use arbor_model::{Sampler, Tokenizer, Transformer};
+use std::sync::Arc;
+
+use arbor_cache::{KvCache, KvPolicy};
+use arbor_model::{KV_PAGE_SIZE, Sampler, Tokenizer, Transformer};
 use arbor_speculators::{Draft, ModelDraft};
 use burn::tensor::backend::Backend;
 
@@ -32,6 +34,7 @@ pub struct Engine<'m, B: Backend> {
     drafts: Vec<Box<dyn Draft + 'm>>,
     policy: TreePolicy,
     planner: Planner,
+    kv_policy: Option<Arc<KvPolicy>>,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<'_, B> {
@@ -52,7 +55,18 @@ impl<'m, B: Backend> Engine<'m, B> {
             drafts: Vec::new(),
             policy,
             planner: Planner::default(),
+            kv_policy: None,
         }
+    }
+
+    /// Compresses the target's KV cache with `policy` (built and checked for
+    /// [`Transformer::kv_layout`] with pages of [`KV_PAGE_SIZE`]; CPU backend). Trees are cut
+    /// to the depth the policy allows, so greedy output stays that of plain decoding under the
+    /// same policy.
+    #[must_use]
+    pub fn with_kv_policy(mut self, policy: Arc<KvPolicy>) -> Self {
+        self.kv_policy = Some(policy);
+        self
     }
 
     /// Adds any draft (the caller vouches that it speaks the target's token ids).
@@ -120,7 +134,9 @@ impl<'m, B: Backend> Engine<'m, B> {
             })
             .collect();
         Ok(SpecGeneration {
-            cache: self.target.new_cache(),
+            cache: self
+                .target
+                .new_cache_with(KV_PAGE_SIZE, self.kv_policy.clone()),
             sampler: Sampler::new(params.sampling.clone()),
             params: params.clone(),
             context: ids,
@@ -203,7 +219,8 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
         let cached = self.cache.len();
         // Tokens a step may still emit, and tree depth the context allows.
         let max_depth = (self.output.remaining().saturating_sub(1))
-            .min(target.max_position().saturating_sub(cached + 1));
+            .min(target.max_position().saturating_sub(cached + 1))
+            .min(self.cache.max_tree_depth().unwrap_or(usize::MAX));
         let shape = match self.engine.policy.clone() {
             TreePolicy::Fixed(s) => s,
             TreePolicy::Auto {

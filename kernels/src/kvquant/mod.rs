@@ -97,6 +97,21 @@ impl RowQuantizer {
         self.channels
     }
 
+    /// Channels per group.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// The channel permutation (position `i` of a reordered row holds channel `perm()[i]`).
+    pub fn perm(&self) -> &[usize] {
+        &self.perm
+    }
+
+    /// Per group, the clip ratio.
+    pub fn clip(&self) -> &[f32] {
+        &self.clip
+    }
+
     /// Bytes of one packed group: the codes, then the f16 scale and minimum.
     fn group_bytes(&self) -> usize {
         self.group * self.bits as usize / 8 + 4

@@ -7,7 +7,7 @@
 
 mod plain;
 mod plot;
-mod prompts;
+pub mod prompts;
 mod report;
 mod spec;
 
@@ -65,6 +65,9 @@ pub struct BenchArgs {
     /// Speculative mode: draw acceptance by depth and per-prompt speedup into this PNG.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// KV-cache compression (both sides of a comparison run under it).
+    #[command(flatten)]
+    pub kv: crate::cli::KvArgs,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {

@@ -52,7 +52,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             sampling: args.sampling.params(),
             ..GenerateParams::default()
         };
-        let generator = Generator::new(&loaded.model, tok);
+        let mut generator = Generator::new(&loaded.model, tok);
+        if let Some(kv) = args
+            .kv
+            .spec()
+            .build(loaded.model.kv_layout(arbor_model::KV_PAGE_SIZE))?
+        {
+            generator = generator.with_kv_policy(kv);
+        }
         let bar = indicatif::ProgressBar::new((args.repeats + 1) as u64);
         bar.set_style(indicatif::ProgressStyle::with_template(
             "bench {bar:30} {pos}/{len} runs {msg}",

@@ -39,7 +39,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             LoadedModel::<B>::load(&args.model.model, args.model.resolve_options(), &device)?;
         let loaded = load_drafts(&target, &drafts, args.model.resolve_options(), &device)?;
         let mut engine = build_engine(&target, &loaded, policy.clone())?;
-        let plain = Generator::new(&target.model, &target.tokenizer);
+        let mut plain = Generator::new(&target.model, &target.tokenizer);
+        // Both sides under the same KV policy: the comparison is speculation, not compression.
+        if let Some(kv) = args
+            .kv
+            .spec()
+            .build(target.model.kv_layout(arbor_model::KV_PAGE_SIZE))?
+        {
+            engine = engine.with_kv_policy(kv.clone());
+            plain = plain.with_kv_policy(kv);
+        }
         let bar = indicatif::ProgressBar::new(prompts.len() as u64);
         bar.set_style(indicatif::ProgressStyle::with_template(
             "bench {bar:30} {pos}/{len} prompts {elapsed_precise} {msg}",

@@ -73,21 +73,8 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// Extra names the model answers to (besides its file name and `model`).
     pub aliases: Vec<String>,
-    /// SKVQ compression of every sequence's KV cache (CPU backend).
-    pub kv_quant: Option<KvQuant>,
-}
-
-/// `--kv-bits` and friends: quantize cached tokens outside the sinks and the window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KvQuant {
-    /// 2, 4 or 8.
-    pub bits: u32,
-    /// Channels per quantization group (divides the head size).
-    pub group: usize,
-    /// Full-precision attention sinks.
-    pub sinks: usize,
-    /// Full-precision recent tokens.
-    pub window: usize,
+    /// KV-cache compression of every sequence (CPU backend).
+    pub kv: crate::kv::KvSpec,
 }
 
 impl ServeConfig {
@@ -104,7 +91,7 @@ impl ServeConfig {
             max_body_bytes: 2 << 20,
             grace: Duration::from_secs(30),
             aliases: Vec::new(),
-            kv_quant: None,
+            kv: crate::kv::KvSpec::default(),
         }
     }
 }
@@ -166,7 +153,7 @@ pub async fn serve<B: Backend>(
                 drafts,
                 tree: Some(load_cfg.tree),
                 scheduler: load_cfg.scheduler,
-                kv_quant: load_cfg.kv_quant,
+                kv: load_cfg.kv.clone(),
             })
         },
         ready_tx,

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use arbor_cache::KvCompression;
 use arbor_engine::{
     BatchEngine, BatchRequest, EngineError, Event, EventSink, Prompt, SchedulerConfig, TreePolicy,
 };
@@ -108,7 +107,7 @@ pub struct Loaded<B: Backend> {
     /// Scheduler limits.
     pub scheduler: SchedulerConfig,
     /// KV cache compression.
-    pub kv_quant: Option<super::KvQuant>,
+    pub kv: crate::kv::KvSpec,
 }
 
 impl EngineWorker {
@@ -138,7 +137,7 @@ impl EngineWorker {
                     loaded.tree.clone(),
                     loaded.scheduler.clone(),
                 )
-                .and_then(|e| with_kv_quant(e, &loaded));
+                .and_then(|e| with_kv_policy(e, &loaded));
                 match built {
                     Err(e) => {
                         let _ = ready.send(Err(e));
@@ -171,21 +170,17 @@ impl EngineWorker {
     }
 }
 
-/// Adds the configured KV compression to `engine` (the CPU backend's paged cache only).
-fn with_kv_quant<'m, B: Backend>(
+/// Adds the configured KV-cache policy to `engine` (the CPU backend's paged cache only).
+fn with_kv_policy<'m, B: Backend>(
     engine: BatchEngine<'m, B>,
     loaded: &Loaded<B>,
 ) -> anyhow::Result<BatchEngine<'m, B>> {
-    let Some(q) = loaded.kv_quant else {
+    let layout = loaded.target.model.kv_layout(loaded.scheduler.page_size);
+    let Some(policy) = loaded.kv.build(layout)? else {
         return Ok(engine);
     };
-    let Some(layout) = loaded.target.model.kv_layout(loaded.scheduler.page_size) else {
-        anyhow::bail!("--kv-bits needs the CPU backend's paged cache");
-    };
-    let c = KvCompression::uniform(&layout, q.bits, q.group, q.sinks, q.window)
-        .map_err(|e| anyhow::anyhow!("KV compression: {e}"))?;
-    tracing::info!(?q, "KV cache compression");
-    Ok(engine.with_kv_compression(Arc::new(c)))
+    tracing::info!(kv = ?loaded.kv, "KV cache policy");
+    Ok(engine.with_kv_policy(policy))
 }
 
 /// Takes jobs and steps the engine until every handle is gone and the work is done.

@@ -1,0 +1,382 @@
+use std::sync::Arc;
+
+use arbor_kernels::attention::KvSource;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use super::*;
+use crate::{H2oConfig, KeyAxis, QuantConfig, QuestConfig};
+
+fn layout() -> KvLayout {
+    KvLayout {
+        n_layers: 2,
+        n_kv_heads: 2,
+        head_dim: 3,
+        page_size: 4,
+    }
+}
+
+/// Head-major rows whose values encode (token, head, channel).
+fn rows(first: usize, n: usize, kvh: usize, hd: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    for g in 0..kvh {
+        for t in first..first + n {
+            for c in 0..hd {
+                out.push((t * 100 + g * 10 + c) as f32 + 0.5);
+            }
+        }
+    }
+    out
+}
+
+fn fill(c: &mut PagedKv, first: usize, n: usize) {
+    let r = rows(first, n, 2, 3);
+    let v: Vec<f32> = r.iter().map(|x| -x).collect();
+    for layer in 0..2 {
+        c.append_head_major(layer, &r, &v, n);
+    }
+}
+
+#[test]
+fn append_reads_back_and_accounts_pages_exactly() {
+    let mut c = PagedKv::new(layout());
+    fill(&mut c, 0, 3);
+    fill(&mut c, 3, 6);
+    assert_eq!(c.len(), 9);
+    assert_eq!(c.pages(), 3);
+    assert_eq!(c.bytes(), 3 * layout().page_bytes());
+    let view = c.layer(1);
+    for j in 0..9 {
+        for g in 0..2 {
+            let want: Vec<f32> = (0..3)
+                .map(|ch| (j * 100 + g * 10 + ch) as f32 + 0.5)
+                .collect();
+            assert_eq!(view.key(0, g, j, 0, &mut [0.0; 3]), &want[..]);
+            let neg: Vec<f32> = want.iter().map(|x| -x).collect();
+            assert_eq!(view.value(0, g, j, 0, &mut [0.0; 3]), &neg[..]);
+        }
+    }
+}
+
+#[test]
+fn rollback_is_byte_identical() {
+    let mut c = PagedKv::new(layout());
+    fill(&mut c, 0, 6);
+    let before = c.clone();
+    // A tree of 7 rows appended, all rejected.
+    fill(&mut c, 50, 7);
+    c.truncate(6);
+    assert_eq!(c, before);
+    // A tree whose rows 7 and 9 (of 6..13) are accepted.
+    fill(&mut c, 50, 7);
+    c.retain(6, &[7, 9]);
+    assert_eq!(c.len(), 8);
+    let v = c.layer(0);
+    assert_eq!(
+        v.key(0, 1, 6, 0, &mut [0.0; 3])[0],
+        (51 * 100 + 10) as f32 + 0.5
+    );
+    assert_eq!(
+        v.key(0, 1, 7, 0, &mut [0.0; 3])[0],
+        (53 * 100 + 10) as f32 + 0.5
+    );
+    assert_eq!(c.pages(), 2);
+    // Dropping the two kept rows again restores the original bytes.
+    c.truncate(6);
+    assert_eq!(c, before);
+    c.clear();
+    assert_eq!((c.len(), c.pages(), c.bytes()), (0, 0, 0));
+}
+
+#[test]
+fn retain_across_pages_matches_a_fresh_append() {
+    let mut c = PagedKv::new(layout());
+    fill(&mut c, 0, 5);
+    fill(&mut c, 20, 10);
+    c.retain(5, &[6, 9, 14]);
+    let mut fresh = PagedKv::new(layout());
+    fill(&mut fresh, 0, 5);
+    for t in [21, 24, 29] {
+        fill(&mut fresh, t, 1);
+    }
+    assert_eq!(c, fresh);
+}
+
+const WIDE: KvLayout = KvLayout {
+    n_layers: 2,
+    n_kv_heads: 2,
+    head_dim: 8,
+    page_size: 4,
+};
+
+/// Rows of `hd` channels for `kvh` heads, head-major, smooth in the channel, with one wide
+/// channel offset (like real keys).
+fn wide_rows(first: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut k = Vec::new();
+    for g in 0..WIDE.n_kv_heads {
+        for t in first..first + n {
+            for c in 0..WIDE.head_dim {
+                let x = ((t * 7 + g * 3 + c) as f32 * 0.37).sin();
+                k.push(if c == 5 { 20.0 + x } else { x });
+            }
+        }
+    }
+    let v = k.iter().map(|x| 1.0 - x).collect();
+    (k, v)
+}
+
+fn add(c: &mut PagedKv, first: usize, n: usize) {
+    let (k, v) = wide_rows(first, n);
+    for layer in 0..WIDE.n_layers {
+        c.append_head_major(layer, &k, &v, n);
+    }
+}
+
+fn quant(bits: u32, sinks: usize, window: usize, keys: KeyAxis) -> KvCompression {
+    let cfg = QuantConfig {
+        bits,
+        group: 8,
+        sinks,
+        window,
+        keys,
+    };
+    KvCompression::uniform(&WIDE, &cfg).unwrap()
+}
+
+fn read(c: &PagedKv, values: bool, j: usize, pos: usize) -> Vec<f32> {
+    let mut buf = [0.0f32; 8];
+    let view = c.layer(1);
+    if values {
+        view.value(0, 1, j, pos, &mut buf).to_vec()
+    } else {
+        view.key(0, 1, j, pos, &mut buf).to_vec()
+    }
+}
+
+#[test]
+fn quantized_pages_follow_the_position_rule_shrink_storage_and_roll_back_exactly() {
+    for axis in [KeyAxis::Channel, KeyAxis::Token] {
+        let comp = Arc::new(quant(4, 2, 4, axis));
+        let mut c = PagedKv::compressed(WIDE, comp.clone());
+        let mut plain = PagedKv::new(WIDE);
+        add(&mut c, 0, 20);
+        add(&mut plain, 0, 20);
+        // Pages 1..5 are packed on completion (page 0 holds the sinks); for a query at 20
+        // pages 1..4 (last token + 4 < 20) read as codes, the rest exact.
+        let before: Vec<Vec<f32>> = (0..20).map(|j| read(&c, false, j, 20)).collect();
+        let vals: Vec<Vec<f32>> = (0..20).map(|j| read(&c, true, j, 20)).collect();
+        for j in 0..20 {
+            let exact = read(&plain, false, j, 20);
+            if j < 4 || j >= 16 {
+                assert_eq!(before[j], exact, "{axis:?}: sinks' page and window exact ({j})");
+                assert_eq!(vals[j], read(&plain, true, j, 20));
+            } else {
+                assert_ne!(before[j], exact, "{axis:?}: token {j} is quantized");
+                let err = before[j]
+                    .iter()
+                    .zip(&exact)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                // 4 bits: half a step of the widest range (per token: 21 wide, per channel:
+                // at most 2 wide), plus f16 rounding.
+                let bound = match axis {
+                    KeyAxis::Channel => 2.0 / 15.0 / 2.0 + 2e-2,
+                    KeyAxis::Token => 22.0 / 15.0 / 2.0 + 2e-2,
+                };
+                assert!(err <= bound, "{axis:?} 4-bit error {err} at {j}");
+            }
+        }
+        // Freeing the full copies changes no value read.
+        c.compress();
+        for j in 0..20 {
+            assert_eq!(read(&c, false, j, 20), before[j], "{axis:?}: key {j}");
+            assert_eq!(read(&c, true, j, 20), vals[j], "{axis:?}: value {j}");
+        }
+        // Storage: pages 1..3 (last token + 4 < 20) codes only, page 4 both, 0 full.
+        let f32_page = 4 * 2 * 8 * 4;
+        let key_codes = match &comp.keys[0] {
+            crate::compression::KeyQuant::Channel(q) => q.packed_bytes(),
+            crate::compression::KeyQuant::Token(q) => 4 * 2 * q.packed_bytes(),
+        };
+        let value_codes = 4 * 2 * comp.values[0].packed_bytes();
+        let per_layer = 2 * f32_page + 3 * (key_codes + value_codes) + 2 * f32_page
+            + (key_codes + value_codes);
+        assert_eq!(c.bytes(), 2 * per_layer, "{axis:?}");
+        assert!(c.bytes() < plain.bytes());
+        // A rejected tree leaves the compressed store byte-identical; an accepted row leaves
+        // the packed pages untouched.
+        let snapshot = c.clone();
+        add(&mut c, 90, 3);
+        c.truncate(20);
+        assert_eq!(c, snapshot, "{axis:?}");
+        add(&mut c, 90, 3);
+        c.retain(20, &[21]);
+        assert_eq!(c.len(), 21);
+        assert_eq!(read(&c, false, 10, 21), before[10]);
+    }
+}
+
+/// Quest with a budget covering the context reads everything; with a small one it reads the
+/// sink page, the recent pages and the best-bounded pages — and never more than the budget.
+#[test]
+fn quest_reads_sinks_recent_and_best_pages_within_budget() {
+    let layout = KvLayout {
+        n_layers: 3,
+        ..WIDE
+    };
+    let mut rng = StdRng::seed_from_u64(8);
+    let n = 64;
+    let k: Vec<f32> = (0..2 * n * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let v = k.clone();
+    let quest = |budget| {
+        Arc::new(KvPolicy {
+            quest: Some(QuestConfig {
+                budget,
+                recent: 8,
+                sinks: 2,
+                dense_layers: 2,
+            }),
+            ..KvPolicy::default()
+        })
+    };
+    let mut wide = PagedKv::with_policy(layout, quest(1000));
+    let mut tight = PagedKv::with_policy(layout, quest(24));
+    for c in [&mut wide, &mut tight] {
+        for layer in 0..3 {
+            c.append_head_major(layer, &k, &v, n);
+        }
+    }
+    let q: Vec<f32> = (0..2 * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let all: Vec<usize> = (0..n).collect();
+    let mut keys = all.clone();
+    wide.layer(2).select(0, 1, n, &q, &mut keys);
+    assert_eq!(keys, all, "budget above the context: dense");
+    let mut keys = all.clone();
+    tight.layer(1).select(0, 1, n, &q, &mut keys);
+    assert_eq!(keys, all, "dense layers stay dense");
+    let mut keys = all.clone();
+    tight.layer(2).select(0, 1, n, &q, &mut keys);
+    assert!(keys.len() <= 24, "{} keys read", keys.len());
+    // Sink page (0..4) and recent pages (last token + 8 >= 64: pages 14 and 15) always read.
+    for j in (0..4).chain(56..64) {
+        assert!(keys.contains(&j), "key {j} must be read");
+    }
+    // The chosen middle pages are those with the highest bounds.
+    let bound = |p: usize| -> f32 {
+        let b = &tight.layers[2].bounds[p];
+        let (lo, hi) = b.split_at(b.len() / 2);
+        q.chunks_exact(8)
+            .map(|qr| crate::quest::page_bound(qr, &lo[8..16], &hi[8..16]))
+            .sum()
+    };
+    let chosen: Vec<usize> = (1..14).filter(|p| keys.contains(&(p * 4))).collect();
+    assert_eq!(chosen.len(), 3);
+    let worst_chosen = chosen.iter().map(|&p| bound(p)).fold(f32::INFINITY, f32::min);
+    for p in (1..14).filter(|p| !chosen.contains(p)) {
+        assert!(bound(p) <= worst_chosen, "page {p} beats a chosen one");
+    }
+}
+
+fn h2o_policy(budget: usize, recent: usize) -> Arc<KvPolicy> {
+    Arc::new(KvPolicy {
+        h2o: Some(H2oConfig {
+            budget,
+            recent,
+            sinks: 2,
+        }),
+        ..KvPolicy::default()
+    })
+}
+
+/// Votes favouring every third token, from `n_q` rows over `len` slots.
+fn votes(n_q: usize, len: usize, seed: usize) -> Vec<f32> {
+    (0..n_q * len)
+        .map(|i| if (i % len + seed) % 3 == 0 { 1.0 } else { 0.01 })
+        .collect()
+}
+
+/// H2O never holds more than its budget after an eviction point, always keeps sinks and
+/// recent tokens, keeps the sequence length, and evicted slots are reused.
+#[test]
+fn h2o_evicts_to_budget_keeping_sinks_and_recent() {
+    let mut c = PagedKv::with_policy(WIDE, h2o_policy(16, 6));
+    let (k, v) = wide_rows(0, 1);
+    let mut pages_seen = 0;
+    for t in 0..100 {
+        for layer in 0..2 {
+            c.append_head_major(layer, &k, &v, 1);
+            let len = c.layer_len(layer);
+            c.record_votes(layer, &votes(1, len, t), 1);
+        }
+        assert_eq!(c.len(), t + 1);
+        if (t + 1) % 4 == 1 && t > 16 {
+            // The forward at an eviction point evicted down to the budget, then appended one.
+            assert!(c.layer_len(0) <= 17, "holds {} at {t}", c.layer_len(0));
+        }
+        assert!(c.layer_len(0) <= 16 + 4 + 1);
+        pages_seen = pages_seen.max(c.pages());
+        let l = &c.layers[0];
+        assert_eq!(l.logical[..2.min(t + 1)], [0, 1][..2.min(t + 1)], "sinks kept");
+        let recent: Vec<usize> = (t + 1 - 6.min(t + 1)..=t).collect();
+        assert!(recent.iter().all(|p| l.logical.contains(p)), "recent kept at {t}");
+        assert!(l.logical.windows(2).all(|w| w[0] < w[1]));
+    }
+    assert!(c.evicted(0) > 70);
+    assert!(pages_seen <= 6, "slots reused: at most {pages_seen} pages");
+    // The mask of an evicted layer maps slots to their positions' columns.
+    let n = c.len();
+    let mut mask = vec![true; n + 1];
+    mask[c.layers[0].logical[3]] = false;
+    let m = c.layer_mask(0, &mask, 1);
+    assert_eq!(m.len(), c.layer_len(0));
+    assert!(!m[3] && m.iter().filter(|x| !**x).count() == 1);
+}
+
+/// Rows of a rejected branch never vote: a tree appended, voted and rolled back leaves the
+/// accumulated votes as if it had never run.
+#[test]
+fn h2o_counts_only_committed_votes() {
+    let mut a = PagedKv::with_policy(WIDE, h2o_policy(64, 8));
+    let (k, v) = wide_rows(0, 10);
+    for layer in 0..2 {
+        a.append_head_major(layer, &k, &v, 10);
+        a.record_votes(layer, &votes(10, 10, 0), 10);
+    }
+    let mut b = a.clone();
+    // `a` verifies a 3-row tree (root, two children) and keeps root + second child.
+    let (tk, tv) = wide_rows(50, 3);
+    for layer in 0..2 {
+        a.append_head_major(layer, &tk, &tv, 3);
+        let mut vs = votes(3, 13, 1);
+        vs[13 + 11] = 0.0; // child 1 does not see child 2 (and vice versa)
+        vs[2 * 13 + 12] = 0.0;
+        vs[2 * 13 + 11] = 0.0;
+        vs[13 + 12] = 0.0;
+        vs[2 * 13 + 11] = 0.0;
+        a.record_votes(layer, &vs, 3);
+    }
+    a.retain(10, &[10, 12]);
+    // `b` decodes the same two tokens one by one (same rows, same votes).
+    for (i, row) in [(0usize, 0usize), (1, 2)] {
+        let (k1, v1) = wide_rows(50 + row, 1);
+        for layer in 0..2 {
+            b.append_head_major(layer, &k1, &v1, 1);
+            let full = votes(3, 13, 1);
+            let r = &full[row * 13..(row + 1) * 13];
+            let mut mine: Vec<f32> = r[..10].to_vec();
+            mine.push(r[10]);
+            if i == 1 {
+                mine.push(r[12]);
+            }
+            b.record_votes(layer, &mine, 1);
+        }
+    }
+    // Fold both (the next forward's start) and compare the votes.
+    for c in [&mut a, &mut b] {
+        for layer in 0..2 {
+            c.fold_and_evict(layer);
+        }
+    }
+    assert_eq!(a.layers[0].votes, b.layers[0].votes);
+    assert_eq!(a.layers[1].votes, b.layers[1].votes);
+    assert_eq!(a.layers[0].logical, b.layers[0].logical);
+}
