@@ -155,7 +155,12 @@ impl Calibration {
     ///
     /// # Errors
     /// Bits not 2/4/8, or a group that does not divide `head_dim`.
-    pub fn fit(store: &PagedKv, bits: u32, group: usize, tokens: usize) -> Result<Self, CacheError> {
+    pub fn fit(
+        store: &PagedKv,
+        bits: u32,
+        group: usize,
+        tokens: usize,
+    ) -> Result<Self, CacheError> {
         let layout = store.layout();
         let hd = layout.head_dim;
         let group = group.min(hd);

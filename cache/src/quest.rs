@@ -107,6 +107,10 @@ mod tests {
     fn best_pages_keeps_top_scores_in_page_order() {
         let c = |page, score| Candidate { page, score };
         let kept = best_pages(vec![c(3, 1.0), c(5, 9.0), c(7, 1.0), c(9, 4.0)], 3);
-        assert_eq!(kept, vec![3, 5, 9], "tie between 3 and 7 goes to the older page");
+        assert_eq!(
+            kept,
+            vec![3, 5, 9],
+            "tie between 3 and 7 goes to the older page"
+        );
     }
 }

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use arbor_cache::{Calibration, H2oConfig, KvCompression, KvLayout, KvPolicy, QuantConfig, QuestConfig};
+use arbor_cache::{
+    Calibration, H2oConfig, KvCompression, KvLayout, KvPolicy, QuantConfig, QuestConfig,
+};
 
 /// What `--kv-bits`, `--kv-calib`, `--quest-budget` and `--h2o-budget` ask for.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -71,5 +73,6 @@ impl KvSpec {
 pub fn load_calibration(path: &Path) -> Result<Calibration> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a KV calibration", path.display()))
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a KV calibration", path.display()))
 }

@@ -246,7 +246,8 @@ fn decode<B: Backend>(
     };
     let prompt = Prompt::Tokens(ids.to_vec());
     let mut plain = Generator::new(&m.model, &m.tokenizer);
-    let mut spec = Engine::new(&m.model, &m.tokenizer, tree.clone()).with_draft(NgramDraft::default());
+    let mut spec =
+        Engine::new(&m.model, &m.tokenizer, tree.clone()).with_draft(NgramDraft::default());
     if let Some(p) = policy {
         plain = plain.with_kv_policy(p.clone());
         spec = spec.with_kv_policy(p);
@@ -294,7 +295,10 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
         if ids.len() < 2 {
             bail!("{} has fewer than 2 tokens", args.text.display());
         }
-        let room = m.model.max_position().saturating_sub(args.decode_tokens + 1);
+        let room = m
+            .model
+            .max_position()
+            .saturating_sub(args.decode_tokens + 1);
         let n = args.tokens.min(ids.len()).min(room);
         ids.truncate(n);
         let Some(layout) = m.model.kv_layout(KV_PAGE_SIZE) else {
@@ -305,16 +309,27 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
             (None, Some(s)) => {
                 let q = s.quant.expect("cal qualifies a quantization");
                 let store = exact.cache.paged_store().context("paged cache")?;
-                Some(Calibration::fit(store, q.bits, q.group, args.calibration_tokens)?)
+                Some(Calibration::fit(
+                    store,
+                    q.bits,
+                    q.group,
+                    args.calibration_tokens,
+                )?)
             }
             _ => None,
         };
-        let (exact_top, exact_ppl, exact_bytes) = (exact.top.clone(), exact.perplexity, exact.bytes);
+        let (exact_top, exact_ppl, exact_bytes) =
+            (exact.top.clone(), exact.perplexity, exact.bytes);
         let exact_rate = exact.tokens_per_sec;
         drop(exact);
         let mut rows = Vec::new();
         let mut push = |label: String, pass: &Pass<B>, d: Option<Decode>| {
-            let agree = pass.top.iter().zip(&exact_top).filter(|(a, b)| a == b).count();
+            let agree = pass
+                .top
+                .iter()
+                .zip(&exact_top)
+                .filter(|(a, b)| a == b)
+                .count();
             rows.push(KvEvalRow {
                 setting: label,
                 predictions: pass.top.len(),
@@ -372,10 +387,25 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
             let pass = teacher_forced(&m.model, &ids, chunk, Some(policy.clone()), &s.label)?;
             push(s.label.clone(), &pass, dec(Some(policy))?);
         }
-        println!("{} on {} ({} tokens)", m.name, args.text.display(), ids.len());
+        println!(
+            "{} on {} ({} tokens)",
+            m.name,
+            args.text.display(),
+            ids.len()
+        );
         println!(
             "{:<24} {:>8} {:>9} {:>8} {:>9} {:>6} {:>7} {:>8} {:>8} {:>5} {:>5}",
-            "setting", "top-1", "ppl", "Δppl", "KV B/tok", "×f32", "tf t/s", "dec t/s", "spec t/s", "τ", "same"
+            "setting",
+            "top-1",
+            "ppl",
+            "Δppl",
+            "KV B/tok",
+            "×f32",
+            "tf t/s",
+            "dec t/s",
+            "spec t/s",
+            "τ",
+            "same"
         );
         let opt = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
         for r in &rows {
@@ -391,7 +421,8 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
                 opt(r.decode_tokens_per_sec, 1),
                 opt(r.spec_tokens_per_sec, 1),
                 opt(r.tau, 2),
-                r.spec_matches_plain.map_or("-", |s| if s { "yes" } else { "NO" }),
+                r.spec_matches_plain
+                    .map_or("-", |s| if s { "yes" } else { "NO" }),
             );
         }
         if let Some(p) = &args.json {

@@ -126,7 +126,10 @@ impl PagedKv {
     /// # Panics
     /// As [`PagedKv::with_policy`].
     pub fn compressed(layout: KvLayout, compression: Arc<KvCompression>) -> Self {
-        Self::with_policy(layout, Arc::new(KvPolicy::quantized((*compression).clone())))
+        Self::with_policy(
+            layout,
+            Arc::new(KvPolicy::quantized((*compression).clone())),
+        )
     }
 
     /// Its geometry.
@@ -256,7 +259,10 @@ impl PagedKv {
             if l.k[p].is_empty() {
                 let mut k = vec![0.0f32; floats];
                 let mut v = vec![0.0f32; floats];
-                for (r, (kr, vr)) in k.chunks_exact_mut(hd).zip(v.chunks_exact_mut(hd)).enumerate()
+                for (r, (kr, vr)) in k
+                    .chunks_exact_mut(hd)
+                    .zip(v.chunks_exact_mut(hd))
+                    .enumerate()
                 {
                     c.keys[layer].read(&l.kq[p], r / kvh, r % kvh, kvh, kr);
                     read_row(&c.values[layer], &l.vq[p], r, vr);
@@ -523,7 +529,10 @@ impl PagedKv {
             let kept = base + rows.len();
             let remap = |old: &[f32]| -> Vec<f32> {
                 let mut v = old[..base.min(old.len())].to_vec();
-                v.extend(rows.iter().map(|&r| old.get(slot(r)).copied().unwrap_or(0.0)));
+                v.extend(
+                    rows.iter()
+                        .map(|&r| old.get(slot(r)).copied().unwrap_or(0.0)),
+                );
                 v
             };
             l.pending = std::mem::take(&mut l.pending)
@@ -558,7 +567,12 @@ impl PagedKv {
     /// The mask of `layer` for a forward's `n` new rows: `mask` is over the sequence's
     /// positions (`[n][len + n]`, `len` before the forward); after evictions the layer's slots
     /// are a subset of them, and each slot takes its position's column.
-    pub fn layer_mask<'m>(&self, layer: usize, mask: &'m [bool], n: usize) -> std::borrow::Cow<'m, [bool]> {
+    pub fn layer_mask<'m>(
+        &self,
+        layer: usize,
+        mask: &'m [bool],
+        n: usize,
+    ) -> std::borrow::Cow<'m, [bool]> {
         let l = &self.layers[layer];
         if l.evicted == 0 {
             return std::borrow::Cow::Borrowed(mask);

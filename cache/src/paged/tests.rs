@@ -166,8 +166,11 @@ fn quantized_pages_follow_the_position_rule_shrink_storage_and_roll_back_exactly
         let vals: Vec<Vec<f32>> = (0..20).map(|j| read(&c, true, j, 20)).collect();
         for j in 0..20 {
             let exact = read(&plain, false, j, 20);
-            if j < 4 || j >= 16 {
-                assert_eq!(before[j], exact, "{axis:?}: sinks' page and window exact ({j})");
+            if !(4..16).contains(&j) {
+                assert_eq!(
+                    before[j], exact,
+                    "{axis:?}: sinks' page and window exact ({j})"
+                );
                 assert_eq!(vals[j], read(&plain, true, j, 20));
             } else {
                 assert_ne!(before[j], exact, "{axis:?}: token {j} is quantized");
@@ -198,8 +201,8 @@ fn quantized_pages_follow_the_position_rule_shrink_storage_and_roll_back_exactly
             crate::compression::KeyQuant::Token(q) => 4 * 2 * q.packed_bytes(),
         };
         let value_codes = 4 * 2 * comp.values[0].packed_bytes();
-        let per_layer = 2 * f32_page + 3 * (key_codes + value_codes) + 2 * f32_page
-            + (key_codes + value_codes);
+        let per_layer =
+            2 * f32_page + 3 * (key_codes + value_codes) + 2 * f32_page + (key_codes + value_codes);
         assert_eq!(c.bytes(), 2 * per_layer, "{axis:?}");
         assert!(c.bytes() < plain.bytes());
         // A rejected tree leaves the compressed store byte-identical; an accepted row leaves
@@ -225,7 +228,9 @@ fn quest_reads_sinks_recent_and_best_pages_within_budget() {
     };
     let mut rng = StdRng::seed_from_u64(8);
     let n = 64;
-    let k: Vec<f32> = (0..2 * n * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let k: Vec<f32> = (0..2 * n * 8)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
     let v = k.clone();
     let quest = |budget| {
         Arc::new(KvPolicy {
@@ -270,7 +275,10 @@ fn quest_reads_sinks_recent_and_best_pages_within_budget() {
     };
     let chosen: Vec<usize> = (1..14).filter(|p| keys.contains(&(p * 4))).collect();
     assert_eq!(chosen.len(), 3);
-    let worst_chosen = chosen.iter().map(|&p| bound(p)).fold(f32::INFINITY, f32::min);
+    let worst_chosen = chosen
+        .iter()
+        .map(|&p| bound(p))
+        .fold(f32::INFINITY, f32::min);
     for p in (1..14).filter(|p| !chosen.contains(p)) {
         assert!(bound(p) <= worst_chosen, "page {p} beats a chosen one");
     }
@@ -290,7 +298,13 @@ fn h2o_policy(budget: usize, recent: usize) -> Arc<KvPolicy> {
 /// Votes favouring every third token, from `n_q` rows over `len` slots.
 fn votes(n_q: usize, len: usize, seed: usize) -> Vec<f32> {
     (0..n_q * len)
-        .map(|i| if (i % len + seed) % 3 == 0 { 1.0 } else { 0.01 })
+        .map(|i| {
+            if (i % len + seed).is_multiple_of(3) {
+                1.0
+            } else {
+                0.01
+            }
+        })
         .collect()
 }
 
@@ -315,9 +329,16 @@ fn h2o_evicts_to_budget_keeping_sinks_and_recent() {
         assert!(c.layer_len(0) <= 16 + 4 + 1);
         pages_seen = pages_seen.max(c.pages());
         let l = &c.layers[0];
-        assert_eq!(l.logical[..2.min(t + 1)], [0, 1][..2.min(t + 1)], "sinks kept");
+        assert_eq!(
+            l.logical[..2.min(t + 1)],
+            [0, 1][..2.min(t + 1)],
+            "sinks kept"
+        );
         let recent: Vec<usize> = (t + 1 - 6.min(t + 1)..=t).collect();
-        assert!(recent.iter().all(|p| l.logical.contains(p)), "recent kept at {t}");
+        assert!(
+            recent.iter().all(|p| l.logical.contains(p)),
+            "recent kept at {t}"
+        );
         assert!(l.logical.windows(2).all(|w| w[0] < w[1]));
     }
     assert!(c.evicted(0) > 70);

@@ -68,7 +68,14 @@ impl<'a> LayerView<'a> {
 
 impl KvSource for LayerView<'_> {
     #[inline]
-    fn key<'b>(&'b self, _: usize, g: usize, j: usize, pos: usize, buf: &'b mut [f32]) -> &'b [f32] {
+    fn key<'b>(
+        &'b self,
+        _: usize,
+        g: usize,
+        j: usize,
+        pos: usize,
+        buf: &'b mut [f32],
+    ) -> &'b [f32] {
         self.read(false, g, j, pos, buf)
     }
 

@@ -403,10 +403,28 @@ fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
         sinks: 2,
     };
     let policies = [
-        ("2-bit, per-channel keys", KvPolicy::quantized(quant(KeyAxis::Channel))),
-        ("2-bit, per-token keys", KvPolicy::quantized(quant(KeyAxis::Token))),
-        ("Quest", KvPolicy { quest: Some(quest(20)), ..KvPolicy::default() }),
-        ("H2O", KvPolicy { h2o: Some(h2o(16)), ..KvPolicy::default() }),
+        (
+            "2-bit, per-channel keys",
+            KvPolicy::quantized(quant(KeyAxis::Channel)),
+        ),
+        (
+            "2-bit, per-token keys",
+            KvPolicy::quantized(quant(KeyAxis::Token)),
+        ),
+        (
+            "Quest",
+            KvPolicy {
+                quest: Some(quest(20)),
+                ..KvPolicy::default()
+            },
+        ),
+        (
+            "H2O",
+            KvPolicy {
+                h2o: Some(h2o(16)),
+                ..KvPolicy::default()
+            },
+        ),
         (
             "all three",
             KvPolicy {
@@ -431,7 +449,10 @@ fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
             alone,
             "{name}: batched + speculating"
         );
-        assert_ne!(alone, dense, "{name} must change some output (else it is not on)");
+        assert_ne!(
+            alone, dense,
+            "{name} must change some output (else it is not on)"
+        );
     }
     let exact = Arc::new(KvPolicy {
         compression: None,

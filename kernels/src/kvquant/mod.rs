@@ -122,18 +122,14 @@ impl RowQuantizer {
         self.channels / self.group * self.group_bytes()
     }
 
-    /// The scale and minimum a group gets (both f16-rounded, as stored).
+    /// The scale and minimum a group gets (both f16, as stored; see [`grid`]).
     fn params(&self, values: impl Iterator<Item = f32> + Clone, clip: f32) -> (f16, f16) {
         let (lo, hi) = values.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), x| {
             (a.min(x), b.max(x))
         });
         let mid = 0.5 * (lo + hi);
         let half = 0.5 * (hi - lo) * clip;
-        let levels = ((1u32 << self.bits) - 1) as f32;
-        (
-            f16::from_f32(2.0 * half / levels),
-            f16::from_f32(mid - half),
-        )
+        grid(mid - half, mid + half, self.bits)
     }
 
     /// Packs `row` (`channels` values) into `out` (`packed_bytes()` bytes).
@@ -189,6 +185,44 @@ impl RowQuantizer {
                 out[c] = f32::from(q) * s + m;
             }
         }
+    }
+}
+
+/// The f16 scale and minimum of a quantization grid covering `[lo, hi]` with `bits`-bit codes:
+/// the minimum rounded down and the scale rounded up, so the stored grid still spans the whole
+/// range. (Rounding both to nearest can leave the extremes up to half an f16 step of the
+/// minimum outside it — for a key channel sitting at 60 ± 0.3, that is 0.016, several 8-bit
+/// steps, on every page.)
+pub(crate) fn grid(lo: f32, hi: f32, bits: u32) -> (f16, f16) {
+    let levels = ((1u32 << bits) - 1) as f32;
+    let min = f16_down(lo);
+    let scale = f16_up((hi - min.to_f32()).max(0.0) / levels);
+    (scale, min)
+}
+
+/// The largest f16 not above `x` (finite `x` within f16's range).
+fn f16_down(x: f32) -> f16 {
+    let h = f16::from_f32(x);
+    if h.to_f32() <= x {
+        return h;
+    }
+    let b = h.to_bits();
+    // One f16 step towards −∞: magnitude down for positives, up for negatives (and −0 → the
+    // smallest negative subnormal).
+    f16::from_bits(match b {
+        0 => 0x8001,
+        b if b & 0x8000 == 0 => b - 1,
+        b => b + 1,
+    })
+}
+
+/// The smallest f16 not below `x` (finite, non-negative `x` within f16's range).
+fn f16_up(x: f32) -> f16 {
+    let h = f16::from_f32(x);
+    if h.to_f32() >= x {
+        h
+    } else {
+        f16::from_bits(h.to_bits() + 1)
     }
 }
 
@@ -313,6 +347,25 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The stored grid covers the range it was made for, whatever f16 rounding does.
+    #[test]
+    fn grid_covers_its_range() {
+        let mut rng = StdRng::seed_from_u64(13);
+        for _ in 0..10_000 {
+            let offset = rng.random_range(-300.0f32..300.0);
+            let width = rng.random_range(0.0f32..2.0);
+            let (lo, hi) = (offset, offset + width);
+            for bits in [2, 4, 8] {
+                let (s, m) = grid(lo, hi, bits);
+                let top = m.to_f32() + s.to_f32() * ((1u32 << bits) - 1) as f32;
+                assert!(
+                    m.to_f32() <= lo && top >= hi,
+                    "{lo}..{hi} at {bits}: {m}, {top}"
+                );
             }
         }
     }
