@@ -401,3 +401,99 @@ fn h2o_counts_only_committed_votes() {
     assert_eq!(a.layers[1].votes, b.layers[1].votes);
     assert_eq!(a.layers[0].logical, b.layers[0].logical);
 }
+
+/// With quantization, Quest and H2O all on, a rejected tree leaves the storage byte-identical
+/// (pages, codes, Quest bounds, positions; the votes of rows committed before it are folded
+/// in, as by any forward), and accepting part of a tree leaves exactly the state of decoding
+/// the accepted tokens one by one — votes and evictions included.
+#[test]
+fn rollback_is_byte_identical_under_every_policy() {
+    let policy = Arc::new(KvPolicy {
+        compression: Some(quant(4, 2, 4, KeyAxis::Channel)),
+        quest: Some(QuestConfig {
+            budget: 14,
+            recent: 4,
+            sinks: 2,
+            dense_layers: 0,
+        }),
+        h2o: Some(H2oConfig {
+            budget: 12,
+            recent: 4,
+            sinks: 2,
+        }),
+    });
+    let step = |c: &mut PagedKv, first: usize, n: usize| {
+        let (k, v) = wide_rows(first, n);
+        for layer in 0..WIDE.n_layers {
+            c.append_head_major(layer, &k, &v, n);
+            let len = c.layer_len(layer);
+            c.record_votes(layer, &votes(n, len, first), n);
+        }
+    };
+    let mut c = PagedKv::with_policy(WIDE, policy);
+    // 31 tokens one by one (evictions at 16, 20, 24, 28); the cache at 31 sits right before
+    // an eviction point, and its last row's votes are pending.
+    for t in 0..31 {
+        step(&mut c, t, 1);
+    }
+    assert!(c.evicted(0) > 0 && c.layer_len(0) <= 12 + 4);
+    let before = c.clone();
+    step(&mut c, 90, 3);
+    c.truncate(31);
+    for layer in 0..WIDE.n_layers {
+        assert_eq!(c.layers[layer].len, before.layers[layer].len);
+        let (a, b) = (&c.layers[layer], &before.layers[layer]);
+        assert_eq!((&a.k, &a.v, &a.kq, &a.vq), (&b.k, &b.v, &b.kq, &b.vq));
+        assert_eq!((&a.bounds, &a.logical), (&b.bounds, &b.logical));
+    }
+    // One more plain step (to 32, an eviction point on the next forward); then a chain of
+    // three rows at 32 (depth 2, within the policy's cap of 3) of which two are accepted,
+    // against two plain steps. Row `r` votes the same in both: the cached slots, then its
+    // ancestors and itself.
+    let row_votes = |len: usize, r: usize, width: usize| -> Vec<f32> {
+        (0..width)
+            .map(|j| {
+                if j < len {
+                    1.0 / (1 + (j * 7 + r) % 5) as f32
+                } else if j <= len + r {
+                    0.5
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    };
+    let mut c = before.clone();
+    step(&mut c, 31, 1);
+    let mut plain = c.clone();
+    assert_eq!(policy_depth(&c), Some(3));
+    let (k, v) = wide_rows(90, 3);
+    for layer in 0..WIDE.n_layers {
+        c.append_head_major(layer, &k, &v, 3);
+        let len = c.layer_len(layer) - 3;
+        let vs: Vec<f32> = (0..3).flat_map(|r| row_votes(len, r, len + 3)).collect();
+        c.record_votes(layer, &vs, 3);
+    }
+    c.retain(32, &[32, 33]);
+    for r in 0..2 {
+        let (k, v) = wide_rows(90 + r, 1);
+        for layer in 0..WIDE.n_layers {
+            plain.append_head_major(layer, &k, &v, 1);
+            let width = plain.layer_len(layer);
+            plain.record_votes(layer, &row_votes(width - 1 - r, r, width), 1);
+        }
+    }
+    for x in [&mut c, &mut plain] {
+        for layer in 0..WIDE.n_layers {
+            x.fold_and_evict(layer);
+        }
+    }
+    assert_eq!(c.len(), 34);
+    assert_eq!(c, plain);
+}
+
+fn policy_depth(c: &PagedKv) -> Option<usize> {
+    c.policy()
+        .unwrap()
+        .max_tree_depth(c.len(), c.layout().page_size)
+}
