@@ -1,6 +1,7 @@
 //! Block-quantized matmul: time against the number of rows (1 = plain decode, 2–64 = tree
 //! verification) for each GGUF format, at a Qwen2.5-1.5B MLP shape (1536 → 8960), beside the
-//! f32 panels of `matmul` for scale. `cargo bench -p arbor-kernels --bench qmatmul`.
+//! f32 panels of `matmul` for scale; where the CPU has AVX-512 VNNI, also the AVX2 build of
+//! the same kernels. `cargo bench -p arbor-kernels --bench qmatmul`.
 
 use arbor_kernels::matmul::PackedF32;
 use arbor_kernels::qmatmul::{Isa, QuantMatrix};
@@ -47,6 +48,18 @@ fn rows_curve(c: &mut Criterion) {
         for (ty, mat) in types.iter().zip(&mats) {
             group.bench_with_input(BenchmarkId::new(format!("{ty:?}"), m), &m, |b, &m| {
                 b.iter(|| mat.matmul(&x, m, &mut y).expect("sizes match"));
+            });
+        }
+        // The same kernels without VNNI (what `Isa::best` picks on CPUs without it).
+        for (ty, mat) in types.iter().zip(&mats) {
+            if !Isa::Avx2.available() || Isa::best() == Isa::Avx2 {
+                break;
+            }
+            group.bench_with_input(BenchmarkId::new(format!("{ty:?}-avx2"), m), &m, |b, &m| {
+                b.iter(|| {
+                    mat.matmul_with(Isa::Avx2, &x, m, &mut y)
+                        .expect("sizes match")
+                });
             });
         }
         if m <= 8 {

@@ -3,6 +3,11 @@
 //! byte, pairs summed to i16) and `vpmaddwd` (pairs to i32, by ones or by the sub-block's
 //! integer scale). Unsigned storage offsets (Q4_0's 8, Q5_0's 16, Q6_K's 32) and the k-quants'
 //! minimums are applied through the activations' per-16 sums, once per block.
+//!
+//! Each kernel is compiled twice: for AVX2, and with AVX-512 VNNI (256-bit lanes, AVX512VL),
+//! where `vpdpbusd` does a byte dot product and its 4-way sum in one instruction and
+//! `vpdpwssd` multiplies by the sub-block scale and accumulates in one. Integer sums are exact
+//! either way, so both builds give the same bits.
 
 use std::arch::x86_64::*;
 
@@ -23,30 +28,82 @@ pub(super) fn available() -> bool {
         && std::is_x86_feature_detected!("f16c")
 }
 
+/// Whether this CPU runs the AVX-512 VNNI build.
+pub(super) fn vnni_available() -> bool {
+    available()
+        && std::is_x86_feature_detected!("avx512vnni")
+        && std::is_x86_feature_detected!("avx512vl")
+}
+
 /// `R` dot products of weight row `w` (blocks of `ty`) with rows `x`.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C ([`available`]); `w` holds whole blocks covering
 /// the rows' length.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_rows<const R: usize>(
     ty: GgmlType,
     w: &[u8],
     x: &[ActRow<'_>; R],
 ) -> [f32; R] {
     // SAFETY: forwarded from the caller.
+    unsafe { dispatch::<R, false>(ty, w, x) }
+}
+
+/// [`dot_rows`] with AVX-512 VNNI.
+///
+/// # Safety
+/// As [`dot_rows`], and the CPU must support AVX512-VNNI and AVX512VL ([`vnni_available`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(super) unsafe fn dot_rows_vnni<const R: usize>(
+    ty: GgmlType,
+    w: &[u8],
+    x: &[ActRow<'_>; R],
+) -> [f32; R] {
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch::<R, true>(ty, w, x) }
+}
+
+/// The kernel for `ty`, inlined into the build that calls it.
+///
+/// # Safety
+/// As [`dot_rows`] (and [`dot_rows_vnni`] when `V`).
+#[inline(always)]
+unsafe fn dispatch<const R: usize, const V: bool>(
+    ty: GgmlType,
+    w: &[u8],
+    x: &[ActRow<'_>; R],
+) -> [f32; R] {
+    // SAFETY: forwarded from the callers.
     unsafe {
         match ty {
-            GgmlType::Q4_0 => rows32::<Q4_0, R>(w, x),
-            GgmlType::Q4_1 => rows32::<Q4_1, R>(w, x),
-            GgmlType::Q5_0 => rows32::<Q5_0, R>(w, x),
-            GgmlType::Q5_1 => rows32::<Q5_1, R>(w, x),
-            GgmlType::Q8_0 => rows32::<Q8_0, R>(w, x),
-            GgmlType::Q4_K => rows_k45::<false, R>(w, x),
-            GgmlType::Q5_K => rows_k45::<true, R>(w, x),
-            GgmlType::Q6_K => rows_q6k::<R>(w, x),
+            GgmlType::Q4_0 => rows32::<Q4_0, R, V>(w, x),
+            GgmlType::Q4_1 => rows32::<Q4_1, R, V>(w, x),
+            GgmlType::Q5_0 => rows32::<Q5_0, R, V>(w, x),
+            GgmlType::Q5_1 => rows32::<Q5_1, R, V>(w, x),
+            GgmlType::Q8_0 => rows32::<Q8_0, R, V>(w, x),
+            GgmlType::Q4_K => rows_k45::<false, R, V>(w, x),
+            GgmlType::Q5_K => rows_k45::<true, R, V>(w, x),
+            GgmlType::Q6_K => rows_q6k::<R, V>(w, x),
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
                 unreachable!("QuantMatrix::new admits block formats only")
             }
+        }
+    }
+}
+
+/// `acc + Σ pairs of a·b` (i16 × i16 → i32): `vpdpwssd` with VNNI, else `vpmaddwd` + add.
+///
+/// # Safety
+/// The caller's build enables AVX2, and AVX512-VNNI/VL when `V`.
+#[inline(always)]
+unsafe fn madd_acc<const V: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if V {
+            _mm256_dpwssd_epi32(acc, a, b)
+        } else {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
         }
     }
 }
@@ -114,61 +171,79 @@ fn high_bits(bytes: __m256i, shift: i32, mask: i8) -> __m256i {
 }
 
 /// Σ over 32 byte pairs of `u·s` as 8 i32 lanes (lane `l` holds values `4l..4l+4`).
-#[target_feature(enable = "avx2")]
-#[inline]
-fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+///
+/// # Safety
+/// The caller's build enables AVX2, and AVX512-VNNI/VL when `V`.
+#[inline(always)]
+unsafe fn dot_u8_i8<const V: bool>(u: __m256i, s: __m256i) -> __m256i {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if V {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
+    }
 }
 
 /// The 32-weight formats: per block `d·Σ q·x` (+ a per-block minimum or offset term).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows32<const F: u8, const R: usize>(w: &[u8], x: &[ActRow<'_>; R]) -> [f32; R] {
-    let bb = match F {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        Q5_0 => 22,
-        Q5_1 => 24,
-        _ => 34,
-    };
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut acc_min = [0.0f32; R];
-    for (bi, b) in w.chunks_exact(bb).enumerate() {
-        let p = b.as_ptr();
-        // SAFETY: `b` is one whole block of format F; `x` rows cover 32 values per block.
-        unsafe {
-            let d = f16_at(p);
-            // Unsigned weight bytes and the term added per block: coef · (d_x·Σq_x).
-            let (wq, coef) = match F {
-                Q4_0 => (nibbles16(p.add(2)), -8.0 * d),
-                Q4_1 => (nibbles16(p.add(4)), f16_at(p.add(2))),
-                Q5_0 => (
-                    _mm256_or_si256(nibbles16(p.add(6)), fifth_bits(p.add(2))),
-                    -16.0 * d,
-                ),
-                Q5_1 => (
-                    _mm256_or_si256(nibbles16(p.add(8)), fifth_bits(p.add(4))),
-                    f16_at(p.add(2)),
-                ),
-                _ => (load(p.add(2)), 0.0),
-            };
-            for r in 0..R {
-                let xr = &x[r];
-                let xq = load(xr.q.as_ptr().add(bi * 32).cast());
-                let dots = if F == Q8_0 {
-                    // Signed × signed: |w| × (x with w's sign).
-                    dot_u8_i8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq))
-                } else {
-                    dot_u8_i8(wq, xq)
+/// # Safety
+/// The caller's build enables AVX2/FMA/F16C (and AVX512-VNNI/VL when `V`); `w` holds whole
+/// blocks and `x`'s rows cover them.
+#[inline(always)]
+unsafe fn rows32<const F: u8, const R: usize, const V: bool>(
+    w: &[u8],
+    x: &[ActRow<'_>; R],
+) -> [f32; R] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let bb = match F {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            Q5_0 => 22,
+            Q5_1 => 24,
+            _ => 34,
+        };
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_min = [0.0f32; R];
+        for (bi, b) in w.chunks_exact(bb).enumerate() {
+            let p = b.as_ptr();
+            // `b` is one whole block of format F; `x` rows cover 32 values per block.
+            {
+                let d = f16_at(p);
+                // Unsigned weight bytes and the term added per block: coef · (d_x·Σq_x).
+                let (wq, coef) = match F {
+                    Q4_0 => (nibbles16(p.add(2)), -8.0 * d),
+                    Q4_1 => (nibbles16(p.add(4)), f16_at(p.add(2))),
+                    Q5_0 => (
+                        _mm256_or_si256(nibbles16(p.add(6)), fifth_bits(p.add(2))),
+                        -16.0 * d,
+                    ),
+                    Q5_1 => (
+                        _mm256_or_si256(nibbles16(p.add(8)), fifth_bits(p.add(4))),
+                        f16_at(p.add(2)),
+                    ),
+                    _ => (load(p.add(2)), 0.0),
                 };
-                let dd = _mm256_set1_ps(d * *xr.d.get_unchecked(bi));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), dd, acc[r]);
-                if F != Q8_0 {
-                    acc_min[r] += coef * *xr.xsum.get_unchecked(bi);
+                for r in 0..R {
+                    let xr = &x[r];
+                    let xq = load(xr.q.as_ptr().add(bi * 32).cast());
+                    let dots = if F == Q8_0 {
+                        // Signed × signed: |w| × (x with w's sign).
+                        dot_u8_i8::<V>(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq))
+                    } else {
+                        dot_u8_i8::<V>(wq, xq)
+                    };
+                    let dd = _mm256_set1_ps(d * *xr.d.get_unchecked(bi));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), dd, acc[r]);
+                    if F != Q8_0 {
+                        acc_min[r] += coef * *xr.xsum.get_unchecked(bi);
+                    }
                 }
             }
         }
+        std::array::from_fn(|r| hsum(acc[r]) + acc_min[r])
     }
-    std::array::from_fn(|r| hsum(acc[r]) + acc_min[r])
 }
 
 /// The 8 six-bit scales and 8 minimums of a Q4_K/Q5_K super-block's 12 scale bytes.
@@ -191,119 +266,134 @@ fn k4_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
 }
 
 /// Q4_K (and Q5_K with `FIFTH`): 8 sub-blocks of 32 with 6-bit scales and minimums.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_k45<const FIFTH: bool, const R: usize>(w: &[u8], x: &[ActRow<'_>; R]) -> [f32; R] {
-    let bb = if FIFTH { 176 } else { 144 };
-    let qs_at = if FIFTH { 48 } else { 16 };
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut acc_min = [_mm256_setzero_ps(); R];
-    let low = _mm256_set1_epi8(0xF);
-    for (bi, b) in w.chunks_exact(bb).enumerate() {
-        let p = b.as_ptr();
-        let (sc, mn) = k4_scales(&b[4..16]);
-        // SAFETY: `b` is one whole super-block; `x` rows cover 256 values per super-block.
-        unsafe {
-            let d = f16_at(p);
-            let dmin = f16_at(p.add(2));
-            // Each minimum twice, against the activations' per-16 sums.
-            let m8 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr().cast()));
-            let mins = _mm256_set_m128i(_mm_unpackhi_epi16(m8, m8), _mm_unpacklo_epi16(m8, m8));
-            let qh = if FIFTH {
-                load(p.add(16))
-            } else {
-                _mm256_setzero_si256()
-            };
-            let mut isum = [_mm256_setzero_si256(); R];
-            for chunk in 0..4 {
-                let q = load(p.add(qs_at + 32 * chunk));
-                let mut lo = _mm256_and_si256(q, low);
-                let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
-                if FIFTH {
-                    lo = _mm256_or_si256(lo, high_bits(qh, 2 * chunk as i32, 1));
-                    hi = _mm256_or_si256(hi, high_bits(qh, 2 * chunk as i32 + 1, 1));
+/// # Safety
+/// As [`rows32`].
+#[inline(always)]
+unsafe fn rows_k45<const FIFTH: bool, const R: usize, const V: bool>(
+    w: &[u8],
+    x: &[ActRow<'_>; R],
+) -> [f32; R] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let bb = if FIFTH { 176 } else { 144 };
+        let qs_at = if FIFTH { 48 } else { 16 };
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_min = [_mm256_setzero_ps(); R];
+        let low = _mm256_set1_epi8(0xF);
+        for (bi, b) in w.chunks_exact(bb).enumerate() {
+            let p = b.as_ptr();
+            let (sc, mn) = k4_scales(&b[4..16]);
+            // `b` is one whole super-block; `x` rows cover 256 values per super-block.
+            {
+                let d = f16_at(p);
+                let dmin = f16_at(p.add(2));
+                // Each minimum twice, against the activations' per-16 sums.
+                let m8 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr().cast()));
+                let mins = _mm256_set_m128i(_mm_unpackhi_epi16(m8, m8), _mm_unpacklo_epi16(m8, m8));
+                let qh = if FIFTH {
+                    load(p.add(16))
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let mut isum = [_mm256_setzero_si256(); R];
+                for chunk in 0..4 {
+                    let q = load(p.add(qs_at + 32 * chunk));
+                    let mut lo = _mm256_and_si256(q, low);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low);
+                    if FIFTH {
+                        lo = _mm256_or_si256(lo, high_bits(qh, 2 * chunk as i32, 1));
+                        hi = _mm256_or_si256(hi, high_bits(qh, 2 * chunk as i32 + 1, 1));
+                    }
+                    let s_lo = _mm256_set1_epi16(i16::from(sc[2 * chunk]));
+                    let s_hi = _mm256_set1_epi16(i16::from(sc[2 * chunk + 1]));
+                    for r in 0..R {
+                        let xp = x[r].q.as_ptr().add(bi * 256 + 64 * chunk).cast::<u8>();
+                        let a = _mm256_maddubs_epi16(lo, load(xp));
+                        let c = _mm256_maddubs_epi16(hi, load(xp.add(32)));
+                        isum[r] = madd_acc::<V>(madd_acc::<V>(isum[r], a, s_lo), c, s_hi);
+                    }
                 }
-                let s_lo = _mm256_set1_epi16(i16::from(sc[2 * chunk]));
-                let s_hi = _mm256_set1_epi16(i16::from(sc[2 * chunk + 1]));
                 for r in 0..R {
-                    let xp = x[r].q.as_ptr().add(bi * 256 + 64 * chunk).cast::<u8>();
-                    let a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(xp)), s_lo);
-                    let c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(xp.add(32))), s_hi);
-                    isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(a, c));
+                    let xr = &x[r];
+                    let dx = *xr.d.get_unchecked(bi);
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum[r]),
+                        _mm256_set1_ps(d * dx),
+                        acc[r],
+                    );
+                    let s16 = _mm256_loadu_si256(xr.sum16.as_ptr().add(bi * 16).cast());
+                    acc_min[r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, s16)),
+                        _mm256_set1_ps(dmin * dx),
+                        acc_min[r],
+                    );
                 }
-            }
-            for r in 0..R {
-                let xr = &x[r];
-                let dx = *xr.d.get_unchecked(bi);
-                acc[r] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * dx), acc[r]);
-                let s16 = _mm256_loadu_si256(xr.sum16.as_ptr().add(bi * 16).cast());
-                acc_min[r] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, s16)),
-                    _mm256_set1_ps(dmin * dx),
-                    acc_min[r],
-                );
             }
         }
+        std::array::from_fn(|r| hsum(acc[r]) - hsum(acc_min[r]))
     }
-    std::array::from_fn(|r| hsum(acc[r]) - hsum(acc_min[r]))
 }
 
 /// Q6_K: 16 sub-blocks of 16 with signed 8-bit scales, 6-bit weights stored with offset 32.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_q6k<const R: usize>(w: &[u8], x: &[ActRow<'_>; R]) -> [f32; R] {
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut acc_off = [_mm256_setzero_ps(); R];
-    let low = _mm256_set1_epi8(0xF);
-    for (bi, b) in w.chunks_exact(210).enumerate() {
-        let p = b.as_ptr();
-        // SAFETY: `b` is one whole super-block; `x` rows cover 256 values per super-block.
-        unsafe {
-            let d = f16_at(p.add(208));
-            let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192).cast()));
-            let mut isum = [_mm256_setzero_si256(); R];
-            for hb in 0..2 {
-                let ql0 = load(p.add(64 * hb));
-                let ql1 = load(p.add(64 * hb + 32));
-                let qh = load(p.add(128 + 32 * hb));
-                let quarters = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, low), high_bits(qh, 0, 3)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, low), high_bits(qh, 2, 3)),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low),
-                        high_bits(qh, 4, 3),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low),
-                        high_bits(qh, 6, 3),
-                    ),
-                ];
-                for (quarter, q) in quarters.into_iter().enumerate() {
-                    let sub = 4 * hb + quarter;
-                    let s = _mm256_set_m128i(
-                        _mm_set1_epi16(i16::from(b[192 + 2 * sub + 1] as i8)),
-                        _mm_set1_epi16(i16::from(b[192 + 2 * sub] as i8)),
-                    );
-                    for r in 0..R {
-                        let xp = x[r].q.as_ptr().add(bi * 256 + 32 * sub).cast::<u8>();
-                        let v = _mm256_madd_epi16(_mm256_maddubs_epi16(q, load(xp)), s);
-                        isum[r] = _mm256_add_epi32(isum[r], v);
+/// # Safety
+/// As [`rows32`].
+#[inline(always)]
+unsafe fn rows_q6k<const R: usize, const V: bool>(w: &[u8], x: &[ActRow<'_>; R]) -> [f32; R] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_off = [_mm256_setzero_ps(); R];
+        let low = _mm256_set1_epi8(0xF);
+        for (bi, b) in w.chunks_exact(210).enumerate() {
+            let p = b.as_ptr();
+            // `b` is one whole super-block; `x` rows cover 256 values per super-block.
+            {
+                let d = f16_at(p.add(208));
+                let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192).cast()));
+                let mut isum = [_mm256_setzero_si256(); R];
+                for hb in 0..2 {
+                    let ql0 = load(p.add(64 * hb));
+                    let ql1 = load(p.add(64 * hb + 32));
+                    let qh = load(p.add(128 + 32 * hb));
+                    let quarters = [
+                        _mm256_or_si256(_mm256_and_si256(ql0, low), high_bits(qh, 0, 3)),
+                        _mm256_or_si256(_mm256_and_si256(ql1, low), high_bits(qh, 2, 3)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low),
+                            high_bits(qh, 4, 3),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low),
+                            high_bits(qh, 6, 3),
+                        ),
+                    ];
+                    for (quarter, q) in quarters.into_iter().enumerate() {
+                        let sub = 4 * hb + quarter;
+                        let s = _mm256_set_m128i(
+                            _mm_set1_epi16(i16::from(b[192 + 2 * sub + 1] as i8)),
+                            _mm_set1_epi16(i16::from(b[192 + 2 * sub] as i8)),
+                        );
+                        for r in 0..R {
+                            let xp = x[r].q.as_ptr().add(bi * 256 + 32 * sub).cast::<u8>();
+                            isum[r] = madd_acc::<V>(isum[r], _mm256_maddubs_epi16(q, load(xp)), s);
+                        }
                     }
                 }
-            }
-            for r in 0..R {
-                let xr = &x[r];
-                let dx = *xr.d.get_unchecked(bi);
-                let dd = _mm256_set1_ps(d * dx);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), dd, acc[r]);
-                // The offset 32 of every weight, through the per-16 sums.
-                let s16 = _mm256_loadu_si256(xr.sum16.as_ptr().add(bi * 16).cast());
-                acc_off[r] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_madd_epi16(sc, s16)),
-                    dd,
-                    acc_off[r],
-                );
+                for r in 0..R {
+                    let xr = &x[r];
+                    let dx = *xr.d.get_unchecked(bi);
+                    let dd = _mm256_set1_ps(d * dx);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), dd, acc[r]);
+                    // The offset 32 of every weight, through the per-16 sums.
+                    let s16 = _mm256_loadu_si256(xr.sum16.as_ptr().add(bi * 16).cast());
+                    acc_off[r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(_mm256_madd_epi16(sc, s16)),
+                        dd,
+                        acc_off[r],
+                    );
+                }
             }
         }
+        std::array::from_fn(|r| hsum(acc[r]) - 32.0 * hsum(acc_off[r]))
     }
-    std::array::from_fn(|r| hsum(acc[r]) - 32.0 * hsum(acc_off[r]))
 }

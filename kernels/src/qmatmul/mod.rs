@@ -50,11 +50,17 @@ pub enum Isa {
     Portable,
     /// AVX2 + FMA + F16C.
     Avx2,
+    /// The AVX2 kernels built with AVX-512 VNNI (`vpdpbusd`, `vpdpwssd`; 256-bit lanes).
+    Avx512Vnni,
 }
 
 impl Isa {
     /// The fastest kernel this CPU runs.
     pub fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::vnni_available() {
+            return Self::Avx512Vnni;
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2::available() {
             return Self::Avx2;
@@ -68,8 +74,10 @@ impl Isa {
             Self::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => avx2::available(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => avx2::vnni_available(),
             #[cfg(not(target_arch = "x86_64"))]
-            Self::Avx2 => false,
+            Self::Avx2 | Self::Avx512Vnni => false,
         }
     }
 }
@@ -234,17 +242,27 @@ impl QuantMatrix {
     /// Dot products of weight row `w` with activation rows `x` (1 to 4) into `dst`.
     fn dot_group(&self, isa: Isa, w: &[u8], x: &[ActRow<'_>], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 {
-            // SAFETY: `matmul_with` checked that this CPU runs AVX2/FMA/F16C; `w` is one
-            // whole stored row and the activation rows are `k` long.
+        if isa != Isa::Portable {
+            let ty = self.ty;
+            // SAFETY: `matmul_with` checked that this CPU runs `isa` (AVX2/FMA/F16C, plus
+            // AVX512-VNNI/VL for `Avx512Vnni`); `w` is one whole stored row and the
+            // activation rows are `k` long.
             unsafe {
+                let vnni = isa == Isa::Avx512Vnni;
+                macro_rules! rows {
+                    ($($r:ident),+) => {
+                        if vnni {
+                            avx2::dot_rows_vnni(ty, w, &[$($r),+])
+                        } else {
+                            avx2::dot_rows(ty, w, &[$($r),+])
+                        }
+                    };
+                }
                 match *x {
-                    [a] => dst.copy_from_slice(&avx2::dot_rows(self.ty, w, &[a])),
-                    [a, b] => dst.copy_from_slice(&avx2::dot_rows(self.ty, w, &[a, b])),
-                    [a, b, c] => dst.copy_from_slice(&avx2::dot_rows(self.ty, w, &[a, b, c])),
-                    [a, b, c, d] => {
-                        dst.copy_from_slice(&avx2::dot_rows(self.ty, w, &[a, b, c, d]));
-                    }
+                    [a] => dst.copy_from_slice(&rows!(a)),
+                    [a, b] => dst.copy_from_slice(&rows!(a, b)),
+                    [a, b, c] => dst.copy_from_slice(&rows!(a, b, c)),
+                    [a, b, c, d] => dst.copy_from_slice(&rows!(a, b, c, d)),
                     _ => unreachable!("groups hold 1 to 4 rows"),
                 }
             }

@@ -64,7 +64,7 @@ fn check(y: &[f32], want: &[f32], n: usize, tol: impl Fn(usize, usize) -> f32, w
 #[test]
 fn every_format_and_kernel_agrees_with_the_reference() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let isas: Vec<Isa> = [Isa::Portable, Isa::Avx2]
+    let isas: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni]
         .into_iter()
         .filter(|i| i.available())
         .collect();
@@ -93,9 +93,18 @@ fn every_format_and_kernel_agrees_with_the_reference() {
                         .map(|e| wf[c * k + e].abs() * 0.5 * x_step(&acts, r, e))
                         .sum()
                 };
+                let mut avx2 = None;
                 for &isa in &isas {
                     let mut y = vec![f32::NAN; m * n];
                     w.matmul_with(isa, &x, m, &mut y).unwrap();
+                    // The VNNI build sums the same integers: the same bits as AVX2.
+                    match isa {
+                        Isa::Avx2 => avx2 = Some(y.clone()),
+                        Isa::Avx512Vnni => {
+                            assert_eq!(Some(&y), avx2.as_ref(), "{ty:?} VNNI vs AVX2 m={m}");
+                        }
+                        Isa::Portable => {}
+                    }
                     let what = format!("{ty:?} {isa:?} m={m} n={n} k={k}");
                     check(&y, &exact, n, |r, c| 2e-5 * mag(r, c, &xq) + 1e-5, &what);
                     check(
