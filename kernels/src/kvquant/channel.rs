@@ -128,9 +128,9 @@ impl ChannelQuantizer {
         let (scales, mins) = params.split_at(2 * c);
         let row = &codes[t * self.row_bytes()..(t + 1) * self.row_bytes()];
         #[cfg(target_arch = "x86_64")]
-        if from.is_multiple_of(8) && out.len().is_multiple_of(8) && simd::available() {
+        if from.is_multiple_of(8) && out.len().is_multiple_of(8) && super::simd::available() {
             // SAFETY: AVX2 and F16C were detected; the ranges were checked above.
-            unsafe { simd::dequantize(self.bits, scales, mins, row, from, out) };
+            unsafe { super::simd::per_channel(self.bits, scales, mins, row, from, out) };
             return;
         }
         let mask = ((1u32 << self.bits) - 1) as u8;
@@ -159,66 +159,6 @@ impl ChannelQuantizer {
             let m = f16::from_le_bytes([mins[2 * i], mins[2 * i + 1]]).to_f32();
             let q = (row[i / per_byte] >> ((i % per_byte) as u32 * self.bits)) & mask;
             *o = f32::from(q) * s + m;
-        }
-    }
-}
-
-/// Eight channels at a time: codes widened to i32 lanes, scales and minimums converted by
-/// F16C, then `q·s + m` as a multiply and an add (no FMA: the portable loop's rounding).
-#[cfg(target_arch = "x86_64")]
-mod simd {
-    use std::arch::x86_64::*;
-
-    pub(super) fn available() -> bool {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
-    }
-
-    /// # Safety
-    /// AVX2 and F16C; `from` and `out.len()` multiples of 8 within the block's channels;
-    /// `scales`/`mins` hold two bytes per channel and `row` one token's codes.
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn dequantize(
-        bits: u32,
-        scales: &[u8],
-        mins: &[u8],
-        row: &[u8],
-        from: usize,
-        out: &mut [f32],
-    ) {
-        let mask = _mm256_set1_epi32((1 << bits) - 1);
-        let shifts = match bits {
-            2 => _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
-            4 => _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
-            _ => _mm256_setzero_si256(),
-        };
-        for (k, dst) in out.chunks_exact_mut(8).enumerate() {
-            let i = from + 8 * k;
-            // SAFETY: channel `i..i + 8` is inside the block (caller), so are its two-byte
-            // parameters and its `bits` bytes of codes.
-            unsafe {
-                let s = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(2 * i).cast()));
-                let m = _mm256_cvtph_ps(_mm_loadu_si128(mins.as_ptr().add(2 * i).cast()));
-                let at = i * bits as usize / 8;
-                let q = match bits {
-                    8 => _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.as_ptr().add(at).cast())),
-                    4 => {
-                        let w = row.as_ptr().add(at).cast::<u32>().read_unaligned();
-                        _mm256_and_si256(
-                            _mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts),
-                            mask,
-                        )
-                    }
-                    _ => {
-                        let w = row.as_ptr().add(at).cast::<u16>().read_unaligned();
-                        _mm256_and_si256(
-                            _mm256_srlv_epi32(_mm256_set1_epi32(i32::from(w)), shifts),
-                            mask,
-                        )
-                    }
-                };
-                let v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), s), m);
-                _mm256_storeu_ps(dst.as_mut_ptr(), v);
-            }
         }
     }
 }

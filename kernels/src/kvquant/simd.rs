@@ -1,0 +1,83 @@
+//! AVX2 + F16C unpacking of KV codes, eight values at a time: codes widened to i32 lanes, then
+//! `q·s + m` as a multiply and an add (no FMA: the portable loops' rounding, so the same bits).
+
+use std::arch::x86_64::*;
+
+/// Whether this CPU runs these routines.
+pub(super) fn available() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
+}
+
+/// Codes `i..i + 8` of a packed row of `bits`-bit codes, as i32 lanes.
+///
+/// # Safety
+/// AVX2; `i` a multiple of 8 with `(i + 8) · bits / 8` bytes readable at `row`.
+#[inline(always)]
+unsafe fn codes8(bits: u32, row: *const u8, i: usize) -> __m256i {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let at = row.add(i * bits as usize / 8);
+        match bits {
+            8 => _mm256_cvtepu8_epi32(_mm_loadl_epi64(at.cast())),
+            4 => {
+                let w = at.cast::<u32>().read_unaligned();
+                let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+                _mm256_and_si256(
+                    _mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts),
+                    _mm256_set1_epi32(0xF),
+                )
+            }
+            _ => {
+                let w = at.cast::<u16>().read_unaligned();
+                let shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+                _mm256_and_si256(
+                    _mm256_srlv_epi32(_mm256_set1_epi32(i32::from(w)), shifts),
+                    _mm256_set1_epi32(3),
+                )
+            }
+        }
+    }
+}
+
+/// Per-channel grids: channel `from + j` of `row` → `out[j]`, with f16 scales and minimums
+/// per channel.
+///
+/// # Safety
+/// AVX2 and F16C; `from` and `out.len()` multiples of 8 within the row's channels; `scales` and
+/// `mins` hold two bytes per channel.
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn per_channel(
+    bits: u32,
+    scales: &[u8],
+    mins: &[u8],
+    row: &[u8],
+    from: usize,
+    out: &mut [f32],
+) {
+    for (k, dst) in out.chunks_exact_mut(8).enumerate() {
+        let i = from + 8 * k;
+        // SAFETY: channels `i..i + 8` are inside the row (caller).
+        unsafe {
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(2 * i).cast()));
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(mins.as_ptr().add(2 * i).cast()));
+            let q = _mm256_cvtepi32_ps(codes8(bits, row.as_ptr(), i));
+            _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_add_ps(_mm256_mul_ps(q, s), m));
+        }
+    }
+}
+
+/// One grid for a whole group: code `j` of `codes` → `out[j]` as `q·s + m`.
+///
+/// # Safety
+/// AVX2; `out.len()` a multiple of 8 with `out.len() · bits / 8` bytes of `codes`.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn uniform(bits: u32, codes: &[u8], s: f32, m: f32, out: &mut [f32]) {
+    let (s, m) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
+    for (k, dst) in out.chunks_exact_mut(8).enumerate() {
+        // SAFETY: codes `8k..8k + 8` are inside `codes` (caller).
+        unsafe {
+            let q = _mm256_cvtepi32_ps(codes8(bits, codes.as_ptr(), 8 * k));
+            _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_add_ps(_mm256_mul_ps(q, s), m));
+        }
+    }
+}
