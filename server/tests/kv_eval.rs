@@ -156,3 +156,26 @@ fn calibrate_writes_a_file_the_policy_flags_accept() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("fitted for 2 bits"), "{err}");
 }
+
+/// Policy flags that cannot work are refused up front with the reason.
+#[test]
+fn impossible_policy_flags_are_clear_errors() {
+    for (flags, want) in [
+        (&["--quest-budget", "10"][..], "Quest budget 10"),
+        (&["--h2o-budget", "8"][..], "H2O budget 8"),
+        (&["--kv-calib", "/nonexistent.json", "--kv-bits", "4"][..], "nonexistent"),
+        (&["--kv-bits", "4", "--kv-group", "48"][..], "group of 48"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_arbor"))
+            .args(["generate", "--no-fetch", "-p", "hi", "-n", "2"])
+            .args(flags)
+            .arg("--model")
+            .arg(common::smollm2())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flags:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{flags:?}: {err}");
+        assert!(!err.contains("panicked"), "{flags:?}: {err}");
+    }
+}
