@@ -304,20 +304,39 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
         let Some(layout) = m.model.kv_layout(KV_PAGE_SIZE) else {
             bail!("kv-eval needs the CPU backend's paged cache");
         };
-        let exact = teacher_forced(&m.model, &ids, args.chunk, None, "exact")?;
-        let fitted = match (&calib, settings.iter().find(|s| s.calibrated)) {
-            (None, Some(s)) => {
-                let q = s.quant.expect("cal qualifies a quantization");
-                let store = exact.cache.paged_store().context("paged cache")?;
-                Some(Calibration::fit(
-                    store,
-                    q.bits,
-                    q.group,
-                    args.calibration_tokens,
-                )?)
-            }
-            _ => None,
+        // Every setting's policy is built once up front, so a bad one fails before any pass.
+        let build = |s: &Setting, cal: Option<&Calibration>| -> Result<Arc<KvPolicy>> {
+            let compression = s
+                .quant
+                .map(|q| KvCompression::new(&layout, &q, cal))
+                .transpose()
+                .with_context(|| format!("setting {}", s.label))?;
+            let policy = KvPolicy {
+                compression,
+                quest: s.quest.map(QuestConfig::with_budget),
+                h2o: s.h2o.map(H2oConfig::with_budget),
+            };
+            policy
+                .check(&layout)
+                .with_context(|| format!("setting {}", s.label))?;
+            Ok(Arc::new(policy))
         };
+        for s in &settings {
+            build(s, calib.as_ref().filter(|_| s.calibrated))?;
+        }
+        let exact = teacher_forced(&m.model, &ids, args.chunk, None, "exact")?;
+        // Without `--calib`, one fit per (bits, group) the `cal` settings ask for.
+        let mut fitted: Vec<((u32, usize), Calibration)> = Vec::new();
+        if calib.is_none() {
+            let store = exact.cache.paged_store().context("paged cache")?;
+            for q in settings.iter().filter(|s| s.calibrated).filter_map(|s| s.quant) {
+                let key = (q.bits, q.group.min(layout.head_dim));
+                if !fitted.iter().any(|(k, _)| *k == key) {
+                    let cal = Calibration::fit(store, q.bits, q.group, args.calibration_tokens)?;
+                    fitted.push((key, cal));
+                }
+            }
+        }
         let (exact_top, exact_ppl, exact_bytes) =
             (exact.top.clone(), exact.perplexity, exact.bytes);
         let exact_rate = exact.tokens_per_sec;
@@ -360,25 +379,14 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
         };
         push("exact".into(), &exact, dec(None)?);
         for s in &settings {
-            let cal = if s.calibrated {
-                calib.as_ref().or(fitted.as_ref())
-            } else {
-                None
+            let cal = match (s.calibrated, s.quant) {
+                (true, Some(q)) => calib.as_ref().or_else(|| {
+                    let key = (q.bits, q.group.min(layout.head_dim));
+                    fitted.iter().find(|(k, _)| *k == key).map(|(_, c)| c)
+                }),
+                _ => None,
             };
-            let compression = s
-                .quant
-                .map(|q| KvCompression::new(&layout, &q, cal))
-                .transpose()
-                .with_context(|| format!("setting {}", s.label))?;
-            let policy = KvPolicy {
-                compression,
-                quest: s.quest.map(QuestConfig::with_budget),
-                h2o: s.h2o.map(H2oConfig::with_budget),
-            };
-            policy
-                .check(&layout)
-                .with_context(|| format!("setting {}", s.label))?;
-            let policy = Arc::new(policy);
+            let policy = build(s, cal)?;
             let chunk = if s.h2o.is_some() {
                 args.chunk.min(KV_PAGE_SIZE)
             } else {
