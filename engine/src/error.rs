@@ -59,4 +59,22 @@ pub enum EngineError {
     /// A batched forward failed; every sequence in it ends with this.
     #[error("batched forward failed: {0}")]
     Step(String),
+    /// A KV-cache policy that does not fit the model (or its backend).
+    #[error(transparent)]
+    KvPolicy(#[from] arbor_cache::CacheError),
+}
+
+/// Checks `policy` against `target`'s paged cache with pages of `page_size` tokens.
+pub(crate) fn check_kv_policy<B: burn::tensor::backend::Backend>(
+    target: &arbor_model::Transformer<B>,
+    page_size: usize,
+    policy: &arbor_cache::KvPolicy,
+) -> Result<(), EngineError> {
+    let Some(layout) = target.kv_layout(page_size) else {
+        return Err(arbor_cache::CacheError::Policy(
+            "KV-cache compression needs the CPU backend's paged cache".into(),
+        )
+        .into());
+    };
+    Ok(policy.check(&layout)?)
 }

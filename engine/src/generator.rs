@@ -31,10 +31,13 @@ impl<'m, B: Backend> Generator<'m, B> {
 
     /// Compresses the KV cache with `policy` (built and checked for
     /// [`Transformer::kv_layout`] with pages of [`KV_PAGE_SIZE`]; CPU backend).
-    #[must_use]
-    pub fn with_kv_policy(mut self, policy: Arc<KvPolicy>) -> Self {
+    ///
+    /// # Errors
+    /// [`EngineError::KvPolicy`] if the policy does not fit the model's paged cache.
+    pub fn with_kv_policy(mut self, policy: Arc<KvPolicy>) -> Result<Self, EngineError> {
+        crate::error::check_kv_policy(self.model, KV_PAGE_SIZE, &policy)?;
         self.kv_policy = Some(policy);
-        self
+        Ok(self)
     }
 
     /// Token ids of `prompt` (chat prompts rendered with the model's template).

@@ -49,14 +49,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         if drafts.is_empty() {
             let mut generator = Generator::new(&loaded.model, &loaded.tokenizer);
             if let Some(kv) = kv {
-                generator = generator.with_kv_policy(kv);
+                generator = generator.with_kv_policy(kv)?;
             }
             stream(generator.generate(&prompt, &params)?, &mut out)
         } else {
             let drafts = load_drafts(&loaded, &drafts, args.model.resolve_options(), &device)?;
             let mut engine = build_engine(&loaded, &drafts, policy)?;
             if let Some(kv) = kv {
-                engine = engine.with_kv_policy(kv);
+                engine = engine.with_kv_policy(kv)?;
             }
             stream(engine.generate(&prompt, &params)?, &mut out)
         }

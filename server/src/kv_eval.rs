@@ -249,8 +249,8 @@ fn decode<B: Backend>(
     let mut spec =
         Engine::new(&m.model, &m.tokenizer, tree.clone()).with_draft(NgramDraft::default());
     if let Some(p) = policy {
-        plain = plain.with_kv_policy(p.clone());
-        spec = spec.with_kv_policy(p);
+        plain = plain.with_kv_policy(p.clone())?;
+        spec = spec.with_kv_policy(p)?;
     }
     let done = |events: &mut dyn Iterator<Item = Result<Event, arbor_engine::EngineError>>| {
         let mut last = None;
@@ -329,7 +329,11 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
         let mut fitted: Vec<((u32, usize), Calibration)> = Vec::new();
         if calib.is_none() {
             let store = exact.cache.paged_store().context("paged cache")?;
-            for q in settings.iter().filter(|s| s.calibrated).filter_map(|s| s.quant) {
+            for q in settings
+                .iter()
+                .filter(|s| s.calibrated)
+                .filter_map(|s| s.quant)
+            {
                 let key = (q.bits, q.group.min(layout.head_dim));
                 if !fitted.iter().any(|(k, _)| *k == key) {
                     let cal = Calibration::fit(store, q.bits, q.group, args.calibration_tokens)?;

@@ -165,7 +165,10 @@ fn impossible_policy_flags_are_clear_errors() {
     for (flags, want) in [
         (&["--quest-budget", "10"][..], "Quest budget 10"),
         (&["--h2o-budget", "8"][..], "H2O budget 8"),
-        (&["--kv-calib", "/nonexistent.json", "--kv-bits", "4"][..], "nonexistent"),
+        (
+            &["--kv-calib", "/nonexistent.json", "--kv-bits", "4"][..],
+            "nonexistent",
+        ),
         (&["--kv-bits", "4", "--kv-group", "48"][..], "group of 48"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_arbor"))

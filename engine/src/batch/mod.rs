@@ -246,10 +246,13 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
     /// Compresses every sequence's KV cache with `policy` (quantization, Quest, H2O; CPU
     /// backend). Build and check it for [`Transformer::kv_layout`] with this engine's page
     /// size. Trees are cut to the depth the policy allows ([`KvPolicy::max_tree_depth`]).
-    #[must_use]
-    pub fn with_kv_policy(mut self, policy: Arc<KvPolicy>) -> Self {
+    ///
+    /// # Errors
+    /// [`EngineError::KvPolicy`] if the policy does not fit the target's paged cache.
+    pub fn with_kv_policy(mut self, policy: Arc<KvPolicy>) -> Result<Self, EngineError> {
+        crate::error::check_kv_policy(self.target, self.config().page_size, &policy)?;
         self.kv_policy = Some(policy);
-        self
+        Ok(self)
     }
 
     /// The drafts' names.

@@ -372,7 +372,7 @@ fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
             .with_draft(|| Box::new(NgramDraft::default()))
             .with_tree("2,1,1".parse().unwrap());
         if let Some(p) = policy {
-            e = e.with_kv_policy(p.clone());
+            e = e.with_kv_policy(p.clone()).unwrap();
         }
         let rxs: Vec<Rx> = texts
             .iter()

@@ -63,10 +63,13 @@ impl<'m, B: Backend> Engine<'m, B> {
     /// [`Transformer::kv_layout`] with pages of [`KV_PAGE_SIZE`]; CPU backend). Trees are cut
     /// to the depth the policy allows, so greedy output stays that of plain decoding under the
     /// same policy.
-    #[must_use]
-    pub fn with_kv_policy(mut self, policy: Arc<KvPolicy>) -> Self {
+    ///
+    /// # Errors
+    /// [`EngineError::KvPolicy`] if the policy does not fit the target's paged cache.
+    pub fn with_kv_policy(mut self, policy: Arc<KvPolicy>) -> Result<Self, EngineError> {
+        crate::error::check_kv_policy(self.target, KV_PAGE_SIZE, &policy)?;
         self.kv_policy = Some(policy);
-        self
+        Ok(self)
     }
 
     /// Adds any draft (the caller vouches that it speaks the target's token ids).

@@ -58,7 +58,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .spec()
             .build(loaded.model.kv_layout(arbor_model::KV_PAGE_SIZE))?
         {
-            generator = generator.with_kv_policy(kv);
+            generator = generator.with_kv_policy(kv)?;
         }
         let bar = indicatif::ProgressBar::new((args.repeats + 1) as u64);
         bar.set_style(indicatif::ProgressStyle::with_template(

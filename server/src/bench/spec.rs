@@ -46,8 +46,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .spec()
             .build(target.model.kv_layout(arbor_model::KV_PAGE_SIZE))?
         {
-            engine = engine.with_kv_policy(kv.clone());
-            plain = plain.with_kv_policy(kv);
+            engine = engine.with_kv_policy(kv.clone())?;
+            plain = plain.with_kv_policy(kv)?;
         }
         let bar = indicatif::ProgressBar::new(prompts.len() as u64);
         bar.set_style(indicatif::ProgressStyle::with_template(

@@ -180,7 +180,7 @@ fn with_kv_policy<'m, B: Backend>(
         return Ok(engine);
     };
     tracing::info!(kv = ?loaded.kv, "KV cache policy");
-    Ok(engine.with_kv_policy(policy))
+    Ok(engine.with_kv_policy(policy)?)
 }
 
 /// Takes jobs and steps the engine until every handle is gone and the work is done.
