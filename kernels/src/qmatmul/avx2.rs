@@ -92,18 +92,20 @@ unsafe fn dispatch<const R: usize, const V: bool>(
     }
 }
 
-/// `acc + Σ pairs of a·b` (i16 × i16 → i32): `vpdpwssd` with VNNI, else `vpmaddwd` + add.
+/// `Σ pairs of a·sa + Σ pairs of c·sc` (i16 × i16 → i32): `vpmaddwd` then `vpdpwssd` with
+/// VNNI, else two `vpmaddwd` and an add. (Two products per call keep the accumulation chain
+/// short: a single row is latency-bound on it.)
 ///
 /// # Safety
 /// The caller's build enables AVX2, and AVX512-VNNI/VL when `V`.
 #[inline(always)]
-unsafe fn madd_acc<const V: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+unsafe fn madd2<const V: bool>(a: __m256i, sa: __m256i, c: __m256i, sc: __m256i) -> __m256i {
     // SAFETY: forwarded from the caller.
     unsafe {
         if V {
-            _mm256_dpwssd_epi32(acc, a, b)
+            _mm256_dpwssd_epi32(_mm256_madd_epi16(a, sa), c, sc)
         } else {
-            _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+            _mm256_add_epi32(_mm256_madd_epi16(a, sa), _mm256_madd_epi16(c, sc))
         }
     }
 }
@@ -310,7 +312,7 @@ unsafe fn rows_k45<const FIFTH: bool, const R: usize, const V: bool>(
                         let xp = x[r].q.as_ptr().add(bi * 256 + 64 * chunk).cast::<u8>();
                         let a = _mm256_maddubs_epi16(lo, load(xp));
                         let c = _mm256_maddubs_epi16(hi, load(xp.add(32)));
-                        isum[r] = madd_acc::<V>(madd_acc::<V>(isum[r], a, s_lo), c, s_hi);
+                        isum[r] = _mm256_add_epi32(isum[r], madd2::<V>(a, s_lo, c, s_hi));
                     }
                 }
                 for r in 0..R {
@@ -367,15 +369,18 @@ unsafe fn rows_q6k<const R: usize, const V: bool>(w: &[u8], x: &[ActRow<'_>; R])
                             high_bits(qh, 6, 3),
                         ),
                     ];
-                    for (quarter, q) in quarters.into_iter().enumerate() {
-                        let sub = 4 * hb + quarter;
-                        let s = _mm256_set_m128i(
-                            _mm_set1_epi16(i16::from(b[192 + 2 * sub + 1] as i8)),
-                            _mm_set1_epi16(i16::from(b[192 + 2 * sub] as i8)),
-                        );
+                    for pair in 0..2 {
+                        let sub = 4 * hb + 2 * pair;
+                        // Sub-block `sub`'s two 16-value halves have scales 2·sub and 2·sub+1.
+                        let sc = |i: usize| _mm_set1_epi16(i16::from(b[192 + i] as i8));
+                        let s0 = _mm256_set_m128i(sc(2 * sub + 1), sc(2 * sub));
+                        let s1 = _mm256_set_m128i(sc(2 * sub + 3), sc(2 * sub + 2));
+                        let (q0, q1) = (quarters[2 * pair], quarters[2 * pair + 1]);
                         for r in 0..R {
                             let xp = x[r].q.as_ptr().add(bi * 256 + 32 * sub).cast::<u8>();
-                            isum[r] = madd_acc::<V>(isum[r], _mm256_maddubs_epi16(q, load(xp)), s);
+                            let a = _mm256_maddubs_epi16(q0, load(xp));
+                            let c = _mm256_maddubs_epi16(q1, load(xp.add(32)));
+                            isum[r] = _mm256_add_epi32(isum[r], madd2::<V>(a, s0, c, s1));
                         }
                     }
                 }
