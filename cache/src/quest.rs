@@ -4,7 +4,8 @@
 //! representation a query can read them in). For a query `q`, `Σ_c max(q_c·M_c, q_c·m_c)` is an
 //! upper bound of `q·k` for every key `k` in the page ([`page_bound`]); attention reads only the
 //! pages with the highest bounds that fit a token budget, plus the sink pages and the recent
-//! ones, which it always reads. The first layers stay dense (their attention is too flat for
+//! ones, which it always reads. The query heads of a KV group share its reads: each head ranks
+//! the pages by its own bound and the group takes the heads' best pages in turn. The first layers stay dense (their attention is too flat for
 //! a few pages to carry it).
 //!
 //! Selection is a pure function of the query, its position and the pages' contents; pages
@@ -33,11 +34,11 @@ pub struct QuestConfig {
 }
 
 impl QuestConfig {
-    /// Quest with `budget` tokens and the defaults: 64 recent tokens, 4 sinks, two dense layers.
+    /// Quest with `budget` tokens and the defaults: 32 recent tokens, 4 sinks, two dense layers.
     pub fn with_budget(budget: usize) -> Self {
         Self {
             budget,
-            recent: 64,
+            recent: 32,
             sinks: 4,
             dense_layers: 2,
         }
@@ -58,12 +59,10 @@ pub(crate) struct Candidate {
     pub(crate) score: f32,
 }
 
-/// The pages to keep out of `candidates`: the `n` best scores, ties to the older page.
-pub(crate) fn best_pages(mut candidates: Vec<Candidate>, n: usize) -> Vec<usize> {
+/// The pages of `candidates`, best score first (ties to the older page).
+pub(crate) fn best_pages_ranked(mut candidates: Vec<Candidate>) -> Vec<usize> {
     candidates.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.page.cmp(&b.page)));
-    let mut keep: Vec<usize> = candidates.iter().take(n).map(|c| c.page).collect();
-    keep.sort_unstable();
-    keep
+    candidates.iter().map(|c| c.page).collect()
 }
 
 #[cfg(test)]
@@ -104,13 +103,9 @@ mod tests {
     }
 
     #[test]
-    fn best_pages_keeps_top_scores_in_page_order() {
+    fn pages_rank_best_first_ties_to_the_older() {
         let c = |page, score| Candidate { page, score };
-        let kept = best_pages(vec![c(3, 1.0), c(5, 9.0), c(7, 1.0), c(9, 4.0)], 3);
-        assert_eq!(
-            kept,
-            vec![3, 5, 9],
-            "tie between 3 and 7 goes to the older page"
-        );
+        let ranked = best_pages_ranked(vec![c(3, 1.0), c(5, 9.0), c(7, 1.0), c(9, 4.0)]);
+        assert_eq!(ranked, vec![5, 9, 3, 7]);
     }
 }

@@ -5,7 +5,7 @@ use arbor_kernels::attention::KvSource;
 
 use super::{LayerPages, PagedKv};
 use crate::compression::read_row;
-use crate::quest::{Candidate, best_pages, page_bound};
+use crate::quest::{Candidate, best_pages_ranked, page_bound};
 use crate::{KvLayout, KvPolicy};
 
 /// One layer of a [`PagedKv`], read in place by attention.
@@ -110,34 +110,54 @@ impl KvSource for LayerView<'_> {
         for &j in keys.iter() {
             visible[j / ps] += 1;
         }
-        let candidates: Vec<Candidate> = (0..l.k.len())
+        let pages: Vec<usize> = (0..l.k.len())
             .filter(|&p| {
                 visible[p] == ps
                     && l.logical(p * ps) >= q.sinks
                     && l.logical((p + 1) * ps - 1) + q.recent < pos
             })
-            .map(|p| {
-                let b = &l.bounds[p];
-                let (lo, hi) = b.split_at(b.len() / 2);
-                let (lo, hi) = (&lo[g * hd..(g + 1) * hd], &hi[g * hd..(g + 1) * hd]);
-                let score = queries
-                    .chunks_exact(hd)
-                    .map(|qr| page_bound(qr, lo, hi))
-                    .sum();
-                Candidate { page: p, score }
-            })
             .collect();
-        let always = keys.len() - candidates.len() * ps;
+        let always = keys.len() - pages.len() * ps;
         let n = q.budget.saturating_sub(always) / ps;
-        if n >= candidates.len() {
+        if n >= pages.len() {
             return;
         }
+        // Each query head ranks the pages by its own bound; the group takes the heads' best
+        // pages in turn (rank 0 of every head, then rank 1, …) until the budget is full.
+        let ranked: Vec<Vec<usize>> = queries
+            .chunks_exact(hd)
+            .map(|qr| {
+                let scored: Vec<Candidate> = pages
+                    .iter()
+                    .map(|&p| {
+                        let b = &l.bounds[p];
+                        let (lo, hi) = b.split_at(b.len() / 2);
+                        let (lo, hi) = (&lo[g * hd..(g + 1) * hd], &hi[g * hd..(g + 1) * hd]);
+                        Candidate {
+                            page: p,
+                            score: page_bound(qr, lo, hi),
+                        }
+                    })
+                    .collect();
+                best_pages_ranked(scored)
+            })
+            .collect();
         let mut skipped = vec![false; l.k.len()];
-        for c in &candidates {
-            skipped[c.page] = true;
+        for &p in &pages {
+            skipped[p] = true;
         }
-        for p in best_pages(candidates, n) {
-            skipped[p] = false;
+        let mut chosen = 0;
+        'fill: for rank in 0..pages.len() {
+            for head in &ranked {
+                let p = head[rank];
+                if skipped[p] {
+                    skipped[p] = false;
+                    chosen += 1;
+                    if chosen == n {
+                        break 'fill;
+                    }
+                }
+            }
         }
         keys.retain(|&j| !skipped[j / ps]);
     }
