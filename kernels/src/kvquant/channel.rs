@@ -123,34 +123,32 @@ impl ChannelQuantizer {
                 && from + out.len() <= self.channels,
             "dequantize range"
         );
-        let c = self.channels;
-        let (params, codes) = packed.split_at(4 * c);
-        let (scales, mins) = params.split_at(2 * c);
-        let row = &codes[t * self.row_bytes()..(t + 1) * self.row_bytes()];
+        let (scales, mins, row) = self.parts(packed, t);
         #[cfg(target_arch = "x86_64")]
         if from.is_multiple_of(8) && out.len().is_multiple_of(8) && super::simd::available() {
             // SAFETY: AVX2 and F16C were detected; the ranges were checked above.
             unsafe { super::simd::per_channel(self.bits, scales, mins, row, from, out) };
             return;
         }
-        let mask = ((1u32 << self.bits) - 1) as u8;
-        let per_byte = 8 / self.bits as usize;
-        for (k, o) in out.iter_mut().enumerate() {
-            let i = from + k;
-            let s = f16::from_le_bytes([scales[2 * i], scales[2 * i + 1]]).to_f32();
-            let m = f16::from_le_bytes([mins[2 * i], mins[2 * i + 1]]).to_f32();
-            let q = (row[i / per_byte] >> ((i % per_byte) as u32 * self.bits)) & mask;
-            *o = f32::from(q) * s + m;
-        }
+        self.dequantize_portable(packed, t, from, out);
     }
 
-    /// [`ChannelQuantizer::dequantize`] with the portable loop only (tests compare).
-    #[cfg(test)]
-    fn dequantize_portable(&self, packed: &[u8], t: usize, from: usize, out: &mut [f32]) {
+    /// Scales, minimums and token `t`'s codes of a packed block.
+    fn parts<'a>(&self, packed: &'a [u8], t: usize) -> (&'a [u8], &'a [u8], &'a [u8]) {
         let c = self.channels;
         let (params, codes) = packed.split_at(4 * c);
         let (scales, mins) = params.split_at(2 * c);
-        let row = &codes[t * self.row_bytes()..(t + 1) * self.row_bytes()];
+        (
+            scales,
+            mins,
+            &codes[t * self.row_bytes()..(t + 1) * self.row_bytes()],
+        )
+    }
+
+    /// [`ChannelQuantizer::dequantize`] with the portable loop (also what tests compare the
+    /// vector path with).
+    fn dequantize_portable(&self, packed: &[u8], t: usize, from: usize, out: &mut [f32]) {
+        let (scales, mins, row) = self.parts(packed, t);
         let mask = ((1u32 << self.bits) - 1) as u8;
         let per_byte = 8 / self.bits as usize;
         for (k, o) in out.iter_mut().enumerate() {
