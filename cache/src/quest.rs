@@ -34,11 +34,11 @@ pub struct QuestConfig {
 }
 
 impl QuestConfig {
-    /// Quest with `budget` tokens and the defaults: 32 recent tokens, 4 sinks, two dense layers.
+    /// Quest with `budget` tokens and the defaults: 16 recent tokens, 4 sinks, two dense layers.
     pub fn with_budget(budget: usize) -> Self {
         Self {
             budget,
-            recent: 32,
+            recent: 16,
             sinks: 4,
             dense_layers: 2,
         }
