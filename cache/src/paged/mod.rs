@@ -121,17 +121,6 @@ impl PagedKv {
         }
     }
 
-    /// An empty cache that only quantizes (SKVQ).
-    ///
-    /// # Panics
-    /// As [`PagedKv::with_policy`].
-    pub fn compressed(layout: KvLayout, compression: Arc<KvCompression>) -> Self {
-        Self::with_policy(
-            layout,
-            Arc::new(KvPolicy::quantized((*compression).clone())),
-        )
-    }
-
     /// Its geometry.
     pub fn layout(&self) -> KvLayout {
         self.layout

@@ -155,8 +155,8 @@ fn read(c: &PagedKv, values: bool, j: usize, pos: usize) -> Vec<f32> {
 #[test]
 fn quantized_pages_follow_the_position_rule_shrink_storage_and_roll_back_exactly() {
     for axis in [KeyAxis::Channel, KeyAxis::Token] {
-        let comp = Arc::new(quant(4, 2, 4, axis));
-        let mut c = PagedKv::compressed(WIDE, comp.clone());
+        let comp = quant(4, 2, 4, axis);
+        let mut c = PagedKv::with_policy(WIDE, Arc::new(KvPolicy::quantized(comp.clone())));
         let mut plain = PagedKv::new(WIDE);
         add(&mut c, 0, 20);
         add(&mut plain, 0, 20);

@@ -126,13 +126,11 @@ fn group_body<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
     s.keys.clear();
     s.keys
         .extend(m.iter().enumerate().filter(|(_, ok)| **ok).map(|(j, _)| j));
-    let q_row = |h: usize| {
-        let row = (b * d.n_heads + h) * d.n_q + i;
-        &c.q[row * hd..(row + 1) * hd]
-    };
+    // The group's query rows, gathered once: the source's selection and the scores read them.
     s.queries.clear();
-    for r in 0..gs {
-        s.queries.extend_from_slice(q_row(g * gs + r));
+    for h in g * gs..(g + 1) * gs {
+        let row = (b * d.n_heads + h) * d.n_q + i;
+        s.queries.extend_from_slice(&c.q[row * hd..(row + 1) * hd]);
     }
     c.kv.select(b, g, pos, &s.queries, &mut s.keys);
     let nk = s.keys.len();
@@ -140,8 +138,8 @@ fn group_body<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
     s.scores.resize(gs * nk, 0.0);
     for (t, &j) in s.keys.iter().enumerate() {
         let kj = c.kv.key(b, g, j, pos, &mut s.buf);
-        for r in 0..gs {
-            s.scores[r * nk + t] = dot(q_row(g * gs + r), kj) * c.scale;
+        for (r, qr) in s.queries.chunks_exact(hd).enumerate() {
+            s.scores[r * nk + t] = dot(qr, kj) * c.scale;
         }
     }
     s.acc.clear();
