@@ -35,10 +35,10 @@ impl KvSpec {
     /// A policy on a backend without the paged cache, an unreadable or mismatched
     /// calibration, or settings that cannot work (e.g. a budget below the recent span).
     pub fn build(&self, layout: Option<KvLayout>) -> Result<Option<Arc<KvPolicy>>> {
+        if self.calibration.is_some() && self.quant.is_none() {
+            bail!("--kv-calib needs --kv-bits");
+        }
         if self.is_off() {
-            if self.calibration.is_some() {
-                bail!("--kv-calib needs --kv-bits");
-            }
             return Ok(None);
         }
         let Some(layout) = layout else {
@@ -49,20 +49,30 @@ impl KvSpec {
             .as_deref()
             .map(load_calibration)
             .transpose()?;
-        if calibration.is_some() && self.quant.is_none() {
-            bail!("--kv-calib needs --kv-bits");
-        }
+        self.policy(&layout, calibration.as_ref()).map(Some)
+    }
+
+    /// The policy for `layout` with its quantizers calibrated by `calibration` where given
+    /// (the file `self.calibration` names is not read here: see [`KvSpec::build`]).
+    ///
+    /// # Errors
+    /// A calibration of another shape, or settings that cannot work.
+    pub fn policy(
+        &self,
+        layout: &KvLayout,
+        calibration: Option<&Calibration>,
+    ) -> Result<Arc<KvPolicy>> {
         let compression = self
             .quant
-            .map(|q| KvCompression::new(&layout, &q, calibration.as_ref()))
+            .map(|q| KvCompression::new(layout, &q, calibration))
             .transpose()?;
         let policy = KvPolicy {
             compression,
             quest: self.quest_budget.map(QuestConfig::with_budget),
             h2o: self.h2o_budget.map(H2oConfig::with_budget),
         };
-        policy.check(&layout)?;
-        Ok(Some(Arc::new(policy)))
+        policy.check(layout)?;
+        Ok(Arc::new(policy))
     }
 }
 

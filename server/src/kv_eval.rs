@@ -14,12 +14,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use arbor_cache::{
-    Calibration, H2oConfig, KeyAxis, KvCache, KvCompression, KvPolicy, QuantConfig, QuestConfig,
-};
+use arbor_cache::{Calibration, KeyAxis, KvCache, KvPolicy, QuantConfig};
 use arbor_engine::{Engine, Event, GenerateParams, Generator, Prompt, TreePolicy};
 use arbor_model::sampling::argmax;
 use arbor_model::{ForwardInput, KV_PAGE_SIZE, LoadedModel, Transformer};
+use arbor_server::kv::KvSpec;
 use arbor_speculators::NgramDraft;
 use burn::tensor::backend::Backend;
 use clap::Args;
@@ -100,20 +99,17 @@ pub struct KvEvalRow {
 #[derive(Debug, Clone, PartialEq)]
 struct Setting {
     label: String,
-    quant: Option<QuantConfig>,
+    /// Quantization and budgets (no calibration file: `calibrated` picks one).
+    spec: KvSpec,
     calibrated: bool,
-    quest: Option<usize>,
-    h2o: Option<usize>,
 }
 
 fn parse_setting(s: &str, tokens: usize) -> Result<Setting> {
     let label = s.trim().to_string();
     let mut out = Setting {
         label: label.clone(),
-        quant: None,
+        spec: KvSpec::default(),
         calibrated: false,
-        quest: None,
-        h2o: None,
     };
     let budget = |v: &str| -> Result<usize> {
         match v.strip_suffix('%') {
@@ -129,9 +125,9 @@ fn parse_setting(s: &str, tokens: usize) -> Result<Setting> {
         } else if part == "cal" {
             cal = true;
         } else if let Some(v) = part.strip_prefix("quest=") {
-            out.quest = Some(budget(v).with_context(bad)?);
+            out.spec.quest_budget = Some(budget(v).with_context(bad)?);
         } else if let Some(v) = part.strip_prefix("h2o=") {
-            out.h2o = Some(budget(v).with_context(bad)?);
+            out.spec.h2o_budget = Some(budget(v).with_context(bad)?);
         } else {
             let nums: Vec<usize> = part
                 .split(':')
@@ -144,7 +140,7 @@ fn parse_setting(s: &str, tokens: usize) -> Result<Setting> {
                 [b, w, s, g] => (b, w, s, g),
                 _ => bail!("{} (BITS:WINDOW[:SINKS[:GROUP]])", bad()),
             };
-            out.quant = Some(QuantConfig {
+            out.spec.quant = Some(QuantConfig {
                 bits: bits as u32,
                 group,
                 sinks,
@@ -153,7 +149,7 @@ fn parse_setting(s: &str, tokens: usize) -> Result<Setting> {
             });
         }
     }
-    match &mut out.quant {
+    match &mut out.spec.quant {
         Some(q) if tok => q.keys = KeyAxis::Token,
         None if tok || cal => bail!("{label:?}: `tok` and `cal` qualify a BITS:WINDOW part"),
         _ => {}
@@ -306,20 +302,9 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
         };
         // Every setting's policy is built once up front, so a bad one fails before any pass.
         let build = |s: &Setting, cal: Option<&Calibration>| -> Result<Arc<KvPolicy>> {
-            let compression = s
-                .quant
-                .map(|q| KvCompression::new(&layout, &q, cal))
-                .transpose()
-                .with_context(|| format!("setting {}", s.label))?;
-            let policy = KvPolicy {
-                compression,
-                quest: s.quest.map(QuestConfig::with_budget),
-                h2o: s.h2o.map(H2oConfig::with_budget),
-            };
-            policy
-                .check(&layout)
-                .with_context(|| format!("setting {}", s.label))?;
-            Ok(Arc::new(policy))
+            s.spec
+                .policy(&layout, cal)
+                .with_context(|| format!("setting {}", s.label))
         };
         for s in &settings {
             build(s, calib.as_ref().filter(|_| s.calibrated))?;
@@ -332,7 +317,7 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
             for q in settings
                 .iter()
                 .filter(|s| s.calibrated)
-                .filter_map(|s| s.quant)
+                .filter_map(|s| s.spec.quant)
             {
                 let key = (q.bits, q.group.min(layout.head_dim));
                 if !fitted.iter().any(|(k, _)| *k == key) {
@@ -383,7 +368,7 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
         };
         push("exact".into(), &exact, dec(None)?);
         for s in &settings {
-            let cal = match (s.calibrated, s.quant) {
+            let cal = match (s.calibrated, s.spec.quant) {
                 (true, Some(q)) => calib.as_ref().or_else(|| {
                     let key = (q.bits, q.group.min(layout.head_dim));
                     fitted.iter().find(|(k, _)| *k == key).map(|(_, c)| c)
@@ -391,7 +376,7 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
                 _ => None,
             };
             let policy = build(s, cal)?;
-            let chunk = if s.h2o.is_some() {
+            let chunk = if s.spec.h2o_budget.is_some() {
                 args.chunk.min(KV_PAGE_SIZE)
             } else {
                 args.chunk
@@ -455,12 +440,21 @@ mod tests {
     #[test]
     fn settings_parse_parts_and_percentages() {
         let s = parse_setting("4:128+tok+cal+quest=25%+h2o=300", 4000).unwrap();
-        let q = s.quant.unwrap();
+        let q = s.spec.quant.unwrap();
         assert_eq!((q.bits, q.window, q.sinks, q.group), (4, 128, 4, 64));
         assert_eq!(q.keys, KeyAxis::Token);
         assert!(s.calibrated);
-        assert_eq!((s.quest, s.h2o), (Some(1000), Some(300)));
-        assert!(parse_setting("quest=1024", 10).unwrap().quant.is_none());
+        assert_eq!(
+            (s.spec.quest_budget, s.spec.h2o_budget),
+            (Some(1000), Some(300))
+        );
+        assert!(
+            parse_setting("quest=1024", 10)
+                .unwrap()
+                .spec
+                .quant
+                .is_none()
+        );
         assert!(parse_setting("tok", 10).is_err());
         assert!(parse_setting("4", 10).is_err());
         assert!(parse_setting("quest=x", 10).is_err());

@@ -209,6 +209,15 @@ fn body(b: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiErro
     })
 }
 
+/// The body as `T` (a request type that rejects unknown fields).
+fn json_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = body(b, state.max_body)?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadJson(e.to_string()))
+}
+
 async fn generate_endpoint(
     state: AppState,
     endpoint: Endpoint,
@@ -288,9 +297,7 @@ fn tokenize_json(
     state: &AppState,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<serde_json::Value, ApiError> {
-    let bytes = body(b, state.max_body)?;
-    let req: TokenizeRequest =
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let req: TokenizeRequest = json_body(state, b)?;
     if let Some(m) = &req.model {
         validate::check_model(m, &state.info)?;
     }
@@ -331,9 +338,7 @@ fn detokenize_json(
     state: &AppState,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<serde_json::Value, ApiError> {
-    let bytes = body(b, state.max_body)?;
-    let req: DetokenizeRequest =
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let req: DetokenizeRequest = json_body(state, b)?;
     if let Some(m) = &req.model {
         validate::check_model(m, &state.info)?;
     }
