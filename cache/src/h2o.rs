@@ -7,15 +7,17 @@
 //! tokens keeps its sinks, its `recent` tokens and the heavy hitters with the most votes, and
 //! evicts the rest for good; their slots are reused by compacting the pages.
 //!
-//! Eviction is per layer, scored by the votes summed over the layer's heads: the paged layout
-//! shares a token's slot between a layer's KV heads. Eviction points are fixed positions, so
+//! Eviction is per layer and KV head, as in the paper: each KV head scores its tokens by the
+//! attention its own query heads gave them and keeps its own heavy hitters (the paged cache
+//! compacts each head separately within the layer's pages). Eviction points are fixed positions, so
 //! speculative decoding, whose trees are cut to end at the next point, evicts exactly what
 //! plain decoding evicts.
 
-/// H2O settings.
+/// H2O settings (per KV head: each head of each layer holds `budget` tokens).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct H2oConfig {
-    /// Tokens a layer holds after an eviction point (sinks + recent + heavy hitters).
+    /// Tokens each KV head of a layer holds after an eviction point (sinks + recent + heavy
+    /// hitters).
     pub budget: usize,
     /// Recent tokens always kept.
     pub recent: usize,
@@ -34,7 +36,8 @@ impl H2oConfig {
     }
 }
 
-/// The slots a layer keeps at an eviction point, increasing; `None` when it keeps them all.
+/// The slots one KV head of a layer keeps at an eviction point, increasing; `None` when it
+/// keeps them all.
 ///
 /// `logical[j]` is slot `j`'s position in the sequence, `votes[j]` its accumulated attention,
 /// `next` the sequence length.

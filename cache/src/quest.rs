@@ -2,11 +2,11 @@
 //!
 //! Every page keeps, per key channel, the minimum `m` and maximum `M` of its keys (over every
 //! representation a query can read them in). For a query `q`, `Σ_c max(q_c·M_c, q_c·m_c)` is an
-//! upper bound of `q·k` for every key `k` in the page ([`page_bound`]); attention reads only the
-//! pages with the highest bounds that fit a token budget, plus the sink pages and the recent
-//! ones, which it always reads. The query heads of a KV group share its reads: each head ranks
-//! the pages by its own bound and the group takes the heads' best pages in turn. The first layers stay dense (their attention is too flat for
-//! a few pages to carry it).
+//! upper bound of `q·k` for every key `k` in the page ([`page_bound`]); each query head reads
+//! only the pages its own bound ranks highest that fit a token budget, plus the sink pages and
+//! the recent ones, which it always reads (with GQA the heads sharing a KV head still choose
+//! for themselves, as in the paper's per-head selection). The first layers stay dense (their
+//! attention is too flat for a few pages to carry it).
 //!
 //! Selection is a pure function of the query, its position and the pages' contents; pages
 //! within `recent` tokens of the query are never candidates, so a tree no deeper than `recent`
@@ -59,9 +59,14 @@ pub(crate) struct Candidate {
     pub(crate) score: f32,
 }
 
-/// The pages of `candidates`, best score first (ties to the older page).
-pub(crate) fn best_pages_ranked(mut candidates: Vec<Candidate>) -> Vec<usize> {
-    candidates.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.page.cmp(&b.page)));
+/// The `n` best-scored pages of `candidates` (ties to the older page), in no particular order.
+pub(crate) fn best_pages(mut candidates: Vec<Candidate>, n: usize) -> Vec<usize> {
+    let order =
+        |a: &Candidate, b: &Candidate| b.score.total_cmp(&a.score).then(a.page.cmp(&b.page));
+    if n < candidates.len() {
+        candidates.select_nth_unstable_by(n, order);
+        candidates.truncate(n);
+    }
     candidates.iter().map(|c| c.page).collect()
 }
 
@@ -103,9 +108,13 @@ mod tests {
     }
 
     #[test]
-    fn pages_rank_best_first_ties_to_the_older() {
+    fn best_pages_by_score_ties_to_the_older() {
         let c = |page, score| Candidate { page, score };
-        let ranked = best_pages_ranked(vec![c(3, 1.0), c(5, 9.0), c(7, 1.0), c(9, 4.0)]);
-        assert_eq!(ranked, vec![5, 9, 3, 7]);
+        let all = || vec![c(3, 1.0), c(5, 9.0), c(7, 1.0), c(9, 4.0)];
+        let mut best = best_pages(all(), 3);
+        best.sort_unstable();
+        assert_eq!(best, vec![3, 5, 9]);
+        assert_eq!(best_pages(all(), 1), vec![5]);
+        assert_eq!(best_pages(all(), 9).len(), 4);
     }
 }

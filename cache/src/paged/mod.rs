@@ -14,10 +14,15 @@
 //!   can read it (older than the window);
 //! - Quest keeps each page's per-channel key range over every representation (full and
 //!   codes) — also a pure function of the page — for [`LayerView`]'s page selection;
-//! - H2O accumulates the votes of committed rows, and at each eviction point compacts each
-//!   layer down to its budget. After an eviction a layer holds fewer slots than the sequence
-//!   has tokens; [`PagedKv::len`] stays the sequence length (the next position), and each slot
-//!   remembers its position.
+//! - H2O accumulates the votes of committed rows per KV head, and at each eviction point
+//!   compacts each KV head of each layer down to the budget: every head keeps its own heavy
+//!   hitters, moved down in order within the layer's pages, so slot `j` of two heads may hold
+//!   different positions (each slot remembers its position per head). Every head holds the same
+//!   number of slots — sinks and recent tokens are the same positions for all, and the budget
+//!   fixes the rest — so new rows land in the same slots for every head, and the layer's mask
+//!   is shared (each row sees every cached position). After an eviction a layer holds fewer
+//!   slots than the sequence has tokens; [`PagedKv::len`] stays the sequence length (the next
+//!   position).
 
 mod view;
 
@@ -32,8 +37,9 @@ use crate::{KvCompression, KvLayout, KvPolicy, h2o};
 #[derive(Debug, Clone, PartialEq)]
 struct Pending {
     slot: usize,
-    /// Per slot of the layer at the time, the attention the row gave it (all heads).
-    votes: Vec<f32>,
+    /// Per KV head, per slot of the layer at the time, the attention the row gave it (summed
+    /// over the head's query heads).
+    votes: Vec<Vec<f32>>,
 }
 
 /// One layer's pages. A page is held in full precision (`k`/`v` non-empty), as codes
@@ -50,23 +56,34 @@ struct LayerPages {
     len: usize,
     /// Tokens evicted (H2O): the sequence length is `len + evicted`.
     evicted: usize,
-    /// H2O: each slot's position in the sequence.
-    logical: Vec<usize>,
-    /// H2O: each slot's accumulated votes.
-    votes: Vec<f32>,
+    /// H2O: per KV head, each slot's position in the sequence (empty without H2O: slot `j`
+    /// holds position `j`).
+    logical: Vec<Vec<usize>>,
+    /// H2O: per KV head, each slot's accumulated votes.
+    votes: Vec<Vec<f32>>,
     /// H2O: the last forward's rows, folded in when the next forward starts.
     pending: Vec<Pending>,
 }
 
 impl LayerPages {
-    /// Position in the sequence of slot `j`.
+    /// Position in the sequence of slot `j` of KV head `g`.
     #[inline]
-    fn logical(&self, j: usize) -> usize {
+    fn logical(&self, j: usize, g: usize) -> usize {
         if self.logical.is_empty() {
             j
         } else {
-            self.logical[j]
+            self.logical[g][j]
         }
+    }
+
+    /// The newest position any KV head holds at slot `j`.
+    fn newest(&self, j: usize) -> usize {
+        self.logical.iter().map(|l| l[j]).max().unwrap_or(j)
+    }
+
+    /// The oldest position any KV head holds at slot `j`.
+    fn oldest(&self, j: usize) -> usize {
+        self.logical.iter().map(|l| l[j]).min().unwrap_or(j)
     }
 
     /// The sequence length as this layer knows it.
@@ -74,12 +91,14 @@ impl LayerPages {
         self.len + self.evicted
     }
 
-    /// Slots holding positions below `pos`.
+    /// Slots holding positions below `pos` (in the KV head holding the fewest: a rollback
+    /// below an eviction point keeps that many slots of every head).
     fn slots_below(&self, pos: usize) -> usize {
         if self.evicted == 0 {
             pos.min(self.len)
         } else {
-            self.logical.partition_point(|&x| x < pos)
+            let below = self.logical.iter().map(|l| l.partition_point(|&x| x < pos));
+            below.min().unwrap_or(0)
         }
     }
 }
@@ -215,7 +234,7 @@ impl PagedKv {
         let next = l.next();
         for p in 0..l.k.len() {
             let last = (p + 1) * ps - 1;
-            if last >= l.len || l.logical(last) + window >= next {
+            if last >= l.len || l.newest(last) + window >= next {
                 break;
             }
             if !l.kq[p].is_empty() {
@@ -283,7 +302,7 @@ impl PagedKv {
             let complete = (p + 1) * ps <= l.len;
             if let Some(c) = &policy.compression
                 && complete
-                && l.logical(p * ps) >= c.sinks
+                && l.oldest(p * ps) >= c.sinks
                 && l.kq[p].is_empty()
             {
                 l.kq[p] = c.keys[layer].pack(&l.k[p]);
@@ -322,7 +341,7 @@ impl PagedKv {
 
     /// H2O, before a forward appends to `layer`: folds the last forward's votes (its rows
     /// are committed by now) and, at an eviction point (a sequence length that is a multiple
-    /// of the page size), evicts down to the budget.
+    /// of the page size), evicts each KV head down to the budget.
     fn fold_and_evict(&mut self, layer: usize) {
         let Some(cfg) = self.policy.as_ref().and_then(|p| p.h2o) else {
             return;
@@ -331,37 +350,73 @@ impl PagedKv {
         let l = &mut self.layers[layer];
         for p in std::mem::take(&mut l.pending) {
             for (acc, v) in l.votes.iter_mut().zip(&p.votes) {
-                *acc += v;
+                for (a, x) in acc.iter_mut().zip(v) {
+                    *a += x;
+                }
             }
         }
         let next = l.next();
         if !next.is_multiple_of(ps) {
             return;
         }
-        if let Some(keep) = h2o::kept_slots(&cfg, &l.logical, &l.votes, next) {
+        let keep: Option<Vec<Vec<usize>>> = l
+            .logical
+            .iter()
+            .zip(&l.votes)
+            .map(|(logical, votes)| h2o::kept_slots(&cfg, logical, votes, next))
+            .collect();
+        if let Some(keep) = keep
+            && !keep.is_empty()
+        {
             self.compact(layer, &keep);
         }
     }
 
-    /// Keeps only slots `keep` (increasing) of `layer`, moved down in order; the rest are
-    /// evicted.
-    fn compact(&mut self, layer: usize, keep: &[usize]) {
-        let ps = self.layout.page_size;
-        let row = self.layout.row();
+    /// Keeps only slots `keep[g]` (increasing) of each KV head `g` of `layer`, moved down in
+    /// order; the rest are evicted.
+    ///
+    /// # Panics
+    /// If the heads keep different numbers of slots (internal invariant: every head holds the
+    /// same sinks and recent positions and the same count of slots, so [`h2o::kept_slots`]
+    /// keeps the same count of each).
+    fn compact(&mut self, layer: usize, keep: &[Vec<usize>]) {
+        let KvLayout {
+            page_size: ps,
+            n_kv_heads: kvh,
+            head_dim: hd,
+            ..
+        } = self.layout;
+        let kept = keep[0].len();
+        assert!(
+            keep.iter().all(|k| k.len() == kept),
+            "heads keep unequal slots"
+        );
         let first = keep
             .iter()
-            .enumerate()
-            .position(|(i, &s)| i != s)
-            .unwrap_or(keep.len());
+            .map(|k| {
+                k.iter()
+                    .enumerate()
+                    .position(|(i, &s)| i != s)
+                    .unwrap_or(kept)
+            })
+            .min()
+            .unwrap_or(kept);
         self.unpack_from(layer, first / ps);
         let l = &mut self.layers[layer];
-        for (i, &s) in keep.iter().enumerate().skip(first) {
-            move_row(l, s, i, ps, row);
-            l.logical[i] = l.logical[s];
-            l.votes[i] = l.votes[s];
+        for (g, keep) in keep.iter().enumerate() {
+            for (i, &s) in keep.iter().enumerate().skip(first) {
+                if s != i {
+                    let (from, to) = ((s % ps * kvh + g) * hd, (i % ps * kvh + g) * hd);
+                    for pages in [&mut l.k, &mut l.v] {
+                        move_floats(pages, (s / ps, from), (i / ps, to), hd);
+                    }
+                }
+                l.logical[g][i] = l.logical[g][s];
+                l.votes[g][i] = l.votes[g][s];
+            }
         }
-        let removed = l.len - keep.len();
-        self.cut(layer, keep.len());
+        let removed = l.len - kept;
+        self.cut(layer, kept);
         self.layers[layer].evicted += removed;
         self.refresh_from(layer, first / ps);
     }
@@ -386,11 +441,17 @@ impl PagedKv {
             l.v[pages - 1][from..].fill(0.0);
         }
         l.len = slots;
-        l.logical.truncate(slots);
-        l.votes.truncate(slots);
+        for v in &mut l.logical {
+            v.truncate(slots);
+        }
+        for v in &mut l.votes {
+            v.truncate(slots);
+        }
         l.pending.retain(|p| p.slot < slots);
         for p in &mut l.pending {
-            p.votes.truncate(slots);
+            for v in &mut p.votes {
+                v.truncate(slots);
+            }
         }
     }
 
@@ -419,6 +480,10 @@ impl PagedKv {
         let h2o = self.wants_votes();
         let quest = self.policy.as_ref().is_some_and(|p| p.quest.is_some());
         let l = &mut self.layers[layer];
+        if h2o && l.logical.is_empty() {
+            l.logical = vec![Vec::new(); kvh];
+            l.votes = vec![Vec::new(); kvh];
+        }
         let first_page = l.len / ps;
         for t in 0..n {
             let slot = l.len + t;
@@ -438,18 +503,19 @@ impl PagedKv {
                 l.k[page][dst..dst + hd].copy_from_slice(&k[src..src + hd]);
                 l.v[page][dst..dst + hd].copy_from_slice(&v[src..src + hd]);
             }
-            if h2o {
-                l.logical.push(l.next() + t);
-                l.votes.push(0.0);
+            let pos = l.next() + t;
+            for (logical, votes) in l.logical.iter_mut().zip(&mut l.votes) {
+                logical.push(pos);
+                votes.push(0.0);
             }
         }
         l.len += n;
         self.refresh_from(layer, first_page);
     }
 
-    /// H2O: the votes of the `n_q` rows just appended to `layer` (`[n_q][layer_len]`, from
-    /// [`arbor_kernels::attention::attention_rows_voting`]). They count once the rows are
-    /// committed — when the next forward starts and they are still here.
+    /// H2O: the votes of the `n_q` rows just appended to `layer` (`[n_kv_heads][n_q]
+    /// [layer_len]`, from [`arbor_kernels::attention::attention_rows_voting`]). They count
+    /// once the rows are committed — when the next forward starts and they are still here.
     ///
     /// # Panics
     /// If the sizes disagree with the layer (internal invariant).
@@ -457,13 +523,17 @@ impl PagedKv {
         if !self.wants_votes() {
             return;
         }
+        let kvh = self.layout.n_kv_heads;
         let l = &mut self.layers[layer];
-        assert!(n_q <= l.len && votes.len() == n_q * l.len, "votes shape");
-        let first = l.len - n_q;
-        for (i, row) in votes.chunks_exact(l.len).enumerate() {
+        let len = l.len;
+        assert!(n_q <= len && votes.len() == kvh * n_q * len, "votes shape");
+        let first = len - n_q;
+        for i in 0..n_q {
             l.pending.push(Pending {
                 slot: first + i,
-                votes: row.to_vec(),
+                votes: (0..kvh)
+                    .map(|g| votes[(g * n_q + i) * len..(g * n_q + i + 1) * len].to_vec())
+                    .collect(),
             });
         }
     }
@@ -510,9 +580,9 @@ impl PagedKv {
             let slot = |r: usize| base + (r - prefix);
             for (i, &r) in rows.iter().enumerate() {
                 move_row(l, slot(r), base + i, ps, row);
-                if !l.logical.is_empty() {
-                    l.logical[base + i] = prefix + i;
-                    l.votes[base + i] = l.votes[slot(r)];
+                for (logical, votes) in l.logical.iter_mut().zip(&mut l.votes) {
+                    logical[base + i] = prefix + i;
+                    votes[base + i] = votes[slot(r)];
                 }
             }
             let kept = base + rows.len();
@@ -534,7 +604,7 @@ impl PagedKv {
                     };
                     Some(Pending {
                         slot,
-                        votes: remap(&p.votes),
+                        votes: p.votes.iter().map(|v| remap(v)).collect(),
                     })
                 })
                 .collect();
@@ -555,7 +625,9 @@ impl PagedKv {
 
     /// The mask of `layer` for a forward's `n` new rows: `mask` is over the sequence's
     /// positions (`[n][len + n]`, `len` before the forward); after evictions the layer's slots
-    /// are a subset of them, and each slot takes its position's column.
+    /// are a subset of them, and each slot takes its position's column. The KV heads share
+    /// it: they hold different cached positions but each row sees every cached position
+    /// (internal invariant of causal and tree masks), and the new rows' slots are the same.
     pub fn layer_mask<'m>(
         &self,
         layer: usize,
@@ -569,26 +641,40 @@ impl PagedKv {
         let width = mask.len() / n.max(1);
         let mut out = Vec::with_capacity(n * l.len);
         for r in mask.chunks_exact(width) {
-            out.extend((0..l.len).map(|j| r[l.logical(j)]));
+            debug_assert!(
+                r[..width - n].iter().all(|&m| m),
+                "a row misses a cached position"
+            );
+            out.extend((0..l.len).map(|j| r[l.logical(j, 0)]));
         }
         std::borrow::Cow::Owned(out)
     }
 }
 
-/// Copies slot `from` of a layer to slot `to` (keys and values, full precision).
+/// Copies slot `from` of a layer to slot `to` (keys and values of every KV head, full
+/// precision).
 fn move_row(l: &mut LayerPages, from: usize, to: usize, ps: usize, row: usize) {
     if from == to {
         return;
     }
-    let (sp, so) = (from / ps, (from % ps) * row);
-    let (dp, doff) = (to / ps, (to % ps) * row);
     for pages in [&mut l.k, &mut l.v] {
-        if sp == dp {
-            pages[sp].copy_within(so..so + row, doff);
-        } else {
-            let (lo, hi) = pages.split_at_mut(sp);
-            lo[dp][doff..doff + row].copy_from_slice(&hi[0][so..so + row]);
-        }
+        move_floats(
+            pages,
+            (from / ps, from % ps * row),
+            (to / ps, to % ps * row),
+            row,
+        );
+    }
+}
+
+/// Copies `n` floats at (page, offset) `from` to `to`, an earlier place.
+fn move_floats(pages: &mut [Box<[f32]>], from: (usize, usize), to: (usize, usize), n: usize) {
+    let ((sp, so), (dp, doff)) = (from, to);
+    if sp == dp {
+        pages[sp].copy_within(so..so + n, doff);
+    } else {
+        let (lo, hi) = pages.split_at_mut(sp);
+        lo[dp][doff..doff + n].copy_from_slice(&hi[0][so..so + n]);
     }
 }
 

@@ -218,9 +218,9 @@ fn quantized_pages_follow_the_position_rule_shrink_storage_and_roll_back_exactly
     }
 }
 
-/// Quest with a budget covering the context reads everything; with a small one it reads the
-/// sink page, the recent pages and each query head's best-bounded pages in turn — and never
-/// more than the budget.
+/// Quest with a budget covering the context reads everything; with a small one each query
+/// head reads the sink page, the recent pages and its own best-bounded pages — never more
+/// than the budget.
 #[test]
 fn quest_reads_sinks_recent_and_best_pages_within_budget() {
     let layout = KvLayout {
@@ -253,37 +253,39 @@ fn quest_reads_sinks_recent_and_best_pages_within_budget() {
     }
     let q: Vec<f32> = (0..2 * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
     let all: Vec<usize> = (0..n).collect();
-    let mut keys = all.clone();
-    wide.layer(2).select(0, 1, n, &q, &mut keys);
-    assert_eq!(keys, all, "budget above the context: dense");
-    let mut keys = all.clone();
-    tight.layer(1).select(0, 1, n, &q, &mut keys);
-    assert_eq!(keys, all, "dense layers stay dense");
-    let mut keys = all.clone();
-    tight.layer(2).select(0, 1, n, &q, &mut keys);
-    assert!(keys.len() <= 24, "{} keys read", keys.len());
-    // Sink page (0..4) and recent pages (last token + 8 >= 64: pages 14 and 15) always read.
-    for j in (0..4).chain(56..64) {
-        assert!(keys.contains(&j), "key {j} must be read");
-    }
-    // Three middle pages chosen; each query head's best-bounded page among them, and no
-    // unchosen page beats a head's second choice when that head got two.
+    let mut heads = vec![Vec::new(); 2];
+    assert!(
+        !wide.layer(2).select(0, 1, n, &q, &all, &mut heads),
+        "budget above the context: dense"
+    );
+    assert!(
+        !tight.layer(1).select(0, 1, n, &q, &all, &mut heads),
+        "dense layers stay dense"
+    );
+    assert!(tight.layer(2).select(0, 1, n, &q, &all, &mut heads));
     let bound = |p: usize, h: usize| -> f32 {
         let b = &tight.layers[2].bounds[p];
         let (lo, hi) = b.split_at(b.len() / 2);
         crate::quest::page_bound(&q[h * 8..(h + 1) * 8], &lo[8..16], &hi[8..16])
     };
-    let chosen: Vec<usize> = (1..14).filter(|p| keys.contains(&(p * 4))).collect();
-    assert_eq!(chosen.len(), 3);
-    for h in 0..2 {
-        let best = (1..14)
-            .max_by(|&a, &b| bound(a, h).total_cmp(&bound(b, h)).then(b.cmp(&a)))
-            .unwrap();
-        assert!(
-            chosen.contains(&best),
-            "head {h}'s best page {best} not read"
-        );
+    for (h, keys) in heads.iter().enumerate() {
+        assert!(keys.len() <= 24, "{} keys read", keys.len());
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        // Sink page (0..4) and recent pages (last token + 8 >= 64: pages 14 and 15) always
+        // read.
+        for j in (0..4).chain(56..64) {
+            assert!(keys.contains(&j), "key {j} must be read");
+        }
+        // Three middle pages: exactly this head's three best-bounded ones, whole.
+        let chosen: Vec<usize> = (1..14).filter(|p| keys.contains(&(p * 4))).collect();
+        let mut ranked: Vec<usize> = (1..14).collect();
+        ranked.sort_by(|&a, &b| bound(b, h).total_cmp(&bound(a, h)).then(a.cmp(&b)));
+        ranked.truncate(3);
+        ranked.sort_unstable();
+        assert_eq!(chosen, ranked, "head {h}");
+        assert_eq!(keys.len(), 4 * (1 + 2 + 3));
     }
+    assert_ne!(heads[0], heads[1], "the heads choose for themselves");
 }
 
 fn h2o_policy(budget: usize, recent: usize) -> Arc<KvPolicy> {
@@ -297,11 +299,13 @@ fn h2o_policy(budget: usize, recent: usize) -> Arc<KvPolicy> {
     })
 }
 
-/// Votes favouring every third token, from `n_q` rows over `len` slots.
+/// Votes `[kv head][n_q][len]` of `n_q` rows over `len` slots: KV head `g` favours every
+/// third slot, shifted by `g` (the two heads of [`WIDE`] favour different tokens).
 fn votes(n_q: usize, len: usize, seed: usize) -> Vec<f32> {
-    (0..n_q * len)
+    (0..WIDE.n_kv_heads * n_q * len)
         .map(|i| {
-            if (i % len + seed).is_multiple_of(3) {
+            let g = i / (n_q * len);
+            if (i % len + seed + g).is_multiple_of(3) {
                 1.0
             } else {
                 0.01
@@ -330,28 +334,90 @@ fn h2o_evicts_to_budget_keeping_sinks_and_recent() {
         }
         assert!(c.layer_len(0) <= 16 + 4 + 1);
         pages_seen = pages_seen.max(c.pages());
-        let l = &c.layers[0];
-        assert_eq!(
-            l.logical[..2.min(t + 1)],
-            [0, 1][..2.min(t + 1)],
-            "sinks kept"
-        );
-        let recent: Vec<usize> = (t + 1 - 6.min(t + 1)..=t).collect();
-        assert!(
-            recent.iter().all(|p| l.logical.contains(p)),
-            "recent kept at {t}"
-        );
-        assert!(l.logical.windows(2).all(|w| w[0] < w[1]));
+        for logical in &c.layers[0].logical {
+            assert_eq!(logical.len(), c.layer_len(0));
+            assert_eq!(
+                logical[..2.min(t + 1)],
+                [0, 1][..2.min(t + 1)],
+                "sinks kept"
+            );
+            let recent: Vec<usize> = (t + 1 - 6.min(t + 1)..=t).collect();
+            assert!(
+                recent.iter().all(|p| logical.contains(p)),
+                "recent kept at {t}"
+            );
+            assert!(logical.windows(2).all(|w| w[0] < w[1]));
+        }
     }
     assert!(c.evicted(0) > 70);
+    let l = &c.layers[0];
+    assert_ne!(
+        l.logical[0], l.logical[1],
+        "each KV head keeps its own tokens"
+    );
     assert!(pages_seen <= 6, "slots reused: at most {pages_seen} pages");
-    // The mask of an evicted layer maps slots to their positions' columns.
+    // The mask of an evicted layer maps slots to their positions' columns: a two-row tree
+    // whose second row does not see the first sees every cached slot and itself.
     let n = c.len();
-    let mut mask = vec![true; n + 1];
-    mask[c.layers[0].logical[3]] = false;
-    let m = c.layer_mask(0, &mask, 1);
-    assert_eq!(m.len(), c.layer_len(0));
-    assert!(!m[3] && m.iter().filter(|x| !**x).count() == 1);
+    c.append_head_major(
+        0,
+        &[k.clone(), k.clone()].concat(),
+        &[v.clone(), v].concat(),
+        2,
+    );
+    let mut mask = vec![true; 2 * (n + 2)];
+    mask[n + 1] = false;
+    mask[n + 2 + n] = false;
+    let m = c.layer_mask(0, &mask, 2);
+    let width = c.layer_len(0);
+    assert_eq!(m.len(), 2 * width);
+    assert!(m[..width - 2].iter().all(|&x| x) && m[width..2 * width - 2].iter().all(|&x| x));
+    assert_eq!(m[width - 2..width], [true, false]);
+    assert_eq!(m[2 * width - 2..], [false, true]);
+}
+
+/// Each KV head evicts by its own votes, so the heads keep different tokens, and after every
+/// compaction each head's slots hold exactly the rows of the positions it says it kept.
+#[test]
+fn h2o_evicts_per_kv_head_and_moves_each_heads_rows() {
+    let mut c = PagedKv::with_policy(WIDE, h2o_policy(12, 4));
+    let hd = WIDE.head_dim;
+    let mut buf = vec![0.0; hd];
+    for t in 0..41 {
+        add(&mut c, t, 1);
+        for layer in 0..WIDE.n_layers {
+            // Head `g` favours the positions `p` with `(p + g) % 3 == 0`.
+            let vs: Vec<f32> = c.layers[layer]
+                .logical
+                .iter()
+                .enumerate()
+                .flat_map(|(g, l)| {
+                    l.iter()
+                        .map(move |p| [0.01, 1.0][usize::from((p + g) % 3 == 0)])
+                })
+                .collect();
+            c.record_votes(layer, &vs, 1);
+        }
+        for layer in 0..WIDE.n_layers {
+            let view = c.layer(layer);
+            for g in 0..WIDE.n_kv_heads {
+                for j in 0..c.layer_len(layer) {
+                    let pos = c.layers[layer].logical[g][j];
+                    let (k, v) = wide_rows(pos, 1);
+                    let want = g * hd..(g + 1) * hd;
+                    assert_eq!(view.key(0, g, j, t + 1, &mut buf), &k[want.clone()]);
+                    assert_eq!(view.value(0, g, j, t + 1, &mut buf), &v[want]);
+                }
+            }
+        }
+    }
+    assert!(c.evicted(0) >= 41 - 16);
+    // Past the sinks and the recent tokens, each head kept only the positions it favours.
+    for (g, logical) in c.layers[0].logical.iter().enumerate() {
+        for &p in logical.iter().filter(|&&p| p >= 2 && p + 4 < 40) {
+            assert_eq!((p + g) % 3, 0, "head {g} kept {p}: {logical:?}");
+        }
+    }
 }
 
 /// Rows of a rejected branch never vote: a tree appended, voted and rolled back leaves the
@@ -365,17 +431,22 @@ fn h2o_counts_only_committed_votes() {
         a.record_votes(layer, &votes(10, 10, 0), 10);
     }
     let mut b = a.clone();
-    // `a` verifies a 3-row tree (root, two children) and keeps root + second child.
+    // `a` verifies a 3-row tree (root, two children) and keeps root + second child: each row
+    // sees the cached tokens, its ancestors and itself.
+    let tree_votes = || {
+        let mut vs = votes(3, 13, 1);
+        for g in 0..WIDE.n_kv_heads {
+            let at = |r: usize, j: usize| (g * 3 + r) * 13 + j;
+            for (r, j) in [(0, 11), (0, 12), (1, 12), (2, 11)] {
+                vs[at(r, j)] = 0.0;
+            }
+        }
+        vs
+    };
     let (tk, tv) = wide_rows(50, 3);
     for layer in 0..2 {
         a.append_head_major(layer, &tk, &tv, 3);
-        let mut vs = votes(3, 13, 1);
-        vs[13 + 11] = 0.0; // child 1 does not see child 2 (and vice versa)
-        vs[2 * 13 + 12] = 0.0;
-        vs[2 * 13 + 11] = 0.0;
-        vs[13 + 12] = 0.0;
-        vs[2 * 13 + 11] = 0.0;
-        a.record_votes(layer, &vs, 3);
+        a.record_votes(layer, &tree_votes(), 3);
     }
     a.retain(10, &[10, 12]);
     // `b` decodes the same two tokens one by one (same rows, same votes).
@@ -383,12 +454,14 @@ fn h2o_counts_only_committed_votes() {
         let (k1, v1) = wide_rows(50 + row, 1);
         for layer in 0..2 {
             b.append_head_major(layer, &k1, &v1, 1);
-            let full = votes(3, 13, 1);
-            let r = &full[row * 13..(row + 1) * 13];
-            let mut mine: Vec<f32> = r[..10].to_vec();
-            mine.push(r[10]);
-            if i == 1 {
-                mine.push(r[12]);
+            let full = tree_votes();
+            let mut mine = Vec::new();
+            for g in 0..WIDE.n_kv_heads {
+                let r = &full[(g * 3 + row) * 13..(g * 3 + row + 1) * 13];
+                mine.extend_from_slice(&r[..11]);
+                if i == 1 {
+                    mine.push(r[12]);
+                }
             }
             b.record_votes(layer, &mine, 1);
         }
@@ -452,11 +525,11 @@ fn rollback_is_byte_identical_under_every_policy() {
     // three rows at 32 (depth 2, within the policy's cap of 3) of which two are accepted,
     // against two plain steps. Row `r` votes the same in both: the cached slots, then its
     // ancestors and itself.
-    let row_votes = |len: usize, r: usize, width: usize| -> Vec<f32> {
+    let row_votes = |len: usize, r: usize, g: usize, width: usize| -> Vec<f32> {
         (0..width)
             .map(|j| {
                 if j < len {
-                    1.0 / (1 + (j * 7 + r) % 5) as f32
+                    1.0 / (1 + (j * 7 + r + 3 * g) % 5) as f32
                 } else if j <= len + r {
                     0.5
                 } else {
@@ -473,7 +546,9 @@ fn rollback_is_byte_identical_under_every_policy() {
     for layer in 0..WIDE.n_layers {
         c.append_head_major(layer, &k, &v, 3);
         let len = c.layer_len(layer) - 3;
-        let vs: Vec<f32> = (0..3).flat_map(|r| row_votes(len, r, len + 3)).collect();
+        let vs: Vec<f32> = (0..WIDE.n_kv_heads)
+            .flat_map(|g| (0..3).flat_map(move |r| row_votes(len, r, g, len + 3)))
+            .collect();
         c.record_votes(layer, &vs, 3);
     }
     c.retain(32, &[32, 33]);
@@ -482,7 +557,10 @@ fn rollback_is_byte_identical_under_every_policy() {
         for layer in 0..WIDE.n_layers {
             plain.append_head_major(layer, &k, &v, 1);
             let width = plain.layer_len(layer);
-            plain.record_votes(layer, &row_votes(width - 1 - r, r, width), 1);
+            let vs: Vec<f32> = (0..WIDE.n_kv_heads)
+                .flat_map(|g| row_votes(width - 1 - r, r, g, width))
+                .collect();
+            plain.record_votes(layer, &vs, 1);
         }
     }
     for x in [&mut c, &mut plain] {

@@ -5,7 +5,7 @@ use arbor_kernels::attention::KvSource;
 
 use super::{LayerPages, PagedKv};
 use crate::compression::read_row;
-use crate::quest::{Candidate, best_pages_ranked, page_bound};
+use crate::quest::{Candidate, best_pages, page_bound};
 use crate::{KvLayout, KvPolicy};
 
 /// One layer of a [`PagedKv`], read in place by attention.
@@ -52,7 +52,7 @@ impl<'a> LayerView<'a> {
             return &full[o..o + hd];
         };
         let codes = if values { &l.vq[p] } else { &l.kq[p] };
-        let old = !codes.is_empty() && l.logical((p + 1) * ps - 1) + c.window < pos;
+        let old = !codes.is_empty() && l.logical((p + 1) * ps - 1, g) + c.window < pos;
         // A freed page is only read by queries past the window (the model issues no other).
         if !old && !full.is_empty() {
             return &full[o..o + hd];
@@ -92,13 +92,22 @@ impl KvSource for LayerView<'_> {
     }
 
     /// Quest: among the pages the query sees in full that are past the sinks and older than
-    /// the recent span, keeps the best-bounded ones that fit the budget.
-    fn select(&self, _: usize, g: usize, pos: usize, queries: &[f32], keys: &mut Vec<usize>) {
+    /// the recent span, each query head reads the ones its own bound ranks best, as many as
+    /// fit the budget (as Quest selects per head).
+    fn select(
+        &self,
+        _: usize,
+        g: usize,
+        pos: usize,
+        queries: &[f32],
+        keys: &[usize],
+        heads: &mut [Vec<usize>],
+    ) -> bool {
         let Some(q) = self.policy.and_then(|p| p.quest) else {
-            return;
+            return false;
         };
         if self.layer < q.dense_layers || keys.len() <= q.budget {
-            return;
+            return false;
         }
         let KvLayout {
             page_size: ps,
@@ -107,58 +116,45 @@ impl KvSource for LayerView<'_> {
         } = self.layout;
         let l = self.pages;
         let mut visible = vec![0usize; l.k.len()];
-        for &j in keys.iter() {
+        for &j in keys {
             visible[j / ps] += 1;
         }
         let pages: Vec<usize> = (0..l.k.len())
             .filter(|&p| {
                 visible[p] == ps
-                    && l.logical(p * ps) >= q.sinks
-                    && l.logical((p + 1) * ps - 1) + q.recent < pos
+                    && l.logical(p * ps, g) >= q.sinks
+                    && l.logical((p + 1) * ps - 1, g) + q.recent < pos
             })
             .collect();
         let always = keys.len() - pages.len() * ps;
         let n = q.budget.saturating_sub(always) / ps;
         if n >= pages.len() {
-            return;
+            return false;
         }
-        // Each query head ranks the pages by its own bound; the group takes the heads' best
-        // pages in turn (rank 0 of every head, then rank 1, …) until the budget is full.
-        let ranked: Vec<Vec<usize>> = queries
-            .chunks_exact(hd)
-            .map(|qr| {
-                let scored: Vec<Candidate> = pages
-                    .iter()
-                    .map(|&p| {
-                        let b = &l.bounds[p];
-                        let (lo, hi) = b.split_at(b.len() / 2);
-                        let (lo, hi) = (&lo[g * hd..(g + 1) * hd], &hi[g * hd..(g + 1) * hd]);
-                        Candidate {
-                            page: p,
-                            score: page_bound(qr, lo, hi),
-                        }
-                    })
-                    .collect();
-                best_pages_ranked(scored)
-            })
-            .collect();
-        let mut skipped = vec![false; l.k.len()];
-        for &p in &pages {
-            skipped[p] = true;
-        }
-        let mut chosen = 0;
-        'fill: for rank in 0..pages.len() {
-            for head in &ranked {
-                let p = head[rank];
-                if skipped[p] {
-                    skipped[p] = false;
-                    chosen += 1;
-                    if chosen == n {
-                        break 'fill;
+        let mut read = vec![false; l.k.len()];
+        for (qr, head) in queries.chunks_exact(hd).zip(heads.iter_mut()) {
+            let scored: Vec<Candidate> = pages
+                .iter()
+                .map(|&p| {
+                    let b = &l.bounds[p];
+                    let (lo, hi) = b.split_at(b.len() / 2);
+                    let (lo, hi) = (&lo[g * hd..(g + 1) * hd], &hi[g * hd..(g + 1) * hd]);
+                    Candidate {
+                        page: p,
+                        score: page_bound(qr, lo, hi),
                     }
-                }
+                })
+                .collect();
+            read.fill(true);
+            for &p in &pages {
+                read[p] = false;
             }
+            for p in best_pages(scored, n) {
+                read[p] = true;
+            }
+            head.clear();
+            head.extend(keys.iter().copied().filter(|&j| read[j / ps]));
         }
-        keys.retain(|&j| !skipped[j / ps]);
+        true
     }
 }

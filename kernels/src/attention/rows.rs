@@ -53,11 +53,23 @@ pub trait KvSource: Sync {
         query_pos: usize,
         buf: &'a mut [f32],
     ) -> &'a [f32];
-    /// Narrows `keys` (the keys the mask lets a query see, increasing) to those attention
-    /// should read — e.g. Quest's page selection. `queries` holds the query rows of every
-    /// head of KV group `g` (`group × head_dim`). The default reads them all.
-    fn select(&self, b: usize, g: usize, query_pos: usize, queries: &[f32], keys: &mut Vec<usize>) {
-        let _ = (b, g, query_pos, queries, keys);
+    /// Narrows the keys each query head of KV group `g` reads — e.g. Quest's page selection,
+    /// which every head makes for itself. `keys` are the keys the mask lets the query see
+    /// (increasing) and `queries` the rows of the group's heads (`group × head_dim`). Returns
+    /// `false` when every head reads all of `keys` (the default: the group then reads each key
+    /// once for all its heads); otherwise fills `heads[r]` (one list per head of the group)
+    /// with the keys head `r` reads, a subset of `keys` in the same order.
+    fn select(
+        &self,
+        b: usize,
+        g: usize,
+        query_pos: usize,
+        queries: &[f32],
+        keys: &[usize],
+        heads: &mut [Vec<usize>],
+    ) -> bool {
+        let _ = (b, g, query_pos, queries, keys, heads);
+        false
     }
 }
 
@@ -99,6 +111,8 @@ struct RowCtx<'a, S> {
 /// Per-thread buffers.
 struct Scratch {
     keys: Vec<usize>,
+    /// Per head of the group, the keys it reads when the source selects per head.
+    heads: Vec<Vec<usize>>,
     /// The group's query rows, `[group][head_dim]`.
     queries: Vec<f32>,
     /// Per visible key, the attention the group's heads gave it (when votes are asked for).
@@ -132,7 +146,14 @@ fn group_body<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
         let row = (b * d.n_heads + h) * d.n_q + i;
         s.queries.extend_from_slice(&c.q[row * hd..(row + 1) * hd]);
     }
-    c.kv.select(b, g, pos, &s.queries, &mut s.keys);
+    s.votes.clear();
+    if c.votes {
+        s.votes.resize(s.keys.len(), 0.0);
+    }
+    if c.kv.select(b, g, pos, &s.queries, &s.keys, &mut s.heads) {
+        per_head(c, s, pos, b, g);
+        return;
+    }
     let nk = s.keys.len();
     s.scores.clear();
     s.scores.resize(gs * nk, 0.0);
@@ -146,13 +167,7 @@ fn group_body<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
     s.acc.resize(gs * hd, 0.0);
     let mut sums = Vec::with_capacity(gs);
     for scores in s.scores.chunks_exact_mut(nk) {
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0.0f32;
-        for x in scores.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        sums.push(sum);
+        sums.push(exp_sum(scores));
     }
     for (t, &j) in s.keys.iter().enumerate() {
         let vj = c.kv.value(b, g, j, pos, &mut s.buf);
@@ -169,15 +184,63 @@ fn group_body<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
             *a *= inv;
         }
     }
-    s.votes.clear();
     if c.votes {
-        s.votes.resize(nk, 0.0);
         for (scores, &sum) in s.scores.chunks_exact(nk).zip(&sums) {
             for (v, &p) in s.votes.iter_mut().zip(scores) {
                 *v += p / sum;
             }
         }
     }
+}
+
+/// [`group_body`] when each head reads its own keys (`s.heads`): every head's arithmetic is
+/// the shared path's for those keys alone — same order, same operations.
+#[inline(always)]
+fn per_head<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, pos: usize, b: usize, g: usize) {
+    let hd = c.d.head_dim;
+    s.acc.clear();
+    s.acc.resize(c.group * hd, 0.0);
+    for (r, (keys, acc)) in s.heads.iter().zip(s.acc.chunks_exact_mut(hd)).enumerate() {
+        let qr = &s.queries[r * hd..(r + 1) * hd];
+        s.scores.clear();
+        for &j in keys {
+            s.scores
+                .push(dot(qr, c.kv.key(b, g, j, pos, &mut s.buf)) * c.scale);
+        }
+        let sum = exp_sum(&mut s.scores);
+        for (&j, &p) in keys.iter().zip(&s.scores) {
+            let vj = c.kv.value(b, g, j, pos, &mut s.buf);
+            for (a, &x) in acc.iter_mut().zip(vj) {
+                *a += p * x;
+            }
+        }
+        let inv = 1.0 / sum;
+        for a in acc.iter_mut() {
+            *a *= inv;
+        }
+        if c.votes {
+            // `keys` is an ordered subset of the visible keys: one merge walk places them.
+            let mut at = 0;
+            for (&j, &p) in keys.iter().zip(&s.scores) {
+                while s.keys[at] != j {
+                    at += 1;
+                }
+                s.votes[at] += p / sum;
+            }
+        }
+    }
+}
+
+/// Softmax numerators in place (`exp(x - max)`), returning their sum.
+#[inline(always)]
+fn exp_sum(scores: &mut [f32]) -> f32 {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = 0.0f32;
+    for x in scores.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    sum
 }
 
 /// [`group_body`] compiled for AVX2 (256-bit lanes for the same operations in the same
@@ -258,9 +321,9 @@ pub fn attention_rows_with<S: KvSource>(
 }
 
 /// [`attention_rows_with`], also returning the attention every query row gave every key,
-/// summed over all heads (H2O's votes, Zhang et al., NeurIPS 2023, arXiv 2306.14048): `[batch,
-/// n_q, n_kv]`, 0 for keys the row did not read. Summed in KV-group order, so the votes are as
-/// batch-invariant as the outputs.
+/// per KV head and summed over its query heads (H2O's votes, Zhang et al., NeurIPS 2023, arXiv
+/// 2306.14048): `[batch, n_kv_heads, n_q, n_kv]`, 0 for keys the row's heads did not read.
+/// Summed in head order, so the votes are as batch-invariant as the outputs.
 ///
 /// # Errors
 /// As [`attention_rows_with`].
@@ -335,6 +398,7 @@ fn attention_impl<S: KvSource>(
     };
     let scratch = || Scratch {
         keys: Vec::new(),
+        heads: vec![Vec::new(); ctx.group],
         queries: Vec::new(),
         votes: Vec::new(),
         scores: Vec::new(),
@@ -353,8 +417,14 @@ fn attention_impl<S: KvSource>(
             .map_init(scratch, |s, t| run(s, t))
             .collect()
     };
-    let mut voted = vec![0.0f32; if votes { d.batch * d.n_q * d.n_kv } else { 0 }];
-    // Tasks run in (sequence, group, row) order, so each key's votes add up group by group.
+    let mut voted = vec![
+        0.0f32;
+        if votes {
+            d.batch * d.n_kv_heads * d.n_q * d.n_kv
+        } else {
+            0
+        }
+    ];
     for (task, res) in results.iter().enumerate() {
         let i = task % d.n_q;
         let g = (task / d.n_q) % d.n_kv_heads;
@@ -363,9 +433,11 @@ fn attention_impl<S: KvSource>(
             let at = ((b * d.n_heads + g * ctx.group + r) * d.n_q + i) * hd;
             out[at..at + hd].copy_from_slice(row);
         }
-        let dst = &mut voted[if votes { (b * d.n_q + i) * d.n_kv } else { 0 }..];
-        for (&j, &v) in res.keys.iter().zip(&res.votes) {
-            dst[j] += v;
+        if votes {
+            let dst = &mut voted[((b * d.n_kv_heads + g) * d.n_q + i) * d.n_kv..];
+            for (&j, &v) in res.keys.iter().zip(&res.votes) {
+                dst[j] = v;
+            }
         }
     }
     Ok((out, voted))
@@ -538,8 +610,13 @@ mod tests {
         }
     }
 
-    /// Contiguous keys and values that also drop every key `j` with `j % 3 == 1` in `select`.
+    /// Contiguous keys and values whose selection drops, for the group's head `r`, every key
+    /// `j > 0` with `(j + r) % 3 == 1` (each head reads its own keys).
     struct Sparse<'a>(Contiguous<'a>);
+
+    fn sparse_reads(r: usize, j: usize) -> bool {
+        j == 0 || (j + r) % 3 != 1
+    }
 
     impl KvSource for Sparse<'_> {
         fn key<'a>(
@@ -562,17 +639,30 @@ mod tests {
         ) -> &'a [f32] {
             self.0.value(b, g, j, p, x)
         }
-        fn select(&self, _: usize, _: usize, _: usize, q: &[f32], keys: &mut Vec<usize>) {
-            assert_eq!(q.len() % self.0.d.head_dim, 0);
-            keys.retain(|&j| j % 3 != 1 || j == 0);
+        fn select(
+            &self,
+            _: usize,
+            _: usize,
+            _: usize,
+            q: &[f32],
+            keys: &[usize],
+            heads: &mut [Vec<usize>],
+        ) -> bool {
+            assert_eq!(q.len(), heads.len() * self.0.d.head_dim);
+            for (r, h) in heads.iter_mut().enumerate() {
+                h.clear();
+                h.extend(keys.iter().copied().filter(|&j| sparse_reads(r, j)));
+            }
+            true
         }
     }
 
-    /// Selection reads exactly the narrowed keys (as a mask without them would), and the
-    /// votes are each row's attention probabilities summed over heads: per row they add up
-    /// to the number of heads and vanish on keys not read.
+    /// Per-head selection: each head's rows equal attention with a mask narrowed to that
+    /// head's keys, and the votes are each row's attention probabilities summed over a KV
+    /// head's query heads: per row and KV head they add up to the group size and vanish on
+    /// keys no head read.
     #[test]
-    fn selection_narrows_keys_and_votes_are_probabilities() {
+    fn selection_narrows_keys_per_head_and_votes_are_probabilities() {
         let mut rng = StdRng::seed_from_u64(21);
         let d = AttentionDims {
             batch: 2,
@@ -582,32 +672,41 @@ mod tests {
             n_kv: 13,
             head_dim: 8,
         };
+        let group = d.n_heads / d.n_kv_heads;
         let q = random(&mut rng, d.batch * d.n_heads * d.n_q * d.head_dim);
         let k = random(&mut rng, d.batch * d.n_kv_heads * d.n_kv * d.head_dim);
         let v = random(&mut rng, k.len());
         let mask = tree_mask(&mut rng, d.batch, d.n_q, 9);
-        let narrowed: Vec<bool> = mask
-            .iter()
-            .enumerate()
-            .map(|(i, &m)| m && (i % d.n_kv % 3 != 1 || i % d.n_kv == 0))
-            .collect();
+        let narrowed = |r: usize| -> Vec<bool> {
+            mask.iter()
+                .enumerate()
+                .map(|(i, &m)| m && sparse_reads(r, i % d.n_kv))
+                .collect()
+        };
         let src = Sparse(Contiguous { k: &k, v: &v, d });
         let (got, votes) = attention_rows_voting(&q, &src, &mask, None, d).unwrap();
-        let want = attention_rows(&q, &k, &v, &narrowed, d).unwrap();
-        assert_eq!(got, want);
-        for (row, (vs, ms)) in votes
-            .chunks_exact(d.n_kv)
-            .zip(narrowed.chunks_exact(d.n_kv))
-            .enumerate()
-        {
+        let row = d.n_q * d.head_dim;
+        for r in 0..group {
+            let want = attention_rows(&q, &k, &v, &narrowed(r), d).unwrap();
+            for (h, (a, b)) in got
+                .chunks_exact(row)
+                .zip(want.chunks_exact(row))
+                .enumerate()
+            {
+                if h % group == r {
+                    assert_eq!(a, b, "head {h}");
+                }
+            }
+        }
+        for (n, vs) in votes.chunks_exact(d.n_kv).enumerate() {
+            let (b, i) = (n / (d.n_kv_heads * d.n_q), n % d.n_q);
+            let ms = &mask[(b * d.n_q + i) * d.n_kv..(b * d.n_q + i + 1) * d.n_kv];
             let total: f32 = vs.iter().sum();
-            assert!(
-                (total - d.n_heads as f32).abs() < 1e-4,
-                "row {row}: {total}"
-            );
+            assert!((total - group as f32).abs() < 1e-4, "row {n}: {total}");
             for (j, (&x, &m)) in vs.iter().zip(ms).enumerate() {
-                assert!(m || x == 0.0, "row {row} voted for unread key {j}");
-                assert!(!m || x > 0.0, "row {row} gave no attention to key {j}");
+                let read = m && (0..group).any(|r| sparse_reads(r, j));
+                assert!(read || x == 0.0, "row {n} voted for unread key {j}");
+                assert!(!read || x > 0.0, "row {n} gave no attention to key {j}");
             }
         }
         assert_eq!(
@@ -615,6 +714,32 @@ mod tests {
             got,
             "votes change nothing"
         );
+    }
+
+    /// Without selection the votes are still per KV head: each group's rows sum to its size.
+    #[test]
+    fn votes_are_per_kv_head() {
+        let mut rng = StdRng::seed_from_u64(22);
+        let d = AttentionDims {
+            batch: 1,
+            n_heads: 4,
+            n_kv_heads: 2,
+            n_q: 3,
+            n_kv: 7,
+            head_dim: 4,
+        };
+        let q = random(&mut rng, d.n_heads * d.n_q * d.head_dim);
+        let k = random(&mut rng, d.n_kv_heads * d.n_kv * d.head_dim);
+        let v = random(&mut rng, k.len());
+        let mask = tree_mask(&mut rng, 1, d.n_q, 4);
+        let src = Contiguous { k: &k, v: &v, d };
+        let (_, votes) = attention_rows_voting(&q, &src, &mask, None, d).unwrap();
+        assert_eq!(votes.len(), d.n_kv_heads * d.n_q * d.n_kv);
+        for vs in votes.chunks_exact(d.n_kv) {
+            assert!((vs.iter().sum::<f32>() - 2.0).abs() < 1e-5);
+        }
+        // The two KV heads' keys differ, so their votes do too.
+        assert_ne!(votes[..d.n_q * d.n_kv], votes[d.n_q * d.n_kv..]);
     }
 
     #[test]
