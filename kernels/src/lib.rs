@@ -13,6 +13,8 @@
 //!   decode, prefill and tree attention alike (the mask says which keys each query sees);
 //!   and [`attention::attention_rows`], the fused row-wise CPU kernel (only visible keys,
 //!   no score matrix, batch-invariant: a tree row equals its path decoded alone, bitwise).
+//! - [`cube`]: the GPU kernels in CubeCL (quantized matmul, paged tree attention), for any
+//!   CubeCL runtime; tested on wgpu against the references above.
 //!
 //! ```
 //! use arbor_kernels::quant::{GgmlType, dequantize};
@@ -24,6 +26,7 @@
 //! ```
 
 pub mod attention;
+pub mod cube;
 mod error;
 pub mod kvquant;
 pub mod matmul;

@@ -121,6 +121,11 @@ impl QuantMatrix {
         Ok(Self { ty, n, k, data })
     }
 
+    /// The blocks as stored (GGUF layout), row-major.
+    pub fn raw(&self) -> &[u8] {
+        &self.data
+    }
+
     /// The block format.
     pub fn ty(&self) -> GgmlType {
         self.ty
@@ -276,4 +281,4 @@ impl QuantMatrix {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

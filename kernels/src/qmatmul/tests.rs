@@ -2,7 +2,7 @@ use super::*;
 use crate::matmul::matmul_reference;
 
 /// The block formats the matmul takes.
-const TYPES: [GgmlType; 8] = [
+pub(crate) const TYPES: [GgmlType; 8] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
@@ -23,22 +23,22 @@ fn f16_fields(ty: GgmlType) -> &'static [usize] {
 }
 
 /// A small deterministic generator (xorshift).
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn unit(&mut self) -> f32 {
+    pub(crate) fn unit(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
     }
 }
 
 /// Random blocks: every bit random except the f16 scales, which are finite and modest.
-fn random_matrix(ty: GgmlType, n: usize, k: usize, rng: &mut Rng) -> QuantMatrix {
+pub(crate) fn random_matrix(ty: GgmlType, n: usize, k: usize, rng: &mut Rng) -> QuantMatrix {
     let bytes = ty.bytes_for(n * k).unwrap();
     let mut data: Vec<u8> = (0..bytes).map(|_| rng.next() as u8).collect();
     for block in data.chunks_exact_mut(ty.block_bytes()) {
