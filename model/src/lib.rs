@@ -20,6 +20,7 @@ mod config;
 mod embed;
 mod error;
 pub mod gguf;
+mod gpu_blocks;
 pub mod hub;
 mod input;
 mod load;

@@ -16,6 +16,7 @@ use burn::nn::Linear;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::error::{ModelError, Result};
+use crate::gpu_blocks::GpuBlocks;
 use crate::weights::MatrixData;
 
 /// One projection.
@@ -28,6 +29,9 @@ pub struct Proj<B: Backend> {
     /// Packed weights for the CPU fast path (shared by clones, e.g. truncated self-drafts).
     #[module(skip)]
     packed: Option<Packed>,
+    /// Block weights on the device (the CUDA backend's fast path).
+    #[module(skip)]
+    gpu: Option<GpuBlocks>,
 }
 
 /// Weights of the CPU fast path.
@@ -107,6 +111,7 @@ impl<B: Backend> Proj<B> {
                 linear: None,
                 bias,
                 packed: Some(Packed::F32(Arc::new(packed))),
+                gpu: None,
             });
         }
         let t = crate::transformer::transpose(w, out, inp);
@@ -118,6 +123,7 @@ impl<B: Backend> Proj<B> {
             }),
             bias: None,
             packed: None,
+            gpu: None,
         })
     }
 
@@ -135,14 +141,15 @@ impl<B: Backend> Proj<B> {
         device: &B::Device,
     ) -> Result<Self> {
         match w {
-            MatrixData::Blocks(q) if uses_fast_path::<B>() => {
+            MatrixData::Blocks(q) if uses_fast_path::<B>() || GpuBlocks::serves::<B>() => {
                 Self::from_blocks(Arc::new(q), out, inp, bias, device)
             }
             w => Self::new(&w.into_f32(), out, inp, bias, device),
         }
     }
 
-    /// From shared GGUF blocks (CPU backend only; elsewhere dequantized into a burn layer).
+    /// From shared GGUF blocks: kept as blocks on the CPU fast path, uploaded as device blocks
+    /// on the CUDA backend, elsewhere dequantized into a burn layer.
     ///
     /// # Errors
     /// [`ModelError::Input`] if the sizes disagree.
@@ -160,6 +167,15 @@ impl<B: Backend> Proj<B> {
                 q.k()
             )));
         }
+        #[cfg(feature = "cuda")]
+        if GpuBlocks::serves::<B>() {
+            return Ok(Self {
+                linear: None,
+                bias: bias_param(bias, out, device)?,
+                packed: None,
+                gpu: Some(GpuBlocks::upload::<B>(&q, device)?),
+            });
+        }
         if !uses_fast_path::<B>() {
             return Self::new(&q.dequantize(), out, inp, bias, device);
         }
@@ -167,15 +183,17 @@ impl<B: Backend> Proj<B> {
             linear: None,
             bias: bias_param(bias, out, device)?,
             packed: Some(Packed::Blocks(q)),
+            gpu: None,
         })
     }
 
     /// Bytes of weights a forward reads (the fast path's storage, or burn's f32 layer).
     pub fn weight_bytes(&self) -> usize {
-        match (&self.packed, &self.linear) {
-            (Some(p), _) => p.bytes(),
-            (None, Some(l)) => l.weight.val().shape().num_elements() * 4,
-            (None, None) => 0,
+        match (&self.packed, &self.linear, &self.gpu) {
+            (Some(p), _, _) => p.bytes(),
+            (None, Some(l), _) => l.weight.val().shape().num_elements() * 4,
+            (None, None, Some(g)) => g.bytes(),
+            (None, None, None) => 0,
         }
     }
 
@@ -190,6 +208,7 @@ impl<B: Backend> Proj<B> {
                 Packed::F32(w) => Packed::F16(Arc::new(w.convert())),
                 other => other.clone(),
             }),
+            gpu: self.gpu.clone(),
         }
     }
 
@@ -199,6 +218,13 @@ impl<B: Backend> Proj<B> {
     /// # Panics
     /// If `x` is not f32 (internal invariant: the model computes in f32).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if let Some(g) = &self.gpu {
+            let y = g.forward(x);
+            return match &self.bias {
+                Some(b) => y + b.val().reshape([1, 1, g.n()]),
+                None => y,
+            };
+        }
         let Some(packed) = &self.packed else {
             return self
                 .linear
