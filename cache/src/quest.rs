@@ -47,10 +47,22 @@ impl QuestConfig {
 
 /// Quest's upper bound of `q·k` over a page whose keys lie between `min` and `max` per channel.
 pub fn page_bound(q: &[f32], min: &[f32], max: &[f32]) -> f32 {
-    q.iter()
-        .zip(min.iter().zip(max))
+    // Eight independent lanes (vectorizable; a single running sum is not).
+    let mut acc = [0.0f32; 8];
+    let (cq, rq) = q.as_chunks::<8>();
+    let (cl, rl) = min.as_chunks::<8>();
+    let (ch, rh) = max.as_chunks::<8>();
+    for ((x, lo), hi) in cq.iter().zip(cl).zip(ch) {
+        for l in 0..8 {
+            acc[l] += (x[l] * hi[l]).max(x[l] * lo[l]);
+        }
+    }
+    let tail: f32 = rq
+        .iter()
+        .zip(rl.iter().zip(rh))
         .map(|(&x, (&lo, &hi))| (x * hi).max(x * lo))
-        .sum()
+        .sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// One page a query could skip.

@@ -29,7 +29,7 @@ impl<'a> LayerView<'a> {
 
     /// Row `j` of head `g` as a query at `pos` reads it: the codes of a packed page whose
     /// last token is older than the window, else full precision.
-    #[inline]
+    #[inline(always)]
     fn read<'b>(
         &'b self,
         values: bool,
