@@ -194,39 +194,77 @@ fn group_body<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
 }
 
 /// [`group_body`] when each head reads its own keys (`s.heads`): every head's arithmetic is
-/// the shared path's for those keys alone — same order, same operations.
+/// the shared path's for those keys alone — same order, same operations — while each key (and
+/// value) any head reads is fetched once for all of them (a quantized page unpacked once).
 #[inline(always)]
 fn per_head<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, pos: usize, b: usize, g: usize) {
     let hd = c.d.head_dim;
+    let gs = c.group;
+    // Head r's scores live at `s.scores[start[r]..start[r + 1]]`.
+    let mut start = Vec::with_capacity(gs + 1);
+    start.push(0);
+    for h in &s.heads {
+        start.push(start.last().copied().unwrap_or(0) + h.len());
+    }
+    s.scores.clear();
+    s.scores.resize(start[gs], 0.0);
+    let mut cur = vec![0usize; gs];
+    for &j in &s.keys {
+        if !s
+            .heads
+            .iter()
+            .zip(&cur)
+            .any(|(h, &at)| h.get(at) == Some(&j))
+        {
+            continue;
+        }
+        let kj = c.kv.key(b, g, j, pos, &mut s.buf);
+        for (r, (h, at)) in s.heads.iter().zip(cur.iter_mut()).enumerate() {
+            if h.get(*at) == Some(&j) {
+                s.scores[start[r] + *at] = dot(&s.queries[r * hd..(r + 1) * hd], kj) * c.scale;
+                *at += 1;
+            }
+        }
+    }
+    let sums: Vec<f32> = (0..gs)
+        .map(|r| exp_sum(&mut s.scores[start[r]..start[r + 1]]))
+        .collect();
     s.acc.clear();
-    s.acc.resize(c.group * hd, 0.0);
-    for (r, (keys, acc)) in s.heads.iter().zip(s.acc.chunks_exact_mut(hd)).enumerate() {
-        let qr = &s.queries[r * hd..(r + 1) * hd];
-        s.scores.clear();
-        for &j in keys {
-            s.scores
-                .push(dot(qr, c.kv.key(b, g, j, pos, &mut s.buf)) * c.scale);
+    s.acc.resize(gs * hd, 0.0);
+    cur.fill(0);
+    for (t, &j) in s.keys.iter().enumerate() {
+        if !s
+            .heads
+            .iter()
+            .zip(&cur)
+            .any(|(h, &at)| h.get(at) == Some(&j))
+        {
+            continue;
         }
-        let sum = exp_sum(&mut s.scores);
-        for (&j, &p) in keys.iter().zip(&s.scores) {
-            let vj = c.kv.value(b, g, j, pos, &mut s.buf);
-            for (a, &x) in acc.iter_mut().zip(vj) {
-                *a += p * x;
-            }
-        }
-        let inv = 1.0 / sum;
-        for a in acc.iter_mut() {
-            *a *= inv;
-        }
-        if c.votes {
-            // `keys` is an ordered subset of the visible keys: one merge walk places them.
-            let mut at = 0;
-            for (&j, &p) in keys.iter().zip(&s.scores) {
-                while s.keys[at] != j {
-                    at += 1;
+        let vj = c.kv.value(b, g, j, pos, &mut s.buf);
+        for (r, ((h, at), acc)) in s
+            .heads
+            .iter()
+            .zip(cur.iter_mut())
+            .zip(s.acc.chunks_exact_mut(hd))
+            .enumerate()
+        {
+            if h.get(*at) == Some(&j) {
+                let p = s.scores[start[r] + *at];
+                for (a, &x) in acc.iter_mut().zip(vj) {
+                    *a += p * x;
                 }
-                s.votes[at] += p / sum;
+                if c.votes {
+                    s.votes[t] += p / sums[r];
+                }
+                *at += 1;
             }
+        }
+    }
+    for (acc, &sum) in s.acc.chunks_exact_mut(hd).zip(&sums) {
+        let inv = 1.0 / sum;
+        for a in acc {
+            *a *= inv;
         }
     }
 }
