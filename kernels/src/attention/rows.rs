@@ -210,12 +210,7 @@ fn per_head<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, pos: usize, b: usiz
     s.scores.resize(start[gs], 0.0);
     let mut cur = vec![0usize; gs];
     for &j in &s.keys {
-        if !s
-            .heads
-            .iter()
-            .zip(&cur)
-            .any(|(h, &at)| h.get(at) == Some(&j))
-        {
+        if !wanted(&s.heads, &cur, j) {
             continue;
         }
         let kj = c.kv.key(b, g, j, pos, &mut s.buf);
@@ -233,12 +228,7 @@ fn per_head<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, pos: usize, b: usiz
     s.acc.resize(gs * hd, 0.0);
     cur.fill(0);
     for (t, &j) in s.keys.iter().enumerate() {
-        if !s
-            .heads
-            .iter()
-            .zip(&cur)
-            .any(|(h, &at)| h.get(at) == Some(&j))
-        {
+        if !wanted(&s.heads, &cur, j) {
             continue;
         }
         let vj = c.kv.value(b, g, j, pos, &mut s.buf);
@@ -267,6 +257,12 @@ fn per_head<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, pos: usize, b: usiz
             *a *= inv;
         }
     }
+}
+
+/// Whether some head's next selected key is `j` (`cursor[r]` indexes head `r`'s list).
+#[inline(always)]
+fn wanted(heads: &[Vec<usize>], cursor: &[usize], j: usize) -> bool {
+    heads.iter().zip(cursor).any(|(h, &at)| h.get(at) == Some(&j))
 }
 
 /// Softmax numerators in place (`exp(x - max)`), returning their sum.
