@@ -134,7 +134,13 @@ impl PagedKv {
         if let Err(e) = policy.check(&layout) {
             panic!("{e}");
         }
+        let mut layer = LayerPages::default();
+        if policy.h2o.is_some() {
+            layer.logical = vec![Vec::new(); layout.n_kv_heads];
+            layer.votes = vec![Vec::new(); layout.n_kv_heads];
+        }
         Self {
+            layers: vec![layer; layout.n_layers],
             policy: Some(policy),
             ..Self::new(layout)
         }
@@ -365,9 +371,7 @@ impl PagedKv {
             .zip(&l.votes)
             .map(|(logical, votes)| h2o::kept_slots(&cfg, logical, votes, next))
             .collect();
-        if let Some(keep) = keep
-            && !keep.is_empty()
-        {
+        if let Some(keep) = keep {
             self.compact(layer, &keep);
         }
     }
@@ -477,13 +481,8 @@ impl PagedKv {
         self.fold_and_evict(layer);
         self.free_old(layer);
         let floats = self.layout.page_floats();
-        let h2o = self.wants_votes();
         let quest = self.policy.as_ref().is_some_and(|p| p.quest.is_some());
         let l = &mut self.layers[layer];
-        if h2o && l.logical.is_empty() {
-            l.logical = vec![Vec::new(); kvh];
-            l.votes = vec![Vec::new(); kvh];
-        }
         let first_page = l.len / ps;
         for t in 0..n {
             let slot = l.len + t;
