@@ -23,10 +23,6 @@ impl GpuBlocks {
         false
     }
 
-    pub(crate) fn n(&self) -> usize {
-        match *self {}
-    }
-
     pub(crate) fn bytes(&self) -> usize {
         match *self {}
     }
@@ -76,10 +72,6 @@ mod cuda {
             CubeQuantMatrix::upload(&client, q)
                 .map(|w| Self(Arc::new(w)))
                 .map_err(|e| ModelError::Input(format!("uploading block weights: {e}")))
-        }
-
-        pub(crate) fn n(&self) -> usize {
-            self.0.n()
         }
 
         pub(crate) fn bytes(&self) -> usize {

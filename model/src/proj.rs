@@ -218,34 +218,41 @@ impl<B: Backend> Proj<B> {
     /// # Panics
     /// If `x` is not f32 (internal invariant: the model computes in f32).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        if let Some(g) = &self.gpu {
-            let y = g.forward(x);
-            return match &self.bias {
-                Some(b) => y + b.val().reshape([1, 1, g.n()]),
-                None => y,
-            };
-        }
-        let Some(packed) = &self.packed else {
-            return self
-                .linear
-                .as_ref()
-                .expect("a projection holds either packed weights or a burn layer")
-                .forward(x);
+        let y = match (&self.gpu, &self.packed) {
+            (Some(g), _) => g.forward(x),
+            (None, Some(packed)) => host_matmul(packed, x),
+            (None, None) => {
+                return self
+                    .linear
+                    .as_ref()
+                    .expect("a projection holds device blocks, packed weights or a burn layer")
+                    .forward(x);
+            }
         };
-        let [batch, n, k] = x.dims();
-        let device = x.device();
-        let xs = x
-            .into_data()
-            .into_vec::<f32>()
-            .expect("activations are f32");
-        let mut y = vec![0.0f32; batch * n * packed.n()];
-        packed
-            .matmul(&xs, batch * n, &mut y)
-            .unwrap_or_else(|e| panic!("projection of width {k}: {e}"));
-        let y = Tensor::<B, 3>::from_data(TensorData::new(y, [batch, n, packed.n()]), &device);
         match &self.bias {
-            Some(b) => y + b.val().reshape([1, 1, packed.n()]),
+            Some(b) => {
+                let out = y.dims()[2];
+                y + b.val().reshape([1, 1, out])
+            }
             None => y,
         }
     }
+}
+
+/// `x · Wᵀ` on the CPU fast path (`[batch, n, in]` → `[batch, n, out]`).
+///
+/// # Panics
+/// If `x` is not f32 (internal invariant: the model computes in f32).
+fn host_matmul<B: Backend>(packed: &Packed, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [batch, n, k] = x.dims();
+    let device = x.device();
+    let xs = x
+        .into_data()
+        .into_vec::<f32>()
+        .expect("activations are f32");
+    let mut y = vec![0.0f32; batch * n * packed.n()];
+    packed
+        .matmul(&xs, batch * n, &mut y)
+        .unwrap_or_else(|e| panic!("projection of width {k}: {e}"));
+    Tensor::from_data(TensorData::new(y, [batch, n, packed.n()]), &device)
 }

@@ -262,7 +262,10 @@ fn per_head<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, pos: usize, b: usiz
 /// Whether some head's next selected key is `j` (`cursor[r]` indexes head `r`'s list).
 #[inline(always)]
 fn wanted(heads: &[Vec<usize>], cursor: &[usize], j: usize) -> bool {
-    heads.iter().zip(cursor).any(|(h, &at)| h.get(at) == Some(&j))
+    heads
+        .iter()
+        .zip(cursor)
+        .any(|(h, &at)| h.get(at) == Some(&j))
 }
 
 /// Softmax numerators in place (`exp(x - max)`), returning their sum.
