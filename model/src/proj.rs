@@ -229,6 +229,10 @@ impl<B: Backend> Proj<B> {
                     .forward(x);
             }
         };
+        self.add_bias(y)
+    }
+
+    fn add_bias(&self, y: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.bias {
             Some(b) => {
                 let out = y.dims()[2];
@@ -237,6 +241,54 @@ impl<B: Backend> Proj<B> {
             None => y,
         }
     }
+}
+
+/// The same input through several projections (a layer's Q, K, V; its gate and up): one
+/// activation quantization and one parallel pass when all hold GGUF blocks on the CPU fast
+/// path ([`arbor_kernels::qmatmul::matmul_fused`], bit-identical to one product each), else
+/// one [`Proj::forward`] each.
+///
+/// # Shapes
+/// - `x`: `[batch, n, in]` → one `[batch, n, outᵢ]` per projection
+///
+/// # Panics
+/// If `x` is not f32 (internal invariant: the model computes in f32).
+pub fn forward_fused<B: Backend, const N: usize>(
+    projs: [&Proj<B>; N],
+    x: Tensor<B, 3>,
+) -> [Tensor<B, 3>; N] {
+    let blocks: Option<Vec<&QuantMatrix>> = projs
+        .iter()
+        .map(|p| match (&p.gpu, &p.packed) {
+            (None, Some(Packed::Blocks(q))) => Some(&**q),
+            _ => None,
+        })
+        .collect();
+    let Some(mats) = blocks else {
+        return projs.map(|p| p.forward(x.clone()));
+    };
+    let [batch, n, k] = x.dims();
+    let device = x.device();
+    let xs = x
+        .into_data()
+        .into_vec::<f32>()
+        .expect("activations are f32");
+    let mut ys: Vec<Vec<f32>> = mats
+        .iter()
+        .map(|w| vec![0.0f32; batch * n * w.n()])
+        .collect();
+    let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
+    arbor_kernels::qmatmul::matmul_fused(&mats, &xs, batch * n, &mut outs)
+        .unwrap_or_else(|e| panic!("projections of width {k}: {e}"));
+    let mut ys = ys.into_iter();
+    projs.map(|p| {
+        let y = ys.next().expect("one output per projection");
+        let out = y.len() / (batch * n);
+        p.add_bias(Tensor::from_data(
+            TensorData::new(y, [batch, n, out]),
+            &device,
+        ))
+    })
 }
 
 /// `x · Wᵀ` on the CPU fast path (`[batch, n, in]` → `[batch, n, out]`).

@@ -177,3 +177,54 @@ fn bad_inputs_are_errors() {
     ));
     assert!(w.matmul(&[], 0, &mut []).is_ok());
 }
+
+#[test]
+fn fused_products_equal_one_product_each() {
+    let mut rng = Rng(11);
+    let k = 512;
+    // Mixed block sizes (256 for the k-quants, 32 otherwise) and ragged output counts.
+    let mats: Vec<QuantMatrix> = [
+        (GgmlType::Q4_K, 37),
+        (GgmlType::Q8_0, 5),
+        (GgmlType::Q6_K, 64),
+    ]
+    .into_iter()
+    .map(|(ty, n)| random_matrix(ty, n, k, &mut rng))
+    .collect();
+    let refs: Vec<&QuantMatrix> = mats.iter().collect();
+    for m in [1, 3, 9] {
+        let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
+        let mut fused: Vec<Vec<f32>> = mats.iter().map(|w| vec![0.0; m * w.n()]).collect();
+        let mut outs: Vec<&mut [f32]> = fused.iter_mut().map(Vec::as_mut_slice).collect();
+        matmul_fused(&refs, &x, m, &mut outs).unwrap();
+        for (w, got) in mats.iter().zip(&fused) {
+            let mut want = vec![0.0; m * w.n()];
+            w.matmul(&x, m, &mut want).unwrap();
+            assert_eq!(got, &want, "{:?}, {m} rows", w.ty());
+        }
+    }
+}
+
+#[test]
+fn fused_products_reject_bad_operands() {
+    let mut rng = Rng(5);
+    let a = random_matrix(GgmlType::Q8_0, 2, 64, &mut rng);
+    let b = random_matrix(GgmlType::Q8_0, 2, 32, &mut rng);
+    let x = vec![0.5; 64];
+    let (mut ya, mut yb) = (vec![0.0; 2], vec![0.0; 2]);
+    // Different input widths.
+    assert!(matches!(
+        matmul_fused(&[&a, &b], &x, 1, &mut [&mut ya, &mut yb]),
+        Err(KernelError::Shape(_))
+    ));
+    // One output too few, and one too short.
+    assert!(matches!(
+        matmul_fused(&[&a, &a], &x, 1, &mut [&mut ya]),
+        Err(KernelError::Shape(_))
+    ));
+    assert!(matches!(
+        matmul_fused(&[&a, &a], &x, 1, &mut [&mut ya, &mut yb[..1]]),
+        Err(KernelError::Shape(_))
+    ));
+    assert!(matmul_fused(&[], &x, 1, &mut []).is_ok());
+}
