@@ -248,23 +248,55 @@ unsafe fn rows32<const F: u8, const R: usize, const V: bool>(
     }
 }
 
-/// The 8 six-bit scales and 8 minimums of a Q4_K/Q5_K super-block's 12 scale bytes.
+/// The 8 six-bit scales and 8 minimums of a Q4_K/Q5_K super-block's 12 scale bytes (at
+/// `p`), as 16 i16 lanes: scales in the low half, minimums in the high half.
+///
+/// # Safety
+/// The caller's build enables AVX2; `p` has 12 readable bytes.
+#[inline(always)]
+unsafe fn k4_scales(p: *const u8) -> __m256i {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let word = |i: usize| p.add(4 * i).cast::<u32>().read_unaligned();
+        let (a, b, c) = (word(0), word(1), word(2));
+        let low6 = 0x3f3f_3f3f;
+        let nib = 0x0f0f_0f0f;
+        let top2 = 0x0303_0303;
+        let sc1 = (c & nib) | (((a >> 6) & top2) << 4);
+        let mn1 = ((c >> 4) & nib) | (((b >> 6) & top2) << 4);
+        _mm256_cvtepu8_epi16(_mm_set_epi32(
+            mn1 as i32,
+            (b & low6) as i32,
+            sc1 as i32,
+            (a & low6) as i32,
+        ))
+    }
+}
+
+/// A byte shuffle that fills 128-bit lane 0 with i16 element `lo` of its lane and lane 1
+/// with element `hi` of its lane (`_mm256_shuffle_epi8` stays inside lanes).
+#[target_feature(enable = "avx2")]
 #[inline]
-fn k4_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let word = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
-    let (a, b, c) = (word(0), word(1), word(2));
-    let low6 = 0x3f3f_3f3f;
-    let nib = 0x0f0f_0f0f;
-    let top2 = 0x0303_0303;
-    let sc = [a & low6, (c & nib) | (((a >> 6) & top2) << 4)];
-    let mn = [b & low6, ((c >> 4) & nib) | (((b >> 6) & top2) << 4)];
-    let bytes = |v: [u32; 2]| {
-        let mut o = [0u8; 8];
-        o[..4].copy_from_slice(&v[0].to_le_bytes());
-        o[4..].copy_from_slice(&v[1].to_le_bytes());
-        o
-    };
-    (bytes(sc), bytes(mn))
+fn pick_i16(lo: i8, hi: i8) -> __m256i {
+    let pair = |e: i8| (i16::from(2 * e + 1) << 8) | i16::from(2 * e);
+    _mm256_set_m128i(_mm_set1_epi16(pair(hi)), _mm_set1_epi16(pair(lo)))
+}
+
+/// `d` and the second f16 after it at `p`, times `dx`, broadcast: `(d·dx, d2·dx)`.
+///
+/// # Safety
+/// The caller's build enables AVX2/F16C; `p` has 4 readable bytes.
+#[inline(always)]
+unsafe fn f16_pair_times(p: *const u8, dx: f32) -> (__m256, __m256) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let bits = p.cast::<u32>().read_unaligned() as i32;
+        let v = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)), _mm_set1_ps(dx));
+        (
+            _mm256_broadcastss_ps(v),
+            _mm256_broadcastss_ps(_mm_movehdup_ps(v)),
+        )
+    }
 }
 
 /// Q4_K (and Q5_K with `FIFTH`): 8 sub-blocks of 32 with 6-bit scales and minimums.
@@ -282,16 +314,22 @@ unsafe fn rows_k45<const FIFTH: bool, const R: usize, const V: bool>(
         let mut acc = [_mm256_setzero_ps(); R];
         let mut acc_min = [_mm256_setzero_ps(); R];
         let low = _mm256_set1_epi8(0xF);
+        // Sub-block j's scale in every i16 lane: lane 0 of `scales` holds them, copied to 1.
+        let pick: [__m256i; 8] = std::array::from_fn(|j| pick_i16(j as i8, j as i8));
+        // Each minimum twice, against the activations' per-16 sums: i16 lanes m0 m0 m1 m1 …
+        // from the minimums' 8 lanes (copied into both 128-bit lanes).
+        let dup = _mm256_setr_epi8(
+            0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7, //
+            8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15,
+        );
         for (bi, b) in w.chunks_exact(bb).enumerate() {
             let p = b.as_ptr();
-            let (sc, mn) = k4_scales(&b[4..16]);
             // `b` is one whole super-block; `x` rows cover 256 values per super-block.
             {
-                let d = f16_at(p);
-                let dmin = f16_at(p.add(2));
-                // Each minimum twice, against the activations' per-16 sums.
-                let m8 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr().cast()));
-                let mins = _mm256_set_m128i(_mm_unpackhi_epi16(m8, m8), _mm_unpacklo_epi16(m8, m8));
+                let sm = k4_scales(p.add(4));
+                let scales = _mm256_permute2x128_si256::<0x00>(sm, sm);
+                let mins16 = _mm256_permute2x128_si256::<0x11>(sm, sm);
+                let mins = _mm256_shuffle_epi8(mins16, dup);
                 let qh = if FIFTH {
                     load(p.add(16))
                 } else {
@@ -306,8 +344,8 @@ unsafe fn rows_k45<const FIFTH: bool, const R: usize, const V: bool>(
                         lo = _mm256_or_si256(lo, high_bits(qh, 2 * chunk as i32, 1));
                         hi = _mm256_or_si256(hi, high_bits(qh, 2 * chunk as i32 + 1, 1));
                     }
-                    let s_lo = _mm256_set1_epi16(i16::from(sc[2 * chunk]));
-                    let s_hi = _mm256_set1_epi16(i16::from(sc[2 * chunk + 1]));
+                    let s_lo = _mm256_shuffle_epi8(scales, pick[2 * chunk]);
+                    let s_hi = _mm256_shuffle_epi8(scales, pick[2 * chunk + 1]);
                     for r in 0..R {
                         let xp = x[r].q.as_ptr().add(bi * 256 + 64 * chunk).cast::<u8>();
                         let a = _mm256_maddubs_epi16(lo, load(xp));
@@ -317,16 +355,12 @@ unsafe fn rows_k45<const FIFTH: bool, const R: usize, const V: bool>(
                 }
                 for r in 0..R {
                     let xr = &x[r];
-                    let dx = *xr.d.get_unchecked(bi);
-                    acc[r] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(isum[r]),
-                        _mm256_set1_ps(d * dx),
-                        acc[r],
-                    );
+                    let (dd, dm) = f16_pair_times(p, *xr.d.get_unchecked(bi));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), dd, acc[r]);
                     let s16 = _mm256_loadu_si256(xr.sum16.as_ptr().add(bi * 16).cast());
                     acc_min[r] = _mm256_fmadd_ps(
                         _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, s16)),
-                        _mm256_set1_ps(dmin * dx),
+                        dm,
                         acc_min[r],
                     );
                 }

@@ -33,10 +33,13 @@ mod acts;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod portable;
+mod x8;
 
 pub use acts::Q8Acts;
 
 use acts::ActRow;
+
+use std::borrow::Cow;
 
 use rayon::prelude::*;
 
@@ -175,21 +178,35 @@ pub fn matmul_fused_with(
     // 8 chunks per core spent ~10% of the step waking and parking rayon's workers); results
     // land transposed ([n][m]) per matrix.
     let total: usize = mats.iter().map(|w| w.n).sum();
-    let chunk = total.div_ceil(3 * rayon::current_num_threads()).max(4);
+    let chunk = total.div_ceil(3 * rayon::current_num_threads()).max(8);
     let mut yts: Vec<Vec<f32>> = mats.iter().map(|w| vec![0.0f32; w.n * m]).collect();
     let mut jobs = Vec::new();
     for (w, yt) in mats.iter().zip(yts.iter_mut()) {
-        let rb = w.row_bytes();
         let acts = rows_of(w);
+        // Interleaved groups of 8 rows first (chunks of whole groups), then GGUF rows.
+        let grouped = 8 * w.groups;
+        let (gdata, rdata) = w.data.split_at(w.groups * w.group_bytes());
+        let (gout, rout) = yt.split_at_mut(grouped * m);
+        let gchunk = chunk.div_ceil(8);
         jobs.extend(
-            yt.chunks_mut(chunk * m)
-                .zip(w.data.chunks(chunk * rb))
-                .map(|(out, data)| (*w, acts, out, data)),
+            gout.chunks_mut(8 * gchunk * m)
+                .zip(gdata.chunks(gchunk * w.group_bytes().max(1)))
+                .map(|(out, data)| (*w, acts, out, data, true)),
+        );
+        jobs.extend(
+            rout.chunks_mut(chunk * m)
+                .zip(rdata.chunks(chunk * w.row_bytes()))
+                .map(|(out, data)| (*w, acts, out, data, false)),
         );
     }
-    jobs.into_par_iter().for_each(|(w, acts, out, data)| {
-        w.rows_times(isa, data, acts, out);
-    });
+    jobs.into_par_iter()
+        .for_each(|(w, acts, out, data, grouped)| {
+            if grouped {
+                w.groups_times(isa, data, acts, out);
+            } else {
+                w.rows_times(isa, data, acts, out);
+            }
+        });
     for ((w, yt), y) in mats.iter().zip(&yts).zip(ys.iter_mut()) {
         let n = w.n;
         for (j, col) in yt.chunks_exact(m).enumerate() {
@@ -228,12 +245,16 @@ fn prefetch(data: &[u8], at: usize, len: usize) {
 }
 
 /// A weight matrix `[n, k]` (outputs × inputs, the checkpoint layout of a linear layer) held
-/// as GGUF blocks: row `j` is `k / block_size` consecutive blocks.
+/// as GGUF blocks: row `j` is `k / block_size` consecutive blocks. Q4_K matrices are held
+/// with their rows interleaved 8 at a time ([`x8`]; the remaining `n mod 8` rows as GGUF
+/// rows after them) — lossless, [`QuantMatrix::raw`] gives back the GGUF bytes.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     ty: GgmlType,
     n: usize,
     k: usize,
+    /// Interleaved groups of 8 rows at the start of `data`.
+    groups: usize,
     data: Vec<u8>,
 }
 
@@ -263,12 +284,60 @@ impl QuantMatrix {
                 actual: data.len(),
             });
         }
-        Ok(Self { ty, n, k, data })
+        if ty != GgmlType::Q4_K || n < 8 {
+            return Ok(Self {
+                ty,
+                n,
+                k,
+                groups: 0,
+                data,
+            });
+        }
+        let groups = n / 8;
+        let mut packed = Vec::with_capacity(groups * (k / 256) * x8::BLOCK + (n % 8) * row);
+        for g in 0..groups {
+            let rows = std::array::from_fn(|r| &data[(8 * g + r) * row..(8 * g + r + 1) * row]);
+            x8::pack_group(rows, &mut packed);
+        }
+        packed.extend_from_slice(&data[8 * groups * row..]);
+        Ok(Self {
+            ty,
+            n,
+            k,
+            groups,
+            data: packed,
+        })
     }
 
-    /// The blocks as stored (GGUF layout), row-major.
-    pub fn raw(&self) -> &[u8] {
-        &self.data
+    /// The blocks in GGUF layout, row-major (rebuilt from the interleaved layout where the
+    /// matrix holds one).
+    pub fn raw(&self) -> Cow<'_, [u8]> {
+        if self.groups == 0 {
+            return Cow::Borrowed(&self.data);
+        }
+        let mut out = Vec::with_capacity(self.n * self.row_bytes());
+        for j in 0..self.n {
+            out.extend_from_slice(&self.row_gguf(j));
+        }
+        Cow::Owned(out)
+    }
+
+    /// Stored row `j` in GGUF layout.
+    fn row_gguf(&self, j: usize) -> Cow<'_, [u8]> {
+        let rb = self.row_bytes();
+        if j >= 8 * self.groups {
+            let at = self.groups * self.group_bytes() + (j - 8 * self.groups) * rb;
+            return Cow::Borrowed(&self.data[at..at + rb]);
+        }
+        let gb = self.group_bytes();
+        let mut out = Vec::with_capacity(rb);
+        x8::unpack_row(&self.data[j / 8 * gb..(j / 8 + 1) * gb], j % 8, &mut out);
+        Cow::Owned(out)
+    }
+
+    /// Bytes of one interleaved group of 8 rows.
+    fn group_bytes(&self) -> usize {
+        self.k / 256 * x8::BLOCK
     }
 
     /// The block format.
@@ -291,8 +360,9 @@ impl QuantMatrix {
         self.data.len()
     }
 
+    /// Bytes of one GGUF row.
     fn row_bytes(&self) -> usize {
-        self.data.len() / self.n
+        self.ty.block_bytes() * self.k / self.ty.block_size()
     }
 
     /// Stored row `j` (output `j`'s weights) as f32, into `out` (`k` values).
@@ -308,14 +378,13 @@ impl QuantMatrix {
                 self.k
             )));
         }
-        let rb = self.row_bytes();
-        dequantize_into(self.ty, &self.data[j * rb..(j + 1) * rb], out)
+        dequantize_into(self.ty, &self.row_gguf(j), out)
     }
 
     /// The whole matrix as f32 `[n, k]`.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.n * self.k];
-        dequantize_into(self.ty, &self.data, &mut out)
+        dequantize_into(self.ty, &self.raw(), &mut out)
             .expect("the constructor checked the byte length");
         out
     }
@@ -361,6 +430,59 @@ impl QuantMatrix {
                 }
                 let dst = &mut out[j * m + 4 * g..j * m + 4 * g + group.len()];
                 self.dot_group(isa, wr, group, dst);
+            }
+        }
+    }
+
+    /// Interleaved groups `data` (whole groups) times the activation rows `x`, into `out`
+    /// (`[8 · groups][x.len()]`).
+    fn groups_times(&self, isa: Isa, data: &[u8], x: &[ActRow<'_>], out: &mut [f32]) {
+        let m = x.len();
+        let gb = self.group_bytes();
+        for (gi, group) in data.chunks_exact(gb).enumerate() {
+            let out = &mut out[8 * gi * m..8 * (gi + 1) * m];
+            for (a, rows) in x.chunks(4).enumerate() {
+                #[cfg(target_arch = "x86_64")]
+                if isa != Isa::Portable {
+                    let mut put = |sums: &[[f32; 8]]| {
+                        for (r, lanes) in sums.iter().enumerate() {
+                            for (l, &v) in lanes.iter().enumerate() {
+                                out[l * m + 4 * a + r] = v;
+                            }
+                        }
+                    };
+                    // SAFETY: `matmul_fused_with` checked that this CPU runs `isa`; `group` is
+                    // one whole group and the activation rows are `k` long.
+                    unsafe {
+                        let vnni = isa == Isa::Avx512Vnni;
+                        macro_rules! rows {
+                            ($($r:ident),+) => {
+                                if vnni {
+                                    put(&x8::dot8_vnni(group, &[$($r),+]))
+                                } else {
+                                    put(&x8::dot8(group, &[$($r),+]))
+                                }
+                            };
+                        }
+                        match *rows {
+                            [a] => rows!(a),
+                            [a, b] => rows!(a, b),
+                            [a, b, c] => rows!(a, b, c),
+                            [a, b, c, d] => rows!(a, b, c, d),
+                            _ => unreachable!("groups hold 1 to 4 rows"),
+                        }
+                    }
+                    continue;
+                }
+                let _ = isa;
+                let mut row = Vec::with_capacity(self.row_bytes());
+                for l in 0..8 {
+                    row.clear();
+                    x8::unpack_row(group, l, &mut row);
+                    for (r, &xr) in rows.iter().enumerate() {
+                        out[l * m + 4 * a + r] = portable::dot(self.ty, &row, xr, self.act_block());
+                    }
+                }
             }
         }
     }

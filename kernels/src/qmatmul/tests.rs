@@ -228,3 +228,31 @@ fn fused_products_reject_bad_operands() {
     ));
     assert!(matmul_fused(&[], &x, 1, &mut []).is_ok());
 }
+
+#[test]
+fn interleaved_q4k_gives_back_its_gguf_bytes() {
+    let mut rng = Rng(21);
+    for n in [8, 19, 3] {
+        let k = 512;
+        let bytes: Vec<u8> = (0..GgmlType::Q4_K.bytes_for(n * k).unwrap())
+            .map(|_| rng.next() as u8)
+            .collect();
+        let w = QuantMatrix::new(GgmlType::Q4_K, n, k, bytes.clone()).unwrap();
+        assert_eq!(w.groups, n / 8, "n = {n}");
+        assert_eq!(&w.raw()[..], &bytes[..], "n = {n}");
+        let mut want = vec![0.0; n * k];
+        crate::quant::dequantize_into(GgmlType::Q4_K, &bytes, &mut want).unwrap();
+        let mut row = vec![0.0; k];
+        for j in 0..n {
+            w.dequantize_row(j, &mut row).unwrap();
+            assert_eq!(
+                row.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want[j * k..(j + 1) * k]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                "row {j} of {n}"
+            );
+        }
+    }
+}

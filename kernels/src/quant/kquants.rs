@@ -16,6 +16,29 @@ pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     (f32::from(sc), f32::from(m))
 }
 
+/// All 8 six-bit scales and 8 minimums packed in the 12-byte `scales` of Q4_K/Q5_K.
+pub(crate) fn scales_mins_k4(q: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let ints = |j| {
+        let (s, m) = scale_min_k4(j, q);
+        (s as u8, m as u8)
+    };
+    (
+        std::array::from_fn(|j| ints(j).0),
+        std::array::from_fn(|j| ints(j).1),
+    )
+}
+
+/// The 12 packed bytes of six-bit `sc` and `mn` (the inverse of [`scales_mins_k4`]).
+pub(crate) fn pack_scales_mins_k4(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; 12] {
+    let mut q = [0u8; 12];
+    for i in 0..4 {
+        q[i] = sc[i] | ((sc[i + 4] >> 4) << 6);
+        q[i + 4] = mn[i] | ((mn[i + 4] >> 4) << 6);
+        q[i + 8] = (sc[i + 4] & 0xF) | ((mn[i + 4] & 0xF) << 4);
+    }
+    q
+}
+
 /// Scale and min of the two 32-element sub-blocks of 64-element `chunk` (0..4), already
 /// multiplied by the super-block's `d` and `dmin` (Q4_K and Q5_K share this layout).
 #[inline]

@@ -8,7 +8,7 @@ mod blocks;
 mod kquants;
 
 pub(crate) use blocks::half;
-pub(crate) use kquants::scale_min_k4;
+pub(crate) use kquants::{pack_scales_mins_k4, scale_min_k4, scales_mins_k4};
 
 use crate::KernelError;
 
