@@ -245,7 +245,7 @@ fn prefetch(data: &[u8], at: usize, len: usize) {
 }
 
 /// A weight matrix `[n, k]` (outputs × inputs, the checkpoint layout of a linear layer) held
-/// as GGUF blocks: row `j` is `k / block_size` consecutive blocks. Q4_K matrices are held
+/// as GGUF blocks: row `j` is `k / block_size` consecutive blocks. Q4_K and Q6_K matrices are held
 /// with their rows interleaved 8 at a time ([`x8`]; the remaining `n mod 8` rows as GGUF
 /// rows after them) — lossless, [`QuantMatrix::raw`] gives back the GGUF bytes.
 #[derive(Debug, Clone)]
@@ -284,7 +284,7 @@ impl QuantMatrix {
                 actual: data.len(),
             });
         }
-        if ty != GgmlType::Q4_K || n < 8 {
+        if !x8::interleaves(ty) || n < 8 {
             return Ok(Self {
                 ty,
                 n,
@@ -294,10 +294,11 @@ impl QuantMatrix {
             });
         }
         let groups = n / 8;
-        let mut packed = Vec::with_capacity(groups * (k / 256) * x8::BLOCK + (n % 8) * row);
+        let mut packed =
+            Vec::with_capacity(groups * (k / 256) * x8::block_bytes(ty) + (n % 8) * row);
         for g in 0..groups {
             let rows = std::array::from_fn(|r| &data[(8 * g + r) * row..(8 * g + r + 1) * row]);
-            x8::pack_group(rows, &mut packed);
+            x8::pack(ty, rows, &mut packed);
         }
         packed.extend_from_slice(&data[8 * groups * row..]);
         Ok(Self {
@@ -331,13 +332,18 @@ impl QuantMatrix {
         }
         let gb = self.group_bytes();
         let mut out = Vec::with_capacity(rb);
-        x8::unpack_row(&self.data[j / 8 * gb..(j / 8 + 1) * gb], j % 8, &mut out);
+        x8::unpack(
+            self.ty,
+            &self.data[j / 8 * gb..(j / 8 + 1) * gb],
+            j % 8,
+            &mut out,
+        );
         Cow::Owned(out)
     }
 
     /// Bytes of one interleaved group of 8 rows.
     fn group_bytes(&self) -> usize {
-        self.k / 256 * x8::BLOCK
+        self.k / 256 * x8::block_bytes(self.ty)
     }
 
     /// The block format.
@@ -458,9 +464,9 @@ impl QuantMatrix {
                         macro_rules! rows {
                             ($($r:ident),+) => {
                                 if vnni {
-                                    put(&x8::dot8_vnni(group, &[$($r),+]))
+                                    put(&x8::dot8_vnni(self.ty, group, &[$($r),+]))
                                 } else {
-                                    put(&x8::dot8(group, &[$($r),+]))
+                                    put(&x8::dot8(self.ty, group, &[$($r),+]))
                                 }
                             };
                         }
@@ -478,7 +484,7 @@ impl QuantMatrix {
                 let mut row = Vec::with_capacity(self.row_bytes());
                 for l in 0..8 {
                     row.clear();
-                    x8::unpack_row(group, l, &mut row);
+                    x8::unpack(self.ty, group, l, &mut row);
                     for (r, &xr) in rows.iter().enumerate() {
                         out[l * m + 4 * a + r] = portable::dot(self.ty, &row, xr, self.act_block());
                     }

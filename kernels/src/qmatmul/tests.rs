@@ -230,18 +230,21 @@ fn fused_products_reject_bad_operands() {
 }
 
 #[test]
-fn interleaved_q4k_gives_back_its_gguf_bytes() {
+fn interleaved_formats_give_back_their_gguf_bytes() {
     let mut rng = Rng(21);
-    for n in [8, 19, 3] {
+    for (ty, n) in [GgmlType::Q4_K, GgmlType::Q6_K]
+        .into_iter()
+        .flat_map(|t| [(t, 8), (t, 19), (t, 3)])
+    {
         let k = 512;
-        let bytes: Vec<u8> = (0..GgmlType::Q4_K.bytes_for(n * k).unwrap())
+        let bytes: Vec<u8> = (0..ty.bytes_for(n * k).unwrap())
             .map(|_| rng.next() as u8)
             .collect();
-        let w = QuantMatrix::new(GgmlType::Q4_K, n, k, bytes.clone()).unwrap();
+        let w = QuantMatrix::new(ty, n, k, bytes.clone()).unwrap();
         assert_eq!(w.groups, n / 8, "n = {n}");
         assert_eq!(&w.raw()[..], &bytes[..], "n = {n}");
         let mut want = vec![0.0; n * k];
-        crate::quant::dequantize_into(GgmlType::Q4_K, &bytes, &mut want).unwrap();
+        crate::quant::dequantize_into(ty, &bytes, &mut want).unwrap();
         let mut row = vec![0.0; k];
         for j in 0..n {
             w.dequantize_row(j, &mut row).unwrap();
@@ -251,7 +254,7 @@ fn interleaved_q4k_gives_back_its_gguf_bytes() {
                     .iter()
                     .map(|v| v.to_bits())
                     .collect::<Vec<_>>(),
-                "row {j} of {n}"
+                "{ty:?} row {j} of {n}"
             );
         }
     }

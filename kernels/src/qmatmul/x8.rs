@@ -1,11 +1,11 @@
-//! Q4_K with 8 output rows interleaved (the layout llama.cpp's CPU "repack" buffers use for
-//! the same reason): one activation load meets 8 weight rows, every scale and minimum of the
+//! Q4_K and Q6_K with 8 output rows interleaved (the layout llama.cpp's CPU "repack" buffers
+//! use for the same reason): one activation load meets 8 weight rows, every scale and minimum of the
 //! 8 rows is applied with one vector instruction, and each row's sum lives in its own lane —
 //! no per-row scale unpacking, no horizontal sums. Decoding a GGUF Q4_K row costs ~75 vector
 //! instructions per 256 weights; this layout ~25, which turns a single-row product from
 //! compute-bound into memory-bound on a 2-core machine.
 //!
-//! One interleaved block holds super-block `bi` of 8 rows ([`BLOCK`] bytes):
+//! One interleaved Q4_K block holds super-block `bi` of 8 rows ([`BLOCK`] bytes):
 //!
 //! | bytes | content |
 //! |---|---|
@@ -15,13 +15,111 @@
 //! | 96..160 | minimums of sub-blocks `2c`, `2c+1`, row `r` at `96 + 16c + 2r` (one byte each) |
 //! | 160..1184 | weights: for chunk `c` (64 weights) and group `g` (4 bytes), 32 bytes `[r][t]` = GGUF byte `16 + 32c + 4g + t` of row `r` (low nibble: weight `64c + 4g + t`, high: `64c + 32 + 4g + t`) |
 //!
-//! Packing is lossless ([`unpack_row`] gives back the GGUF bytes exactly), 2.8% larger than
-//! the GGUF rows (the 6-bit scales are stored in bytes).
+//! One interleaved Q6_K block ([`BLOCK6`] bytes, exactly 8 GGUF blocks):
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 0..16 | `d` of rows 0..8 (f16) |
+//! | 16..144 | scale of sub-block `j` (16 weights), row `r` at `16 + 8j + r` (i8) |
+//! | 144..1680 | for half `h` (128 weights) and group `g` (4 bytes), 96 bytes: `[r][t]` = GGUF `ql[64h + 4g + t]`, then `ql[64h + 32 + 4g + t]`, then `qh[32h + 4g + t]` of row `r` |
+//!
+//! Packing is lossless ([`unpack_row`] gives back the GGUF bytes exactly); Q4_K's is 2.8%
+//! larger than its GGUF rows (the 6-bit scales are stored in bytes), Q6_K's the same size.
 
 use super::acts::ActRow;
 
-/// Bytes of one interleaved super-block of 8 rows.
+use crate::quant::GgmlType;
+
+/// Bytes of one interleaved Q4_K super-block of 8 rows.
 pub(super) const BLOCK: usize = 1184;
+/// Bytes of one interleaved Q6_K super-block of 8 rows.
+pub(super) const BLOCK6: usize = 1680;
+/// Bytes of one GGUF Q6_K super-block.
+const GGUF6: usize = 210;
+/// Where the weights start in an interleaved Q6_K block.
+const QS6: usize = 144;
+
+/// Whether matrices of `ty` are held interleaved.
+pub(super) fn interleaves(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
+}
+
+/// Bytes of one interleaved super-block of 8 rows of `ty` (an [`interleaves`] type).
+pub(super) fn block_bytes(ty: GgmlType) -> usize {
+    if ty == GgmlType::Q6_K { BLOCK6 } else { BLOCK }
+}
+
+/// Eight rows of GGUF super-blocks of `ty` → interleaved blocks, appended to `out`.
+pub(super) fn pack(ty: GgmlType, rows: [&[u8]; 8], out: &mut Vec<u8>) {
+    if ty == GgmlType::Q6_K {
+        pack_group6(rows, out);
+    } else {
+        pack_group(rows, out);
+    }
+}
+
+/// Row `r` (0..8) of a group's interleaved blocks of `ty`, as GGUF bytes appended to `out`.
+pub(super) fn unpack(ty: GgmlType, group: &[u8], r: usize, out: &mut Vec<u8>) {
+    if ty == GgmlType::Q6_K {
+        unpack_row6(group, r, out);
+    } else {
+        unpack_row(group, r, out);
+    }
+}
+
+/// The three 32-byte runs of Q6_K half `h`, group `g`: (interleaved offset, GGUF offset).
+fn runs6(h: usize, g: usize) -> [(usize, usize); 3] {
+    let at = QS6 + (h * 8 + g) * 96;
+    [
+        (at, 64 * h + 4 * g),
+        (at + 32, 64 * h + 32 + 4 * g),
+        (at + 64, 128 + 32 * h + 4 * g),
+    ]
+}
+
+/// As [`pack_group`] for Q6_K.
+fn pack_group6(rows: [&[u8]; 8], out: &mut Vec<u8>) {
+    let nb = rows[0].len() / GGUF6;
+    for bi in 0..nb {
+        let at = out.len();
+        out.resize(at + BLOCK6, 0);
+        let dst = &mut out[at..];
+        for (r, row) in rows.iter().enumerate() {
+            let b = &row[bi * GGUF6..(bi + 1) * GGUF6];
+            dst[2 * r..2 * r + 2].copy_from_slice(&b[208..210]);
+            for j in 0..16 {
+                dst[16 + 8 * j + r] = b[192 + j];
+            }
+            for h in 0..2 {
+                for g in 0..8 {
+                    for (to, from) in runs6(h, g) {
+                        dst[to + 4 * r..to + 4 * r + 4].copy_from_slice(&b[from..from + 4]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// As [`unpack_row`] for Q6_K.
+fn unpack_row6(group: &[u8], r: usize, out: &mut Vec<u8>) {
+    for blk in group.chunks_exact(BLOCK6) {
+        let at = out.len();
+        out.resize(at + GGUF6, 0);
+        let b = &mut out[at..];
+        b[208..210].copy_from_slice(&blk[2 * r..2 * r + 2]);
+        for j in 0..16 {
+            b[192 + j] = blk[16 + 8 * j + r];
+        }
+        for h in 0..2 {
+            for g in 0..8 {
+                for (from, to) in runs6(h, g) {
+                    b[to..to + 4].copy_from_slice(&blk[from + 4 * r..from + 4 * r + 4]);
+                }
+            }
+        }
+    }
+}
 /// Bytes of one GGUF Q4_K super-block.
 const GGUF: usize = 144;
 /// Where the weights start in an interleaved block.
@@ -29,7 +127,7 @@ const QS: usize = 160;
 
 /// Eight rows of GGUF Q4_K super-blocks (`rows[r]` holds row `r`'s `nb` blocks) → `nb`
 /// interleaved blocks, appended to `out`.
-pub(super) fn pack_group(rows: [&[u8]; 8], out: &mut Vec<u8>) {
+fn pack_group(rows: [&[u8]; 8], out: &mut Vec<u8>) {
     let nb = rows[0].len() / GGUF;
     for bi in 0..nb {
         let at = out.len();
@@ -59,7 +157,7 @@ pub(super) fn pack_group(rows: [&[u8]; 8], out: &mut Vec<u8>) {
 }
 
 /// Row `r` (0..8) of a group's interleaved blocks, as GGUF Q4_K bytes appended to `out`.
-pub(super) fn unpack_row(group: &[u8], r: usize, out: &mut Vec<u8>) {
+fn unpack_row(group: &[u8], r: usize, out: &mut Vec<u8>) {
     for blk in group.chunks_exact(BLOCK) {
         let at = out.len();
         out.resize(at + GGUF, 0);
@@ -86,21 +184,28 @@ pub(super) use x86::{dot8, dot8_vnni};
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{ActRow, BLOCK, QS};
+    use super::{ActRow, BLOCK, BLOCK6, GgmlType, QS, QS6};
 
-    /// The 8 rows of one interleaved group (`g`: its blocks) times activation rows `x`:
-    /// `out[r][l]` = row `l` of the group · `x[r]`.
+    /// The 8 rows of one interleaved group of `ty` (`g`: its blocks) times activation rows
+    /// `x`: `out[r][l]` = row `l` of the group · `x[r]`.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C; `g` holds whole blocks covering the rows'
     /// length.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(in super::super) unsafe fn dot8<const R: usize>(
+        ty: GgmlType,
         g: &[u8],
         x: &[ActRow<'_>; R],
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the caller.
-        unsafe { kernel::<R, false>(g, x) }
+        unsafe {
+            if ty == GgmlType::Q6_K {
+                kernel6::<R, false>(g, x)
+            } else {
+                kernel::<R, false>(g, x)
+            }
+        }
     }
 
     /// [`dot8`] with AVX-512 VNNI (`vpdpbusd`).
@@ -109,15 +214,118 @@ mod x86 {
     /// As [`dot8`], and the CPU must support AVX512-VNNI and AVX512VL.
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     pub(in super::super) unsafe fn dot8_vnni<const R: usize>(
+        ty: GgmlType,
         g: &[u8],
         x: &[ActRow<'_>; R],
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the caller.
-        unsafe { kernel::<R, true>(g, x) }
+        unsafe {
+            if ty == GgmlType::Q6_K {
+                kernel6::<R, true>(g, x)
+            } else {
+                kernel::<R, true>(g, x)
+            }
+        }
+    }
+
+    /// Q6_K: each 32-byte run of low nibbles and of 2-bit high parts is assembled into the
+    /// 6-bit weights (0..64) of 8 rows × 4 positions; the storage offset 32 enters as
+    /// `−32·Σx` per 16 activations, the starting value of each sub-block's sum.
+    ///
+    /// # Safety
+    /// As [`dot8`] (and [`dot8_vnni`] when `V`).
+    #[inline(always)]
+    unsafe fn kernel6<const R: usize, const V: bool>(
+        g: &[u8],
+        x: &[ActRow<'_>; R],
+    ) -> [[f32; 8]; R] {
+        // SAFETY: forwarded from the callers; every pointer below stays inside one block of
+        // `g` or inside the rows' `k` values (256 per block).
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let two = |s: i32| _mm256_set1_epi8((3 << (2 * s)) as u8 as i8);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (bi, blk) in g.chunks_exact(BLOCK6).enumerate() {
+                let p = blk.as_ptr();
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+                // −32·Σx over each 16 activations of this block, per row.
+                let mut off = [[0i32; 16]; R];
+                for r in 0..R {
+                    let s = x[r].sum16.as_ptr().add(bi * 16);
+                    for half in 0..2 {
+                        let v = _mm256_cvtepi16_epi32(_mm_loadu_si128(s.add(8 * half).cast()));
+                        let neg =
+                            _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<5>(v));
+                        _mm256_storeu_si256(off[r].as_mut_ptr().add(8 * half).cast(), neg);
+                    }
+                }
+                let mut isum = [_mm256_setzero_si256(); R];
+                for h in 0..2 {
+                    for half in 0..2 {
+                        // Sub-blocks 8h + 2s + half for s = 0..4 (weights 128h + 32s + …).
+                        let mut a: [[__m256i; 4]; R] = std::array::from_fn(|r| {
+                            std::array::from_fn(|s| _mm256_set1_epi32(off[r][8 * h + 2 * s + half]))
+                        });
+                        for gq in 4 * half..4 * half + 4 {
+                            let at = p.add(QS6 + (h * 8 + gq) * 96);
+                            let qa = _mm256_loadu_si256(at.cast());
+                            let qb = _mm256_loadu_si256(at.add(32).cast());
+                            let qh = _mm256_loadu_si256(at.add(64).cast());
+                            let w = [
+                                _mm256_or_si256(
+                                    _mm256_and_si256(qa, low),
+                                    _mm256_slli_epi16::<4>(_mm256_and_si256(qh, two(0))),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(qb, low),
+                                    _mm256_slli_epi16::<2>(_mm256_and_si256(qh, two(1))),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(qa), low),
+                                    _mm256_and_si256(qh, two(2)),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(qb), low),
+                                    _mm256_srli_epi16::<2>(_mm256_and_si256(qh, two(3))),
+                                ),
+                            ];
+                            for r in 0..R {
+                                let xp = x[r].q.as_ptr().add(bi * 256 + 128 * h + 4 * gq);
+                                for s in 0..4 {
+                                    let xv = _mm256_set1_epi32(
+                                        xp.add(32 * s).cast::<i32>().read_unaligned(),
+                                    );
+                                    a[r][s] = dot4::<V>(a[r][s], w[s], xv);
+                                }
+                            }
+                        }
+                        for s in 0..4 {
+                            let j = 8 * h + 2 * s + half;
+                            let sc =
+                                _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(16 + 8 * j).cast()));
+                            for r in 0..R {
+                                isum[r] =
+                                    _mm256_add_epi32(isum[r], _mm256_mullo_epi32(a[r][s], sc));
+                            }
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let dx = _mm256_set1_ps(*x[r].d.get_unchecked(bi));
+                    let sum = _mm256_mul_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx));
+                    acc[r] = _mm256_add_ps(acc[r], sum);
+                }
+            }
+            let mut out = [[0.0f32; 8]; R];
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+            out
+        }
     }
 
     /// `acc + Σ` over each 4 bytes of `u·s` (unsigned × signed) per i32 lane: one `vpdpbusd`
-    /// with VNNI, else `vpmaddubsw` + `vpmaddwd` by ones (exact while `u ≤ 15`: pairs of
+    /// with VNNI, else `vpmaddubsw` + `vpmaddwd` by ones (exact while `u ≤ 128`: pairs of
     /// `u·s` stay inside i16).
     #[inline(always)]
     unsafe fn dot4<const V: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
