@@ -303,9 +303,8 @@ mod x86 {
                             let j = 8 * h + 2 * s + half;
                             let sc =
                                 _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(16 + 8 * j).cast()));
-                            for r in 0..R {
-                                isum[r] =
-                                    _mm256_add_epi32(isum[r], _mm256_mullo_epi32(a[r][s], sc));
+                            for (sum, a) in isum.iter_mut().zip(&a) {
+                                *sum = _mm256_add_epi32(*sum, _mm256_mullo_epi32(a[s], sc));
                             }
                         }
                     }
