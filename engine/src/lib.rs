@@ -61,6 +61,6 @@ pub use output::{Event, Finished, GenerationStats};
 pub use params::{FinishReason, GenerateParams, Prompt};
 pub use spec::{
     DepthStats, DraftStats, Engine, Planner, SpecGeneration, SpecStats, StepStats, TreePolicy,
-    VERIFY_SIZES, check_same_tokenizer,
+    VERIFY_SIZES, check_same_tokenizer, time_verify,
 };
 pub use stop::StopMatcher;

@@ -25,6 +25,7 @@
 //! assert_eq!(values[5], 5.0);
 //! ```
 
+pub mod act;
 pub mod attention;
 pub mod cube;
 mod error;
@@ -32,5 +33,6 @@ pub mod kvquant;
 pub mod matmul;
 pub mod qmatmul;
 pub mod quant;
+pub mod roofline;
 
 pub use error::KernelError;

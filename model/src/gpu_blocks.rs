@@ -27,6 +27,10 @@ impl GpuBlocks {
         match *self {}
     }
 
+    pub(crate) fn weights(&self) -> usize {
+        match *self {}
+    }
+
     pub(crate) fn forward<B: Backend>(&self, _: Tensor<B, 3>) -> Tensor<B, 3> {
         match *self {}
     }
@@ -76,6 +80,11 @@ mod cuda {
 
         pub(crate) fn bytes(&self) -> usize {
             self.0.bytes()
+        }
+
+        /// Weights held (outputs × inputs).
+        pub(crate) fn weights(&self) -> usize {
+            self.0.n() * self.0.k()
         }
 
         /// # Shapes

@@ -197,6 +197,18 @@ impl<B: Backend> Proj<B> {
         }
     }
 
+    /// Weights (outputs × inputs): the multiply-adds of one row through the projection.
+    pub fn weights(&self) -> usize {
+        match (&self.packed, &self.linear, &self.gpu) {
+            (Some(Packed::F32(p)), _, _) => p.n() * p.k(),
+            (Some(Packed::F16(p)), _, _) => p.n() * p.k(),
+            (Some(Packed::Blocks(q)), _, _) => q.n() * q.k(),
+            (None, Some(l), _) => l.weight.val().shape().num_elements(),
+            (None, None, Some(g)) => g.weights(),
+            (None, None, None) => 0,
+        }
+    }
+
     /// The same projection with f16 weights on the CPU fast path (half the bytes per step)
     /// where it holds f32; block-quantized weights (already smaller) and other backends are
     /// unchanged.
@@ -257,30 +269,16 @@ pub fn forward_fused<B: Backend, const N: usize>(
     projs: [&Proj<B>; N],
     x: Tensor<B, 3>,
 ) -> [Tensor<B, 3>; N] {
-    let blocks: Option<Vec<&QuantMatrix>> = projs
-        .iter()
-        .map(|p| match (&p.gpu, &p.packed) {
-            (None, Some(Packed::Blocks(q))) => Some(&**q),
-            _ => None,
-        })
-        .collect();
-    let Some(mats) = blocks else {
+    let Some(mats) = blocks_of(&projs) else {
         return projs.map(|p| p.forward(x.clone()));
     };
-    let [batch, n, k] = x.dims();
+    let [batch, n, _] = x.dims();
     let device = x.device();
     let xs = x
         .into_data()
         .into_vec::<f32>()
         .expect("activations are f32");
-    let mut ys: Vec<Vec<f32>> = mats
-        .iter()
-        .map(|w| vec![0.0f32; batch * n * w.n()])
-        .collect();
-    let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
-    arbor_kernels::qmatmul::matmul_fused(&mats, &xs, batch * n, &mut outs)
-        .unwrap_or_else(|e| panic!("projections of width {k}: {e}"));
-    let mut ys = ys.into_iter();
+    let mut ys = matmul_blocks(&mats, &xs, batch * n).into_iter();
     projs.map(|p| {
         let y = ys.next().expect("one output per projection");
         let out = y.len() / (batch * n);
@@ -289,6 +287,67 @@ pub fn forward_fused<B: Backend, const N: usize>(
             &device,
         ))
     })
+}
+
+/// The GGUF blocks of every projection, if all hold them on the CPU fast path.
+fn blocks_of<'a, B: Backend>(projs: &[&'a Proj<B>]) -> Option<Vec<&'a QuantMatrix>> {
+    projs
+        .iter()
+        .map(|p| match (&p.gpu, &p.packed) {
+            (None, Some(Packed::Blocks(q))) => Some(&**q),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `x · Wᵢᵀ` for each matrix, `x` being `rows` host rows.
+///
+/// # Panics
+/// If `x` does not hold `rows` rows of the matrices' width (internal invariant).
+fn matmul_blocks(mats: &[&QuantMatrix], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+    let mut ys: Vec<Vec<f32>> = mats.iter().map(|w| vec![0.0f32; rows * w.n()]).collect();
+    let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
+    arbor_kernels::qmatmul::matmul_fused(mats, x, rows, &mut outs)
+        .unwrap_or_else(|e| panic!("projections of {} values per row: {e}", x.len() / rows));
+    ys
+}
+
+/// A gated MLP `down(silu(gate(x)) · up(x))` kept on the host between its products when all
+/// three projections are on the CPU fast path without biases (gate and up fused, the gating
+/// vectorized: [`arbor_kernels::act::silu_mul`]); `None` otherwise.
+///
+/// # Shapes
+/// - `x`: `[batch, n, hidden]` → `[batch, n, hidden]`
+///
+/// # Panics
+/// If `x` is not f32 (internal invariant: the model computes in f32).
+pub fn gated_mlp_host<B: Backend>(
+    gate: &Proj<B>,
+    up: &Proj<B>,
+    down: &Proj<B>,
+    x: &Tensor<B, 3>,
+) -> Option<Tensor<B, 3>> {
+    let mats = blocks_of(&[gate, up])?;
+    let down_w = down.packed.as_ref().filter(|_| down.gpu.is_none())?;
+    if gate.bias.is_some() || up.bias.is_some() {
+        return None;
+    }
+    let [batch, n, _] = x.dims();
+    let xs = x
+        .clone()
+        .into_data()
+        .into_vec::<f32>()
+        .expect("activations are f32");
+    let [mut g, u]: [Vec<f32>; 2] = matmul_blocks(&mats, &xs, batch * n)
+        .try_into()
+        .expect("two products");
+    arbor_kernels::act::silu_mul(&mut g, &u);
+    let mut y = vec![0.0f32; batch * n * down_w.n()];
+    down_w
+        .matmul(&g, batch * n, &mut y)
+        .unwrap_or_else(|e| panic!("down projection: {e}"));
+    let y = Tensor::from_data(TensorData::new(y, [batch, n, down_w.n()]), &x.device());
+    Some(down.add_bias(y))
 }
 
 /// `x · Wᵀ` on the CPU fast path (`[batch, n, in]` → `[batch, n, out]`).

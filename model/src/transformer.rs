@@ -20,7 +20,7 @@ use crate::config::ModelConfig;
 use crate::embed::Embed;
 use crate::error::{ModelError, Result};
 use crate::input::ForwardInput;
-use crate::proj::{Proj, forward_fused, uses_fast_path};
+use crate::proj::{Proj, forward_fused, gated_mlp_host, uses_fast_path};
 use crate::rope::RopeAngles;
 use crate::weights::{MatrixData, WeightSource};
 
@@ -270,6 +270,18 @@ impl<B: Backend> Transformer<B> {
             .map(Proj::weight_bytes)
             .sum();
         layers + self.lm_head.weight_bytes()
+    }
+
+    /// Multiply-adds of the projections (output head included) per token: the compute one
+    /// more row adds to a forward (attention over the context aside).
+    pub fn macs_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| l.projections())
+            .map(Proj::weights)
+            .sum();
+        layers + self.lm_head.weights()
     }
 
     /// A fresh, empty cache for this model: paged host storage on the CPU backend (pages of
@@ -620,6 +632,9 @@ fn paged_attention<B: Backend>(
 
 impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if let Some(y) = gated_mlp_host(&self.gate, &self.up, &self.down, &x) {
+            return y;
+        }
         let [gate, up] = forward_fused([&self.gate, &self.up], x);
         self.down.forward(silu(gate) * up)
     }

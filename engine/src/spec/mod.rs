@@ -15,7 +15,7 @@ use arbor_speculators::{Draft, ModelDraft};
 use burn::tensor::backend::Backend;
 
 pub(crate) use policy::measure_verify_cost;
-pub use policy::{Planner, TreePolicy, VERIFY_SIZES};
+pub use policy::{Planner, TreePolicy, VERIFY_SIZES, time_verify};
 pub use stats::{DepthStats, DraftStats, SpecStats, StepStats};
 pub(crate) use vocab::check_model_draft;
 pub use vocab::check_same_tokenizer;

@@ -253,22 +253,10 @@ pub(crate) fn measure_verify_cost<B: Backend>(
     root: u32,
     max_depth: usize,
 ) -> Result<Vec<(usize, f64)>, EngineError> {
-    let cached = cache.len();
-    let room = target.max_position().saturating_sub(cached);
+    let room = target.max_position().saturating_sub(cache.len());
     let mut costs: Vec<(usize, f64)> = Vec::new();
     for &n in VERIFY_SIZES.iter().filter(|&&n| n <= room) {
-        let mut best = f64::INFINITY;
-        for _ in 0..2 {
-            let mut tree = TokenTree::new(root);
-            let mut node = 0;
-            for _ in 1..n {
-                node = tree.push(node, root, 0)?;
-            }
-            let t0 = Instant::now();
-            target.forward_all_logits(&tree.forward_input(cached), cache)?;
-            best = best.min(t0.elapsed().as_secs_f64());
-            cache.truncate(cached);
-        }
+        let best = time_verify(target, cache, root, n, 2)?;
         costs.push((n, best));
         if best >= (max_depth + 1) as f64 * costs[0].1 {
             break;
@@ -280,6 +268,37 @@ pub(crate) fn measure_verify_cost<B: Backend>(
     }
     tracing::debug!(?costs, "verify cost by tree size");
     Ok(costs)
+}
+
+/// Seconds of the fastest of `repeats` verification forwards of an `n`-node tree (a chain
+/// below `root`, every node's logits copied to the host, as a speculative step does) on top
+/// of what `cache` holds; the cache is left as it was.
+///
+/// # Errors
+/// [`EngineError`] if the model refuses the input (e.g. past its context).
+pub fn time_verify<B: Backend>(
+    target: &Transformer<B>,
+    cache: &mut KvCache<B>,
+    root: u32,
+    n: usize,
+    repeats: usize,
+) -> Result<f64, EngineError> {
+    let cached = cache.len();
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let mut tree = TokenTree::new(root);
+        let mut node = 0;
+        for _ in 1..n {
+            node = tree.push(node, root, 0)?;
+        }
+        let t0 = Instant::now();
+        let out = target.forward_all_logits(&tree.forward_input(cached), cache);
+        let secs = t0.elapsed().as_secs_f64();
+        cache.truncate(cached);
+        out?;
+        best = best.min(secs);
+    }
+    Ok(best)
 }
 
 #[cfg(test)]

@@ -22,7 +22,13 @@ pub struct Q8Acts {
     sum16: Vec<i16>,
     /// d·Σq per 32 values.
     xsum: Vec<f32>,
+    /// Σq of each 64 values as two i16 (first 32 in the low half), for the interleaved
+    /// kernels' minimums (empty unless `k` is a multiple of 64).
+    sum32x2: Vec<i32>,
 }
+
+/// 1.5 · 2²³: adding and subtracting it rounds an f32 below 2²² to an integer.
+const ROUND: f32 = 12_582_912.0;
 
 /// One block to quantize: inputs, quantized values, scale, per-16 sums.
 type BlockJob<'a> = (((&'a [f32], &'a mut [i8]), &'a mut f32), &'a mut [i16]);
@@ -34,6 +40,7 @@ pub(super) struct ActRow<'a> {
     pub d: &'a [f32],
     pub sum16: &'a [i16],
     pub xsum: &'a [f32],
+    pub sum32x2: &'a [i32],
 }
 
 impl Q8Acts {
@@ -50,8 +57,10 @@ impl Q8Acts {
             let scale = amax / 127.0;
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             for (qv, &v) in qb.iter_mut().zip(xb) {
-                // |v·inv| ≤ 127, so the cast cannot saturate.
-                *qv = (v * inv).round() as i8;
+                // |v·inv| ≤ 127, so the cast cannot saturate. Rounded to nearest, ties to
+                // even (as llama.cpp's SIMD quantizers do), by the float adder: exact below
+                // 2²² and free of a libm call per value, so the loop vectorizes.
+                *qv = ((v * inv + ROUND) - ROUND) as i8;
             }
             *db = scale;
             for (s, chunk) in s16.iter_mut().zip(qb.chunks_exact(16)) {
@@ -75,6 +84,17 @@ impl Q8Acts {
             let scale = d[i * 32 / block];
             *xs = scale * f32::from(sum16[2 * i] + sum16[2 * i + 1]);
         }
+        let sum32x2 = if k.is_multiple_of(64) {
+            sum16
+                .chunks_exact(4)
+                .map(|s| {
+                    let (a, b) = (s[0] + s[1], s[2] + s[3]);
+                    i32::from(a as u16) | (i32::from(b) << 16)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Self {
             m,
             k,
@@ -83,6 +103,7 @@ impl Q8Acts {
             d,
             sum16,
             xsum,
+            sum32x2,
         }
     }
 
@@ -119,6 +140,11 @@ impl Q8Acts {
             d: &self.d[r * k / b..(r + 1) * k / b],
             sum16: &self.sum16[r * k / 16..(r + 1) * k / 16],
             xsum: &self.xsum[r * k / 32..(r + 1) * k / 32],
+            sum32x2: if self.sum32x2.is_empty() {
+                &[]
+            } else {
+                &self.sum32x2[r * k / 64..(r + 1) * k / 64]
+            },
         }
     }
 }

@@ -358,8 +358,12 @@ mod x86 {
                 let mut isum = [_mm256_setzero_si256(); R];
                 let mut imin = [_mm256_setzero_si256(); R];
                 for c in 0..4 {
-                    let mut alo = [_mm256_setzero_si256(); R];
-                    let mut ahi = [_mm256_setzero_si256(); R];
+                    // One or two rows: two sums per row and nibble half (even and odd groups),
+                    // else `vpdpbusd`'s latency bounds the few chains; more rows have chains
+                    // enough (and would run out of registers).
+                    let split = if R <= 2 { 2 } else { 1 };
+                    let mut alo = [[_mm256_setzero_si256(); 2]; R];
+                    let mut ahi = [[_mm256_setzero_si256(); 2]; R];
                     for gi in 0..8 {
                         let q = _mm256_loadu_si256(p.add(QS + (c * 8 + gi) * 32).cast());
                         let lo = _mm256_and_si256(q, low);
@@ -374,28 +378,25 @@ mod x86 {
                             let xp = x[r].q.as_ptr().add(bi * 256 + 64 * c + 4 * gi);
                             let xl = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
                             let xh = _mm256_set1_epi32(xp.add(32).cast::<i32>().read_unaligned());
-                            alo[r] = dot4::<V>(alo[r], lo, xl);
-                            ahi[r] = dot4::<V>(ahi[r], hi, xh);
+                            let e = gi % split;
+                            alo[r][e] = dot4::<V>(alo[r][e], lo, xl);
+                            ahi[r][e] = dot4::<V>(ahi[r][e], hi, xh);
                         }
                     }
                     let s_lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(32 + 16 * c).cast()));
                     let s_hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(32 + 16 * c + 8).cast()));
                     let mins = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(96 + 16 * c).cast()));
                     for r in 0..R {
-                        let hi = if V {
-                            _mm256_srai_epi32::<4>(ahi[r])
-                        } else {
-                            ahi[r]
-                        };
+                        let lo = _mm256_add_epi32(alo[r][0], alo[r][1]);
+                        let hi = _mm256_add_epi32(ahi[r][0], ahi[r][1]);
+                        let hi = if V { _mm256_srai_epi32::<4>(hi) } else { hi };
                         let s = _mm256_add_epi32(
-                            _mm256_mullo_epi32(alo[r], s_lo),
+                            _mm256_mullo_epi32(lo, s_lo),
                             _mm256_mullo_epi32(hi, s_hi),
                         );
                         isum[r] = _mm256_add_epi32(isum[r], s);
                         // Σq of the activations over sub-blocks 2c and 2c+1, as an i16 pair.
-                        let s16 = x[r].sum16.as_ptr().add(bi * 16 + 4 * c);
-                        let pair = i32::from(*s16 + *s16.add(1)) & 0xFFFF
-                            | i32::from(*s16.add(2) + *s16.add(3)) << 16;
+                        let pair = *x[r].sum32x2.get_unchecked(bi * 4 + c);
                         imin[r] = _mm256_add_epi32(
                             imin[r],
                             _mm256_madd_epi16(mins, _mm256_set1_epi32(pair)),

@@ -1,6 +1,8 @@
 //! `arbor bench`: speed and acceptance measurements.
 //!
 //! - `--plain`: prefill and decode tokens/s of plain decoding on a synthetic prompt.
+//! - `--verify-curve`: one verification forward's cost by tree size (1–64 nodes) beside the
+//!   machine's memory and int8 roofline.
 //! - `--draft D [--draft D2 ..] --prompts FILE`: speculative decoding on a prompt set — τ, α
 //!   per draft and per depth, draft/verify time split, and tokens/s of speculative AND plain
 //!   decoding of the same target in the same run, with the speedup.
@@ -10,6 +12,7 @@ mod plot;
 pub mod prompts;
 mod report;
 mod spec;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -27,6 +30,10 @@ pub struct BenchArgs {
     /// Plain decoding only (no drafts): prefill and decode tokens/s.
     #[arg(long, conflicts_with_all = ["drafts", "prompts"])]
     pub plain: bool,
+    /// Verification cost by tree size (1 to 64 nodes, after `--prompt-tokens`, fastest of
+    /// `--repeats`) beside this machine's memory and int8 roofline.
+    #[arg(long, conflicts_with_all = ["drafts", "prompts", "plain"])]
+    pub verify_curve: bool,
     /// A draft (repeatable): `ngram[:MAX_N]` (prompt lookup), `self:N[@f16]` (the target's
     /// first N layers), or a model sharing the target's tokenizer (short name, path, hub id;
     /// weights held as f16 unless `@f32` is appended).
@@ -74,8 +81,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.plain {
         return plain::run(args);
     }
+    if args.verify_curve {
+        return verify::run(args);
+    }
     if args.drafts.is_empty() {
-        bail!("give --plain, or at least one --draft (ngram, self:N or a model) with --prompts");
+        bail!(
+            "give --plain, --verify-curve, or at least one --draft (ngram, self:N or a model) with --prompts"
+        );
     }
     spec::run(args)
 }

@@ -31,6 +31,12 @@ could see the fishing boats returning, their lanterns bobbing on the grey water 
 He wrote the weather in a leather ledger: wind from the north-east, a falling glass, rain by \
 morning. def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n";
 
+/// `n` tokens of [`TEXT`], repeated as needed.
+pub(super) fn synthetic_prompt(tok: &arbor_model::Tokenizer, n: usize) -> Result<Vec<u32>> {
+    let unit = tok.encode(TEXT)?;
+    Ok(unit.iter().copied().cycle().take(n).collect())
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repeats == 0 {
         bail!("--prompt-tokens, --gen-tokens and --repeats must be at least 1");
@@ -39,13 +45,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let loaded =
             LoadedModel::<B>::load(&args.model.model, args.model.resolve_options(), &device)?;
         let tok = &loaded.tokenizer;
-        let unit = tok.encode(TEXT)?;
-        let prompt: Vec<u32> = unit
-            .iter()
-            .copied()
-            .cycle()
-            .take(args.prompt_tokens)
-            .collect();
+        let prompt = synthetic_prompt(tok, args.prompt_tokens)?;
         let params = GenerateParams {
             max_tokens: args.gen_tokens,
             ignore_eos: true,

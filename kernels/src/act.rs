@@ -1,0 +1,103 @@
+//! The MLP's gated activation `silu(g) · u` in place, vectorized: an exponential by range
+//! reduction (`eˣ = 2ⁿ · eʳ`, `|r| ≤ ln 2 / 2`) and a degree-7 Taylor polynomial, written
+//! branch-free so the compiler keeps it in SIMD lanes (AVX2/FMA where the CPU has them,
+//! detected at run time). A scalar `expf` per element cost ~3% of a multi-row forward.
+//!
+//! Accuracy: within 2·10⁻⁷ relative of `f32::exp` over the range that matters (tested).
+//!
+//! ```
+//! let mut g = vec![0.0f32, 1.0, -2.0];
+//! arbor_kernels::act::silu_mul(&mut g, &[1.0, 2.0, 3.0]);
+//! let silu = |x: f32| x / (1.0 + (-x).exp());
+//! assert!((g[1] - 2.0 * silu(1.0)).abs() < 1e-6 && (g[2] - 3.0 * silu(-2.0)).abs() < 1e-6);
+//! ```
+
+/// `g[i] = silu(g[i]) · u[i]` with `silu(x) = x / (1 + e⁻ˣ)`.
+///
+/// # Panics
+/// If the slices differ in length (a caller's bug).
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    assert_eq!(g.len(), u.len(), "gate and up of different widths");
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        unsafe { silu_mul_avx2(g, u) };
+        return;
+    }
+    silu_mul_body(g, u);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_avx2(g: &mut [f32], u: &[f32]) {
+    silu_mul_body(g, u);
+}
+
+#[inline(always)]
+fn silu_mul_body(g: &mut [f32], u: &[f32]) {
+    for (x, &y) in g.iter_mut().zip(u) {
+        *x = *x / (1.0 + exp(-*x)) * y;
+    }
+}
+
+/// `eˣ` for `x` in f32 range, branch-free (saturates to 0 below −87.3 and to a large finite
+/// value above 88; SiLU needs no more).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Rounds to nearest (ties to even) by the float adder: exact for |v| < 2²².
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    // eʳ = 1 + r + r²/2! + … + r⁷/7!, Horner.
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_the_library_closely() {
+        let mut worst = 0.0f32;
+        for i in -87_000..88_000 {
+            let x = i as f32 / 1000.0 + 0.000_37;
+            let (a, b) = (exp(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+        }
+        assert!(worst < 2e-7, "worst relative error {worst}");
+        assert_eq!(exp(-200.0), exp(-87.3));
+        assert!(exp(200.0).is_finite());
+    }
+
+    #[test]
+    fn silu_mul_matches_the_scalar_formula() {
+        let g: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) / 37.0).collect();
+        let u: Vec<f32> = (0..1000).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let mut out = g.clone();
+        silu_mul(&mut out, &u);
+        for ((&o, &x), &y) in out.iter().zip(&g).zip(&u) {
+            let want = x / (1.0 + (-x).exp()) * y;
+            assert!(
+                (o - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{o} vs {want}"
+            );
+        }
+        // Large negative gates go to zero, not NaN.
+        let mut g = vec![-1000.0f32];
+        silu_mul(&mut g, &[1.0]);
+        assert!(g[0].abs() < 1e-30 && !g[0].is_nan());
+    }
+}
