@@ -63,10 +63,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "verify {bar:30} {pos}/{len} sizes {msg}",
         )?);
         let mut points: Vec<Point> = Vec::new();
-        let sizes: Vec<usize> = std::env::var("SZ")
-            .map(|v| v.split(',').map(|x| x.parse().unwrap()).collect())
-            .unwrap_or(VERIFY_SIZES.to_vec());
-        for &n in &sizes {
+        for &n in &VERIFY_SIZES {
             bar.set_message(format!("{n} nodes"));
             let secs = time_verify(model, &mut cache, root, n, args.repeats)?;
             let one = points.first().map_or(secs, |p| p.secs);
