@@ -244,6 +244,42 @@ impl<B: Backend> Proj<B> {
         self.add_bias(y)
     }
 
+    /// Whether [`Proj::forward_host`] runs (the CPU fast path).
+    pub fn has_host_path(&self) -> bool {
+        self.packed.is_some() && self.gpu.is_none()
+    }
+
+    /// Host rows through the projection on the CPU fast path, bias added (`None` on other
+    /// paths).
+    ///
+    /// # Panics
+    /// If `x` is not whole rows of the projection's width (internal invariant).
+    pub fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+        let packed = self.packed.as_ref().filter(|_| self.gpu.is_none())?;
+        let mut y = vec![0.0f32; rows * packed.n()];
+        packed
+            .matmul(x, rows, &mut y)
+            .unwrap_or_else(|e| panic!("projection of {} rows: {e}", rows));
+        self.add_bias_host(&mut y);
+        Some(y)
+    }
+
+    /// Adds the bias to every row of `y` (as the tensor add does, value by value).
+    fn add_bias_host(&self, y: &mut [f32]) {
+        if let Some(b) = &self.bias {
+            let b = b
+                .val()
+                .into_data()
+                .into_vec::<f32>()
+                .expect("biases are f32");
+            for row in y.chunks_exact_mut(b.len()) {
+                for (v, &c) in row.iter_mut().zip(&b) {
+                    *v += c;
+                }
+            }
+        }
+    }
+
     fn add_bias(&self, y: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.bias {
             Some(b) => {
@@ -287,6 +323,23 @@ pub fn forward_fused<B: Backend, const N: usize>(
             &device,
         ))
     })
+}
+
+/// Host rows (`x`: `rows` rows) through several projections at once, biases added: `Some`
+/// when every projection holds GGUF blocks on the CPU fast path (one fused product,
+/// [`forward_fused`]'s arithmetic), else `None`.
+pub fn fused_host<B: Backend>(projs: &[&Proj<B>], x: &[f32], rows: usize) -> Option<Vec<Vec<f32>>> {
+    let mats = blocks_of(projs)?;
+    let mut ys = matmul_blocks(&mats, x, rows);
+    for (p, y) in projs.iter().zip(&mut ys) {
+        p.add_bias_host(y);
+    }
+    Some(ys)
+}
+
+/// Whether [`fused_host`] takes these projections.
+pub fn host_fusable<B: Backend>(projs: &[&Proj<B>]) -> bool {
+    blocks_of(projs).is_some()
 }
 
 /// The GGUF blocks of every projection, if all hold them on the CPU fast path.

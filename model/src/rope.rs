@@ -15,6 +15,9 @@ use burn::tensor::{Tensor, TensorData, backend::Backend};
 pub struct RopeAngles<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
+    /// The same angles on the host, `[batch · n][head_dim / 2]` (the CPU fast path).
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
 }
 
 impl<B: Backend> RopeAngles<B> {
@@ -41,8 +44,34 @@ impl<B: Backend> RopeAngles<B> {
         }
         let shape = [batch, 1, positions.len() / batch.max(1), half];
         Self {
-            cos: Tensor::from_data(TensorData::new(cos, shape), device),
-            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            cos: Tensor::from_data(TensorData::new(cos.clone(), shape), device),
+            sin: Tensor::from_data(TensorData::new(sin.clone(), shape), device),
+            cos_host: cos,
+            sin_host: sin,
+        }
+    }
+
+    /// Rotates host rows in place, bit for bit as [`RopeAngles::apply`] does.
+    ///
+    /// # Shapes
+    /// - `x`: `[tokens][heads][head_dim]` (token-major, the projections' output layout), the
+    ///   tokens being those the angles were made for, from `first` on
+    ///
+    /// # Panics
+    /// If `x` holds more tokens than the angles from `first` (internal invariant).
+    pub fn apply_host(&self, x: &mut [f32], first: usize, heads: usize, head_dim: usize) {
+        let half = head_dim / 2;
+        for (t, token) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+            let at = (first + t) * half;
+            let (c, s) = (&self.cos_host[at..at + half], &self.sin_host[at..at + half]);
+            for head in token.chunks_exact_mut(head_dim) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * c[i] - b * s[i];
+                    x2[i] = b * c[i] + a * s[i];
+                }
+            }
         }
     }
 
@@ -86,6 +115,35 @@ pub fn interleaved_to_half_split(n_heads: usize, head_dim: usize) -> Vec<usize> 
 mod tests {
     use super::*;
     use burn::backend::Flex;
+
+    #[test]
+    fn host_rotation_is_bitwise_the_tensor_rotation() {
+        let dev = Default::default();
+        let (heads, d, n) = (3, 8, 4);
+        let vals: Vec<f32> = (0..n * heads * d)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let angles = RopeAngles::<Flex>::new(&[5, 9, 9, 200], 1, d, 1e6, &dev);
+        // Tensor path: [1, heads, n, d] from the token-major rows.
+        let t =
+            Tensor::<Flex, 3>::from_data(TensorData::new(vals.clone(), [1, n, heads * d]), &dev)
+                .reshape([1, n, heads, d])
+                .swap_dims(1, 2);
+        let want = angles
+            .apply(t)
+            .swap_dims(1, 2)
+            .reshape([1, n, heads * d])
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let mut got = vals;
+        angles.apply_host(&mut got[heads * d..], 1, heads, d);
+        angles.apply_host(&mut got[..heads * d], 0, heads, d);
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
 
     #[test]
     fn rotation_preserves_norm_and_relative_position() {

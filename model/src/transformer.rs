@@ -523,6 +523,9 @@ impl<B: Backend> Attention<B> {
         segments: &mut [Segment<'_, B>],
         layer: usize,
     ) -> Tensor<B, 3> {
+        if let Some(y) = self.forward_host(&x, rope, segments, layer) {
+            return y;
+        }
         let [batch, n, _] = x.dims();
         let split = |t: Tensor<B, 3>, heads: usize| {
             t.reshape([batch, n, heads, self.head_dim]).swap_dims(1, 2)
@@ -577,6 +580,8 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+mod host;
+
 /// Tensor data on the host (activations are f32 on every backend Arbor runs).
 fn host<B: Backend>(t: Tensor<B, 4>) -> Vec<f32> {
     t.into_data().to_vec::<f32>().expect("activations are f32")
@@ -602,9 +607,38 @@ fn paged_attention<B: Backend>(
     let [batch, n_heads, n_q, head_dim] = q.dims();
     let n_kv_heads = k.dims()[1];
     let device = q.device();
-    cache.append_head_major(layer, &host(k), &host(v), n_q);
+    let heads = (n_heads, n_kv_heads, head_dim);
+    let out = paged_attention_host(
+        cache,
+        layer,
+        (&host(q), &host(k), &host(v)),
+        heads,
+        mask,
+        positions,
+    );
+    Tensor::from_data(
+        TensorData::new(out, [batch, n_heads, n_q, head_dim]),
+        &device,
+    )
+}
+
+/// [`paged_attention`] on host rows, head-major: `q` `[n_heads][n][head_dim]`, `k`, `v`
+/// `[n_kv_heads][n][head_dim]` → `[n_heads][n][head_dim]`.
+///
+/// # Panics
+/// As [`paged_attention`].
+fn paged_attention_host(
+    cache: &mut PagedKv,
+    layer: usize,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    mask: &[bool],
+    positions: &[usize],
+) -> Vec<f32> {
+    let n_q = q.len() / (n_heads * head_dim);
+    cache.append_head_major(layer, k, v, n_q);
     let dims = AttentionDims {
-        batch,
+        batch: 1,
         n_heads,
         n_kv_heads,
         n_q,
@@ -613,21 +647,16 @@ fn paged_attention<B: Backend>(
     };
     // After H2O evictions the layer holds a subset of the positions the mask covers.
     let mask = cache.layer_mask(layer, mask, n_q);
-    let q = host(q);
-    let out = if cache.wants_votes() {
+    if cache.wants_votes() {
         let (out, votes) =
-            attention_rows_voting(&q, &cache.layer(layer), &mask, Some(positions), dims)
+            attention_rows_voting(q, &cache.layer(layer), &mask, Some(positions), dims)
                 .expect("validated forward input");
         cache.record_votes(layer, &votes, n_q);
         out
     } else {
-        attention_rows_with(&q, &cache.layer(layer), &mask, Some(positions), dims)
+        attention_rows_with(q, &cache.layer(layer), &mask, Some(positions), dims)
             .expect("validated forward input")
-    };
-    Tensor::from_data(
-        TensorData::new(out, [batch, n_heads, n_q, head_dim]),
-        &device,
-    )
+    }
 }
 
 impl<B: Backend> Mlp<B> {
