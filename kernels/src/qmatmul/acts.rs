@@ -25,6 +25,8 @@ pub struct Q8Acts {
     /// Σq of each 64 values as two i16 (first 32 in the low half), for the interleaved
     /// kernels' minimums (empty unless `k` is a multiple of 64).
     sum32x2: Vec<i32>,
+    /// Σq of each 32 values (the interleaved Q8_0 kernel's offset correction).
+    sum32: Vec<i32>,
 }
 
 /// 1.5 · 2²³: adding and subtracting it rounds an f32 below 2²² to an integer.
@@ -41,6 +43,7 @@ pub(super) struct ActRow<'a> {
     pub sum16: &'a [i16],
     pub xsum: &'a [f32],
     pub sum32x2: &'a [i32],
+    pub sum32: &'a [i32],
 }
 
 impl Q8Acts {
@@ -95,6 +98,10 @@ impl Q8Acts {
         } else {
             Vec::new()
         };
+        let sum32 = sum16
+            .chunks_exact(2)
+            .map(|s| i32::from(s[0]) + i32::from(s[1]))
+            .collect();
         Self {
             m,
             k,
@@ -104,6 +111,7 @@ impl Q8Acts {
             sum16,
             xsum,
             sum32x2,
+            sum32,
         }
     }
 
@@ -145,6 +153,7 @@ impl Q8Acts {
             } else {
                 &self.sum32x2[r * k / 64..(r + 1) * k / 64]
             },
+            sum32: &self.sum32[r * k / 32..(r + 1) * k / 32],
         }
     }
 }

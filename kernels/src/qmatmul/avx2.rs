@@ -146,7 +146,7 @@ unsafe fn nibbles16(p: *const u8) -> __m256i {
 /// Bit `e` of the 32-bit mask at `p` → byte `e` set to 16 or 0.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn fifth_bits(p: *const u8) -> __m256i {
+pub(super) unsafe fn fifth_bits(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 4 readable bytes.
     let bits = unsafe { p.cast::<u32>().read_unaligned() } as i32;
     // Byte e takes mask byte e / 8, then tests bit e % 8.

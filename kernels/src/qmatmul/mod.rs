@@ -294,8 +294,9 @@ impl QuantMatrix {
             });
         }
         let groups = n / 8;
-        let mut packed =
-            Vec::with_capacity(groups * (k / 256) * x8::block_bytes(ty) + (n % 8) * row);
+        let mut packed = Vec::with_capacity(
+            groups * (k / ty.block_size()) * x8::block_bytes(ty) + (n % 8) * row,
+        );
         for g in 0..groups {
             let rows = std::array::from_fn(|r| &data[(8 * g + r) * row..(8 * g + r + 1) * row]);
             x8::pack(ty, rows, &mut packed);
@@ -343,7 +344,7 @@ impl QuantMatrix {
 
     /// Bytes of one interleaved group of 8 rows.
     fn group_bytes(&self) -> usize {
-        self.k / 256 * x8::block_bytes(self.ty)
+        self.k / self.ty.block_size() * x8::block_bytes(self.ty)
     }
 
     /// The block format.

@@ -232,9 +232,14 @@ fn fused_products_reject_bad_operands() {
 #[test]
 fn interleaved_formats_give_back_their_gguf_bytes() {
     let mut rng = Rng(21);
-    for (ty, n) in [GgmlType::Q4_K, GgmlType::Q6_K]
-        .into_iter()
-        .flat_map(|t| [(t, 8), (t, 19), (t, 3)])
+    for (ty, n) in [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+    ]
+    .into_iter()
+    .flat_map(|t| [(t, 8), (t, 19), (t, 3)])
     {
         let k = 512;
         let bytes: Vec<u8> = (0..ty.bytes_for(n * k).unwrap())

@@ -1,4 +1,4 @@
-//! Q4_K and Q6_K with 8 output rows interleaved (the layout llama.cpp's CPU "repack" buffers
+//! Q4_K, Q6_K, Q8_0 and Q5_0 with 8 output rows interleaved (the layout llama.cpp's CPU "repack" buffers
 //! use for the same reason): one activation load meets 8 weight rows, every scale and minimum of the
 //! 8 rows is applied with one vector instruction, and each row's sum lives in its own lane —
 //! no per-row scale unpacking, no horizontal sums. Decoding a GGUF Q4_K row costs ~75 vector
@@ -23,6 +23,17 @@
 //! | 16..144 | scale of sub-block `j` (16 weights), row `r` at `16 + 8j + r` (i8) |
 //! | 144..1680 | for half `h` (128 weights) and group `g` (4 bytes), 96 bytes: `[r][t]` = GGUF `ql[64h + 4g + t]`, then `ql[64h + 32 + 4g + t]`, then `qh[32h + 4g + t]` of row `r` |
 //!
+//! One interleaved Q8_0 block ([`BLOCK8`] bytes, exactly 8 GGUF blocks of 32 weights): `d`
+//! of rows 0..8 (f16, 16 bytes), then for group `g` (4 weights) 32 bytes `[r][t]` = weight
+//! `4g + t` of row `r`. The kernel takes the signed weights as `w + 128` (unsigned, for
+//! `vpdpbusd`) and subtracts `128·Σx` per block.
+//!
+//! One interleaved Q5_0 block ([`BLOCK5`] bytes, exactly 8 GGUF blocks): `d` of rows 0..8
+//! (f16, 16 bytes); the fifth bits as 8 words — for group `g` and half `h`, bit `4r + t` of
+//! word `2g + h` is the fifth bit of weight `16h + 4g + t` of row `r` — (32 bytes); then for
+//! group `g` 32 bytes `[r][t]` = GGUF `qs[4g + t]` of row `r` (low nibble: weight `4g + t`,
+//! high: `16 + 4g + t`). The storage offset 16 enters as `−16·Σx` per block.
+//!
 //! Packing is lossless ([`unpack_row`] gives back the GGUF bytes exactly); Q4_K's is 2.8%
 //! larger than its GGUF rows (the 6-bit scales are stored in bytes), Q6_K's the same size.
 
@@ -39,31 +50,131 @@ const GGUF6: usize = 210;
 /// Where the weights start in an interleaved Q6_K block.
 const QS6: usize = 144;
 
+/// Bytes of one interleaved Q8_0 block of 8 rows.
+pub(super) const BLOCK8: usize = 272;
+/// Bytes of one GGUF Q8_0 block.
+const GGUF8: usize = 34;
+
+/// Bytes of one interleaved Q5_0 block of 8 rows.
+pub(super) const BLOCK5: usize = 176;
+/// Bytes of one GGUF Q5_0 block.
+const GGUF5: usize = 22;
+
 /// Whether matrices of `ty` are held interleaved.
 pub(super) fn interleaves(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
+    matches!(
+        ty,
+        GgmlType::Q4_K | GgmlType::Q6_K | GgmlType::Q8_0 | GgmlType::Q5_0
+    )
 }
 
-/// Bytes of one interleaved super-block of 8 rows of `ty` (an [`interleaves`] type).
+/// Bytes of one interleaved group of 8 rows of `ty` per `block_size` weights (an
+/// [`interleaves`] type).
 pub(super) fn block_bytes(ty: GgmlType) -> usize {
-    if ty == GgmlType::Q6_K { BLOCK6 } else { BLOCK }
+    match ty {
+        GgmlType::Q6_K => BLOCK6,
+        GgmlType::Q8_0 => BLOCK8,
+        GgmlType::Q5_0 => BLOCK5,
+        _ => BLOCK,
+    }
 }
 
-/// Eight rows of GGUF super-blocks of `ty` → interleaved blocks, appended to `out`.
+/// Eight rows of GGUF blocks of `ty` → interleaved blocks, appended to `out`.
 pub(super) fn pack(ty: GgmlType, rows: [&[u8]; 8], out: &mut Vec<u8>) {
-    if ty == GgmlType::Q6_K {
-        pack_group6(rows, out);
-    } else {
-        pack_group(rows, out);
+    match ty {
+        GgmlType::Q6_K => pack_group6(rows, out),
+        GgmlType::Q8_0 => pack_group8(rows, out),
+        GgmlType::Q5_0 => pack_group5(rows, out),
+        _ => pack_group(rows, out),
     }
 }
 
 /// Row `r` (0..8) of a group's interleaved blocks of `ty`, as GGUF bytes appended to `out`.
 pub(super) fn unpack(ty: GgmlType, group: &[u8], r: usize, out: &mut Vec<u8>) {
-    if ty == GgmlType::Q6_K {
-        unpack_row6(group, r, out);
-    } else {
-        unpack_row(group, r, out);
+    match ty {
+        GgmlType::Q6_K => unpack_row6(group, r, out),
+        GgmlType::Q8_0 => unpack_row8(group, r, out),
+        GgmlType::Q5_0 => unpack_row5(group, r, out),
+        _ => unpack_row(group, r, out),
+    }
+}
+
+/// As [`pack_group`] for Q5_0.
+fn pack_group5(rows: [&[u8]; 8], out: &mut Vec<u8>) {
+    let nb = rows[0].len() / GGUF5;
+    for bi in 0..nb {
+        let at = out.len();
+        out.resize(at + BLOCK5, 0);
+        let dst = &mut out[at..];
+        let mut words = [0u32; 8];
+        for (r, row) in rows.iter().enumerate() {
+            let b = &row[bi * GGUF5..(bi + 1) * GGUF5];
+            dst[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            for g in 0..4 {
+                for h in 0..2 {
+                    for t in 0..4 {
+                        let bit = (qh >> (16 * h + 4 * g + t)) & 1;
+                        words[2 * g + h] |= bit << (4 * r + t);
+                    }
+                }
+                let to = 48 + (g * 8 + r) * 4;
+                dst[to..to + 4].copy_from_slice(&b[6 + 4 * g..10 + 4 * g]);
+            }
+        }
+        for (i, w) in words.iter().enumerate() {
+            dst[16 + 4 * i..20 + 4 * i].copy_from_slice(&w.to_le_bytes());
+        }
+    }
+}
+
+/// As [`unpack_row`] for Q5_0.
+fn unpack_row5(group: &[u8], r: usize, out: &mut Vec<u8>) {
+    for blk in group.chunks_exact(BLOCK5) {
+        out.extend_from_slice(&blk[2 * r..2 * r + 2]);
+        let word = |i: usize| u32::from_le_bytes(blk[16 + 4 * i..20 + 4 * i].try_into().unwrap());
+        let mut qh = 0u32;
+        for g in 0..4 {
+            for h in 0..2 {
+                for t in 0..4 {
+                    qh |= ((word(2 * g + h) >> (4 * r + t)) & 1) << (16 * h + 4 * g + t);
+                }
+            }
+        }
+        out.extend_from_slice(&qh.to_le_bytes());
+        for g in 0..4 {
+            let from = 48 + (g * 8 + r) * 4;
+            out.extend_from_slice(&blk[from..from + 4]);
+        }
+    }
+}
+
+/// As [`pack_group`] for Q8_0.
+fn pack_group8(rows: [&[u8]; 8], out: &mut Vec<u8>) {
+    let nb = rows[0].len() / GGUF8;
+    for bi in 0..nb {
+        let at = out.len();
+        out.resize(at + BLOCK8, 0);
+        let dst = &mut out[at..];
+        for (r, row) in rows.iter().enumerate() {
+            let b = &row[bi * GGUF8..(bi + 1) * GGUF8];
+            dst[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
+            for g in 0..8 {
+                let to = 16 + (g * 8 + r) * 4;
+                dst[to..to + 4].copy_from_slice(&b[2 + 4 * g..6 + 4 * g]);
+            }
+        }
+    }
+}
+
+/// As [`unpack_row`] for Q8_0.
+fn unpack_row8(group: &[u8], r: usize, out: &mut Vec<u8>) {
+    for blk in group.chunks_exact(BLOCK8) {
+        out.extend_from_slice(&blk[2 * r..2 * r + 2]);
+        for g in 0..8 {
+            let from = 16 + (g * 8 + r) * 4;
+            out.extend_from_slice(&blk[from..from + 4]);
+        }
     }
 }
 
@@ -184,7 +295,8 @@ pub(super) use x86::{dot8, dot8_vnni};
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{ActRow, BLOCK, BLOCK6, GgmlType, QS, QS6};
+    use super::super::avx2::fifth_bits;
+    use super::{ActRow, BLOCK, BLOCK5, BLOCK6, BLOCK8, GgmlType, QS, QS6};
 
     /// The 8 rows of one interleaved group of `ty` (`g`: its blocks) times activation rows
     /// `x`: `out[r][l]` = row `l` of the group · `x[r]`.
@@ -200,10 +312,11 @@ mod x86 {
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the caller.
         unsafe {
-            if ty == GgmlType::Q6_K {
-                kernel6::<R, false>(g, x)
-            } else {
-                kernel::<R, false>(g, x)
+            match ty {
+                GgmlType::Q6_K => kernel6::<R, false>(g, x),
+                GgmlType::Q8_0 => kernel8::<R, false>(g, x),
+                GgmlType::Q5_0 => kernel5::<R, false>(g, x),
+                _ => kernel::<R, false>(g, x),
             }
         }
     }
@@ -220,11 +333,126 @@ mod x86 {
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the caller.
         unsafe {
-            if ty == GgmlType::Q6_K {
-                kernel6::<R, true>(g, x)
-            } else {
-                kernel::<R, true>(g, x)
+            match ty {
+                GgmlType::Q6_K => kernel6::<R, true>(g, x),
+                GgmlType::Q8_0 => kernel8::<R, true>(g, x),
+                GgmlType::Q5_0 => kernel5::<R, true>(g, x),
+                _ => kernel::<R, true>(g, x),
             }
+        }
+    }
+
+    /// Q5_0: nibbles and fifth bits assembled into 5-bit weights (0..32) per 32 bytes; the
+    /// offset 16 enters as `−16·Σx` per block.
+    ///
+    /// # Safety
+    /// As [`dot8`] (and [`dot8_vnni`] when `V`).
+    #[inline(always)]
+    unsafe fn kernel5<const R: usize, const V: bool>(
+        g: &[u8],
+        x: &[ActRow<'_>; R],
+    ) -> [[f32; 8]; R] {
+        // SAFETY: forwarded from the callers; every pointer below stays inside one block of
+        // `g` or inside the rows' `k` values (32 per block).
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let split = if R <= 2 { 2 } else { 1 };
+            for (bi, blk) in g.chunks_exact(BLOCK5).enumerate() {
+                let p = blk.as_ptr();
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+                let mut isum = [[_mm256_setzero_si256(); 2]; R];
+                for gi in 0..4 {
+                    let q = _mm256_loadu_si256(p.add(48 + 32 * gi).cast());
+                    let halves = [
+                        _mm256_or_si256(_mm256_and_si256(q, low), fifth_bits(p.add(16 + 8 * gi))),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(q), low),
+                            fifth_bits(p.add(20 + 8 * gi)),
+                        ),
+                    ];
+                    for (h, w) in halves.into_iter().enumerate() {
+                        let e = h % split;
+                        for r in 0..R {
+                            let xp = x[r].q.as_ptr().add(bi * 32 + 16 * h + 4 * gi);
+                            let xv = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
+                            isum[r][e] = dot4::<V>(isum[r][e], w, xv);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let sx = _mm256_set1_epi32(*x[r].sum32.get_unchecked(bi));
+                    let s = _mm256_sub_epi32(
+                        _mm256_add_epi32(isum[r][0], isum[r][1]),
+                        _mm256_slli_epi32::<4>(sx),
+                    );
+                    let dx = _mm256_set1_ps(*x[r].d.get_unchecked(bi));
+                    let sum = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, dx));
+                    acc[r] = _mm256_add_ps(acc[r], sum);
+                }
+            }
+            let mut out = [[0.0f32; 8]; R];
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+            out
+        }
+    }
+
+    /// Q8_0: VNNI takes the signed weights as `w + 128` and subtracts `128·Σx` per block
+    /// (exact in i32); AVX2's `vpmaddubsw` would saturate on that, so it multiplies `|w|` by
+    /// `x` with `w`'s sign instead.
+    ///
+    /// # Safety
+    /// As [`dot8`] (and [`dot8_vnni`] when `V`).
+    #[inline(always)]
+    unsafe fn kernel8<const R: usize, const V: bool>(
+        g: &[u8],
+        x: &[ActRow<'_>; R],
+    ) -> [[f32; 8]; R] {
+        // SAFETY: forwarded from the callers; every pointer below stays inside one block of
+        // `g` or inside the rows' `k` values (32 per block).
+        unsafe {
+            let flip = _mm256_set1_epi8(-128);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let split = if R <= 2 { 2 } else { 1 };
+            for (bi, blk) in g.chunks_exact(BLOCK8).enumerate() {
+                let p = blk.as_ptr();
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+                let mut isum = [[_mm256_setzero_si256(); 2]; R];
+                for gi in 0..8 {
+                    let w = _mm256_loadu_si256(p.add(16 + 32 * gi).cast());
+                    let e = gi % split;
+                    for r in 0..R {
+                        let xp = x[r].q.as_ptr().add(bi * 32 + 4 * gi);
+                        let xv = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
+                        isum[r][e] = if V {
+                            _mm256_dpbusd_epi32(isum[r][e], _mm256_xor_si256(w, flip), xv)
+                        } else {
+                            let p = _mm256_maddubs_epi16(
+                                _mm256_sign_epi8(w, w),
+                                _mm256_sign_epi8(xv, w),
+                            );
+                            _mm256_add_epi32(isum[r][e], _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+                        };
+                    }
+                }
+                for r in 0..R {
+                    let mut s = _mm256_add_epi32(isum[r][0], isum[r][1]);
+                    if V {
+                        let sx = _mm256_set1_epi32(*x[r].sum32.get_unchecked(bi));
+                        s = _mm256_sub_epi32(s, _mm256_slli_epi32::<7>(sx));
+                    }
+                    let dx = _mm256_set1_ps(*x[r].d.get_unchecked(bi));
+                    let sum = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, dx));
+                    acc[r] = _mm256_add_ps(acc[r], sum);
+                }
+            }
+            let mut out = [[0.0f32; 8]; R];
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+            out
         }
     }
 
