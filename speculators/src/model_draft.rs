@@ -153,7 +153,9 @@ impl<B: Backend> Draft for ModelDraft<B> {
                 rows.resize(tree.len(), None);
                 let input = tree.forward_input_for(fresh, n, cache.len(), &rows, root_row);
                 let first_row = cache.len();
+                let t0 = Instant::now();
                 let logits = model.forward_all_logits(&input, cache)?;
+                cost.note_level(fresh.len(), t0.elapsed().as_secs_f64());
                 cost.forwards += 1;
                 cost.tokens += fresh.len();
                 for (k, &node) in fresh.iter().enumerate() {
