@@ -578,13 +578,13 @@ mod x86 {
         // `g` or inside the rows' `k` values (256 per block).
         unsafe {
             let low = _mm256_set1_epi8(0x0F);
-            let mut acc = [_mm256_setzero_ps(); R];
+            // Row sums stay in memory between blocks and the minimums are applied once per
+            // block (fewer live registers; the per-row arithmetic is the same whatever `R`
+            // is: a row's result does not depend on the rows beside it).
+            let mut out = [[0.0f32; 8]; R];
             for (bi, blk) in g.chunks_exact(BLOCK).enumerate() {
                 let p = blk.as_ptr();
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
-                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
                 let mut isum = [_mm256_setzero_si256(); R];
-                let mut imin = [_mm256_setzero_si256(); R];
                 for c in 0..4 {
                     // One or two rows: two sums per row and nibble half (even and odd groups),
                     // else `vpdpbusd`'s latency bounds the few chains; more rows have chains
@@ -613,7 +613,6 @@ mod x86 {
                     }
                     let s_lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(32 + 16 * c).cast()));
                     let s_hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(32 + 16 * c + 8).cast()));
-                    let mins = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(96 + 16 * c).cast()));
                     for r in 0..R {
                         let lo = _mm256_add_epi32(alo[r][0], alo[r][1]);
                         let hi = _mm256_add_epi32(ahi[r][0], ahi[r][1]);
@@ -623,24 +622,31 @@ mod x86 {
                             _mm256_mullo_epi32(hi, s_hi),
                         );
                         isum[r] = _mm256_add_epi32(isum[r], s);
-                        // Σq of the activations over sub-blocks 2c and 2c+1, as an i16 pair.
+                    }
+                }
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
+                for r in 0..R {
+                    // Σ minimum · (Σq of the activations over its sub-block), pairs of
+                    // sub-blocks at a time.
+                    let mut imin = _mm256_setzero_si256();
+                    for c in 0..4 {
+                        let mins = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(96 + 16 * c).cast()));
                         let pair = *x[r].sum32x2.get_unchecked(bi * 4 + c);
-                        imin[r] = _mm256_add_epi32(
-                            imin[r],
+                        imin = _mm256_add_epi32(
+                            imin,
                             _mm256_madd_epi16(mins, _mm256_set1_epi32(pair)),
                         );
                     }
-                }
-                for r in 0..R {
                     let dx = _mm256_set1_ps(*x[r].d.get_unchecked(bi));
                     let sum = _mm256_mul_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx));
-                    let min = _mm256_mul_ps(_mm256_cvtepi32_ps(imin[r]), _mm256_mul_ps(dmin, dx));
-                    acc[r] = _mm256_add_ps(acc[r], _mm256_sub_ps(sum, min));
+                    let min = _mm256_mul_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dmin, dx));
+                    let acc = _mm256_loadu_ps(out[r].as_ptr());
+                    _mm256_storeu_ps(
+                        out[r].as_mut_ptr(),
+                        _mm256_add_ps(acc, _mm256_sub_ps(sum, min)),
+                    );
                 }
-            }
-            let mut out = [[0.0f32; 8]; R];
-            for r in 0..R {
-                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
             }
             out
         }
