@@ -244,6 +244,35 @@ impl<B: Backend> Proj<B> {
         self.add_bias(y)
     }
 
+    /// The projection onto the first `rows` outputs (GGUF blocks on the CPU fast path only).
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] for other weights, or `rows` the blocks cannot be cut at (0,
+    /// more than there are, or not a multiple of 8 where rows are interleaved).
+    pub fn rows_prefix(&self, rows: usize) -> Result<Self> {
+        let Some(Packed::Blocks(q)) = &self.packed else {
+            return Err(ModelError::Input(
+                "cutting a projection's outputs needs GGUF block weights on the CPU".into(),
+            ));
+        };
+        let cut = q.rows_prefix(rows).ok_or_else(|| {
+            ModelError::Input(format!(
+                "cannot keep {rows} of {} outputs (a multiple of 8, at least 8)",
+                q.n()
+            ))
+        })?;
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| Param::from_tensor(b.val().narrow(0, 0, rows)));
+        Ok(Self {
+            linear: None,
+            bias,
+            packed: Some(Packed::Blocks(Arc::new(cut))),
+            gpu: None,
+        })
+    }
+
     /// Whether [`Proj::forward_host`] runs (the CPU fast path).
     pub fn has_host_path(&self) -> bool {
         self.packed.is_some() && self.gpu.is_none()

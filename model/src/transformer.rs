@@ -246,6 +246,21 @@ impl<B: Backend> Transformer<B> {
         })
     }
 
+    /// The same model scoring only the first `rows` token ids (its output head cut to them;
+    /// the other logits read −∞). Meant for drafts: BPE vocabularies number tokens roughly by
+    /// merge order, so the low ids are the common ones, and the head is a large share of a
+    /// small model's bytes (37% of Qwen2.5-0.5B's). A draft that cannot propose a rare token
+    /// loses a little acceptance, never correctness: the target verifies every token.
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] unless the head holds GGUF blocks on the CPU fast path and `rows`
+    /// is a multiple of 8 in `8..=vocab_size`.
+    pub fn with_head_rows(&self, rows: usize) -> Result<Self> {
+        let mut m = self.clone();
+        m.lm_head = self.lm_head.rows_prefix(rows)?;
+        Ok(m)
+    }
+
     /// The same model with its projections' weights held as f16 on the CPU fast path: half
     /// the bytes read per token, at f16 rounding of every weight (≈5·10⁻⁴ relative). Meant
     /// for drafts, whose precision affects only acceptance, never the verified output. On
@@ -443,7 +458,18 @@ impl<B: Backend> Transformer<B> {
     /// # Shapes
     /// - `hidden`: `[batch, n, hidden_size]` → `[batch, n, vocab_size]`
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.lm_head.forward(hidden)
+        let logits = self.lm_head.forward(hidden);
+        let [batch, n, rows] = logits.dims();
+        if rows == self.vocab_size {
+            return logits;
+        }
+        // A cut head ([`Transformer::with_head_rows`]): the ids past it are never chosen.
+        let rest = Tensor::full(
+            [batch, n, self.vocab_size - rows],
+            f32::NEG_INFINITY,
+            &logits.device(),
+        );
+        Tensor::cat(vec![logits, rest], 2)
     }
 
     /// Forward, then the logits of every new token, copied to the host: one row per token,

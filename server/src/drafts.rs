@@ -18,18 +18,29 @@ pub enum DraftSpec {
     SelfLayers(usize, bool),
     /// Anything else: a model (short name, path or hub id) sharing the target's tokenizer.
     /// Block-quantized (GGUF) weights are used as stored; weights held as f32 (float
-    /// checkpoints, `--f32-weights`) become f16 unless `@f32` is appended.
-    Model(String, bool),
+    /// checkpoints, `--f32-weights`) become f16 unless `@f32` is appended. `@head=N` cuts
+    /// its output head to the first N token ids ([`Transformer::with_head_rows`]).
+    Model(String, bool, Option<usize>),
 }
 
 impl DraftSpec {
     pub fn parse(spec: &str) -> Result<Self> {
-        let (s, f16) = match spec.rsplit_once('@') {
-            Some((s, "f16")) => (s, Some(true)),
-            Some((s, "f32")) => (s, Some(false)),
-            Some(_) => bail!("bad --draft {spec:?}: the precision suffix is @f16 or @f32"),
-            None => (spec, None),
-        };
+        let mut parts = spec.split('@');
+        let s = parts.next().unwrap_or_default();
+        let (mut f16, mut head) = (None, None);
+        for opt in parts {
+            match opt {
+                "f16" => f16 = Some(true),
+                "f32" => f16 = Some(false),
+                _ => match opt.strip_prefix("head=").map(str::parse::<usize>) {
+                    Some(Ok(n)) if n >= 8 && n.is_multiple_of(8) => head = Some(n),
+                    _ => bail!(
+                        "bad --draft {spec:?}: options are @f16, @f32 and @head=N (N a multiple \
+                         of 8)"
+                    ),
+                },
+            }
+        }
         let num = |x: &str| -> Result<usize> {
             match x.parse::<usize>() {
                 Ok(n) if n >= 1 => Ok(n),
@@ -37,7 +48,7 @@ impl DraftSpec {
             }
         };
         Ok(if s == "ngram" || s.starts_with("ngram:") {
-            if f16.is_some() {
+            if f16.is_some() || head.is_some() {
                 bail!("bad --draft {spec:?}: the n-gram draft has no weights");
             }
             match s.strip_prefix("ngram:") {
@@ -45,9 +56,12 @@ impl DraftSpec {
                 None => Self::Ngram(NgramDraft::default().max_n),
             }
         } else if let Some(n) = s.strip_prefix("self:") {
+            if head.is_some() {
+                bail!("bad --draft {spec:?}: @head=N is for model drafts");
+            }
             Self::SelfLayers(num(n)?, f16.unwrap_or(false))
         } else {
-            Self::Model(s.to_string(), f16.unwrap_or(true))
+            Self::Model(s.to_string(), f16.unwrap_or(true), head)
         })
     }
 }
@@ -96,23 +110,27 @@ pub fn load_drafts<B: Backend>(
                     model: Box::new(m),
                 }
             }
-            DraftSpec::Model(name, f16) => {
+            DraftSpec::Model(name, f16, head) => {
                 let loaded = LoadedModel::<B>::load(name, opts, device)
                     .with_context(|| format!("loading draft {name}"))?;
                 check_same_tokenizer(&target.tokenizer, &loaded.tokenizer, name)?;
                 // Block-quantized weights stay as they are; only f32-held ones become f16.
                 let converted = f16.then(|| loaded.model.with_f16_weights());
-                match converted {
+                let (mut label, mut model) = match converted {
                     Some(m) if m.weight_bytes() < loaded.model.weight_bytes() => {
-                        LoadedDraft::Model {
-                            label: format!("{}@f16", loaded.name),
-                            model: Box::new(m),
-                        }
+                        (format!("{}@f16", loaded.name), m)
                     }
-                    _ => LoadedDraft::Model {
-                        label: loaded.name.clone(),
-                        model: Box::new(loaded.model),
-                    },
+                    _ => (loaded.name.clone(), loaded.model),
+                };
+                if let Some(n) = head {
+                    model = model
+                        .with_head_rows(*n)
+                        .with_context(|| format!("cutting draft {name}'s head"))?;
+                    label = format!("{label}@head={n}");
+                }
+                LoadedDraft::Model {
+                    label,
+                    model: Box::new(model),
                 }
             }
         });
@@ -188,12 +206,29 @@ mod tests {
         assert_eq!(p("ngram:2"), DraftSpec::Ngram(2));
         assert_eq!(p("self:6"), DraftSpec::SelfLayers(6, false));
         assert_eq!(p("self:6@f16"), DraftSpec::SelfLayers(6, true));
-        assert_eq!(p("qwen"), DraftSpec::Model("qwen".into(), true));
+        assert_eq!(p("qwen"), DraftSpec::Model("qwen".into(), true, None));
         assert_eq!(
             p("./m.gguf@f32"),
-            DraftSpec::Model("./m.gguf".into(), false)
+            DraftSpec::Model("./m.gguf".into(), false, None)
         );
-        for bad in ["self:0", "ngram:x", "ngram@f16", "m@q4"] {
+        assert_eq!(
+            p("qwen@head=32768"),
+            DraftSpec::Model("qwen".into(), true, Some(32768))
+        );
+        assert_eq!(
+            p("qwen@f32@head=64"),
+            DraftSpec::Model("qwen".into(), false, Some(64))
+        );
+        for bad in [
+            "self:0",
+            "ngram:x",
+            "ngram@f16",
+            "m@q4",
+            "m@head=12",
+            "m@head=0",
+            "self:4@head=64",
+            "ngram@head=64",
+        ] {
             assert!(DraftSpec::parse(bad).is_err(), "{bad}");
         }
     }

@@ -138,3 +138,58 @@ fn speculative_greedy_equals_plain_greedy_on_smollm2() {
         }
     }
 }
+
+/// A draft with its head cut to the first token ids scores them exactly as the whole head
+/// does, reads −∞ past them, and still drafts for an engine whose output equals plain greedy.
+#[test]
+fn cut_head_scores_its_ids_exactly_and_drafts_correctly() {
+    let m = load();
+    let vocab = m.model.vocab_size();
+    let cut = m.model.with_head_rows(4096).unwrap();
+    let prompt = m.tokenizer.encode("The capital of France is").unwrap();
+    let full = m
+        .model
+        .forward_last_logits(&ForwardInput::causal(&prompt, 0), &mut m.model.new_cache())
+        .unwrap()
+        .swap_remove(0);
+    let part = cut
+        .forward_last_logits(&ForwardInput::causal(&prompt, 0), &mut cut.new_cache())
+        .unwrap()
+        .swap_remove(0);
+    assert_eq!(part.len(), vocab);
+    assert_eq!(&part[..4096], &full[..4096]);
+    assert!(part[4096..].iter().all(|&v| v == f32::NEG_INFINITY));
+    // Rows the blocks cannot be cut at are errors, not panics.
+    assert!(m.model.with_head_rows(4095).is_err());
+    assert!(m.model.with_head_rows(vocab + 8).is_err());
+
+    let params = GenerateParams {
+        max_tokens: 24,
+        ..GenerateParams::default()
+    };
+    let text = |events: Vec<Result<Event, EngineError>>| -> String {
+        events
+            .into_iter()
+            .map(|e| match e.unwrap() {
+                Event::Text(t) => t,
+                _ => String::new(),
+            })
+            .collect()
+    };
+    let p = Prompt::Text("def fibonacci(n):".into());
+    let plain = text(
+        Generator::new(&m.model, &m.tokenizer)
+            .generate(&p, &params)
+            .unwrap()
+            .collect(),
+    );
+    let mut engine = Engine::new(
+        &m.model,
+        &m.tokenizer,
+        "2,1,1".parse::<TreePolicy>().unwrap(),
+    )
+    .with_model_draft("cut", &cut, &m.tokenizer)
+    .unwrap();
+    let spec = text(engine.generate(&p, &params).unwrap().collect());
+    assert_eq!(spec, plain);
+}

@@ -342,6 +342,29 @@ impl QuantMatrix {
         Cow::Owned(out)
     }
 
+    /// The first `rows` rows (outputs) as a matrix of their own, or `None` if `rows` is 0 or
+    /// more than the matrix has, or (where rows are interleaved) not a multiple of 8.
+    pub fn rows_prefix(&self, rows: usize) -> Option<Self> {
+        if rows == 0 || rows > self.n {
+            return None;
+        }
+        let (groups, bytes) = if self.groups > 0 {
+            if !rows.is_multiple_of(8) || rows > 8 * self.groups {
+                return None;
+            }
+            (rows / 8, rows / 8 * self.group_bytes())
+        } else {
+            (0, rows * self.row_bytes())
+        };
+        Some(Self {
+            ty: self.ty,
+            n: rows,
+            k: self.k,
+            groups,
+            data: self.data[..bytes].to_vec(),
+        })
+    }
+
     /// Bytes of one interleaved group of 8 rows.
     fn group_bytes(&self) -> usize {
         self.k / self.ty.block_size() * x8::block_bytes(self.ty)

@@ -264,3 +264,26 @@ fn interleaved_formats_give_back_their_gguf_bytes() {
         }
     }
 }
+
+#[test]
+fn row_prefixes_multiply_like_the_whole_matrix() {
+    let mut rng = Rng(33);
+    for (ty, n, keep) in [(GgmlType::Q8_0, 37, 16), (GgmlType::Q4_1, 11, 5)] {
+        let k = 256;
+        let w = random_matrix(ty, n, k, &mut rng);
+        let p = w.rows_prefix(keep).unwrap();
+        assert_eq!((p.n(), p.k()), (keep, k));
+        let x: Vec<f32> = (0..2 * k).map(|_| rng.unit()).collect();
+        let (mut all, mut part) = (vec![0.0; 2 * n], vec![0.0; 2 * keep]);
+        w.matmul(&x, 2, &mut all).unwrap();
+        p.matmul(&x, 2, &mut part).unwrap();
+        for r in 0..2 {
+            assert_eq!(&part[r * keep..(r + 1) * keep], &all[r * n..r * n + keep]);
+        }
+    }
+    let w = random_matrix(GgmlType::Q8_0, 37, 32, &mut rng);
+    // Interleaved rows come in eights; none, or more than there are, is no prefix.
+    assert!(w.rows_prefix(12).is_none());
+    assert!(w.rows_prefix(0).is_none());
+    assert!(w.rows_prefix(38).is_none());
+}
