@@ -214,7 +214,8 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Speculative decoding with this draft (repeatable): `ngram[:MAX_N]`, `self:N[@f16]`, or
-    /// a model sharing the target's tokenizer (f16 weights unless `@f32` is appended).
+    /// a model sharing the target's tokenizer (f16 weights unless `@f32` is appended;
+    /// `@head=N` cuts its output head to the first N token ids).
     #[arg(long = "draft", value_name = "DRAFT")]
     pub drafts: Vec<String>,
     /// Tree policy with --draft: `auto`, `auto:WIDTH,MAX_DEPTH`, `k1,k2,..`, `chain:N`,
