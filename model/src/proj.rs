@@ -339,10 +339,7 @@ pub fn forward_fused<B: Backend, const N: usize>(
     };
     let [batch, n, _] = x.dims();
     let device = x.device();
-    let xs = x
-        .into_data()
-        .into_vec::<f32>()
-        .expect("activations are f32");
+    let xs = host_values(x);
     let mut ys = matmul_blocks(&mats, &xs, batch * n).into_iter();
     projs.map(|p| {
         let y = ys.next().expect("one output per projection");
@@ -415,11 +412,7 @@ pub fn gated_mlp_host<B: Backend>(
         return None;
     }
     let [batch, n, _] = x.dims();
-    let xs = x
-        .clone()
-        .into_data()
-        .into_vec::<f32>()
-        .expect("activations are f32");
+    let xs = host_values(x.clone());
     let [mut g, u]: [Vec<f32>; 2] = matmul_blocks(&mats, &xs, batch * n)
         .try_into()
         .expect("two products");
@@ -432,6 +425,16 @@ pub fn gated_mlp_host<B: Backend>(
     Some(down.add_bias(y))
 }
 
+/// A tensor's values on the host, row-major.
+///
+/// # Panics
+/// If `x` is not f32 (internal invariant: the model computes in f32).
+pub(crate) fn host_values<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
+    x.into_data()
+        .into_vec::<f32>()
+        .expect("activations are f32")
+}
+
 /// `x · Wᵀ` on the CPU fast path (`[batch, n, in]` → `[batch, n, out]`).
 ///
 /// # Panics
@@ -439,10 +442,7 @@ pub fn gated_mlp_host<B: Backend>(
 fn host_matmul<B: Backend>(packed: &Packed, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [batch, n, k] = x.dims();
     let device = x.device();
-    let xs = x
-        .into_data()
-        .into_vec::<f32>()
-        .expect("activations are f32");
+    let xs = host_values(x);
     let mut y = vec![0.0f32; batch * n * packed.n()];
     packed
         .matmul(&xs, batch * n, &mut y)

@@ -20,7 +20,7 @@ use crate::config::ModelConfig;
 use crate::embed::Embed;
 use crate::error::{ModelError, Result};
 use crate::input::ForwardInput;
-use crate::proj::{Proj, forward_fused, gated_mlp_host, uses_fast_path};
+use crate::proj::{Proj, forward_fused, gated_mlp_host, host_values, uses_fast_path};
 use crate::rope::RopeAngles;
 use crate::weights::{MatrixData, WeightSource};
 
@@ -278,25 +278,23 @@ impl<B: Backend> Transformer<B> {
 
     /// Bytes of projection weights (output head included) one forward reads.
     pub fn weight_bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .flat_map(|l| l.projections())
-            .map(Proj::weight_bytes)
-            .sum();
-        layers + self.lm_head.weight_bytes()
+        self.sum_over_projections(Proj::weight_bytes)
     }
 
     /// Multiply-adds of the projections (output head included) per token: the compute one
     /// more row adds to a forward (attention over the context aside).
     pub fn macs_per_token(&self) -> usize {
+        self.sum_over_projections(Proj::weights)
+    }
+
+    fn sum_over_projections(&self, f: impl Fn(&Proj<B>) -> usize) -> usize {
         let layers: usize = self
             .layers
             .iter()
             .flat_map(|l| l.projections())
-            .map(Proj::weights)
+            .map(&f)
             .sum();
-        layers + self.lm_head.weights()
+        layers + f(&self.lm_head)
     }
 
     /// A fresh, empty cache for this model: paged host storage on the CPU backend (pages of
@@ -608,11 +606,6 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 mod host;
 
-/// Tensor data on the host (activations are f32 on every backend Arbor runs).
-fn host<B: Backend>(t: Tensor<B, 4>) -> Vec<f32> {
-    t.into_data().to_vec::<f32>().expect("activations are f32")
-}
-
 /// Appends the new keys and values to `layer` of a paged cache and attends over its pages in
 /// place ([`attention_rows_with`]; batch-invariant: a tree row is bitwise its path decoded
 /// alone).
@@ -637,7 +630,7 @@ fn paged_attention<B: Backend>(
     let out = paged_attention_host(
         cache,
         layer,
-        (&host(q), &host(k), &host(v)),
+        (&host_values(q), &host_values(k), &host_values(v)),
         heads,
         mask,
         positions,

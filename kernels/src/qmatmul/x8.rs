@@ -314,8 +314,8 @@ mod x86 {
         unsafe {
             match ty {
                 GgmlType::Q6_K => kernel6::<R, false>(g, x),
-                GgmlType::Q8_0 => kernel8::<R, false>(g, x),
-                GgmlType::Q5_0 => kernel5::<R, false>(g, x),
+                GgmlType::Q8_0 => kernel32::<F_Q8_0, R, false>(g, x),
+                GgmlType::Q5_0 => kernel32::<F_Q5_0, R, false>(g, x),
                 _ => kernel::<R, false>(g, x),
             }
         }
@@ -335,112 +335,83 @@ mod x86 {
         unsafe {
             match ty {
                 GgmlType::Q6_K => kernel6::<R, true>(g, x),
-                GgmlType::Q8_0 => kernel8::<R, true>(g, x),
-                GgmlType::Q5_0 => kernel5::<R, true>(g, x),
+                GgmlType::Q8_0 => kernel32::<F_Q8_0, R, true>(g, x),
+                GgmlType::Q5_0 => kernel32::<F_Q5_0, R, true>(g, x),
                 _ => kernel::<R, true>(g, x),
             }
         }
     }
 
-    /// Q5_0: nibbles and fifth bits assembled into 5-bit weights (0..32) per 32 bytes; the
-    /// offset 16 enters as `−16·Σx` per block.
-    ///
-    /// # Safety
-    /// As [`dot8`] (and [`dot8_vnni`] when `V`).
-    #[inline(always)]
-    unsafe fn kernel5<const R: usize, const V: bool>(
-        g: &[u8],
-        x: &[ActRow<'_>; R],
-    ) -> [[f32; 8]; R] {
-        // SAFETY: forwarded from the callers; every pointer below stays inside one block of
-        // `g` or inside the rows' `k` values (32 per block).
-        unsafe {
-            let low = _mm256_set1_epi8(0x0F);
-            let mut acc = [_mm256_setzero_ps(); R];
-            let split = if R <= 2 { 2 } else { 1 };
-            for (bi, blk) in g.chunks_exact(BLOCK5).enumerate() {
-                let p = blk.as_ptr();
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
-                let mut isum = [[_mm256_setzero_si256(); 2]; R];
-                for gi in 0..4 {
-                    let q = _mm256_loadu_si256(p.add(48 + 32 * gi).cast());
-                    let halves = [
-                        _mm256_or_si256(_mm256_and_si256(q, low), fifth_bits(p.add(16 + 8 * gi))),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(q), low),
-                            fifth_bits(p.add(20 + 8 * gi)),
-                        ),
-                    ];
-                    for (h, w) in halves.into_iter().enumerate() {
-                        let e = h % split;
-                        for r in 0..R {
-                            let xp = x[r].q.as_ptr().add(bi * 32 + 16 * h + 4 * gi);
-                            let xv = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
-                            isum[r][e] = dot4::<V>(isum[r][e], w, xv);
-                        }
-                    }
-                }
-                for r in 0..R {
-                    let sx = _mm256_set1_epi32(*x[r].sum32.get_unchecked(bi));
-                    let s = _mm256_sub_epi32(
-                        _mm256_add_epi32(isum[r][0], isum[r][1]),
-                        _mm256_slli_epi32::<4>(sx),
-                    );
-                    let dx = _mm256_set1_ps(*x[r].d.get_unchecked(bi));
-                    let sum = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, dx));
-                    acc[r] = _mm256_add_ps(acc[r], sum);
-                }
-            }
-            let mut out = [[0.0f32; 8]; R];
-            for r in 0..R {
-                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
-            }
-            out
-        }
-    }
+    /// The 32-weight formats as [`kernel32`]'s const parameter.
+    const F_Q8_0: u8 = 0;
+    const F_Q5_0: u8 = 1;
 
-    /// Q8_0: VNNI takes the signed weights as `w + 128` and subtracts `128·Σx` per block
-    /// (exact in i32); AVX2's `vpmaddubsw` would saturate on that, so it multiplies `|w|` by
-    /// `x` with `w`'s sign instead.
+    /// Q8_0 and Q5_0 (one scale per 32 weights). Q8_0: VNNI takes the signed weights as
+    /// `w + 128` and subtracts `128·Σx` per block (exact in i32); AVX2's `vpmaddubsw` would
+    /// saturate on that, so it multiplies `|w|` by `x` with `w`'s sign instead. Q5_0: nibbles
+    /// and fifth bits assembled into 5-bit weights (0..32) per 32 bytes, the offset 16
+    /// entering as `−16·Σx` per block.
     ///
     /// # Safety
     /// As [`dot8`] (and [`dot8_vnni`] when `V`).
     #[inline(always)]
-    unsafe fn kernel8<const R: usize, const V: bool>(
+    unsafe fn kernel32<const F: u8, const R: usize, const V: bool>(
         g: &[u8],
         x: &[ActRow<'_>; R],
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the callers; every pointer below stays inside one block of
         // `g` or inside the rows' `k` values (32 per block).
         unsafe {
-            let flip = _mm256_set1_epi8(-128);
+            let (flip, low) = (_mm256_set1_epi8(-128), _mm256_set1_epi8(0x0F));
+            let block = if F == F_Q8_0 { BLOCK8 } else { BLOCK5 };
             let mut acc = [_mm256_setzero_ps(); R];
             let split = if R <= 2 { 2 } else { 1 };
-            for (bi, blk) in g.chunks_exact(BLOCK8).enumerate() {
+            for (bi, blk) in g.chunks_exact(block).enumerate() {
                 let p = blk.as_ptr();
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
                 let mut isum = [[_mm256_setzero_si256(); 2]; R];
-                for gi in 0..8 {
-                    let w = _mm256_loadu_si256(p.add(16 + 32 * gi).cast());
-                    let e = gi % split;
+                for i in 0..8 {
+                    // 8 rows × 4 weights, and where their activations start in the block.
+                    let (w, at) = if F == F_Q8_0 {
+                        (_mm256_loadu_si256(p.add(16 + 32 * i).cast()), 4 * i)
+                    } else {
+                        let (gi, h) = (i / 2, i % 2);
+                        let q = _mm256_loadu_si256(p.add(48 + 32 * gi).cast());
+                        let nib = if h == 0 { q } else { _mm256_srli_epi16::<4>(q) };
+                        let fifth = fifth_bits(p.add(16 + 8 * gi + 4 * h));
+                        (
+                            _mm256_or_si256(_mm256_and_si256(nib, low), fifth),
+                            16 * h + 4 * gi,
+                        )
+                    };
+                    let e = i % split;
                     for r in 0..R {
-                        let xp = x[r].q.as_ptr().add(bi * 32 + 4 * gi);
+                        let xp = x[r].q.as_ptr().add(bi * 32 + at);
                         let xv = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
-                        isum[r][e] = if V {
-                            _mm256_dpbusd_epi32(isum[r][e], _mm256_xor_si256(w, flip), xv)
-                        } else {
-                            let p = _mm256_maddubs_epi16(
-                                _mm256_sign_epi8(w, w),
-                                _mm256_sign_epi8(xv, w),
-                            );
-                            _mm256_add_epi32(isum[r][e], _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+                        isum[r][e] = match (F == F_Q8_0, V) {
+                            (true, true) => {
+                                _mm256_dpbusd_epi32(isum[r][e], _mm256_xor_si256(w, flip), xv)
+                            }
+                            (true, false) => {
+                                let p = _mm256_maddubs_epi16(
+                                    _mm256_sign_epi8(w, w),
+                                    _mm256_sign_epi8(xv, w),
+                                );
+                                _mm256_add_epi32(
+                                    isum[r][e],
+                                    _mm256_madd_epi16(p, _mm256_set1_epi16(1)),
+                                )
+                            }
+                            (false, _) => dot4::<V>(isum[r][e], w, xv),
                         };
                     }
                 }
                 for r in 0..R {
                     let mut s = _mm256_add_epi32(isum[r][0], isum[r][1]);
-                    if V {
-                        let sx = _mm256_set1_epi32(*x[r].sum32.get_unchecked(bi));
+                    let sx = _mm256_set1_epi32(*x[r].sum32.get_unchecked(bi));
+                    if F == F_Q5_0 {
+                        s = _mm256_sub_epi32(s, _mm256_slli_epi32::<4>(sx));
+                    } else if V {
                         s = _mm256_sub_epi32(s, _mm256_slli_epi32::<7>(sx));
                     }
                     let dx = _mm256_set1_ps(*x[r].d.get_unchecked(bi));

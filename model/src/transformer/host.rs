@@ -8,7 +8,7 @@
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use super::{Attention, Segment, paged_attention_host};
-use crate::proj::{fused_host, host_fusable};
+use crate::proj::{fused_host, host_fusable, host_values};
 use crate::rope::RopeAngles;
 
 impl<B: Backend> Attention<B> {
@@ -33,11 +33,7 @@ impl<B: Backend> Attention<B> {
         {
             return None;
         }
-        let xs = x
-            .clone()
-            .into_data()
-            .into_vec::<f32>()
-            .expect("activations are f32");
+        let xs = host_values(x.clone());
         let [mut q, mut k, v]: [Vec<f32>; 3] = fused_host(&[&self.wq, &self.wk, &self.wv], &xs, n)
             .expect("checked above")
             .try_into()
