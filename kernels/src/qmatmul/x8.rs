@@ -311,14 +311,7 @@ mod x86 {
         x: &[ActRow<'_>; R],
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the caller.
-        unsafe {
-            match ty {
-                GgmlType::Q6_K => kernel6::<R, false>(g, x),
-                GgmlType::Q8_0 => kernel32::<F_Q8_0, R, false>(g, x),
-                GgmlType::Q5_0 => kernel32::<F_Q5_0, R, false>(g, x),
-                _ => kernel::<R, false>(g, x),
-            }
-        }
+        unsafe { dispatch::<R, false>(ty, g, x) }
     }
 
     /// [`dot8`] with AVX-512 VNNI (`vpdpbusd`).
@@ -332,12 +325,26 @@ mod x86 {
         x: &[ActRow<'_>; R],
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the caller.
+        unsafe { dispatch::<R, true>(ty, g, x) }
+    }
+
+    /// The kernel for `ty`, inlined into the build that calls it.
+    ///
+    /// # Safety
+    /// As [`dot8`] (and [`dot8_vnni`] when `V`).
+    #[inline(always)]
+    unsafe fn dispatch<const R: usize, const V: bool>(
+        ty: GgmlType,
+        g: &[u8],
+        x: &[ActRow<'_>; R],
+    ) -> [[f32; 8]; R] {
+        // SAFETY: forwarded from the callers.
         unsafe {
             match ty {
-                GgmlType::Q6_K => kernel6::<R, true>(g, x),
-                GgmlType::Q8_0 => kernel32::<F_Q8_0, R, true>(g, x),
-                GgmlType::Q5_0 => kernel32::<F_Q5_0, R, true>(g, x),
-                _ => kernel::<R, true>(g, x),
+                GgmlType::Q6_K => kernel6::<R, V>(g, x),
+                GgmlType::Q8_0 => kernel32::<F_Q8_0, R, V>(g, x),
+                GgmlType::Q5_0 => kernel32::<F_Q5_0, R, V>(g, x),
+                _ => kernel::<R, V>(g, x),
             }
         }
     }
@@ -414,16 +421,10 @@ mod x86 {
                     } else if V {
                         s = _mm256_sub_epi32(s, _mm256_slli_epi32::<7>(sx));
                     }
-                    let dx = _mm256_set1_ps(*x[r].d.get_unchecked(bi));
-                    let sum = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, dx));
-                    acc[r] = _mm256_add_ps(acc[r], sum);
+                    acc[r] = scaled_add(acc[r], s, d, *x[r].d.get_unchecked(bi));
                 }
             }
-            let mut out = [[0.0f32; 8]; R];
-            for r in 0..R {
-                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
-            }
-            out
+            lanes(acc)
         }
     }
 
@@ -509,17 +510,33 @@ mod x86 {
                     }
                 }
                 for r in 0..R {
-                    let dx = _mm256_set1_ps(*x[r].d.get_unchecked(bi));
-                    let sum = _mm256_mul_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, dx));
-                    acc[r] = _mm256_add_ps(acc[r], sum);
+                    acc[r] = scaled_add(acc[r], isum[r], d, *x[r].d.get_unchecked(bi));
                 }
             }
-            let mut out = [[0.0f32; 8]; R];
-            for r in 0..R {
-                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
-            }
-            out
+            lanes(acc)
         }
+    }
+
+    /// `acc + sums · d · dx` (integer block sums of 8 rows, their scales `d`, the activation
+    /// block's scale `dx`).
+    #[inline(always)]
+    unsafe fn scaled_add(acc: __m256, sums: __m256i, d: __m256, dx: f32) -> __m256 {
+        // SAFETY: the caller's build enables AVX2.
+        unsafe {
+            let scale = _mm256_mul_ps(d, _mm256_set1_ps(dx));
+            _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(sums), scale))
+        }
+    }
+
+    /// Each row's 8 lanes.
+    #[inline(always)]
+    unsafe fn lanes<const R: usize>(acc: [__m256; R]) -> [[f32; 8]; R] {
+        let mut out = [[0.0f32; 8]; R];
+        for (o, a) in out.iter_mut().zip(acc) {
+            // SAFETY: the caller's build enables AVX2; `o` holds 8 floats.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
+        }
+        out
     }
 
     /// `acc + Σ` over each 4 bytes of `u·s` (unsigned × signed) per i32 lane: one `vpdpbusd`
