@@ -237,6 +237,7 @@ fn interleaved_formats_give_back_their_gguf_bytes() {
         GgmlType::Q6_K,
         GgmlType::Q8_0,
         GgmlType::Q5_0,
+        GgmlType::Q4_1,
     ]
     .into_iter()
     .flat_map(|t| [(t, 8), (t, 19), (t, 3)])
@@ -268,7 +269,11 @@ fn interleaved_formats_give_back_their_gguf_bytes() {
 #[test]
 fn row_prefixes_multiply_like_the_whole_matrix() {
     let mut rng = Rng(33);
-    for (ty, n, keep) in [(GgmlType::Q8_0, 37, 16), (GgmlType::Q4_1, 11, 5)] {
+    for (ty, n, keep) in [
+        (GgmlType::Q8_0, 37, 16),
+        (GgmlType::Q4_1, 19, 8),
+        (GgmlType::Q5_1, 11, 5),
+    ] {
         let k = 256;
         let w = random_matrix(ty, n, k, &mut rng);
         let p = w.rows_prefix(keep).unwrap();

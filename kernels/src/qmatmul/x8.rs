@@ -1,4 +1,4 @@
-//! Q4_K, Q6_K, Q8_0 and Q5_0 with 8 output rows interleaved (the layout llama.cpp's CPU "repack" buffers
+//! Q4_K, Q6_K, Q8_0, Q5_0 and Q4_1 with 8 output rows interleaved (the layout llama.cpp's CPU "repack" buffers
 //! use for the same reason): one activation load meets 8 weight rows, every scale and minimum of the
 //! 8 rows is applied with one vector instruction, and each row's sum lives in its own lane —
 //! no per-row scale unpacking, no horizontal sums. Decoding a GGUF Q4_K row costs ~75 vector
@@ -34,6 +34,10 @@
 //! group `g` 32 bytes `[r][t]` = GGUF `qs[4g + t]` of row `r` (low nibble: weight `4g + t`,
 //! high: `16 + 4g + t`). The storage offset 16 enters as `−16·Σx` per block.
 //!
+//! One interleaved Q4_1 block ([`BLOCK41`] bytes, exactly 8 GGUF blocks): `d` of rows 0..8
+//! (f16), their minimums `m` (f16), then for group `g` 32 bytes `[r][t]` = GGUF `qs[4g + t]` of
+//! row `r` (low nibble: weight `4g + t`, high: `16 + 4g + t`); `m·Σx` is added per block.
+//!
 //! Packing is lossless ([`unpack_row`] gives back the GGUF bytes exactly); Q4_K's is 2.8%
 //! larger than its GGUF rows (the 6-bit scales are stored in bytes), Q6_K's the same size.
 
@@ -60,11 +64,16 @@ pub(super) const BLOCK5: usize = 176;
 /// Bytes of one GGUF Q5_0 block.
 const GGUF5: usize = 22;
 
+/// Bytes of one interleaved Q4_1 block of 8 rows.
+pub(super) const BLOCK41: usize = 160;
+/// Bytes of one GGUF Q4_1 block.
+const GGUF41: usize = 20;
+
 /// Whether matrices of `ty` are held interleaved.
 pub(super) fn interleaves(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::Q4_K | GgmlType::Q6_K | GgmlType::Q8_0 | GgmlType::Q5_0
+        GgmlType::Q4_K | GgmlType::Q6_K | GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_1
     )
 }
 
@@ -75,6 +84,7 @@ pub(super) fn block_bytes(ty: GgmlType) -> usize {
         GgmlType::Q6_K => BLOCK6,
         GgmlType::Q8_0 => BLOCK8,
         GgmlType::Q5_0 => BLOCK5,
+        GgmlType::Q4_1 => BLOCK41,
         _ => BLOCK,
     }
 }
@@ -85,6 +95,7 @@ pub(super) fn pack(ty: GgmlType, rows: [&[u8]; 8], out: &mut Vec<u8>) {
         GgmlType::Q6_K => pack_group6(rows, out),
         GgmlType::Q8_0 => pack_group8(rows, out),
         GgmlType::Q5_0 => pack_group5(rows, out),
+        GgmlType::Q4_1 => pack_group41(rows, out),
         _ => pack_group(rows, out),
     }
 }
@@ -95,7 +106,39 @@ pub(super) fn unpack(ty: GgmlType, group: &[u8], r: usize, out: &mut Vec<u8>) {
         GgmlType::Q6_K => unpack_row6(group, r, out),
         GgmlType::Q8_0 => unpack_row8(group, r, out),
         GgmlType::Q5_0 => unpack_row5(group, r, out),
+        GgmlType::Q4_1 => unpack_row41(group, r, out),
         _ => unpack_row(group, r, out),
+    }
+}
+
+/// As [`pack_group`] for Q4_1.
+fn pack_group41(rows: [&[u8]; 8], out: &mut Vec<u8>) {
+    let nb = rows[0].len() / GGUF41;
+    for bi in 0..nb {
+        let at = out.len();
+        out.resize(at + BLOCK41, 0);
+        let dst = &mut out[at..];
+        for (r, row) in rows.iter().enumerate() {
+            let b = &row[bi * GGUF41..(bi + 1) * GGUF41];
+            dst[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
+            dst[16 + 2 * r..18 + 2 * r].copy_from_slice(&b[2..4]);
+            for g in 0..4 {
+                let to = 32 + (g * 8 + r) * 4;
+                dst[to..to + 4].copy_from_slice(&b[4 + 4 * g..8 + 4 * g]);
+            }
+        }
+    }
+}
+
+/// As [`unpack_row`] for Q4_1.
+fn unpack_row41(group: &[u8], r: usize, out: &mut Vec<u8>) {
+    for blk in group.chunks_exact(BLOCK41) {
+        out.extend_from_slice(&blk[2 * r..2 * r + 2]);
+        out.extend_from_slice(&blk[16 + 2 * r..18 + 2 * r]);
+        for g in 0..4 {
+            let from = 32 + (g * 8 + r) * 4;
+            out.extend_from_slice(&blk[from..from + 4]);
+        }
     }
 }
 
@@ -296,7 +339,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::avx2::fifth_bits;
-    use super::{ActRow, BLOCK, BLOCK5, BLOCK6, BLOCK8, GgmlType, QS, QS6};
+    use super::{ActRow, BLOCK, BLOCK5, BLOCK6, BLOCK8, BLOCK41, GgmlType, QS, QS6};
 
     /// The 8 rows of one interleaved group of `ty` (`g`: its blocks) times activation rows
     /// `x`: `out[r][l]` = row `l` of the group · `x[r]`.
@@ -344,6 +387,7 @@ mod x86 {
                 GgmlType::Q6_K => kernel6::<R, V>(g, x),
                 GgmlType::Q8_0 => kernel32::<F_Q8_0, R, V>(g, x),
                 GgmlType::Q5_0 => kernel32::<F_Q5_0, R, V>(g, x),
+                GgmlType::Q4_1 => kernel32::<F_Q4_1, R, V>(g, x),
                 _ => kernel::<R, V>(g, x),
             }
         }
@@ -352,12 +396,13 @@ mod x86 {
     /// The 32-weight formats as [`kernel32`]'s const parameter.
     const F_Q8_0: u8 = 0;
     const F_Q5_0: u8 = 1;
+    const F_Q4_1: u8 = 2;
 
-    /// Q8_0 and Q5_0 (one scale per 32 weights). Q8_0: VNNI takes the signed weights as
-    /// `w + 128` and subtracts `128·Σx` per block (exact in i32); AVX2's `vpmaddubsw` would
-    /// saturate on that, so it multiplies `|w|` by `x` with `w`'s sign instead. Q5_0: nibbles
-    /// and fifth bits assembled into 5-bit weights (0..32) per 32 bytes, the offset 16
-    /// entering as `−16·Σx` per block.
+    /// Q8_0, Q5_0 and Q4_1 (one scale per 32 weights). Q8_0: VNNI takes the signed weights
+    /// as `w + 128` and subtracts `128·Σx` per block (exact in i32); AVX2's `vpmaddubsw`
+    /// would saturate on that, so it multiplies `|w|` by `x` with `w`'s sign instead. Q5_0:
+    /// nibbles and fifth bits assembled into 5-bit weights (0..32) per 32 bytes, the offset 16
+    /// entering as `−16·Σx` per block. Q4_1: nibbles, and `m · dx·Σq` added per block.
     ///
     /// # Safety
     /// As [`dot8`] (and [`dot8_vnni`] when `V`).
@@ -370,7 +415,11 @@ mod x86 {
         // `g` or inside the rows' `k` values (32 per block).
         unsafe {
             let (flip, low) = (_mm256_set1_epi8(-128), _mm256_set1_epi8(0x0F));
-            let block = if F == F_Q8_0 { BLOCK8 } else { BLOCK5 };
+            let block = match F {
+                F_Q8_0 => BLOCK8,
+                F_Q5_0 => BLOCK5,
+                _ => BLOCK41,
+            };
             let mut acc = [_mm256_setzero_ps(); R];
             let split = if R <= 2 { 2 } else { 1 };
             for (bi, blk) in g.chunks_exact(block).enumerate() {
@@ -383,13 +432,16 @@ mod x86 {
                         (_mm256_loadu_si256(p.add(16 + 32 * i).cast()), 4 * i)
                     } else {
                         let (gi, h) = (i / 2, i % 2);
-                        let q = _mm256_loadu_si256(p.add(48 + 32 * gi).cast());
+                        let qs = if F == F_Q5_0 { 48 } else { 32 };
+                        let q = _mm256_loadu_si256(p.add(qs + 32 * gi).cast());
                         let nib = if h == 0 { q } else { _mm256_srli_epi16::<4>(q) };
-                        let fifth = fifth_bits(p.add(16 + 8 * gi + 4 * h));
-                        (
-                            _mm256_or_si256(_mm256_and_si256(nib, low), fifth),
-                            16 * h + 4 * gi,
-                        )
+                        let w = _mm256_and_si256(nib, low);
+                        let w = if F == F_Q5_0 {
+                            _mm256_or_si256(w, fifth_bits(p.add(16 + 8 * gi + 4 * h)))
+                        } else {
+                            w
+                        };
+                        (w, 16 * h + 4 * gi)
                     };
                     let e = i % split;
                     for r in 0..R {
@@ -418,10 +470,15 @@ mod x86 {
                     let sx = _mm256_set1_epi32(*x[r].sum32.get_unchecked(bi));
                     if F == F_Q5_0 {
                         s = _mm256_sub_epi32(s, _mm256_slli_epi32::<4>(sx));
-                    } else if V {
+                    } else if F == F_Q8_0 && V {
                         s = _mm256_sub_epi32(s, _mm256_slli_epi32::<7>(sx));
                     }
                     acc[r] = scaled_add(acc[r], s, d, *x[r].d.get_unchecked(bi));
+                    if F == F_Q4_1 {
+                        let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
+                        let xs = _mm256_set1_ps(*x[r].xsum.get_unchecked(bi));
+                        acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(m, xs));
+                    }
                 }
             }
             lanes(acc)
