@@ -230,18 +230,21 @@ impl<B: Backend> Proj<B> {
     /// # Panics
     /// If `x` is not f32 (internal invariant: the model computes in f32).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let y = match (&self.gpu, &self.packed) {
-            (Some(g), _) => g.forward(x),
-            (None, Some(packed)) => host_matmul(packed, x),
-            (None, None) => {
-                return self
-                    .linear
-                    .as_ref()
-                    .expect("a projection holds device blocks, packed weights or a burn layer")
-                    .forward(x);
-            }
-        };
-        self.add_bias(y)
+        if let Some(g) = &self.gpu {
+            return self.add_bias(g.forward(x));
+        }
+        if self.has_host_path() {
+            let [batch, n, _] = x.dims();
+            let device = x.device();
+            let y = self
+                .forward_host(&host_values(x), batch * n)
+                .expect("the host path was checked");
+            return rows_tensor(y, batch, n, &device);
+        }
+        self.linear
+            .as_ref()
+            .expect("a projection holds device blocks, packed weights or a burn layer")
+            .forward(x)
     }
 
     /// The projection onto the first `rows` outputs (GGUF blocks on the CPU fast path only).
@@ -334,20 +337,21 @@ pub fn forward_fused<B: Backend, const N: usize>(
     projs: [&Proj<B>; N],
     x: Tensor<B, 3>,
 ) -> [Tensor<B, 3>; N] {
-    let Some(mats) = blocks_of(&projs) else {
+    if !host_fusable(&projs) {
         return projs.map(|p| p.forward(x.clone()));
-    };
+    }
     let [batch, n, _] = x.dims();
     let device = x.device();
-    let xs = host_values(x);
-    let mut ys = matmul_blocks(&mats, &xs, batch * n).into_iter();
-    projs.map(|p| {
-        let y = ys.next().expect("one output per projection");
-        let out = y.len() / (batch * n);
-        p.add_bias(Tensor::from_data(
-            TensorData::new(y, [batch, n, out]),
+    let mut ys = fused_host(&projs, &host_values(x), batch * n)
+        .expect("checked above")
+        .into_iter();
+    projs.map(|_| {
+        rows_tensor(
+            ys.next().expect("one output per projection"),
+            batch,
+            n,
             &device,
-        ))
+        )
     })
 }
 
@@ -392,8 +396,8 @@ fn matmul_blocks(mats: &[&QuantMatrix], x: &[f32], rows: usize) -> Vec<Vec<f32>>
 }
 
 /// A gated MLP `down(silu(gate(x)) · up(x))` kept on the host between its products when all
-/// three projections are on the CPU fast path without biases (gate and up fused, the gating
-/// vectorized: [`arbor_kernels::act::silu_mul`]); `None` otherwise.
+/// three projections are on the CPU fast path, gate and up holding GGUF blocks (fused, the
+/// gating vectorized: [`arbor_kernels::act::silu_mul`]); `None` otherwise.
 ///
 /// # Shapes
 /// - `x`: `[batch, n, hidden]` → `[batch, n, hidden]`
@@ -406,23 +410,27 @@ pub fn gated_mlp_host<B: Backend>(
     down: &Proj<B>,
     x: &Tensor<B, 3>,
 ) -> Option<Tensor<B, 3>> {
-    let mats = blocks_of(&[gate, up])?;
-    let down_w = down.packed.as_ref().filter(|_| down.gpu.is_none())?;
-    if gate.bias.is_some() || up.bias.is_some() {
+    if !host_fusable(&[gate, up]) || !down.has_host_path() {
         return None;
     }
     let [batch, n, _] = x.dims();
-    let xs = host_values(x.clone());
-    let [mut g, u]: [Vec<f32>; 2] = matmul_blocks(&mats, &xs, batch * n)
+    let [mut g, u]: [Vec<f32>; 2] = fused_host(&[gate, up], &host_values(x.clone()), batch * n)?
         .try_into()
         .expect("two products");
     arbor_kernels::act::silu_mul(&mut g, &u);
-    let mut y = vec![0.0f32; batch * n * down_w.n()];
-    down_w
-        .matmul(&g, batch * n, &mut y)
-        .unwrap_or_else(|e| panic!("down projection: {e}"));
-    let y = Tensor::from_data(TensorData::new(y, [batch, n, down_w.n()]), &x.device());
-    Some(down.add_bias(y))
+    let y = down.forward_host(&g, batch * n)?;
+    Some(rows_tensor(y, batch, n, &x.device()))
+}
+
+/// Host rows `[batch · n][out]` as a tensor `[batch, n, out]`.
+pub(crate) fn rows_tensor<B: Backend>(
+    y: Vec<f32>,
+    batch: usize,
+    n: usize,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let out = y.len() / (batch * n).max(1);
+    Tensor::from_data(TensorData::new(y, [batch, n, out]), device)
 }
 
 /// A tensor's values on the host, row-major.
@@ -433,19 +441,4 @@ pub(crate) fn host_values<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f3
     x.into_data()
         .into_vec::<f32>()
         .expect("activations are f32")
-}
-
-/// `x · Wᵀ` on the CPU fast path (`[batch, n, in]` → `[batch, n, out]`).
-///
-/// # Panics
-/// If `x` is not f32 (internal invariant: the model computes in f32).
-fn host_matmul<B: Backend>(packed: &Packed, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    let [batch, n, k] = x.dims();
-    let device = x.device();
-    let xs = host_values(x);
-    let mut y = vec![0.0f32; batch * n * packed.n()];
-    packed
-        .matmul(&xs, batch * n, &mut y)
-        .unwrap_or_else(|e| panic!("projection of width {k}: {e}"));
-    Tensor::from_data(TensorData::new(y, [batch, n, packed.n()]), &device)
 }

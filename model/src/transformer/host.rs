@@ -5,10 +5,10 @@
 //! path's arithmetic: the same products, the same RoPE operations per value, the same
 //! attention kernel.
 
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 
 use super::{Attention, Segment, paged_attention_host};
-use crate::proj::{fused_host, host_fusable, host_values};
+use crate::proj::{fused_host, host_fusable, host_values, rows_tensor};
 use crate::rope::RopeAngles;
 
 impl<B: Backend> Attention<B> {
@@ -67,11 +67,7 @@ impl<B: Backend> Attention<B> {
             start += seg.len;
         }
         let y = self.wo.forward_host(&out, n).expect("checked above");
-        let width = y.len() / n;
-        Some(Tensor::from_data(
-            TensorData::new(y, [1, n, width]),
-            &x.device(),
-        ))
+        Some(rows_tensor(y, 1, n, &x.device()))
     }
 }
 
