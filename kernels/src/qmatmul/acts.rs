@@ -87,21 +87,19 @@ impl Q8Acts {
             let scale = d[i * 32 / block];
             *xs = scale * f32::from(sum16[2 * i] + sum16[2 * i + 1]);
         }
+        let sum32: Vec<i32> = sum16
+            .chunks_exact(2)
+            .map(|s| i32::from(s[0]) + i32::from(s[1]))
+            .collect();
+        // |Σq| over 32 values ≤ 32·127: each fits the i16 halves.
         let sum32x2 = if k.is_multiple_of(64) {
-            sum16
-                .chunks_exact(4)
-                .map(|s| {
-                    let (a, b) = (s[0] + s[1], s[2] + s[3]);
-                    i32::from(a as u16) | (i32::from(b) << 16)
-                })
+            sum32
+                .chunks_exact(2)
+                .map(|s| i32::from(s[0] as u16) | (s[1] << 16))
                 .collect()
         } else {
             Vec::new()
         };
-        let sum32 = sum16
-            .chunks_exact(2)
-            .map(|s| i32::from(s[0]) + i32::from(s[1]))
-            .collect();
         Self {
             m,
             k,

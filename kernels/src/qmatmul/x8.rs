@@ -93,9 +93,9 @@ pub(super) fn block_bytes(ty: GgmlType) -> usize {
 pub(super) fn pack(ty: GgmlType, rows: [&[u8]; 8], out: &mut Vec<u8>) {
     match ty {
         GgmlType::Q6_K => pack_group6(rows, out),
-        GgmlType::Q8_0 => pack_group8(rows, out),
-        GgmlType::Q5_0 => pack_group5(rows, out),
-        GgmlType::Q4_1 => pack_group41(rows, out),
+        GgmlType::Q8_0 => pack_group32(&Q8_0_LAYOUT, rows, out),
+        GgmlType::Q5_0 => pack_group32(&Q5_0_LAYOUT, rows, out),
+        GgmlType::Q4_1 => pack_group32(&Q4_1_LAYOUT, rows, out),
         _ => pack_group(rows, out),
     }
 }
@@ -104,119 +104,116 @@ pub(super) fn pack(ty: GgmlType, rows: [&[u8]; 8], out: &mut Vec<u8>) {
 pub(super) fn unpack(ty: GgmlType, group: &[u8], r: usize, out: &mut Vec<u8>) {
     match ty {
         GgmlType::Q6_K => unpack_row6(group, r, out),
-        GgmlType::Q8_0 => unpack_row8(group, r, out),
-        GgmlType::Q5_0 => unpack_row5(group, r, out),
-        GgmlType::Q4_1 => unpack_row41(group, r, out),
+        GgmlType::Q8_0 => unpack_row32(&Q8_0_LAYOUT, group, r, out),
+        GgmlType::Q5_0 => unpack_row32(&Q5_0_LAYOUT, group, r, out),
+        GgmlType::Q4_1 => unpack_row32(&Q4_1_LAYOUT, group, r, out),
         _ => unpack_row(group, r, out),
     }
 }
 
-/// As [`pack_group`] for Q4_1.
-fn pack_group41(rows: [&[u8]; 8], out: &mut Vec<u8>) {
-    let nb = rows[0].len() / GGUF41;
-    for bi in 0..nb {
-        let at = out.len();
-        out.resize(at + BLOCK41, 0);
-        let dst = &mut out[at..];
-        for (r, row) in rows.iter().enumerate() {
-            let b = &row[bi * GGUF41..(bi + 1) * GGUF41];
-            dst[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
-            dst[16 + 2 * r..18 + 2 * r].copy_from_slice(&b[2..4]);
-            for g in 0..4 {
-                let to = 32 + (g * 8 + r) * 4;
-                dst[to..to + 4].copy_from_slice(&b[4 + 4 * g..8 + 4 * g]);
-            }
-        }
-    }
+/// Where a 32-weight format's fields sit in its GGUF block and in the interleaved block of 8
+/// rows: f16 fields (`(gguf, interleaved)` offsets; interleaved, rows' values side by side),
+/// the 4-byte runs of weights (`runs` of them from `qs`; interleaved, run `g` of row `r` at
+/// `qs.1 + 4·(8g + r)`), and Q5_0's fifth bits (regrouped as the module docs say).
+struct Layout32 {
+    gguf: usize,
+    x8: usize,
+    halves: &'static [(usize, usize)],
+    qs: (usize, usize),
+    runs: usize,
+    qh: Option<(usize, usize)>,
 }
 
-/// As [`unpack_row`] for Q4_1.
-fn unpack_row41(group: &[u8], r: usize, out: &mut Vec<u8>) {
-    for blk in group.chunks_exact(BLOCK41) {
-        out.extend_from_slice(&blk[2 * r..2 * r + 2]);
-        out.extend_from_slice(&blk[16 + 2 * r..18 + 2 * r]);
-        for g in 0..4 {
-            let from = 32 + (g * 8 + r) * 4;
-            out.extend_from_slice(&blk[from..from + 4]);
-        }
-    }
+const Q8_0_LAYOUT: Layout32 = Layout32 {
+    gguf: GGUF8,
+    x8: BLOCK8,
+    halves: &[(0, 0)],
+    qs: (2, 16),
+    runs: 8,
+    qh: None,
+};
+const Q5_0_LAYOUT: Layout32 = Layout32 {
+    gguf: GGUF5,
+    x8: BLOCK5,
+    halves: &[(0, 0)],
+    qs: (6, 48),
+    runs: 4,
+    qh: Some((2, 16)),
+};
+const Q4_1_LAYOUT: Layout32 = Layout32 {
+    gguf: GGUF41,
+    x8: BLOCK41,
+    halves: &[(0, 0), (2, 16)],
+    qs: (4, 32),
+    runs: 4,
+    qh: None,
+};
+
+/// Bit `16h + 4g + t` of a Q5_0 `qh` ↔ bit `4r + t` of interleaved word `2g + h` (row `r`).
+fn fifth_bit_moves() -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..4).flat_map(|g| {
+        (0..2).flat_map(move |h| (0..4).map(move |t| (2 * g + h, t, 16 * h + 4 * g + t)))
+    })
 }
 
-/// As [`pack_group`] for Q5_0.
-fn pack_group5(rows: [&[u8]; 8], out: &mut Vec<u8>) {
-    let nb = rows[0].len() / GGUF5;
+/// As [`pack_group`] for the 32-weight formats.
+fn pack_group32(f: &Layout32, rows: [&[u8]; 8], out: &mut Vec<u8>) {
+    let nb = rows[0].len() / f.gguf;
     for bi in 0..nb {
         let at = out.len();
-        out.resize(at + BLOCK5, 0);
+        out.resize(at + f.x8, 0);
         let dst = &mut out[at..];
         let mut words = [0u32; 8];
         for (r, row) in rows.iter().enumerate() {
-            let b = &row[bi * GGUF5..(bi + 1) * GGUF5];
-            dst[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
-            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-            for g in 0..4 {
-                for h in 0..2 {
-                    for t in 0..4 {
-                        let bit = (qh >> (16 * h + 4 * g + t)) & 1;
-                        words[2 * g + h] |= bit << (4 * r + t);
-                    }
+            let b = &row[bi * f.gguf..(bi + 1) * f.gguf];
+            for &(from, to) in f.halves {
+                dst[to + 2 * r..to + 2 * r + 2].copy_from_slice(&b[from..from + 2]);
+            }
+            for g in 0..f.runs {
+                let (from, to) = (f.qs.0 + 4 * g, f.qs.1 + (g * 8 + r) * 4);
+                dst[to..to + 4].copy_from_slice(&b[from..from + 4]);
+            }
+            if let Some((from, _)) = f.qh {
+                let qh = u32::from_le_bytes(b[from..from + 4].try_into().expect("4 bytes"));
+                for (word, t, bit) in fifth_bit_moves() {
+                    words[word] |= ((qh >> bit) & 1) << (4 * r + t);
                 }
-                let to = 48 + (g * 8 + r) * 4;
-                dst[to..to + 4].copy_from_slice(&b[6 + 4 * g..10 + 4 * g]);
             }
         }
-        for (i, w) in words.iter().enumerate() {
-            dst[16 + 4 * i..20 + 4 * i].copy_from_slice(&w.to_le_bytes());
+        if let Some((_, to)) = f.qh {
+            for (i, w) in words.iter().enumerate() {
+                dst[to + 4 * i..to + 4 * i + 4].copy_from_slice(&w.to_le_bytes());
+            }
         }
     }
 }
 
-/// As [`unpack_row`] for Q5_0.
-fn unpack_row5(group: &[u8], r: usize, out: &mut Vec<u8>) {
-    for blk in group.chunks_exact(BLOCK5) {
-        out.extend_from_slice(&blk[2 * r..2 * r + 2]);
-        let word = |i: usize| u32::from_le_bytes(blk[16 + 4 * i..20 + 4 * i].try_into().unwrap());
-        let mut qh = 0u32;
-        for g in 0..4 {
-            for h in 0..2 {
-                for t in 0..4 {
-                    qh |= ((word(2 * g + h) >> (4 * r + t)) & 1) << (16 * h + 4 * g + t);
-                }
-            }
-        }
-        out.extend_from_slice(&qh.to_le_bytes());
-        for g in 0..4 {
-            let from = 48 + (g * 8 + r) * 4;
-            out.extend_from_slice(&blk[from..from + 4]);
-        }
-    }
-}
-
-/// As [`pack_group`] for Q8_0.
-fn pack_group8(rows: [&[u8]; 8], out: &mut Vec<u8>) {
-    let nb = rows[0].len() / GGUF8;
-    for bi in 0..nb {
+/// As [`unpack_row`] for the 32-weight formats.
+fn unpack_row32(f: &Layout32, group: &[u8], r: usize, out: &mut Vec<u8>) {
+    for blk in group.chunks_exact(f.x8) {
         let at = out.len();
-        out.resize(at + BLOCK8, 0);
-        let dst = &mut out[at..];
-        for (r, row) in rows.iter().enumerate() {
-            let b = &row[bi * GGUF8..(bi + 1) * GGUF8];
-            dst[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
-            for g in 0..8 {
-                let to = 16 + (g * 8 + r) * 4;
-                dst[to..to + 4].copy_from_slice(&b[2 + 4 * g..6 + 4 * g]);
-            }
+        out.resize(at + f.gguf, 0);
+        let b = &mut out[at..];
+        for &(to, from) in f.halves {
+            b[to..to + 2].copy_from_slice(&blk[from + 2 * r..from + 2 * r + 2]);
         }
-    }
-}
-
-/// As [`unpack_row`] for Q8_0.
-fn unpack_row8(group: &[u8], r: usize, out: &mut Vec<u8>) {
-    for blk in group.chunks_exact(BLOCK8) {
-        out.extend_from_slice(&blk[2 * r..2 * r + 2]);
-        for g in 0..8 {
-            let from = 16 + (g * 8 + r) * 4;
-            out.extend_from_slice(&blk[from..from + 4]);
+        for g in 0..f.runs {
+            let (to, from) = (f.qs.0 + 4 * g, f.qs.1 + (g * 8 + r) * 4);
+            b[to..to + 4].copy_from_slice(&blk[from..from + 4]);
+        }
+        if let Some((to, from)) = f.qh {
+            let word = |i: usize| {
+                u32::from_le_bytes(
+                    blk[from + 4 * i..from + 4 * i + 4]
+                        .try_into()
+                        .expect("4 bytes"),
+                )
+            };
+            let mut qh = 0u32;
+            for (w, t, bit) in fifth_bit_moves() {
+                qh |= ((word(w) >> (4 * r + t)) & 1) << bit;
+            }
+            b[to..to + 4].copy_from_slice(&qh.to_le_bytes());
         }
     }
 }
