@@ -158,42 +158,29 @@ fn fifth_bit_moves() -> impl Iterator<Item = (usize, usize, usize)> {
 
 /// As [`pack_group`] for the 32-weight formats.
 fn pack_group32(f: &Layout32, rows: [&[u8]; 8], out: &mut Vec<u8>) {
-    let nb = rows[0].len() / f.gguf;
-    for bi in 0..nb {
-        let at = out.len();
-        out.resize(at + f.x8, 0);
-        let dst = &mut out[at..];
-        let mut words = [0u32; 8];
-        for (r, row) in rows.iter().enumerate() {
-            let b = &row[bi * f.gguf..(bi + 1) * f.gguf];
-            for &(from, to) in f.halves {
-                dst[to + 2 * r..to + 2 * r + 2].copy_from_slice(&b[from..from + 2]);
-            }
-            for g in 0..f.runs {
-                let (from, to) = (f.qs.0 + 4 * g, f.qs.1 + (g * 8 + r) * 4);
-                dst[to..to + 4].copy_from_slice(&b[from..from + 4]);
-            }
-            if let Some((from, _)) = f.qh {
-                let qh = u32::from_le_bytes(b[from..from + 4].try_into().expect("4 bytes"));
-                for (word, t, bit) in fifth_bit_moves() {
-                    words[word] |= ((qh >> bit) & 1) << (4 * r + t);
-                }
+    pack_blocks(rows, f.gguf, f.x8, out, |dst, r, b| {
+        for &(from, to) in f.halves {
+            dst[to + 2 * r..to + 2 * r + 2].copy_from_slice(&b[from..from + 2]);
+        }
+        for g in 0..f.runs {
+            let (from, to) = (f.qs.0 + 4 * g, f.qs.1 + (g * 8 + r) * 4);
+            dst[to..to + 4].copy_from_slice(&b[from..from + 4]);
+        }
+        if let Some((from, to)) = f.qh {
+            let qh = u32::from_le_bytes(b[from..from + 4].try_into().expect("4 bytes"));
+            // Word bit 4r + t of little-endian word `w` is bit (4r + t) % 8 of its byte
+            // (4r + t) / 8.
+            for (w, t, bit) in fifth_bit_moves() {
+                let (byte, shift) = (to + 4 * w + (4 * r + t) / 8, (4 * r + t) % 8);
+                dst[byte] |= (((qh >> bit) & 1) as u8) << shift;
             }
         }
-        if let Some((_, to)) = f.qh {
-            for (i, w) in words.iter().enumerate() {
-                dst[to + 4 * i..to + 4 * i + 4].copy_from_slice(&w.to_le_bytes());
-            }
-        }
-    }
+    });
 }
 
 /// As [`unpack_row`] for the 32-weight formats.
 fn unpack_row32(f: &Layout32, group: &[u8], r: usize, out: &mut Vec<u8>) {
-    for blk in group.chunks_exact(f.x8) {
-        let at = out.len();
-        out.resize(at + f.gguf, 0);
-        let b = &mut out[at..];
+    unpack_blocks(group, f.x8, f.gguf, out, |b, blk| {
         for &(to, from) in f.halves {
             b[to..to + 2].copy_from_slice(&blk[from + 2 * r..from + 2 * r + 2]);
         }
@@ -215,7 +202,7 @@ fn unpack_row32(f: &Layout32, group: &[u8], r: usize, out: &mut Vec<u8>) {
             }
             b[to..to + 4].copy_from_slice(&qh.to_le_bytes());
         }
-    }
+    });
 }
 
 /// The three 32-byte runs of Q6_K half `h`, group `g`: (interleaved offset, GGUF offset).
@@ -230,46 +217,28 @@ fn runs6(h: usize, g: usize) -> [(usize, usize); 3] {
 
 /// As [`pack_group`] for Q6_K.
 fn pack_group6(rows: [&[u8]; 8], out: &mut Vec<u8>) {
-    let nb = rows[0].len() / GGUF6;
-    for bi in 0..nb {
-        let at = out.len();
-        out.resize(at + BLOCK6, 0);
-        let dst = &mut out[at..];
-        for (r, row) in rows.iter().enumerate() {
-            let b = &row[bi * GGUF6..(bi + 1) * GGUF6];
-            dst[2 * r..2 * r + 2].copy_from_slice(&b[208..210]);
-            for j in 0..16 {
-                dst[16 + 8 * j + r] = b[192 + j];
-            }
-            for h in 0..2 {
-                for g in 0..8 {
-                    for (to, from) in runs6(h, g) {
-                        dst[to + 4 * r..to + 4 * r + 4].copy_from_slice(&b[from..from + 4]);
-                    }
-                }
-            }
+    pack_blocks(rows, GGUF6, BLOCK6, out, |dst, r, b| {
+        dst[2 * r..2 * r + 2].copy_from_slice(&b[208..210]);
+        for j in 0..16 {
+            dst[16 + 8 * j + r] = b[192 + j];
         }
-    }
+        for (to, from) in (0..2).flat_map(|h| (0..8).flat_map(move |g| runs6(h, g))) {
+            dst[to + 4 * r..to + 4 * r + 4].copy_from_slice(&b[from..from + 4]);
+        }
+    });
 }
 
 /// As [`unpack_row`] for Q6_K.
 fn unpack_row6(group: &[u8], r: usize, out: &mut Vec<u8>) {
-    for blk in group.chunks_exact(BLOCK6) {
-        let at = out.len();
-        out.resize(at + GGUF6, 0);
-        let b = &mut out[at..];
+    unpack_blocks(group, BLOCK6, GGUF6, out, |b, blk| {
         b[208..210].copy_from_slice(&blk[2 * r..2 * r + 2]);
         for j in 0..16 {
             b[192 + j] = blk[16 + 8 * j + r];
         }
-        for h in 0..2 {
-            for g in 0..8 {
-                for (from, to) in runs6(h, g) {
-                    b[to..to + 4].copy_from_slice(&blk[from + 4 * r..from + 4 * r + 4]);
-                }
-            }
+        for (from, to) in (0..2).flat_map(|h| (0..8).flat_map(move |g| runs6(h, g))) {
+            b[to..to + 4].copy_from_slice(&blk[from + 4 * r..from + 4 * r + 4]);
         }
-    }
+    });
 }
 /// Bytes of one GGUF Q4_K super-block.
 const GGUF: usize = 144;
@@ -279,53 +248,73 @@ const QS: usize = 160;
 /// Eight rows of GGUF Q4_K super-blocks (`rows[r]` holds row `r`'s `nb` blocks) → `nb`
 /// interleaved blocks, appended to `out`.
 fn pack_group(rows: [&[u8]; 8], out: &mut Vec<u8>) {
-    let nb = rows[0].len() / GGUF;
-    for bi in 0..nb {
-        let at = out.len();
-        out.resize(at + BLOCK, 0);
-        let dst = &mut out[at..];
-        for (r, row) in rows.iter().enumerate() {
-            let b = &row[bi * GGUF..(bi + 1) * GGUF];
-            dst[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
-            dst[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&b[2..4]);
-            let (sc, mn) = crate::quant::scales_mins_k4(&b[4..16]);
-            for j in 0..8 {
-                dst[32 + 8 * j + r] = sc[j];
-            }
-            for c in 0..4 {
-                dst[96 + 16 * c + 2 * r] = mn[2 * c];
-                dst[96 + 16 * c + 2 * r + 1] = mn[2 * c + 1];
-            }
-            for c in 0..4 {
-                for g in 0..8 {
-                    let to = QS + ((c * 8 + g) * 8 + r) * 4;
-                    let from = 16 + 32 * c + 4 * g;
-                    dst[to..to + 4].copy_from_slice(&b[from..from + 4]);
-                }
-            }
+    pack_blocks(rows, GGUF, BLOCK, out, |dst, r, b| {
+        dst[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
+        dst[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&b[2..4]);
+        let (sc, mn) = crate::quant::scales_mins_k4(&b[4..16]);
+        for j in 0..8 {
+            dst[32 + 8 * j + r] = sc[j];
+            dst[96 + 16 * (j / 2) + 2 * r + j % 2] = mn[j];
         }
+        for (to, from) in runs4(r) {
+            dst[to..to + 4].copy_from_slice(&b[from..from + 4]);
+        }
+    });
+}
+
+/// Q4_K's 4-byte weight runs of row `r`: (interleaved offset, GGUF offset).
+fn runs4(r: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..4).flat_map(move |c| {
+        (0..8).map(move |g| (QS + ((c * 8 + g) * 8 + r) * 4, 16 + 32 * c + 4 * g))
+    })
+}
+
+/// Appends one interleaved block of `x8` bytes per GGUF block of `gguf` bytes in the rows,
+/// `fill(dst, r, b)` writing row `r`'s block `b` into it.
+fn pack_blocks(
+    rows: [&[u8]; 8],
+    gguf: usize,
+    x8: usize,
+    out: &mut Vec<u8>,
+    mut fill: impl FnMut(&mut [u8], usize, &[u8]),
+) {
+    for bi in 0..rows[0].len() / gguf {
+        let at = out.len();
+        out.resize(at + x8, 0);
+        for (r, row) in rows.iter().enumerate() {
+            fill(&mut out[at..], r, &row[bi * gguf..(bi + 1) * gguf]);
+        }
+    }
+}
+
+/// Appends one GGUF block of `gguf` bytes per interleaved block of `x8` bytes in `group`,
+/// `fill(b, blk)` writing it from the interleaved block `blk`.
+fn unpack_blocks(
+    group: &[u8],
+    x8: usize,
+    gguf: usize,
+    out: &mut Vec<u8>,
+    mut fill: impl FnMut(&mut [u8], &[u8]),
+) {
+    for blk in group.chunks_exact(x8) {
+        let at = out.len();
+        out.resize(at + gguf, 0);
+        fill(&mut out[at..], blk);
     }
 }
 
 /// Row `r` (0..8) of a group's interleaved blocks, as GGUF Q4_K bytes appended to `out`.
 fn unpack_row(group: &[u8], r: usize, out: &mut Vec<u8>) {
-    for blk in group.chunks_exact(BLOCK) {
-        let at = out.len();
-        out.resize(at + GGUF, 0);
-        let b = &mut out[at..];
+    unpack_blocks(group, BLOCK, GGUF, out, |b, blk| {
         b[0..2].copy_from_slice(&blk[2 * r..2 * r + 2]);
         b[2..4].copy_from_slice(&blk[16 + 2 * r..16 + 2 * r + 2]);
         let sc: [u8; 8] = std::array::from_fn(|j| blk[32 + 8 * j + r]);
         let mn: [u8; 8] = std::array::from_fn(|j| blk[96 + 16 * (j / 2) + 2 * r + j % 2]);
         b[4..16].copy_from_slice(&crate::quant::pack_scales_mins_k4(&sc, &mn));
-        for c in 0..4 {
-            for g in 0..8 {
-                let from = QS + ((c * 8 + g) * 8 + r) * 4;
-                let to = 16 + 32 * c + 4 * g;
-                b[to..to + 4].copy_from_slice(&blk[from..from + 4]);
-            }
+        for (from, to) in runs4(r) {
+            b[to..to + 4].copy_from_slice(&blk[from..from + 4]);
         }
-    }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
