@@ -80,26 +80,30 @@ fn rows_curve(c: &mut Criterion) {
 
 /// A decode step's worth of weights streamed from memory (~600 MB of 1536 × 8960 matrices
 /// per format — far past the last-level cache, as a model's layers are), one row, beside a
-/// plain two-thread read of as many bytes: the kernels against this machine's memory roofline.
+/// plain two-thread read of as many bytes; and eight rows: the kernels against this machine's memory roofline.
 fn from_memory(c: &mut Criterion) {
     use rayon::prelude::*;
     let (k, n) = (1536usize, 8960usize);
     let mut group = c.benchmark_group("from_memory");
     group.sample_size(10);
-    let x: Vec<f32> = (0..k).map(|i| (i % 13) as f32 / 13.0 - 0.4).collect();
-    let mut y = vec![0.0f32; n];
+    let x: Vec<f32> = (0..8 * k).map(|i| (i % 13) as f32 / 13.0 - 0.4).collect();
+    let mut y = vec![0.0f32; 8 * n];
     let mut bytes = 0;
     for (ty, copies) in [(GgmlType::Q4_K, 80usize), (GgmlType::Q6_K, 56)] {
         let mats: Vec<QuantMatrix> = (0..copies).map(|_| matrix(ty, n, k)).collect();
         bytes = mats.iter().map(QuantMatrix::bytes).sum();
         group.throughput(Throughput::Bytes(bytes as u64));
-        group.bench_function(format!("{ty:?}-1row"), |b| {
-            b.iter(|| {
-                for m in &mats {
-                    m.matmul(&x, 1, &mut y).expect("sizes match");
-                }
+        // One row (plain decode) and eight (an 8-node tree's verification).
+        for rows in [1usize, 8] {
+            group.bench_function(format!("{ty:?}-{rows}row"), |b| {
+                b.iter(|| {
+                    for m in &mats {
+                        m.matmul(&x[..rows * k], rows, &mut y[..rows * n])
+                            .expect("sizes match");
+                    }
+                });
             });
-        });
+        }
     }
     let words: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
     group.bench_function("read", |b| {

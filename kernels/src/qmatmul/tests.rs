@@ -75,7 +75,7 @@ fn every_format_and_kernel_agrees_with_the_reference() {
             &[32, 96, 544]
         };
         for &k in ks {
-            for (n, m) in [(1, 1), (5, 2), (37, 3), (9, 4), (13, 5), (6, 13)] {
+            for (n, m) in [(1, 1), (5, 2), (37, 3), (9, 4), (13, 5), (6, 13), (11, 10)] {
                 let w = random_matrix(ty, n, k, &mut rng);
                 let wf = w.dequantize();
                 let x: Vec<f32> = (0..m * k).map(|_| 3.0 * rng.unit()).collect();
@@ -128,7 +128,10 @@ fn x_step(acts: &Q8Acts, r: usize, e: usize) -> f32 {
 #[test]
 fn many_rows_match_one_row_at_a_time() {
     let mut rng = Rng(7);
-    for (ty, m) in TYPES.into_iter().flat_map(|t| [(t, 64), (t, 7), (t, 6)]) {
+    for (ty, m) in TYPES
+        .into_iter()
+        .flat_map(|t| [(t, 64), (t, 7), (t, 6), (t, 13)])
+    {
         let (n, k) = (19, 512);
         let w = random_matrix(ty, n, k, &mut rng);
         let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
