@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use arbor_kernels::matmul::{PackedF16, PackedF32};
 use arbor_kernels::qmatmul::QuantMatrix;
+use arbor_kernels::quant::GgmlType;
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
@@ -272,6 +273,28 @@ impl<B: Backend> Proj<B> {
             linear: None,
             bias,
             packed: Some(Packed::Blocks(Arc::new(cut))),
+            gpu: None,
+        })
+    }
+
+    /// The projection with its GGUF block weights re-encoded as `ty`
+    /// ([`QuantMatrix::requantized`]; lossy, for drafts).
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] unless the weights are GGUF blocks on the CPU; the kernel's error
+    /// for a format it cannot encode.
+    pub fn requantized(&self, ty: GgmlType) -> Result<Self> {
+        let Some(Packed::Blocks(q)) = &self.packed else {
+            return Err(ModelError::Input(
+                "re-quantizing a projection needs GGUF block weights on the CPU".into(),
+            ));
+        };
+        Ok(Self {
+            linear: None,
+            bias: self.bias.clone(),
+            packed: Some(Packed::Blocks(Arc::new(q.requantized(ty).map_err(
+                |e| ModelError::Input(format!("re-quantizing to {ty:?}: {e}")),
+            )?))),
             gpu: None,
         })
     }

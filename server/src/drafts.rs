@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use arbor_engine::{BatchEngine, Engine, SchedulerConfig, TreePolicy, check_same_tokenizer};
+use arbor_kernels::quant::GgmlType;
 use arbor_model::hub::ResolveOptions;
 use arbor_model::{LoadedModel, Transformer};
 use arbor_speculators::NgramDraft;
@@ -18,9 +19,39 @@ pub enum DraftSpec {
     SelfLayers(usize, bool),
     /// Anything else: a model (short name, path or hub id) sharing the target's tokenizer.
     /// Block-quantized (GGUF) weights are used as stored; weights held as f32 (float
-    /// checkpoints, `--f32-weights`) become f16 unless `@f32` is appended. `@head=N` cuts
-    /// its output head to the first N token ids ([`Transformer::with_head_rows`]).
-    Model(String, bool, Option<usize>),
+    /// checkpoints, `--f32-weights`) become f16 unless `@f32` is appended. `@head=…` changes
+    /// its output head ([`HeadChange`]).
+    Model(String, bool, Option<HeadChange>),
+}
+
+/// A model draft's `@head=…` option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadChange {
+    /// `@head=N`: only the first N token ids ([`Transformer::with_head_rows`]).
+    Rows(usize),
+    /// `@head=q4_1`: the head re-quantized to Q4_1 ([`Transformer::with_head_requantized`]).
+    Q4_1,
+}
+
+impl HeadChange {
+    fn parse(v: &str) -> Option<Self> {
+        if v == "q4_1" {
+            return Some(Self::Q4_1);
+        }
+        match v.parse::<usize>() {
+            Ok(n) if n >= 8 && n.is_multiple_of(8) => Some(Self::Rows(n)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for HeadChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Rows(n) => write!(f, "{n}"),
+            Self::Q4_1 => f.write_str("q4_1"),
+        }
+    }
 }
 
 impl DraftSpec {
@@ -32,11 +63,11 @@ impl DraftSpec {
             match opt {
                 "f16" => f16 = Some(true),
                 "f32" => f16 = Some(false),
-                _ => match opt.strip_prefix("head=").map(str::parse::<usize>) {
-                    Some(Ok(n)) if n >= 8 && n.is_multiple_of(8) => head = Some(n),
-                    _ => bail!(
-                        "bad --draft {spec:?}: options are @f16, @f32 and @head=N (N a multiple \
-                         of 8)"
+                _ => match opt.strip_prefix("head=").and_then(HeadChange::parse) {
+                    Some(h) => head = Some(h),
+                    None => bail!(
+                        "bad --draft {spec:?}: options are @f16, @f32, @head=N (N a multiple \
+                         of 8) and @head=q4_1"
                     ),
                 },
             }
@@ -57,7 +88,7 @@ impl DraftSpec {
             }
         } else if let Some(n) = s.strip_prefix("self:") {
             if head.is_some() {
-                bail!("bad --draft {spec:?}: @head=N is for model drafts");
+                bail!("bad --draft {spec:?}: @head=… is for model drafts");
             }
             Self::SelfLayers(num(n)?, f16.unwrap_or(false))
         } else {
@@ -122,11 +153,13 @@ pub fn load_drafts<B: Backend>(
                     }
                     _ => (loaded.name.clone(), loaded.model),
                 };
-                if let Some(n) = head {
-                    model = model
-                        .with_head_rows(*n)
-                        .with_context(|| format!("cutting draft {name}'s head"))?;
-                    label = format!("{label}@head={n}");
+                if let Some(h) = head {
+                    model = match h {
+                        HeadChange::Rows(n) => model.with_head_rows(*n),
+                        HeadChange::Q4_1 => model.with_head_requantized(GgmlType::Q4_1),
+                    }
+                    .with_context(|| format!("changing draft {name}'s head to {h}"))?;
+                    label = format!("{label}@head={h}");
                 }
                 LoadedDraft::Model {
                     label,
@@ -213,11 +246,15 @@ mod tests {
         );
         assert_eq!(
             p("qwen@head=32768"),
-            DraftSpec::Model("qwen".into(), true, Some(32768))
+            DraftSpec::Model("qwen".into(), true, Some(HeadChange::Rows(32768)))
         );
         assert_eq!(
             p("qwen@f32@head=64"),
-            DraftSpec::Model("qwen".into(), false, Some(64))
+            DraftSpec::Model("qwen".into(), false, Some(HeadChange::Rows(64)))
+        );
+        assert_eq!(
+            p("qwen@head=q4_1"),
+            DraftSpec::Model("qwen".into(), true, Some(HeadChange::Q4_1))
         );
         for bad in [
             "self:0",
@@ -226,6 +263,7 @@ mod tests {
             "m@q4",
             "m@head=12",
             "m@head=0",
+            "m@head=q8_0",
             "self:4@head=64",
             "ngram@head=64",
         ] {

@@ -193,3 +193,55 @@ fn cut_head_scores_its_ids_exactly_and_drafts_correctly() {
     let spec = text(engine.generate(&p, &params).unwrap().collect());
     assert_eq!(spec, plain);
 }
+
+/// A draft with its head re-quantized to Q4_1 reads fewer bytes, still ranks the real model's
+/// top token first on a plain prompt, and drafts for an engine whose output equals plain greedy.
+#[test]
+fn requantized_head_reads_less_and_drafts_correctly() {
+    let m = load();
+    let q = m
+        .model
+        .with_head_requantized(arbor_kernels::quant::GgmlType::Q4_1)
+        .unwrap();
+    assert!(q.weight_bytes() < m.model.weight_bytes());
+    let prompt = m.tokenizer.encode("The capital of France is").unwrap();
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+    };
+    let logits = |model: &arbor_model::Transformer<_>| {
+        model
+            .forward_last_logits(&ForwardInput::causal(&prompt, 0), &mut model.new_cache())
+            .unwrap()
+            .swap_remove(0)
+    };
+    let (full, requant) = (logits(&m.model), logits(&q));
+    assert_eq!(argmax(&requant), argmax(&full));
+    assert_ne!(requant, full, "the head was re-encoded");
+
+    let params = GenerateParams {
+        max_tokens: 24,
+        ..GenerateParams::default()
+    };
+    let p = Prompt::Text("def fibonacci(n):".into());
+    let plain = collect(
+        Generator::new(&m.model, &m.tokenizer)
+            .generate(&p, &params)
+            .unwrap(),
+    );
+    let mut engine = Engine::new(
+        &m.model,
+        &m.tokenizer,
+        "2,1,1".parse::<TreePolicy>().unwrap(),
+    )
+    .with_model_draft("q4_1 head", &q, &m.tokenizer)
+    .unwrap();
+    let spec = collect(engine.generate(&p, &params).unwrap());
+    assert_eq!(spec.tokens, plain.tokens);
+    assert!(
+        spec.spec.unwrap().accepted > 0,
+        "the draft was never accepted"
+    );
+}

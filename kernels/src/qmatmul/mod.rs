@@ -365,6 +365,26 @@ impl QuantMatrix {
         })
     }
 
+    /// The same matrix re-encoded as `ty` (see [`crate::quant::quantize`]), row by row (no
+    /// f32 copy of the whole matrix is made). Lossy: meant for drafts, whose precision only
+    /// changes how often they are accepted.
+    ///
+    /// # Errors
+    /// As [`crate::quant::quantize`] (e.g. `ty` not supported, `k` not a multiple of its
+    /// block).
+    pub fn requantized(&self, ty: GgmlType) -> Result<Self, KernelError> {
+        use rayon::prelude::*;
+        let rows: Vec<Vec<u8>> = (0..self.n)
+            .into_par_iter()
+            .map(|j| {
+                let mut row = vec![0.0f32; self.k];
+                self.dequantize_row(j, &mut row)?;
+                crate::quant::quantize(ty, &row)
+            })
+            .collect::<Result<_, _>>()?;
+        Self::new(ty, self.n, self.k, rows.concat())
+    }
+
     /// Bytes of one interleaved group of 8 rows.
     fn group_bytes(&self) -> usize {
         self.k / self.ty.block_size() * x8::block_bytes(self.ty)

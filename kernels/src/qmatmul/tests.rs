@@ -295,3 +295,29 @@ fn row_prefixes_multiply_like_the_whole_matrix() {
     assert!(w.rows_prefix(0).is_none());
     assert!(w.rows_prefix(38).is_none());
 }
+
+#[test]
+fn requantized_rows_are_their_rows_quantized() {
+    let mut rng = Rng(51);
+    for (ty, n) in [
+        (GgmlType::Q8_0, 19),
+        (GgmlType::Q6_K, 9),
+        (GgmlType::Q5_0, 3),
+    ] {
+        let k = 256;
+        let w = random_matrix(ty, n, k, &mut rng);
+        let q = w.requantized(GgmlType::Q4_1).unwrap();
+        assert_eq!((q.ty(), q.n(), q.k()), (GgmlType::Q4_1, n, k));
+        let (wf, qf) = (w.dequantize(), q.dequantize());
+        for j in 0..n {
+            let want = crate::quant::quantize(GgmlType::Q4_1, &wf[j * k..(j + 1) * k]).unwrap();
+            let want = crate::quant::dequantize(GgmlType::Q4_1, &want, k).unwrap();
+            assert_eq!(&qf[j * k..(j + 1) * k], &want[..], "{ty:?} row {j}");
+        }
+    }
+    let w = random_matrix(GgmlType::Q8_0, 8, 32, &mut rng);
+    assert!(matches!(
+        w.requantized(GgmlType::Q6_K),
+        Err(KernelError::UnsupportedType(_))
+    ));
+}

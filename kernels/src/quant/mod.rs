@@ -5,7 +5,10 @@
 //! fixtures that `scripts/make-quant-fixtures.py` writes.
 
 mod blocks;
+mod encode;
 mod kquants;
+
+pub use encode::quantize;
 
 pub(crate) use blocks::half;
 pub(crate) use kquants::{pack_scales_mins_k4, scale_min_k4, scales_mins_k4};
