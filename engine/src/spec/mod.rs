@@ -268,6 +268,13 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
         self.engine
             .planner
             .observe(shape.width(), &v.walk, &d.per_forward, overhead);
+        self.engine
+            .planner
+            .observe_verify(d.tree.len(), v.verify_time.as_secs_f64());
+        if shape.depth() > 0 {
+            let capacity = self.engine.drafts.len() * (shape.max_nodes() - 1);
+            self.engine.planner.observe_tree(d.tree.len() - 1, capacity);
+        }
         Ok(())
     }
 }

@@ -89,7 +89,7 @@ pub const VERIFY_SIZES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 /// conditional acceptance per tree width and depth (decaying counts).
 ///
 /// Each step it picks the width `w` and depth `d` maximizing
-/// `E[tokens] / (d · Σ draft level cost + verify(1 + drafts·w·d) + overhead)` with
+/// `E[tokens] / (d · Σ draft level cost + verify(1 + fill·drafts·w·d) + overhead)` with
 /// `E[tokens] = 1 + Σ_{i≤d} Π_{j≤i} α_w(j)`, or plain decoding (depth 0) when nothing beats
 /// `1 / (verify(1) + overhead)`.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -103,6 +103,12 @@ pub struct Planner {
     /// `(tried, accepted)` per width (index 0 = width 1) and depth (index 0 = depth 1),
     /// decayed.
     pub depth_counts: Vec<Vec<(f64, f64)>>,
+    /// Nodes a merged tree actually had below its root over what the drafts could have
+    /// proposed (`drafts · width · depth`), running average; `None` before any tree. Below 1
+    /// where a draft often proposes nothing (an n-gram draft without a match) or drafts
+    /// agree (merged nodes are shared): without it, a model draft plus an n-gram draft
+    /// looked twice as dear to verify as it was and `auto` fell back to plain decoding.
+    pub node_fill: Option<f64>,
 }
 
 impl Planner {
@@ -159,11 +165,13 @@ impl Planner {
     pub fn plan(&self, max_width: usize, max_depth: usize) -> TreeShape {
         let model_cost: f64 = self.draft_cost.iter().flatten().sum();
         let drafts = self.draft_cost.len().max(1);
+        let fill = self.node_fill.unwrap_or(1.0);
         let plain = 1.0 / (self.verify_secs(1) + self.overhead).max(1e-9);
         let mut best: Option<(f64, usize, usize)> = None;
         for width in 1..=max_width {
             for depth in 1..=max_depth {
-                let nodes = 1 + drafts * width * depth;
+                let proposed = (fill * (drafts * width * depth) as f64).ceil() as usize;
+                let nodes = 1 + proposed;
                 let secs = model_cost * depth as f64 + self.verify_secs(nodes) + self.overhead;
                 let rate = self.expected_tokens(width, depth) / secs.max(1e-9);
                 if best.is_none_or(|b| rate > b.0) {
@@ -226,6 +234,37 @@ impl Planner {
             }
         }
         self.overhead = track_cost(self.overhead, overhead);
+    }
+}
+
+impl Planner {
+    /// Folds one step's verification time in where its node count is a measured size (plain
+    /// steps are 1 node): a calibration slowed by a busy neighbour must not price trees (or
+    /// plain decoding) wrongly for the whole run. Lower timings are taken at once, higher
+    /// ones a tenth at a time ([`track_cost`]); a bigger tree is kept at least as dear as a
+    /// smaller one.
+    pub fn observe_verify(&mut self, nodes: usize, secs: f64) {
+        let Some(i) = self.verify_cost.iter().position(|&(n, _)| n == nodes) else {
+            return;
+        };
+        let t = track_cost(self.verify_cost[i].1, secs);
+        self.verify_cost[i].1 = t;
+        for c in &mut self.verify_cost[..i] {
+            c.1 = c.1.min(t);
+        }
+        for c in &mut self.verify_cost[i + 1..] {
+            c.1 = c.1.max(t);
+        }
+    }
+
+    /// Folds one speculative step's tree size in: `nodes` below the root out of the
+    /// `capacity` its drafts could have proposed.
+    pub fn observe_tree(&mut self, nodes: usize, capacity: usize) {
+        if capacity == 0 {
+            return;
+        }
+        let f = (nodes as f64 / capacity as f64).clamp(0.0, 1.0);
+        self.node_fill = Some(self.node_fill.map_or(f, |old| 0.9 * old + 0.1 * f));
     }
 }
 
@@ -381,5 +420,57 @@ mod tests {
         let mut q = planner(2.0);
         q.observe(1, &[true], &[Some(0.05)], 0.0);
         assert_eq!(q.draft_cost, vec![Some(0.05)]);
+    }
+
+    #[test]
+    fn sparse_merged_trees_are_priced_by_what_they_hold() {
+        // A model draft and a free one (an n-gram draft) on a target whose verify cost
+        // grows steeply with nodes.
+        let mut p = Planner {
+            verify_cost: vec![(1, 0.10), (2, 0.12), (4, 0.16), (8, 0.30)],
+            draft_cost: vec![Some(0.04), None],
+            ..Planner::default()
+        };
+        for _ in 0..40 {
+            p.observe(1, &[true, true, false], &[Some(0.04), None], 0.0);
+        }
+        let before = p.plan(1, 8);
+        // The free draft rarely proposes anything: trees hold about half the nodes the two
+        // drafts could have given.
+        for _ in 0..40 {
+            p.observe_tree(3, 6);
+        }
+        assert!((p.node_fill.unwrap() - 0.5).abs() < 1e-6);
+        let after = p.plan(1, 8);
+        assert!(
+            after.depth() > before.depth(),
+            "cheaper verification than feared should buy a deeper tree: {before:?} → {after:?}"
+        );
+        p.observe_tree(0, 0);
+        assert!(
+            (p.node_fill.unwrap() - 0.5).abs() < 1e-6,
+            "no capacity, no evidence"
+        );
+    }
+
+    #[test]
+    fn verify_costs_follow_what_steps_measure() {
+        let mut p = Planner {
+            verify_cost: vec![(1, 0.050), (2, 0.052), (4, 0.070)],
+            ..Planner::default()
+        };
+        // A quieter machine: lower timings are taken at once; the curve stays increasing.
+        p.observe_verify(1, 0.033);
+        assert_eq!(p.verify_cost[0], (1, 0.033));
+        p.observe_verify(4, 0.030);
+        assert_eq!(p.verify_cost, vec![(1, 0.030), (2, 0.030), (4, 0.030)]);
+        // One slow step moves a cost only a tenth of the way.
+        p.observe_verify(2, 0.130);
+        assert!((p.verify_cost[1].1 - 0.040).abs() < 1e-9);
+        assert!((p.verify_cost[2].1 - 0.040).abs() < 1e-9);
+        // Sizes that were not measured change nothing.
+        let before = p.verify_cost.clone();
+        p.observe_verify(3, 0.001);
+        assert_eq!(p.verify_cost, before);
     }
 }
