@@ -503,51 +503,134 @@ mod x86 {
                     }
                 }
                 let mut isum = [_mm256_setzero_si256(); R];
-                for h in 0..2 {
-                    for half in 0..2 {
-                        // Sub-blocks 8h + 2s + half for s = 0..4 (weights 128h + 32s + …).
-                        let mut a: [[__m256i; 4]; R] = std::array::from_fn(|r| {
-                            std::array::from_fn(|s| _mm256_set1_epi32(off[r][8 * h + 2 * s + half]))
-                        });
-                        for gq in 4 * half..4 * half + 4 {
-                            let at = p.add(QS6 + (h * 8 + gq) * 96);
-                            let qa = _mm256_loadu_si256(at.cast());
-                            let qb = _mm256_loadu_si256(at.add(32).cast());
-                            let qh = _mm256_loadu_si256(at.add(64).cast());
-                            let w = [
-                                _mm256_or_si256(
-                                    _mm256_and_si256(qa, low),
-                                    _mm256_slli_epi16::<4>(_mm256_and_si256(qh, two(0))),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(qb, low),
-                                    _mm256_slli_epi16::<2>(_mm256_and_si256(qh, two(1))),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16::<4>(qa), low),
-                                    _mm256_and_si256(qh, two(2)),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16::<4>(qb), low),
-                                    _mm256_srli_epi16::<2>(_mm256_and_si256(qh, two(3))),
-                                ),
-                            ];
-                            for r in 0..R {
-                                let xp = x[r].q.as_ptr().add(bi * 256 + 128 * h + 4 * gq);
-                                for s in 0..4 {
-                                    let xv = _mm256_set1_epi32(
-                                        xp.add(32 * s).cast::<i32>().read_unaligned(),
+                if R == 8 {
+                    // Eight rows: two sub-block positions at a time (16 accumulators, 4 deep
+                    // each) instead of all four (32 would not fit the registers).
+                    for h in 0..2 {
+                        for sp in 0..2 {
+                            for half in 0..2 {
+                                let j0 = 8 * h + 4 * sp + half;
+                                let j1 = j0 + 2;
+                                let mut a0: [__m256i; R] =
+                                    std::array::from_fn(|r| _mm256_set1_epi32(off[r][j0]));
+                                let mut a1: [__m256i; R] =
+                                    std::array::from_fn(|r| _mm256_set1_epi32(off[r][j1]));
+                                for gq in 4 * half..4 * half + 4 {
+                                    let at = p.add(QS6 + (h * 8 + gq) * 96);
+                                    let qa = _mm256_loadu_si256(at.cast());
+                                    let qb = _mm256_loadu_si256(at.add(32).cast());
+                                    let qh = _mm256_loadu_si256(at.add(64).cast());
+                                    let (w0, w1) = if sp == 0 {
+                                        (
+                                            _mm256_or_si256(
+                                                _mm256_and_si256(qa, low),
+                                                _mm256_slli_epi16::<4>(_mm256_and_si256(
+                                                    qh,
+                                                    two(0),
+                                                )),
+                                            ),
+                                            _mm256_or_si256(
+                                                _mm256_and_si256(qb, low),
+                                                _mm256_slli_epi16::<2>(_mm256_and_si256(
+                                                    qh,
+                                                    two(1),
+                                                )),
+                                            ),
+                                        )
+                                    } else {
+                                        (
+                                            _mm256_or_si256(
+                                                _mm256_and_si256(_mm256_srli_epi16::<4>(qa), low),
+                                                _mm256_and_si256(qh, two(2)),
+                                            ),
+                                            _mm256_or_si256(
+                                                _mm256_and_si256(_mm256_srli_epi16::<4>(qb), low),
+                                                _mm256_srli_epi16::<2>(_mm256_and_si256(
+                                                    qh,
+                                                    two(3),
+                                                )),
+                                            ),
+                                        )
+                                    };
+                                    for r in 0..R {
+                                        let xp = x[r]
+                                            .q
+                                            .as_ptr()
+                                            .add(bi * 256 + 128 * h + 4 * gq + 64 * sp);
+                                        let x0 =
+                                            _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
+                                        let x1 = _mm256_set1_epi32(
+                                            xp.add(32).cast::<i32>().read_unaligned(),
+                                        );
+                                        a0[r] = dot4::<V>(a0[r], w0, x0);
+                                        a1[r] = dot4::<V>(a1[r], w1, x1);
+                                    }
+                                }
+                                let sc0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                    p.add(16 + 8 * j0).cast(),
+                                ));
+                                let sc1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                    p.add(16 + 8 * j1).cast(),
+                                ));
+                                for r in 0..R {
+                                    let t = _mm256_add_epi32(
+                                        _mm256_mullo_epi32(a0[r], sc0),
+                                        _mm256_mullo_epi32(a1[r], sc1),
                                     );
-                                    a[r][s] = dot4::<V>(a[r][s], w[s], xv);
+                                    isum[r] = _mm256_add_epi32(isum[r], t);
                                 }
                             }
                         }
-                        for s in 0..4 {
-                            let j = 8 * h + 2 * s + half;
-                            let sc =
-                                _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(16 + 8 * j).cast()));
-                            for (sum, a) in isum.iter_mut().zip(&a) {
-                                *sum = _mm256_add_epi32(*sum, _mm256_mullo_epi32(a[s], sc));
+                    }
+                } else {
+                    for h in 0..2 {
+                        for half in 0..2 {
+                            // Sub-blocks 8h + 2s + half for s = 0..4 (weights 128h + 32s + …).
+                            let mut a: [[__m256i; 4]; R] = std::array::from_fn(|r| {
+                                std::array::from_fn(|s| {
+                                    _mm256_set1_epi32(off[r][8 * h + 2 * s + half])
+                                })
+                            });
+                            for gq in 4 * half..4 * half + 4 {
+                                let at = p.add(QS6 + (h * 8 + gq) * 96);
+                                let qa = _mm256_loadu_si256(at.cast());
+                                let qb = _mm256_loadu_si256(at.add(32).cast());
+                                let qh = _mm256_loadu_si256(at.add(64).cast());
+                                let w = [
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(qa, low),
+                                        _mm256_slli_epi16::<4>(_mm256_and_si256(qh, two(0))),
+                                    ),
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(qb, low),
+                                        _mm256_slli_epi16::<2>(_mm256_and_si256(qh, two(1))),
+                                    ),
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(_mm256_srli_epi16::<4>(qa), low),
+                                        _mm256_and_si256(qh, two(2)),
+                                    ),
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(_mm256_srli_epi16::<4>(qb), low),
+                                        _mm256_srli_epi16::<2>(_mm256_and_si256(qh, two(3))),
+                                    ),
+                                ];
+                                for r in 0..R {
+                                    let xp = x[r].q.as_ptr().add(bi * 256 + 128 * h + 4 * gq);
+                                    for s in 0..4 {
+                                        let xv = _mm256_set1_epi32(
+                                            xp.add(32 * s).cast::<i32>().read_unaligned(),
+                                        );
+                                        a[r][s] = dot4::<V>(a[r][s], w[s], xv);
+                                    }
+                                }
+                            }
+                            for s in 0..4 {
+                                let j = 8 * h + 2 * s + half;
+                                let sc =
+                                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(16 + 8 * j).cast()));
+                                for (sum, a) in isum.iter_mut().zip(&a) {
+                                    *sum = _mm256_add_epi32(*sum, _mm256_mullo_epi32(a[s], sc));
+                                }
                             }
                         }
                     }
