@@ -254,11 +254,7 @@ impl<B: Backend> Proj<B> {
     /// [`ModelError::Input`] for other weights, or `rows` the blocks cannot be cut at (0,
     /// more than there are, or not a multiple of 8 where rows are interleaved).
     pub fn rows_prefix(&self, rows: usize) -> Result<Self> {
-        let Some(Packed::Blocks(q)) = &self.packed else {
-            return Err(ModelError::Input(
-                "cutting a projection's outputs needs GGUF block weights on the CPU".into(),
-            ));
-        };
+        let q = self.cpu_blocks("cutting a projection's outputs")?;
         let cut = q.rows_prefix(rows).ok_or_else(|| {
             ModelError::Input(format!(
                 "cannot keep {rows} of {} outputs (a multiple of 8, at least 8)",
@@ -284,11 +280,7 @@ impl<B: Backend> Proj<B> {
     /// [`ModelError::Input`] unless the weights are GGUF blocks on the CPU; the kernel's error
     /// for a format it cannot encode.
     pub fn requantized(&self, ty: GgmlType) -> Result<Self> {
-        let Some(Packed::Blocks(q)) = &self.packed else {
-            return Err(ModelError::Input(
-                "re-quantizing a projection needs GGUF block weights on the CPU".into(),
-            ));
-        };
+        let q = self.cpu_blocks("re-quantizing a projection")?;
         Ok(Self {
             linear: None,
             bias: self.bias.clone(),
@@ -297,6 +289,17 @@ impl<B: Backend> Proj<B> {
             )?))),
             gpu: None,
         })
+    }
+
+    /// The GGUF block weights `what` needs (an input error when the projection holds
+    /// other weights).
+    fn cpu_blocks(&self, what: &str) -> Result<&QuantMatrix> {
+        match &self.packed {
+            Some(Packed::Blocks(q)) => Ok(q),
+            _ => Err(ModelError::Input(format!(
+                "{what} needs GGUF block weights on the CPU"
+            ))),
+        }
     }
 
     /// Whether [`Proj::forward_host`] runs (the CPU fast path).

@@ -235,9 +235,7 @@ impl Planner {
         }
         self.overhead = track_cost(self.overhead, overhead);
     }
-}
 
-impl Planner {
     /// Folds one step's verification time in where its node count is a measured size (plain
     /// steps are 1 node): a calibration slowed by a busy neighbour must not price trees (or
     /// plain decoding) wrongly for the whole run. Lower timings are taken at once, higher

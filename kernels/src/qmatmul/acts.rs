@@ -54,7 +54,6 @@ impl Q8Acts {
         let mut q = vec![0i8; m * k];
         let mut d = vec![0.0f32; m * k / block];
         let mut sum16 = vec![0i16; m * k / 16];
-        let mut xsum = vec![0.0f32; m * k / 32];
         let work = |(((xb, qb), db), s16): BlockJob<'_>| {
             let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
             let scale = amax / 127.0;
@@ -83,13 +82,14 @@ impl Q8Acts {
                 .zip(sum16.chunks_exact_mut(block / 16))
                 .for_each(work);
         }
-        for (i, xs) in xsum.iter_mut().enumerate() {
-            let scale = d[i * 32 / block];
-            *xs = scale * f32::from(sum16[2 * i] + sum16[2 * i + 1]);
-        }
         let sum32: Vec<i32> = sum16
             .chunks_exact(2)
             .map(|s| i32::from(s[0]) + i32::from(s[1]))
+            .collect();
+        let xsum = sum32
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| d[i * 32 / block] * s as f32)
             .collect();
         // |Σq| over 32 values ≤ 32·127: each fits the i16 halves.
         let sum32x2 = if k.is_multiple_of(64) {

@@ -373,7 +373,6 @@ impl QuantMatrix {
     /// As [`crate::quant::quantize`] (e.g. `ty` not supported, `k` not a multiple of its
     /// block).
     pub fn requantized(&self, ty: GgmlType) -> Result<Self, KernelError> {
-        use rayon::prelude::*;
         let rows: Vec<Vec<u8>> = (0..self.n)
             .into_par_iter()
             .map(|j| {
@@ -506,23 +505,13 @@ impl QuantMatrix {
                 // SAFETY: `wide > 0` only where `matmul_fused_with` checked that this CPU runs
                 // AVX-512 VNNI; `group` is one whole group and the rows are `k` long.
                 let sums = unsafe { x8::dot8_vnni(self.ty, group, rows) };
-                for (r, lanes) in sums.iter().enumerate() {
-                    for (l, &v) in lanes.iter().enumerate() {
-                        out[l * m + 8 * a + r] = v;
-                    }
-                }
+                scatter(out, m, 8 * a, &sums);
             }
             for (a, rows) in x[wide..].chunks(4).enumerate() {
                 let at = wide + 4 * a;
                 #[cfg(target_arch = "x86_64")]
                 if isa != Isa::Portable {
-                    let mut put = |sums: &[[f32; 8]]| {
-                        for (r, lanes) in sums.iter().enumerate() {
-                            for (l, &v) in lanes.iter().enumerate() {
-                                out[l * m + at + r] = v;
-                            }
-                        }
-                    };
+                    let mut put = |sums: &[[f32; 8]]| scatter(out, m, at, sums);
                     // SAFETY: `matmul_fused_with` checked that this CPU runs `isa`; `group` is
                     // one whole group and the activation rows are `k` long.
                     unsafe {
@@ -591,6 +580,17 @@ impl QuantMatrix {
         let _ = isa;
         for (v, &row) in dst.iter_mut().zip(x) {
             *v = portable::dot(self.ty, w, row, self.act_block());
+        }
+    }
+}
+
+/// One interleaved group's results for activation rows `at..`: `sums[r][l]` (row `l` of the
+/// group · activation row `at + r`) into `out[l · m + at + r]`.
+#[cfg(target_arch = "x86_64")]
+fn scatter(out: &mut [f32], m: usize, at: usize, sums: &[[f32; 8]]) {
+    for (r, lanes) in sums.iter().enumerate() {
+        for (l, &v) in lanes.iter().enumerate() {
+            out[l * m + at + r] = v;
         }
     }
 }

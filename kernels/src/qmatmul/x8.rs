@@ -1,6 +1,6 @@
-//! Q4_K, Q6_K, Q8_0, Q5_0 and Q4_1 with 8 output rows interleaved (the layout llama.cpp's CPU "repack" buffers
-//! use for the same reason): one activation load meets 8 weight rows, every scale and minimum of the
-//! 8 rows is applied with one vector instruction, and each row's sum lives in its own lane —
+//! Q4_K, Q6_K, Q8_0, Q5_0 and Q4_1 with 8 output rows interleaved (the layout llama.cpp's CPU
+//! "repack" buffers use for the same reason): one activation load meets 8 weight rows, every
+//! scale and minimum of the 8 rows is applied with one vector instruction, and each row's sum lives in its own lane —
 //! no per-row scale unpacking, no horizontal sums. Decoding a GGUF Q4_K row costs ~75 vector
 //! instructions per 256 weights; this layout ~25, which turns a single-row product from
 //! compute-bound into memory-bound on a 2-core machine.
@@ -486,7 +486,6 @@ mod x86 {
         // `g` or inside the rows' `k` values (256 per block).
         unsafe {
             let low = _mm256_set1_epi8(0x0F);
-            let two = |s: i32| _mm256_set1_epi8((3 << (2 * s)) as u8 as i8);
             let mut acc = [_mm256_setzero_ps(); R];
             for (bi, blk) in g.chunks_exact(BLOCK6).enumerate() {
                 let p = blk.as_ptr();
@@ -520,38 +519,8 @@ mod x86 {
                                     let qa = _mm256_loadu_si256(at.cast());
                                     let qb = _mm256_loadu_si256(at.add(32).cast());
                                     let qh = _mm256_loadu_si256(at.add(64).cast());
-                                    let (w0, w1) = if sp == 0 {
-                                        (
-                                            _mm256_or_si256(
-                                                _mm256_and_si256(qa, low),
-                                                _mm256_slli_epi16::<4>(_mm256_and_si256(
-                                                    qh,
-                                                    two(0),
-                                                )),
-                                            ),
-                                            _mm256_or_si256(
-                                                _mm256_and_si256(qb, low),
-                                                _mm256_slli_epi16::<2>(_mm256_and_si256(
-                                                    qh,
-                                                    two(1),
-                                                )),
-                                            ),
-                                        )
-                                    } else {
-                                        (
-                                            _mm256_or_si256(
-                                                _mm256_and_si256(_mm256_srli_epi16::<4>(qa), low),
-                                                _mm256_and_si256(qh, two(2)),
-                                            ),
-                                            _mm256_or_si256(
-                                                _mm256_and_si256(_mm256_srli_epi16::<4>(qb), low),
-                                                _mm256_srli_epi16::<2>(_mm256_and_si256(
-                                                    qh,
-                                                    two(3),
-                                                )),
-                                            ),
-                                        )
-                                    };
+                                    let w0 = weights6(qa, qb, qh, 2 * sp, low);
+                                    let w1 = weights6(qa, qb, qh, 2 * sp + 1, low);
                                     for r in 0..R {
                                         let xp = x[r]
                                             .q
@@ -596,24 +565,8 @@ mod x86 {
                                 let qa = _mm256_loadu_si256(at.cast());
                                 let qb = _mm256_loadu_si256(at.add(32).cast());
                                 let qh = _mm256_loadu_si256(at.add(64).cast());
-                                let w = [
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(qa, low),
-                                        _mm256_slli_epi16::<4>(_mm256_and_si256(qh, two(0))),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(qb, low),
-                                        _mm256_slli_epi16::<2>(_mm256_and_si256(qh, two(1))),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(_mm256_srli_epi16::<4>(qa), low),
-                                        _mm256_and_si256(qh, two(2)),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(_mm256_srli_epi16::<4>(qb), low),
-                                        _mm256_srli_epi16::<2>(_mm256_and_si256(qh, two(3))),
-                                    ),
-                                ];
+                                let w: [__m256i; 4] =
+                                    std::array::from_fn(|s| weights6(qa, qb, qh, s, low));
                                 for r in 0..R {
                                     let xp = x[r].q.as_ptr().add(bi * 256 + 128 * h + 4 * gq);
                                     for s in 0..4 {
@@ -640,6 +593,26 @@ mod x86 {
                 }
             }
             lanes(acc)
+        }
+    }
+
+    /// Q6_K's 6-bit weights (0..64) at sub-block position `s` of one group: 8 rows × 4
+    /// positions, from the low-nibble run `qa` (s = 0, 2) or `qb` (s = 1, 3) and the 2-bit
+    /// field `s` of `qh`.
+    #[inline(always)]
+    unsafe fn weights6(qa: __m256i, qb: __m256i, qh: __m256i, s: usize, low: __m256i) -> __m256i {
+        // SAFETY: the caller's build enables AVX2.
+        unsafe {
+            let q = if s.is_multiple_of(2) { qa } else { qb };
+            let nib = if s < 2 { q } else { _mm256_srli_epi16::<4>(q) };
+            let hi = _mm256_and_si256(qh, _mm256_set1_epi8((3 << (2 * s)) as u8 as i8));
+            let hi = match s {
+                0 => _mm256_slli_epi16::<4>(hi),
+                1 => _mm256_slli_epi16::<2>(hi),
+                2 => hi,
+                _ => _mm256_srli_epi16::<2>(hi),
+            };
+            _mm256_or_si256(_mm256_and_si256(nib, low), hi)
         }
     }
 
