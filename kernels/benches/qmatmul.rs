@@ -89,12 +89,17 @@ fn from_memory(c: &mut Criterion) {
     let x: Vec<f32> = (0..8 * k).map(|i| (i % 13) as f32 / 13.0 - 0.4).collect();
     let mut y = vec![0.0f32; 8 * n];
     let mut bytes = 0;
-    for (ty, copies) in [(GgmlType::Q4_K, 80usize), (GgmlType::Q6_K, 56)] {
+    for (ty, copies) in [
+        (GgmlType::Q4_K, 80usize),
+        (GgmlType::Q6_K, 56),
+        (GgmlType::Q8_0, 40),
+        (GgmlType::Q4_1, 72),
+    ] {
         let mats: Vec<QuantMatrix> = (0..copies).map(|_| matrix(ty, n, k)).collect();
         bytes = mats.iter().map(QuantMatrix::bytes).sum();
         group.throughput(Throughput::Bytes(bytes as u64));
-        // One row (plain decode) and eight (an 8-node tree's verification).
-        for rows in [1usize, 8] {
+        // One row (plain decode), four and eight (trees' verification).
+        for rows in [1usize, 4, 8] {
             group.bench_function(format!("{ty:?}-{rows}row"), |b| {
                 b.iter(|| {
                     for m in &mats {

@@ -18,10 +18,22 @@ pub enum DraftSpec {
     /// target's weights, or an f16 copy of them).
     SelfLayers(usize, bool),
     /// Anything else: a model (short name, path or hub id) sharing the target's tokenizer.
-    /// Block-quantized (GGUF) weights are used as stored; weights held as f32 (float
-    /// checkpoints, `--f32-weights`) become f16 unless `@f32` is appended. `@head=…` changes
-    /// its output head ([`HeadChange`]).
-    Model(String, bool, Option<HeadChange>),
+    Model(ModelDraft),
+}
+
+/// A model `--draft`: `NAME[@f16|@f32][@q4_1][@head=…]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelDraft {
+    /// Short name, path or hub id.
+    pub name: String,
+    /// Weights held as f32 (float checkpoints, `--f32-weights`) become f16 (unless `@f32`);
+    /// block-quantized (GGUF) weights are used as stored.
+    pub f16: bool,
+    /// `@q4_1`: every GGUF-block projection re-quantized to Q4_1 at load
+    /// ([`Transformer::with_weights_requantized`]).
+    pub q4_1: bool,
+    /// `@head=…`: a change to its output head.
+    pub head: Option<HeadChange>,
 }
 
 /// A model draft's `@head=…` option.
@@ -58,16 +70,17 @@ impl DraftSpec {
     pub fn parse(spec: &str) -> Result<Self> {
         let mut parts = spec.split('@');
         let s = parts.next().unwrap_or_default();
-        let (mut f16, mut head) = (None, None);
+        let (mut f16, mut head, mut q4_1) = (None, None, false);
         for opt in parts {
             match opt {
                 "f16" => f16 = Some(true),
                 "f32" => f16 = Some(false),
+                "q4_1" => q4_1 = true,
                 _ => match opt.strip_prefix("head=").and_then(HeadChange::parse) {
                     Some(h) => head = Some(h),
                     None => bail!(
-                        "bad --draft {spec:?}: options are @f16, @f32, @head=N (N a multiple \
-                         of 8) and @head=q4_1"
+                        "bad --draft {spec:?}: options are @f16, @f32, @q4_1, @head=N (N a \
+                         multiple of 8) and @head=q4_1"
                     ),
                 },
             }
@@ -79,7 +92,7 @@ impl DraftSpec {
             }
         };
         Ok(if s == "ngram" || s.starts_with("ngram:") {
-            if f16.is_some() || head.is_some() {
+            if f16.is_some() || head.is_some() || q4_1 {
                 bail!("bad --draft {spec:?}: the n-gram draft has no weights");
             }
             match s.strip_prefix("ngram:") {
@@ -87,12 +100,20 @@ impl DraftSpec {
                 None => Self::Ngram(NgramDraft::default().max_n),
             }
         } else if let Some(n) = s.strip_prefix("self:") {
-            if head.is_some() {
-                bail!("bad --draft {spec:?}: @head=… is for model drafts");
+            if head.is_some() || q4_1 {
+                bail!("bad --draft {spec:?}: @head=… and @q4_1 are for model drafts");
             }
             Self::SelfLayers(num(n)?, f16.unwrap_or(false))
         } else {
-            Self::Model(s.to_string(), f16.unwrap_or(true), head)
+            if q4_1 && head == Some(HeadChange::Q4_1) {
+                bail!("bad --draft {spec:?}: @q4_1 already re-quantizes the head");
+            }
+            Self::Model(ModelDraft {
+                name: s.to_string(),
+                f16: f16.unwrap_or(true),
+                q4_1,
+                head,
+            })
         })
     }
 }
@@ -141,7 +162,12 @@ pub fn load_drafts<B: Backend>(
                     model: Box::new(m),
                 }
             }
-            DraftSpec::Model(name, f16, head) => {
+            DraftSpec::Model(ModelDraft {
+                name,
+                f16,
+                q4_1,
+                head,
+            }) => {
                 let loaded = LoadedModel::<B>::load(name, opts, device)
                     .with_context(|| format!("loading draft {name}"))?;
                 check_same_tokenizer(&target.tokenizer, &loaded.tokenizer, name)?;
@@ -153,6 +179,12 @@ pub fn load_drafts<B: Backend>(
                     }
                     _ => (loaded.name.clone(), loaded.model),
                 };
+                if *q4_1 {
+                    model = model
+                        .with_weights_requantized(GgmlType::Q4_1)
+                        .with_context(|| format!("re-quantizing draft {name} to Q4_1"))?;
+                    label = format!("{label}@q4_1");
+                }
                 if let Some(h) = head {
                     model = match h {
                         HeadChange::Rows(n) => model.with_head_rows(*n),
@@ -235,29 +267,38 @@ mod tests {
     #[test]
     fn draft_specs() {
         let p = |s: &str| DraftSpec::parse(s).unwrap();
+        let m = |name: &str, f16, q4_1, head| {
+            DraftSpec::Model(ModelDraft {
+                name: name.into(),
+                f16,
+                q4_1,
+                head,
+            })
+        };
         assert_eq!(p("ngram"), DraftSpec::Ngram(4));
         assert_eq!(p("ngram:2"), DraftSpec::Ngram(2));
         assert_eq!(p("self:6"), DraftSpec::SelfLayers(6, false));
         assert_eq!(p("self:6@f16"), DraftSpec::SelfLayers(6, true));
-        assert_eq!(p("qwen"), DraftSpec::Model("qwen".into(), true, None));
-        assert_eq!(
-            p("./m.gguf@f32"),
-            DraftSpec::Model("./m.gguf".into(), false, None)
-        );
+        assert_eq!(p("qwen"), m("qwen", true, false, None));
+        assert_eq!(p("./m.gguf@f32"), m("./m.gguf", false, false, None));
         assert_eq!(
             p("qwen@head=32768"),
-            DraftSpec::Model("qwen".into(), true, Some(HeadChange::Rows(32768)))
+            m("qwen", true, false, Some(HeadChange::Rows(32768)))
         );
         assert_eq!(
             p("qwen@f32@head=64"),
-            DraftSpec::Model("qwen".into(), false, Some(HeadChange::Rows(64)))
+            m("qwen", false, false, Some(HeadChange::Rows(64)))
         );
         assert_eq!(
             p("qwen@head=q4_1"),
-            DraftSpec::Model("qwen".into(), true, Some(HeadChange::Q4_1))
+            m("qwen", true, false, Some(HeadChange::Q4_1))
         );
+        assert_eq!(p("qwen@q4_1"), m("qwen", true, true, None));
         for bad in [
             "self:0",
+            "ngram@q4_1",
+            "self:4@q4_1",
+            "m@q4_1@head=q4_1",
             "ngram:x",
             "ngram@f16",
             "m@q4",

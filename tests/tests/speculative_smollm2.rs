@@ -245,3 +245,41 @@ fn requantized_head_reads_less_and_drafts_correctly() {
         "the draft was never accepted"
     );
 }
+
+/// Every projection re-quantized to Q4_1 (`--draft M@q4_1`): SmolLM2's layers are Q4_1
+/// already, so only its Q8_0 head shrinks — to exactly the head-only variant's bytes — and its
+/// Q4_1 layers come back with the same top token; the whole model still drafts correctly.
+#[test]
+fn requantized_weights_draft_correctly() {
+    use arbor_kernels::quant::GgmlType::Q4_1;
+    let m = load();
+    let all = m.model.with_weights_requantized(Q4_1).unwrap();
+    assert_eq!(
+        all.weight_bytes(),
+        m.model.with_head_requantized(Q4_1).unwrap().weight_bytes()
+    );
+    assert!(all.weight_bytes() < m.model.weight_bytes());
+    let params = GenerateParams {
+        max_tokens: 24,
+        ..GenerateParams::default()
+    };
+    let p = Prompt::Text("def fibonacci(n):".into());
+    let plain = collect(
+        Generator::new(&m.model, &m.tokenizer)
+            .generate(&p, &params)
+            .unwrap(),
+    );
+    let mut engine = Engine::new(
+        &m.model,
+        &m.tokenizer,
+        "2,1,1".parse::<TreePolicy>().unwrap(),
+    )
+    .with_model_draft("q4_1", &all, &m.tokenizer)
+    .unwrap();
+    let spec = collect(engine.generate(&p, &params).unwrap());
+    assert_eq!(spec.tokens, plain.tokens);
+    assert!(
+        spec.spec.unwrap().accepted > 0,
+        "the draft was never accepted"
+    );
+}

@@ -34,10 +34,14 @@ pub struct BenchArgs {
     /// `--repeats`) beside this machine's memory and int8 roofline.
     #[arg(long, conflicts_with_all = ["drafts", "prompts", "plain"])]
     pub verify_curve: bool,
+    /// `--verify-curve` at these tree sizes only (comma-separated; default 1,2,4,…,64). The
+    /// ratios are to the first size given.
+    #[arg(long, value_delimiter = ',', requires = "verify_curve")]
+    pub verify_nodes: Vec<usize>,
     /// A draft (repeatable): `ngram[:MAX_N]` (prompt lookup), `self:N[@f16]` (the target's
     /// first N layers), or a model sharing the target's tokenizer (short name, path, hub id;
     /// weights held as f16 unless `@f32` is appended; `@head=N` cuts its output head to the
-    /// first N token ids, `@head=q4_1` re-quantizes it to Q4_1).
+    /// first N token ids, `@head=q4_1` re-quantizes it to Q4_1, `@q4_1` every projection).
     #[arg(long = "draft", value_name = "DRAFT")]
     pub drafts: Vec<String>,
     /// Tree policy: `auto`, `auto:WIDTH,MAX_DEPTH`, `k1,k2,..` (SpecInfer expansion), `chain:N`

@@ -45,9 +45,14 @@ struct VerifyCurve {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    if args.prompt_tokens == 0 || args.repeats == 0 {
-        bail!("--prompt-tokens and --repeats must be at least 1");
+    if args.prompt_tokens == 0 || args.repeats == 0 || args.verify_nodes.contains(&0) {
+        bail!("--prompt-tokens, --repeats and --verify-nodes must be at least 1");
     }
+    let sizes = if args.verify_nodes.is_empty() {
+        VERIFY_SIZES.to_vec()
+    } else {
+        args.verify_nodes.clone()
+    };
     with_backend!(args.model.device, |B, device| {
         let loaded =
             LoadedModel::<B>::load(&args.model.model, args.model.resolve_options(), &device)?;
@@ -58,12 +63,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let root = *prompt.last().expect("at least one prompt token");
         let roof = Roofline::measure(BANDWIDTH_PROBE_BYTES);
         let (bytes, macs) = (model.weight_bytes(), model.macs_per_token());
-        let bar = indicatif::ProgressBar::new(VERIFY_SIZES.len() as u64);
+        let bar = indicatif::ProgressBar::new(sizes.len() as u64);
         bar.set_style(indicatif::ProgressStyle::with_template(
             "verify {bar:30} {pos}/{len} sizes {msg}",
         )?);
         let mut points: Vec<Point> = Vec::new();
-        for &n in &VERIFY_SIZES {
+        for &n in &sizes {
             bar.set_message(format!("{n} nodes"));
             let secs = time_verify(model, &mut cache, root, n, args.repeats)?;
             let one = points.first().map_or(secs, |p| p.secs);
