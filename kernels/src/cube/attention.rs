@@ -9,11 +9,20 @@
 //! cache's layout) through the sequence's page table, by the KV head of the query head's
 //! group (GQA: nothing repeated). A tree row sees every cached token and its own ancestors
 //! (from the parent pointers) and itself — the mask is never materialized.
+//!
+//! Pages may also be held packed, as the CPU cache's SKVQ compression makes them
+//! ([`CubePagedKv::upload_packed`]): 2-, 4- or 8-bit codes in `u32` words with f32 grids —
+//! values per token in permuted channel groups, keys the same way or per channel over the page
+//! (KIVI). The kernel dequantizes each code where it reads it (`code · scale + min`); nothing
+//! is expanded in device memory. Which copy a row reads follows the CPU cache exactly: a
+//! packed page's codes once its last token is older than the window at the row's position,
+//! else its full-precision copy.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::KernelError;
+use crate::kvquant::{ChannelQuantizer, RowQuantizer};
 
 /// Sizes of one call, as [`crate::attention::AttentionDims`] for one sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,35 +57,127 @@ fn visible(j: usize, row: usize, cached: usize, parents: &Array<i32>) -> bool {
     seen
 }
 
+/// Which copy of token `j`'s page a query at `pos` reads, as the CPU cache decides
+/// (`arbor_cache`'s `LayerView`): the codes of a packed page whose last token is older than
+/// the window, else its full-precision copy, else its codes. `≥ 0`: that full-precision page;
+/// `< 0`: packed page `−1 − value`.
+#[cube]
+fn page_choice(
+    full: &Array<i32>,
+    packed: &Array<i32>,
+    j: usize,
+    pos: usize,
+    window: usize,
+    #[comptime] bits: u32,
+    #[comptime] page_size: u32,
+) -> i32 {
+    let ps = comptime!(page_size as usize);
+    let p = j / ps;
+    let f = full[p];
+    let mut choice = f;
+    if comptime!(bits > 0) {
+        let qp = packed[p];
+        if qp >= 0 && (f < 0 || p * ps + ps - 1 + window < pos) {
+            choice = -1 - qp;
+        }
+    }
+    choice
+}
+
+/// Channel `c` of KV head `g` at token `j` from the copy [`page_choice`] picked: read from a
+/// full-precision page, or dequantized from a packed one (`code · scale + min`) — per token
+/// in groups after the channel permutation (`inv[c]`: where channel `c` sits), or per channel
+/// over the page (`per_channel`, KIVI keys; `grids` `[page][scale | min][kv_head · head_dim]`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load(
+    pages: &Array<f32>,
+    codes: &Array<u32>,
+    grids: &Array<f32>,
+    inv: &Array<u32>,
+    choice: i32,
+    j: usize,
+    g: usize,
+    c: usize,
+    #[comptime] per_channel: bool,
+    #[comptime] bits: u32,
+    #[comptime] group: u32,
+    #[comptime] n_kv_heads: u32,
+    #[comptime] head_dim: u32,
+    #[comptime] page_size: u32,
+) -> f32 {
+    let ps = comptime!(page_size as usize);
+    let kvh = comptime!(n_kv_heads as usize);
+    let hd = comptime!(head_dim as usize);
+    let slot = j % ps;
+    let mut out = 0.0f32;
+    if choice >= 0 {
+        out = pages[((choice as usize * ps + slot) * kvh + g) * hd + c];
+    } else if comptime!(bits > 0) {
+        let qp = (-1 - choice) as usize;
+        let b = comptime!(bits as usize);
+        let mask = comptime!((1u32 << bits) - 1);
+        if comptime!(per_channel) {
+            let row = comptime!(kvh * hd);
+            let ch = g * hd + c;
+            let word = codes[(qp * ps + slot) * comptime!(row * b / 32) + ch * b / 32];
+            let code = f32::cast_from((word >> ((ch * b % 32) as u32)) & mask);
+            out = code * grids[2 * qp * row + ch] + grids[(2 * qp + 1) * row + ch];
+        } else {
+            let at = inv[c] as usize;
+            let r = (qp * ps + slot) * kvh + g;
+            let word = codes[r * comptime!(hd * b / 32) + at * b / 32];
+            let code = f32::cast_from((word >> ((at * b % 32) as u32)) & mask);
+            let gi = r * comptime!(hd / group as usize) + at / comptime!(group as usize);
+            out = code * grids[2 * gi] + grids[2 * gi + 1];
+        }
+    }
+    out
+}
+
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn paged_tree_attention(
     q: &Array<f32>,
     k_pages: &Array<f32>,
     v_pages: &Array<f32>,
-    table: &Array<u32>,
+    full: &Array<i32>,
+    packed: &Array<i32>,
     parents: &Array<i32>,
+    positions: &Array<u32>,
+    k_codes: &Array<u32>,
+    k_grids: &Array<f32>,
+    k_inv: &Array<u32>,
+    v_codes: &Array<u32>,
+    v_grids: &Array<f32>,
+    v_inv: &Array<u32>,
     out: &mut Array<f32>,
     cached: u32,
     n_q: u32,
     scale: f32,
-    #[comptime] group: u32,
+    window: u32,
+    #[comptime] gqa: u32,
     #[comptime] n_kv_heads: u32,
     #[comptime] head_dim: u32,
     #[comptime] page_size: u32,
+    #[comptime] bits: u32,
+    #[comptime] keys_per_channel: bool,
+    #[comptime] k_group: u32,
+    #[comptime] v_group: u32,
 ) {
     let row = CUBE_POS_X as usize;
     let h = CUBE_POS_Y as usize;
     let u = UNIT_POS_X as usize;
     let hd = comptime!(head_dim as usize);
-    let ps = comptime!(page_size as usize);
-    let kvh = comptime!(n_kv_heads as usize);
-    let g = h / comptime!(group as usize);
+    let g = h / comptime!(gqa as usize);
     let cached = cached as usize;
     let n_q = n_q as usize;
     let n_kv = cached + n_q;
+    let pos = positions[row] as usize;
+    let window = window as usize;
     let mut qs = SharedMemory::<f32>::new(hd);
     let mut scores = SharedMemory::<f32>::new(hd);
+    let mut choices = SharedMemory::<i32>::new(hd);
     qs[u] = q[(h * n_q + row) * hd + u];
     sync_cube();
     // Scores of keys a row cannot see (WGSL has no infinity literal).
@@ -88,15 +189,33 @@ fn paged_tree_attention(
     while t0 < n_kv {
         let j = t0 + u;
         let mut s = hidden;
+        let mut choice = 0i32;
         if j < n_kv && visible(j, row, cached, parents) {
-            let at = ((table[j / ps] as usize * ps + j % ps) * kvh + g) * hd;
+            choice = page_choice(full, packed, j, pos, window, bits, page_size);
             let mut dot = 0.0f32;
             for c in 0..hd {
-                dot += qs[c] * k_pages[at + c];
+                let key = load(
+                    k_pages,
+                    k_codes,
+                    k_grids,
+                    k_inv,
+                    choice,
+                    j,
+                    g,
+                    c,
+                    keys_per_channel,
+                    bits,
+                    k_group,
+                    n_kv_heads,
+                    head_dim,
+                    page_size,
+                );
+                dot += qs[c] * key;
             }
             s = dot * scale;
         }
         scores[u] = s;
+        choices[u] = choice;
         sync_cube();
         let mut tile_max = run_max;
         for t in 0..hd {
@@ -108,11 +227,25 @@ fn paged_tree_attention(
         for t in 0..hd {
             let st = scores[t];
             if st > hidden {
-                let jj = t0 + t;
                 let p = (st - tile_max).exp();
                 sum += p;
-                let at = ((table[jj / ps] as usize * ps + jj % ps) * kvh + g) * hd;
-                acc += p * v_pages[at + u];
+                let value = load(
+                    v_pages,
+                    v_codes,
+                    v_grids,
+                    v_inv,
+                    choices[t],
+                    t0 + t,
+                    g,
+                    u,
+                    false,
+                    bits,
+                    v_group,
+                    n_kv_heads,
+                    head_dim,
+                    page_size,
+                );
+                acc += p * value;
             }
         }
         run_max = tile_max;
@@ -122,15 +255,186 @@ fn paged_tree_attention(
     out[(h * n_q + row) * hd + u] = acc / sum;
 }
 
+/// Where one logical page of a sequence lives on the device: a full-precision page, a packed
+/// one, or both (a page still within reach of the window keeps its full-precision copy beside
+/// its codes, as in the CPU cache). At least one is required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PageRef {
+    /// Index among the full-precision pages.
+    pub full: Option<u32>,
+    /// Index among the packed pages.
+    pub packed: Option<u32>,
+}
+
+/// How packed keys are coded (the CPU cache's `KeyQuant`).
+#[derive(Debug, Clone, Copy)]
+pub enum KeyCodes<'a> {
+    /// Per channel over a page's tokens (KIVI): one block per page.
+    Channel(&'a ChannelQuantizer),
+    /// Per token in channel groups (SKVQ): one row per (slot, KV head).
+    Token(&'a RowQuantizer),
+}
+
+/// The packed pages of one layer, in the CPU cache's byte layout.
+#[derive(Debug, Clone)]
+pub struct PackedPages<'a> {
+    /// The keys' quantizer.
+    pub keys: KeyCodes<'a>,
+    /// The values' quantizer (rows of one KV head, `head_dim` channels).
+    pub values: &'a RowQuantizer,
+    /// Full-precision recent tokens: a query at position `pos` reads a page's codes once its
+    /// last token `t` has `t + window < pos` (or when the page has no full-precision copy).
+    pub window: usize,
+    /// Per packed page, its keys' bytes (a [`ChannelQuantizer`] block, or rows
+    /// `[slot][kv_head]` of a [`RowQuantizer`]) and its values' bytes (rows `[slot][kv_head]`).
+    pub pages: Vec<(&'a [u8], &'a [u8])>,
+}
+
+/// Packed pages repacked for the device: codes in `u32` words (little end first), grids as
+/// f32 `[scale, min]` pairs, and the inverse channel permutations.
+struct DeviceCodes {
+    bits: u32,
+    keys_per_channel: bool,
+    k_group: usize,
+    v_group: usize,
+    window: usize,
+    k_codes: Vec<u32>,
+    k_grids: Vec<f32>,
+    k_inv: Vec<u32>,
+    v_codes: Vec<u32>,
+    v_grids: Vec<f32>,
+    v_inv: Vec<u32>,
+}
+
+/// Appends `codes` of `bits` bits to `words`, `32 / bits` per word, little end first.
+fn push_words(words: &mut Vec<u32>, codes: &[u8], bits: u32) {
+    let per = (32 / bits) as usize;
+    words.extend(codes.chunks(per).map(|c| {
+        c.iter()
+            .enumerate()
+            .fold(0u32, |w, (i, &q)| w | u32::from(q) << (i as u32 * bits))
+    }));
+}
+
+/// Where each channel sits in a permuted row.
+fn inverse(perm: &[usize]) -> Vec<u32> {
+    let mut inv = vec![0u32; perm.len()];
+    for (i, &c) in perm.iter().enumerate() {
+        inv[c] = i as u32;
+    }
+    inv
+}
+
+/// Per-token rows (`rows` of `q.channels()` channels, `q.packed_bytes()` bytes each) as
+/// device codes and grids, appended.
+fn push_rows(q: &RowQuantizer, bytes: &[u8], codes: &mut Vec<u32>, grids: &mut Vec<f32>) {
+    let (mut c, mut g) = (
+        vec![0u8; q.channels()],
+        vec![[0.0f32; 2]; q.channels() / q.group()],
+    );
+    for row in bytes.chunks_exact(q.packed_bytes()) {
+        q.codes(row, &mut c, &mut g);
+        push_words(codes, &c, q.bits());
+        grids.extend(g.iter().flatten());
+    }
+}
+
+impl DeviceCodes {
+    fn new(p: &PackedPages<'_>, d: &PagedDims) -> Result<Self, KernelError> {
+        let bad = |m: String| Err(KernelError::Shape(m));
+        let (hd, row) = (d.head_dim, d.n_kv_heads * d.head_dim);
+        let v = p.values;
+        let bits = v.bits();
+        let (k_bits, keys_per_channel, k_group) = match p.keys {
+            KeyCodes::Channel(k) => (k.bits(), true, 0),
+            KeyCodes::Token(k) => (k.bits(), false, k.group()),
+        };
+        if k_bits != bits || v.channels() != hd || !(hd * bits as usize).is_multiple_of(32) {
+            return bad(format!(
+                "packed pages of {k_bits}-bit keys and {bits}-bit values over {} channels for \
+                 heads of {hd} (one width, head_dim · bits a multiple of 32)",
+                v.channels()
+            ));
+        }
+        match p.keys {
+            KeyCodes::Channel(k) if k.tokens() != d.page_size || k.channels() != row => {
+                return bad(format!(
+                    "per-channel key blocks of {} × {} for pages of {} × {row}",
+                    k.tokens(),
+                    k.channels(),
+                    d.page_size
+                ));
+            }
+            KeyCodes::Token(k) if k.channels() != hd => {
+                return bad(format!(
+                    "key rows of {} channels for heads of {hd}",
+                    k.channels()
+                ));
+            }
+            _ => {}
+        }
+        let rows = d.page_size * d.n_kv_heads;
+        let mut out = Self {
+            bits,
+            keys_per_channel,
+            k_group,
+            v_group: v.group(),
+            window: p.window,
+            k_codes: Vec::new(),
+            k_grids: Vec::new(),
+            k_inv: match p.keys {
+                KeyCodes::Token(k) => inverse(k.perm()),
+                KeyCodes::Channel(_) => vec![0],
+            },
+            v_codes: Vec::new(),
+            v_grids: Vec::new(),
+            v_inv: inverse(v.perm()),
+        };
+        for (i, &(kb, vb)) in p.pages.iter().enumerate() {
+            let k_len = match p.keys {
+                KeyCodes::Channel(k) => k.packed_bytes(),
+                KeyCodes::Token(k) => rows * k.packed_bytes(),
+            };
+            if kb.len() != k_len || vb.len() != rows * v.packed_bytes() {
+                return bad(format!(
+                    "packed page {i}: {} / {} bytes of keys / values, expected {k_len} / {}",
+                    kb.len(),
+                    vb.len(),
+                    rows * v.packed_bytes()
+                ));
+            }
+            match p.keys {
+                KeyCodes::Channel(k) => {
+                    let mut c = vec![0u8; d.page_size * row];
+                    let mut g = vec![[0.0f32; 2]; row];
+                    k.codes(kb, &mut c, &mut g);
+                    push_words(&mut out.k_codes, &c, bits);
+                    out.k_grids.extend(g.iter().map(|[s, _]| s));
+                    out.k_grids.extend(g.iter().map(|[_, m]| m));
+                }
+                KeyCodes::Token(k) => push_rows(k, kb, &mut out.k_codes, &mut out.k_grids),
+            }
+            push_rows(v, vb, &mut out.v_codes, &mut out.v_grids);
+        }
+        Ok(out)
+    }
+}
+
 /// One sequence's paged KV on a CubeCL device, and its tree attention.
 pub struct CubePagedKv<R: Runtime> {
     client: ComputeClient<R>,
     k: Handle,
     v: Handle,
-    table: Handle,
+    full: Handle,
+    packed: Handle,
+    /// Codes, grids and inverse permutations of keys, then of values.
+    codes: [Handle; 6],
+    lens: [usize; 6],
     floats: usize,
     pages: usize,
     d: PagedDims,
+    /// Bits, keys per channel, key and value groups, window (zeros: no packed pages).
+    shape: (u32, bool, usize, usize, usize),
 }
 
 impl<R: Runtime> std::fmt::Debug for CubePagedKv<R> {
@@ -138,13 +442,15 @@ impl<R: Runtime> std::fmt::Debug for CubePagedKv<R> {
         f.debug_struct("CubePagedKv")
             .field("pages", &self.pages)
             .field("dims", &self.d)
+            .field("bits", &self.shape.0)
             .finish_non_exhaustive()
     }
 }
 
 impl<R: Runtime> CubePagedKv<R> {
-    /// Uploads pages (`[pages][page_size][n_kv_heads][head_dim]` keys and values) and the
-    /// sequence's page table (logical page → stored page, covering cached + tree tokens).
+    /// Uploads full-precision pages (`[pages][page_size][n_kv_heads][head_dim]` keys and
+    /// values) and the sequence's page table (logical page → stored page, covering cached +
+    /// tree tokens).
     ///
     /// # Errors
     /// [`KernelError::Shape`] if the sizes disagree, the table is too short or points past
@@ -155,6 +461,44 @@ impl<R: Runtime> CubePagedKv<R> {
         k: &[f32],
         v: &[f32],
         table: &[u32],
+        d: PagedDims,
+    ) -> Result<Self, KernelError> {
+        let table: Vec<PageRef> = table
+            .iter()
+            .map(|&p| PageRef {
+                full: Some(p),
+                packed: None,
+            })
+            .collect();
+        Self::build(client, k, v, &table, None, d)
+    }
+
+    /// [`CubePagedKv::upload`] with packed pages beside the full-precision ones: each logical
+    /// page names its copies ([`PageRef`]); packed pages are read in place as codes and
+    /// dequantized in the kernel (never expanded on the device), by the CPU cache's rule
+    /// ([`PackedPages::window`]).
+    ///
+    /// # Errors
+    /// As [`CubePagedKv::upload`], and for packed pages whose quantizers or sizes disagree
+    /// with `d` (keys and values of one width; `head_dim · bits` a multiple of 32) or a page
+    /// with neither copy.
+    pub fn upload_packed(
+        client: &ComputeClient<R>,
+        k: &[f32],
+        v: &[f32],
+        table: &[PageRef],
+        packed: &PackedPages<'_>,
+        d: PagedDims,
+    ) -> Result<Self, KernelError> {
+        Self::build(client, k, v, table, Some(packed), d)
+    }
+
+    fn build(
+        client: &ComputeClient<R>,
+        k: &[f32],
+        v: &[f32],
+        table: &[PageRef],
+        packed: Option<&PackedPages<'_>>,
         d: PagedDims,
     ) -> Result<Self, KernelError> {
         let page = d.page_size * d.n_kv_heads * d.head_dim;
@@ -176,24 +520,64 @@ impl<R: Runtime> CubePagedKv<R> {
             return bad(format!("head_dim {} above 256", d.head_dim));
         }
         let pages = k.len() / page;
+        let n_packed = packed.map_or(0, |p| p.pages.len());
         let need = (d.cached + d.n_q).div_ceil(d.page_size);
-        if table.len() < need || table.iter().any(|&p| p as usize >= pages) {
-            return bad(format!("page table {table:?} for {need} pages of {pages}"));
+        let fits = |r: &PageRef| {
+            r.full.is_none_or(|p| (p as usize) < pages)
+                && r.packed.is_none_or(|p| (p as usize) < n_packed)
+                && (r.full.is_some() || r.packed.is_some())
+        };
+        if table.len() < need || !table.iter().all(fits) {
+            return bad(format!(
+                "page table {table:?} for {need} pages of {pages} full-precision and \
+                 {n_packed} packed"
+            ));
         }
+        let codes = packed.map(|p| DeviceCodes::new(p, &d)).transpose()?;
+        let index = |p: Option<u32>| p.map_or(-1, |p| p as i32);
+        let full: Vec<i32> = table.iter().map(|r| index(r.full)).collect();
+        let packed: Vec<i32> = table.iter().map(|r| index(r.packed)).collect();
+        // wgpu refuses empty buffers: absent parts are one zero.
+        let up_u32 = |x: &[u32]| {
+            let x = if x.is_empty() { &[0u32][..] } else { x };
+            (client.create_from_slice(u32::as_bytes(x)), x.len())
+        };
+        let up_f32 = |x: &[f32]| {
+            let x = if x.is_empty() { &[0f32][..] } else { x };
+            (client.create_from_slice(f32::as_bytes(x)), x.len())
+        };
+        let none = (Vec::new(), Vec::new());
+        let c = codes.as_ref();
+        let parts = [
+            up_u32(c.map_or(&none.0, |c| &c.k_codes)),
+            up_f32(c.map_or(&none.1, |c| &c.k_grids)),
+            up_u32(c.map_or(&none.0, |c| &c.k_inv)),
+            up_u32(c.map_or(&none.0, |c| &c.v_codes)),
+            up_f32(c.map_or(&none.1, |c| &c.v_grids)),
+            up_u32(c.map_or(&none.0, |c| &c.v_inv)),
+        ];
+        let shape = c.map_or((0, false, 0, 0, 0), |c| {
+            (c.bits, c.keys_per_channel, c.k_group, c.v_group, c.window)
+        });
         Ok(Self {
             client: client.clone(),
             k: client.create_from_slice(f32::as_bytes(k)),
             v: client.create_from_slice(f32::as_bytes(v)),
-            table: client.create_from_slice(u32::as_bytes(table)),
+            full: client.create_from_slice(i32::as_bytes(&full)),
+            packed: client.create_from_slice(i32::as_bytes(&packed)),
+            lens: parts.each_ref().map(|p| p.1),
+            codes: parts.map(|p| p.0),
             floats: k.len(),
             pages: table.len(),
             d,
+            shape,
         })
     }
 
     /// Attention of the tree rows: `q` is `[n_heads, n_q, head_dim]`, `parents[i]` the tree
     /// row row `i` hangs from (`-1`: it follows the cached tokens; parents come before their
-    /// children). Returns `[n_heads, n_q, head_dim]`.
+    /// children). Row `i` sits at position `cached + depth(i)` (what decides which copy of a
+    /// packed page it reads). Returns `[n_heads, n_q, head_dim]`.
     ///
     /// # Errors
     /// [`KernelError::Shape`] for operands of the wrong size or a parent that does not
@@ -216,12 +600,25 @@ impl<R: Runtime> CubePagedKv<R> {
                 "parents {parents:?} are not a tree"
             )));
         }
+        let mut positions: Vec<u32> = Vec::with_capacity(d.n_q);
+        for &p in parents {
+            let depth = if p < 0 { 0 } else { positions[p as usize] + 1 };
+            positions.push(depth);
+        }
+        for p in &mut positions {
+            *p += d.cached as u32;
+        }
         let c = &self.client;
         let qh = c.create_from_slice(f32::as_bytes(q));
         let ph = c.create_from_slice(i32::as_bytes(parents));
+        let pos = c.create_from_slice(u32::as_bytes(&positions));
         let out = c.empty(q.len() * 4);
-        // SAFETY: every handle holds exactly the elements given with it, and `upload`
-        // checked the table against the pages.
+        // SAFETY: `lens[i]` is the element count `codes[i]` was created with.
+        let arr =
+            |i: usize| unsafe { ArrayArg::from_raw_parts(self.codes[i].clone(), self.lens[i]) };
+        let (bits, keys_per_channel, k_group, v_group, window) = self.shape;
+        // SAFETY: every handle holds exactly the elements given with it; `build` checked the
+        // table against the pages and the packed pages against the dimensions.
         unsafe {
             paged_tree_attention::launch::<R>(
                 c,
@@ -230,16 +627,29 @@ impl<R: Runtime> CubePagedKv<R> {
                 ArrayArg::from_raw_parts(qh, q.len()),
                 ArrayArg::from_raw_parts(self.k.clone(), self.floats),
                 ArrayArg::from_raw_parts(self.v.clone(), self.floats),
-                ArrayArg::from_raw_parts(self.table.clone(), self.pages),
+                ArrayArg::from_raw_parts(self.full.clone(), self.pages),
+                ArrayArg::from_raw_parts(self.packed.clone(), self.pages),
                 ArrayArg::from_raw_parts(ph, d.n_q),
+                ArrayArg::from_raw_parts(pos, d.n_q),
+                arr(0),
+                arr(1),
+                arr(2),
+                arr(3),
+                arr(4),
+                arr(5),
                 ArrayArg::from_raw_parts(out.clone(), q.len()),
                 d.cached as u32,
                 d.n_q as u32,
                 (d.head_dim as f32).powf(-0.5),
+                window as u32,
                 (d.n_heads / d.n_kv_heads) as u32,
                 d.n_kv_heads as u32,
                 d.head_dim as u32,
                 d.page_size as u32,
+                bits,
+                keys_per_channel,
+                k_group as u32,
+                v_group as u32,
             );
         }
         Ok(f32::from_bytes(&c.read_one_unchecked(out)).to_vec())

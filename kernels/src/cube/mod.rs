@@ -7,7 +7,8 @@
 //!   on the device (4.5–6 bits per weight for the 4-bit formats) and are never expanded to f32.
 //! - [`attention`]: tree attention over a paged KV cache, flash-style: one cube per (query
 //!   row, head), keys in tiles with an online softmax, pages found through a page table, the
-//!   tree mask derived from parent pointers, GQA without repeating K/V.
+//!   tree mask derived from parent pointers, GQA without repeating K/V; pages full precision
+//!   or packed by the CPU cache's quantizers (2/4/8 bits, dequantized in the kernel).
 //!
 //! Each is tested against the CPU references ([`crate::quant::dequantize`] and
 //! [`crate::attention::attention_reference`]) on random shapes.

@@ -6,9 +6,10 @@ use burn::tensor::{Bool, Tensor, TensorData};
 use cubecl::Runtime;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 
-use super::attention::{CubePagedKv, PagedDims};
+use super::attention::{CubePagedKv, KeyCodes, PackedPages, PageRef, PagedDims};
 use super::qmatmul::{AffineGroups, CubeQuantMatrix};
 use crate::attention::attention_reference;
+use crate::kvquant::{ChannelQuantizer, RowQuantizer};
 use crate::qmatmul::tests::{Rng, TYPES, random_matrix};
 
 fn client() -> cubecl::prelude::ComputeClient<WgpuRuntime> {
@@ -89,15 +90,7 @@ fn gpu_paged_tree_attention_agrees_with_the_reference() {
         let table: Vec<u32> = (0..n_kv.div_ceil(page_size))
             .map(|p| (pages - 1 - p) as u32)
             .collect();
-        let parents: Vec<i32> = (0..n_q)
-            .map(|i| {
-                if i == 0 {
-                    -1
-                } else {
-                    (rng.next() % i as u64) as i32
-                }
-            })
-            .collect();
+        let parents = random_parents(n_q, &mut rng);
         let q: Vec<f32> = (0..n_heads * n_q * head_dim).map(|_| rng.unit()).collect();
         let d = PagedDims {
             n_heads,
@@ -132,18 +125,8 @@ fn gpu_paged_tree_attention_agrees_with_the_reference() {
                 node = parents[node as usize];
             }
         }
-        let dev = Default::default();
-        let t =
-            |x: Vec<f32>, s: [usize; 4]| Tensor::<Flex, 4>::from_data(TensorData::new(x, s), &dev);
-        let want = attention_reference(
-            t(q.clone(), [1, n_heads, n_q, head_dim]),
-            t(gather(&k), [1, n_kv_heads, n_kv, head_dim]),
-            t(gather(&v), [1, n_kv_heads, n_kv, head_dim]),
-            Tensor::<Flex, 3, Bool>::from_data(TensorData::new(mask, [1, n_q, n_kv]), &dev),
-        )
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap();
+        let heads = (n_heads, n_kv_heads, head_dim);
+        let want = reference(&q, &gather(&k), &gather(&v), &mask, heads);
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-5, "case {case} entry {i}: {a} vs {b}");
         }
@@ -173,4 +156,306 @@ fn gpu_paged_attention_refuses_bad_operands() {
     );
     assert!(kv.attention(&[0.0; 7], &[-1]).is_err());
     assert_eq!(kv.attention(&[0.0; 8], &[-1]).unwrap().len(), 8);
+}
+
+/// `attention_reference` for rows `q` (`[n_heads][n_q][head_dim]`) over contiguous keys and
+/// values (`[kv_head][token][channel]`) under `mask` (`[n_q][n_kv]`).
+fn reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[bool],
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+) -> Vec<f32> {
+    let n_q = q.len() / (n_heads * head_dim);
+    let n_kv = mask.len() / n_q;
+    let dev = Default::default();
+    let t = |x: &[f32], s: [usize; 4]| {
+        Tensor::<Flex, 4>::from_data(TensorData::new(x.to_vec(), s), &dev)
+    };
+    attention_reference(
+        t(q, [1, n_heads, n_q, head_dim]),
+        t(k, [1, n_kv_heads, n_kv, head_dim]),
+        t(v, [1, n_kv_heads, n_kv, head_dim]),
+        Tensor::<Flex, 3, Bool>::from_data(TensorData::new(mask.to_vec(), [1, n_q, n_kv]), &dev),
+    )
+    .into_data()
+    .to_vec::<f32>()
+    .unwrap()
+}
+
+/// Parents of a random tree of `n` rows (row 0 at the root).
+fn random_parents(n: usize, rng: &mut Rng) -> Vec<i32> {
+    (0..n)
+        .map(|i| {
+            if i == 0 {
+                -1
+            } else {
+                (rng.next() % i as u64) as i32
+            }
+        })
+        .collect()
+}
+
+/// Tree attention over a mix of full-precision and packed pages (2, 4 and 8 bits; keys per
+/// channel and per token; values permuted and clipped) equals, row by row, the reference over
+/// the keys and values that row reads by the CPU cache's rule: codes (dequantized by
+/// `kvquant` on the CPU) for packed pages whose last token is older than the window — also
+/// where a full-precision copy is still held — and full precision otherwise. Sink pages and
+/// the pages of recent and tree tokens are full precision only; some old pages keep both.
+#[test]
+fn gpu_tree_attention_reads_packed_pages_as_the_cpu_cache_does() {
+    let client = client();
+    let mut rng = Rng(0x9a11);
+    // (dims: n_heads, n_kv_heads, head_dim, page_size, cached, n_q), window, group
+    type Case = ((usize, usize, usize, usize, usize, usize), usize, usize);
+    let cases: [Case; 3] = [
+        ((4, 2, 32, 4, 37, 5), 8, 16),
+        ((14, 2, 64, 16, 150, 9), 32, 32),
+        ((2, 1, 16, 8, 40, 1), 8, 16),
+    ];
+    let mut differed = false;
+    for (case, &((n_heads, n_kv_heads, hd, ps, cached, n_q), window, group)) in
+        cases.iter().enumerate()
+    {
+        for bits in [2u32, 4, 8] {
+            for per_channel in [true, false] {
+                let what = format!("case {case}, {bits} bits, per channel {per_channel}");
+                let n_kv = cached + n_q;
+                let row = n_kv_heads * hd;
+                let n_pages = n_kv.div_ceil(ps);
+                // Keys with a few wide, offset channels (like Qwen2's key bias).
+                let keys: Vec<f32> = (0..n_pages * ps * row)
+                    .map(|i| rng.unit() + if i % hd % 7 == 0 { 20.0 } else { 0.0 })
+                    .collect();
+                let values: Vec<f32> = (0..keys.len()).map(|_| rng.unit()).collect();
+                let shuffled = |n: usize, rng: &mut Rng| {
+                    let mut p: Vec<usize> = (0..n).collect();
+                    for i in (1..n).rev() {
+                        p.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+                    }
+                    p
+                };
+                let vq = RowQuantizer::new(
+                    bits,
+                    group,
+                    hd,
+                    Some(shuffled(hd, &mut rng)),
+                    Some((0..hd / group).map(|g| 1.0 - 0.05 * g as f32).collect()),
+                )
+                .unwrap();
+                let kq_channel = ChannelQuantizer::new(bits, ps, row).unwrap();
+                let kq_token =
+                    RowQuantizer::new(bits, group, hd, Some(shuffled(hd, &mut rng)), None).unwrap();
+                // Pages past the first (the sinks), complete and wholly cached, are packed;
+                // those still within reach of the window for some row keep their full copy,
+                // and every third older one too.
+                let packs = |p: usize| p >= 1 && (p + 1) * ps <= cached;
+                let keeps_full = |p: usize| {
+                    !packs(p) || (p + 1) * ps - 1 + window >= cached || p.is_multiple_of(3)
+                };
+                let page_of = |x: &[f32], p: usize| x[p * ps * row..(p + 1) * ps * row].to_vec();
+                let mut packed_bytes: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+                let (mut full_k, mut full_v) = (Vec::new(), Vec::new());
+                let mut table = vec![PageRef::default(); n_pages];
+                // Stored in reverse order, so logical and stored indices differ.
+                for p in (0..n_pages).rev() {
+                    if keeps_full(p) {
+                        table[p].full = Some((full_k.len() / (ps * row)) as u32);
+                        full_k.extend(page_of(&keys, p));
+                        full_v.extend(page_of(&values, p));
+                    }
+                    if packs(p) {
+                        table[p].packed = Some(packed_bytes.len() as u32);
+                        let (kp, vp) = (page_of(&keys, p), page_of(&values, p));
+                        let kb = if per_channel {
+                            let mut b = vec![0u8; kq_channel.packed_bytes()];
+                            kq_channel.quantize(&kp, &mut b);
+                            b
+                        } else {
+                            pack_rows(&kq_token, &kp)
+                        };
+                        packed_bytes.push((kb, pack_rows(&vq, &vp)));
+                    }
+                }
+                let packed = PackedPages {
+                    keys: if per_channel {
+                        KeyCodes::Channel(&kq_channel)
+                    } else {
+                        KeyCodes::Token(&kq_token)
+                    },
+                    values: &vq,
+                    window,
+                    pages: packed_bytes
+                        .iter()
+                        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                        .collect(),
+                };
+                let d = PagedDims {
+                    n_heads,
+                    n_kv_heads,
+                    head_dim: hd,
+                    page_size: ps,
+                    cached,
+                    n_q,
+                };
+                let kv = CubePagedKv::<WgpuRuntime>::upload_packed(
+                    &client, &full_k, &full_v, &table, &packed, d,
+                )
+                .unwrap();
+                let parents = random_parents(n_q, &mut rng);
+                let q: Vec<f32> = (0..n_heads * n_q * hd).map(|_| rng.unit()).collect();
+                let got = kv.attention(&q, &parents).unwrap();
+
+                // Row by row: what the CPU cache would have it read.
+                let mut depth = vec![0usize; n_q];
+                for i in 0..n_q {
+                    if parents[i] >= 0 {
+                        depth[i] = depth[parents[i] as usize] + 1;
+                    }
+                }
+                for i in 0..n_q {
+                    let pos = cached + depth[i];
+                    let mut mask = vec![false; n_kv];
+                    mask[..cached].fill(true);
+                    let mut node = i as i32;
+                    while node >= 0 {
+                        mask[cached + node as usize] = true;
+                        node = parents[node as usize];
+                    }
+                    let (mut k, mut v) = (Vec::new(), Vec::new());
+                    let mut buf = vec![0.0f32; hd];
+                    for g in 0..n_kv_heads {
+                        for j in 0..n_kv {
+                            let (p, slot) = (j / ps, j % ps);
+                            let at = (j * n_kv_heads + g) * hd;
+                            let r = table[p];
+                            let codes = r.packed.is_some()
+                                && (r.full.is_none() || (p + 1) * ps - 1 + window < pos);
+                            if !codes {
+                                k.extend_from_slice(&keys[at..at + hd]);
+                                v.extend_from_slice(&values[at..at + hd]);
+                                continue;
+                            }
+                            let (kb, vb) = &packed_bytes[r.packed.unwrap() as usize];
+                            let rb = |q: &RowQuantizer, b: &[u8]| {
+                                let n = q.packed_bytes();
+                                b[(slot * n_kv_heads + g) * n..][..n].to_vec()
+                            };
+                            if per_channel {
+                                kq_channel.dequantize(kb, slot, g * hd, &mut buf);
+                            } else {
+                                kq_token.dequantize(&rb(&kq_token, kb), &mut buf);
+                            }
+                            k.extend_from_slice(&buf);
+                            vq.dequantize(&rb(&vq, vb), &mut buf);
+                            v.extend_from_slice(&buf);
+                        }
+                    }
+                    let qi: Vec<f32> = (0..n_heads)
+                        .flat_map(|h| q[(h * n_q + i) * hd..][..hd].to_vec())
+                        .collect();
+                    let want = reference(&qi, &k, &v, &mask, (n_heads, n_kv_heads, hd));
+                    let contiguous = |x: &[f32]| -> Vec<f32> {
+                        (0..n_kv_heads)
+                            .flat_map(|g| {
+                                (0..n_kv).flat_map(move |j| {
+                                    let at = (j * n_kv_heads + g) * hd;
+                                    x[at..at + hd].to_vec()
+                                })
+                            })
+                            .collect()
+                    };
+                    let exact = reference(
+                        &qi,
+                        &contiguous(&keys),
+                        &contiguous(&values),
+                        &mask,
+                        (n_heads, n_kv_heads, hd),
+                    );
+                    for h in 0..n_heads {
+                        for c in 0..hd {
+                            let (a, b) = (got[(h * n_q + i) * hd + c], want[h * hd + c]);
+                            assert!(
+                                (a - b).abs() < 2e-4 * (1.0 + b.abs()),
+                                "{what}, row {i}, head {h}, channel {c}: {a} vs {b}"
+                            );
+                            differed |= (a - exact[h * hd + c]).abs() > 1e-3;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(differed, "no row read codes that changed its result");
+}
+
+/// Rows `[slot][kv_head]` of a page packed one by one (the CPU cache's `pack_rows`).
+fn pack_rows(q: &RowQuantizer, page: &[f32]) -> Vec<u8> {
+    let n = q.packed_bytes();
+    let mut out = vec![0u8; page.len() / q.channels() * n];
+    for (r, dst) in page.chunks_exact(q.channels()).zip(out.chunks_exact_mut(n)) {
+        q.quantize(r, dst);
+    }
+    out
+}
+
+#[test]
+fn gpu_packed_pages_refuse_bad_operands() {
+    let client = client();
+    let d = PagedDims {
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 16,
+        page_size: 2,
+        cached: 3,
+        n_q: 1,
+    };
+    let (k, v) = (vec![0.0; 32], vec![0.0; 32]);
+    let vq = RowQuantizer::new(4, 16, 16, None, None).unwrap();
+    let kq = ChannelQuantizer::new(4, 2, 16).unwrap();
+    let (kb, vb) = (
+        vec![0u8; kq.packed_bytes()],
+        vec![0u8; 2 * vq.packed_bytes()],
+    );
+    let packed = |keys| PackedPages {
+        keys,
+        values: &vq,
+        window: 1,
+        pages: vec![(kb.as_slice(), vb.as_slice())],
+    };
+    let both = PageRef {
+        full: Some(0),
+        packed: Some(0),
+    };
+    let up = |table: &[PageRef], p: &PackedPages<'_>| {
+        CubePagedKv::<WgpuRuntime>::upload_packed(&client, &k, &v, table, p, d)
+    };
+    let good = packed(KeyCodes::Channel(&kq));
+    assert!(
+        up(&[both, PageRef::default()], &good).is_err(),
+        "a page with no copy"
+    );
+    let past = PageRef {
+        full: None,
+        packed: Some(1),
+    };
+    assert!(up(&[both, past], &good).is_err(), "past the packed pages");
+    let wide = ChannelQuantizer::new(4, 4, 16).unwrap();
+    assert!(
+        up(&[both, both], &packed(KeyCodes::Channel(&wide))).is_err(),
+        "block of 4 tokens"
+    );
+    let k2 = RowQuantizer::new(2, 16, 16, None, None).unwrap();
+    assert!(
+        up(&[both, both], &packed(KeyCodes::Token(&k2))).is_err(),
+        "2-bit keys, 4-bit values"
+    );
+    let short = PackedPages {
+        pages: vec![(&kb[1..], vb.as_slice())],
+        ..good.clone()
+    };
+    assert!(up(&[both, both], &short).is_err(), "short key bytes");
+    let kv = up(&[both, both], &good).unwrap();
+    assert_eq!(kv.attention(&[0.0; 32], &[-1]).unwrap().len(), 32);
 }

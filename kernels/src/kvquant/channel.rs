@@ -133,6 +133,37 @@ impl ChannelQuantizer {
         self.dequantize_portable(packed, t, from, out);
     }
 
+    /// The codes and grids of a packed block, for kernels that dequantize elsewhere (the GPU
+    /// attention): `codes` token-major (`tokens × channels`), `grids[ch]` channel `ch`'s
+    /// `[scale, min]` (a value is `code · scale + min`).
+    ///
+    /// # Panics
+    /// If the lengths are wrong (internal invariant).
+    pub fn codes(&self, packed: &[u8], codes: &mut [u8], grids: &mut [[f32; 2]]) {
+        let c = self.channels;
+        assert!(
+            packed.len() == self.packed_bytes()
+                && codes.len() == self.tokens * c
+                && grids.len() == c,
+            "codes sizes"
+        );
+        let mask = ((1u32 << self.bits) - 1) as u8;
+        let per_byte = 8 / self.bits as usize;
+        for (t, dst) in codes.chunks_exact_mut(c).enumerate() {
+            let (_, _, row) = self.parts(packed, t);
+            for (i, q) in dst.iter_mut().enumerate() {
+                *q = (row[i / per_byte] >> ((i % per_byte) as u32 * self.bits)) & mask;
+            }
+        }
+        let (scales, mins, _) = self.parts(packed, 0);
+        for (i, g) in grids.iter_mut().enumerate() {
+            *g = [
+                f16::from_le_bytes([scales[2 * i], scales[2 * i + 1]]).to_f32(),
+                f16::from_le_bytes([mins[2 * i], mins[2 * i + 1]]).to_f32(),
+            ];
+        }
+    }
+
     /// Scales, minimums and token `t`'s codes of a packed block.
     fn parts<'a>(&self, packed: &'a [u8], t: usize) -> (&'a [u8], &'a [u8], &'a [u8]) {
         let c = self.channels;
@@ -165,6 +196,34 @@ impl ChannelQuantizer {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// `codes` gives back exactly what `dequantize` computes, token by token.
+    #[test]
+    fn codes_and_grids_reproduce_the_dequantized_block() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for bits in [2, 4, 8] {
+            let (tokens, channels) = (16, 32);
+            let block: Vec<f32> = (0..tokens * channels)
+                .map(|i| (i % channels) as f32 * 3.0 + rng.random_range(-1.0..1.0))
+                .collect();
+            let q = ChannelQuantizer::new(bits, tokens, channels).unwrap();
+            let mut packed = vec![0u8; q.packed_bytes()];
+            q.quantize(&block, &mut packed);
+            let mut codes = vec![0u8; tokens * channels];
+            let mut grids = vec![[0.0f32; 2]; channels];
+            q.codes(&packed, &mut codes, &mut grids);
+            let mut row = vec![0.0f32; channels];
+            for t in 0..tokens {
+                q.dequantize(&packed, t, 0, &mut row);
+                for (ch, &want) in row.iter().enumerate() {
+                    let [s, m] = grids[ch];
+                    let c = codes[t * channels + ch];
+                    assert!(u32::from(c) < 1 << bits);
+                    assert_eq!(f32::from(c) * s + m, want, "{bits} bits ({t}, {ch})");
+                }
+            }
+        }
+    }
 
     /// Every value within half a step of its channel's range (f16 scale and minimum as stored).
     #[test]

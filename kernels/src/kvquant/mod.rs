@@ -164,6 +164,37 @@ impl RowQuantizer {
         }
     }
 
+    /// The codes and grids of a packed row, for kernels that dequantize elsewhere (the GPU
+    /// attention): `codes[i]` is position `i` of the reordered row (channel `perm()[i]`),
+    /// `grids[g]` group `g`'s `[scale, min]` (a value is `code · scale + min`).
+    ///
+    /// # Panics
+    /// If the lengths are wrong (internal invariant).
+    pub fn codes(&self, packed: &[u8], codes: &mut [u8], grids: &mut [[f32; 2]]) {
+        assert!(
+            packed.len() == self.packed_bytes()
+                && codes.len() == self.channels
+                && grids.len() == self.channels / self.group,
+            "codes sizes"
+        );
+        let mask = ((1u32 << self.bits) - 1) as u8;
+        let per_byte = 8 / self.bits as usize;
+        for ((src, dst), grid) in packed
+            .chunks_exact(self.group_bytes())
+            .zip(codes.chunks_exact_mut(self.group))
+            .zip(grids.iter_mut())
+        {
+            let (bytes, params) = src.split_at(src.len() - 4);
+            for (i, c) in dst.iter_mut().enumerate() {
+                *c = (bytes[i / per_byte] >> ((i % per_byte) as u32 * self.bits)) & mask;
+            }
+            *grid = [
+                f16::from_le_bytes([params[0], params[1]]).to_f32(),
+                f16::from_le_bytes([params[2], params[3]]).to_f32(),
+            ];
+        }
+    }
+
     /// Unpacks a row into `out` (`channels` values, original channel order).
     ///
     /// # Panics
@@ -316,6 +347,37 @@ mod tests {
                     .collect()
             })
             .collect()
+    }
+
+    /// `codes` gives back exactly what `dequantize` computes: `code · scale + min` at the
+    /// permuted position, for every width, with a permutation and clipping.
+    #[test]
+    fn codes_and_grids_reproduce_the_dequantized_row() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let channels = 64;
+        let samples = rows(&mut rng, 8, channels);
+        for bits in [2, 4, 8] {
+            let perm = range_permutation(&samples, channels);
+            let clip: Vec<f32> = (0..4).map(|g| 1.0 - 0.1 * g as f32).collect();
+            let q = RowQuantizer::new(bits, 16, channels, Some(perm.clone()), Some(clip)).unwrap();
+            for row in &samples {
+                let mut packed = vec![0u8; q.packed_bytes()];
+                q.quantize(row, &mut packed);
+                let mut want = vec![0.0f32; channels];
+                q.dequantize(&packed, &mut want);
+                let (mut codes, mut grids) = (vec![0u8; channels], vec![[0.0f32; 2]; 4]);
+                q.codes(&packed, &mut codes, &mut grids);
+                for (i, &c) in perm.iter().enumerate() {
+                    let [s, m] = grids[i / 16];
+                    assert!(u32::from(codes[i]) < 1 << bits);
+                    assert_eq!(
+                        f32::from(codes[i]) * s + m,
+                        want[c],
+                        "{bits} bits, position {i}"
+                    );
+                }
+            }
+        }
     }
 
     /// Every value comes back within half a step of its group (f16 scale and minimum as
