@@ -233,7 +233,17 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
                 if !self.engine.planner.calibrated() && !self.engine.drafts.is_empty() {
                     self.calibrate(deepest)?;
                 }
-                self.engine.planner.plan(width, deepest)
+                let p = &self.engine.planner;
+                let shape = p.plan(width, deepest);
+                tracing::debug!(
+                    ?shape,
+                    draft_cost = ?p.draft_cost,
+                    verify_cost = ?p.verify_cost,
+                    overhead = p.overhead,
+                    node_fill = ?p.node_fill,
+                    "planned"
+                );
+                shape
             }
         };
         let shape = cap_depth(&shape, max_depth);
