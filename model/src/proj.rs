@@ -198,6 +198,15 @@ impl<B: Backend> Proj<B> {
         }
     }
 
+    /// The GGUF block format of the weights on the CPU fast path (`None` for float weights
+    /// and other backends).
+    pub fn block_type(&self) -> Option<GgmlType> {
+        match &self.packed {
+            Some(Packed::Blocks(q)) if self.gpu.is_none() => Some(q.ty()),
+            _ => None,
+        }
+    }
+
     /// Weights (outputs × inputs): the multiply-adds of one row through the projection.
     pub fn weights(&self) -> usize {
         match (&self.packed, &self.linear, &self.gpu) {

@@ -262,6 +262,12 @@ impl<B: Backend> Transformer<B> {
         Ok(m)
     }
 
+    /// The GGUF block format of the output head on the CPU fast path (`None` for float
+    /// weights and other backends).
+    pub fn head_block_type(&self) -> Option<GgmlType> {
+        self.lm_head.block_type()
+    }
+
     /// The same model with its output head re-encoded as `ty` ([`Proj::requantized`]): for a
     /// draft whose head dominates its bytes (Qwen2.5-0.5B's Q8_0 head is over a third of
     /// what a token reads), fewer bytes per draft token at some cost in acceptance.

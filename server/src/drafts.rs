@@ -42,13 +42,24 @@ pub enum HeadChange {
     /// `@head=N`: only the first N token ids ([`Transformer::with_head_rows`]).
     Rows(usize),
     /// `@head=q4_1`: the head re-quantized to Q4_1 ([`Transformer::with_head_requantized`]).
+    /// The default for drafts whose head is Q8_0 ([`DEFAULT_HEAD_Q4_1`]).
     Q4_1,
+    /// `@head=keep`: the head as stored (no default re-quantization).
+    Keep,
 }
+
+/// Draft heads stored in these formats are re-quantized to Q4_1 unless `@head=…` says
+/// otherwise: measured on Qwen2.5-Coder-0.5B (Q8_0 head, 144 → 85 MB) as the 1.5B's draft,
+/// HumanEval × 16, `chain:3`: acceptance 0.869 → 0.877 (1 049 vs 1 051 accepted nodes), draft
+/// time −14%.
+pub const DEFAULT_HEAD_Q4_1: [GgmlType; 1] = [GgmlType::Q8_0];
 
 impl HeadChange {
     fn parse(v: &str) -> Option<Self> {
-        if v == "q4_1" {
-            return Some(Self::Q4_1);
+        match v {
+            "q4_1" => return Some(Self::Q4_1),
+            "keep" => return Some(Self::Keep),
+            _ => {}
         }
         match v.parse::<usize>() {
             Ok(n) if n >= 8 && n.is_multiple_of(8) => Some(Self::Rows(n)),
@@ -62,6 +73,7 @@ impl std::fmt::Display for HeadChange {
         match self {
             Self::Rows(n) => write!(f, "{n}"),
             Self::Q4_1 => f.write_str("q4_1"),
+            Self::Keep => f.write_str("keep"),
         }
     }
 }
@@ -80,7 +92,7 @@ impl DraftSpec {
                     Some(h) => head = Some(h),
                     None => bail!(
                         "bad --draft {spec:?}: options are @f16, @f32, @q4_1, @head=N (N a \
-                         multiple of 8) and @head=q4_1"
+                         multiple of 8), @head=q4_1 and @head=keep"
                     ),
                 },
             }
@@ -185,12 +197,23 @@ pub fn load_drafts<B: Backend>(
                         .with_context(|| format!("re-quantizing draft {name} to Q4_1"))?;
                     label = format!("{label}@q4_1");
                 }
-                if let Some(h) = head {
-                    model = match h {
-                        HeadChange::Rows(n) => model.with_head_rows(*n),
+                let by_default = model
+                    .head_block_type()
+                    .is_some_and(|t| DEFAULT_HEAD_Q4_1.contains(&t));
+                let head = match head {
+                    None if !*q4_1 && by_default => Some(HeadChange::Q4_1),
+                    h => *h,
+                };
+                let changed = head.and_then(|h| {
+                    let m = match h {
+                        HeadChange::Rows(n) => model.with_head_rows(n),
                         HeadChange::Q4_1 => model.with_head_requantized(GgmlType::Q4_1),
-                    }
-                    .with_context(|| format!("changing draft {name}'s head to {h}"))?;
+                        HeadChange::Keep => return None,
+                    };
+                    Some((h, m))
+                });
+                if let Some((h, m)) = changed {
+                    model = m.with_context(|| format!("changing draft {name}'s head to {h}"))?;
                     label = format!("{label}@head={h}");
                 }
                 LoadedDraft::Model {
@@ -294,6 +317,10 @@ mod tests {
             m("qwen", true, false, Some(HeadChange::Q4_1))
         );
         assert_eq!(p("qwen@q4_1"), m("qwen", true, true, None));
+        assert_eq!(
+            p("qwen@head=keep"),
+            m("qwen", true, false, Some(HeadChange::Keep))
+        );
         for bad in [
             "self:0",
             "ngram@q4_1",
