@@ -79,8 +79,9 @@ fn rows_curve(c: &mut Criterion) {
 }
 
 /// A decode step's worth of weights streamed from memory (~600 MB of 1536 × 8960 matrices
-/// per format — far past the last-level cache, as a model's layers are), one row, beside a
-/// plain two-thread read of as many bytes; and eight rows: the kernels against this machine's memory roofline.
+/// per format — far past the last-level cache, as a model's layers are) at 1, 4 and 8 rows,
+/// beside a plain two-thread read of as many bytes: the kernels against this machine's memory
+/// roofline.
 fn from_memory(c: &mut Criterion) {
     use rayon::prelude::*;
     let (k, n) = (1536usize, 8960usize);

@@ -174,56 +174,55 @@ pub fn load_drafts<B: Backend>(
                     model: Box::new(m),
                 }
             }
-            DraftSpec::Model(ModelDraft {
-                name,
-                f16,
-                q4_1,
-                head,
-            }) => {
-                let loaded = LoadedModel::<B>::load(name, opts, device)
-                    .with_context(|| format!("loading draft {name}"))?;
-                check_same_tokenizer(&target.tokenizer, &loaded.tokenizer, name)?;
-                // Block-quantized weights stay as they are; only f32-held ones become f16.
-                let converted = f16.then(|| loaded.model.with_f16_weights());
-                let (mut label, mut model) = match converted {
-                    Some(m) if m.weight_bytes() < loaded.model.weight_bytes() => {
-                        (format!("{}@f16", loaded.name), m)
-                    }
-                    _ => (loaded.name.clone(), loaded.model),
-                };
-                if *q4_1 {
-                    model = model
-                        .with_weights_requantized(GgmlType::Q4_1)
-                        .with_context(|| format!("re-quantizing draft {name} to Q4_1"))?;
-                    label = format!("{label}@q4_1");
-                }
-                let by_default = model
-                    .head_block_type()
-                    .is_some_and(|t| DEFAULT_HEAD_Q4_1.contains(&t));
-                let head = match head {
-                    None if !*q4_1 && by_default => Some(HeadChange::Q4_1),
-                    h => *h,
-                };
-                let changed = head.and_then(|h| {
-                    let m = match h {
-                        HeadChange::Rows(n) => model.with_head_rows(n),
-                        HeadChange::Q4_1 => model.with_head_requantized(GgmlType::Q4_1),
-                        HeadChange::Keep => return None,
-                    };
-                    Some((h, m))
-                });
-                if let Some((h, m)) = changed {
-                    model = m.with_context(|| format!("changing draft {name}'s head to {h}"))?;
-                    label = format!("{label}@head={h}");
-                }
-                LoadedDraft::Model {
-                    label,
-                    model: Box::new(model),
-                }
-            }
+            DraftSpec::Model(m) => load_model_draft(target, m, opts, device)?,
         });
     }
     Ok(out)
+}
+
+/// Loads a model draft, checks its tokenizer against `target`'s, and applies its options.
+fn load_model_draft<B: Backend>(
+    target: &LoadedModel<B>,
+    d: &ModelDraft,
+    opts: ResolveOptions,
+    device: &B::Device,
+) -> Result<LoadedDraft<B>> {
+    let name = &d.name;
+    let loaded = LoadedModel::<B>::load(name, opts, device)
+        .with_context(|| format!("loading draft {name}"))?;
+    check_same_tokenizer(&target.tokenizer, &loaded.tokenizer, name)?;
+    // Block-quantized weights stay as they are; only f32-held ones become f16.
+    let converted = d.f16.then(|| loaded.model.with_f16_weights());
+    let (mut label, mut model) = match converted {
+        Some(m) if m.weight_bytes() < loaded.model.weight_bytes() => {
+            (format!("{}@f16", loaded.name), m)
+        }
+        _ => (loaded.name.clone(), loaded.model),
+    };
+    if d.q4_1 {
+        model = model
+            .with_weights_requantized(GgmlType::Q4_1)
+            .with_context(|| format!("re-quantizing draft {name} to Q4_1"))?;
+        label = format!("{label}@q4_1");
+    }
+    // After `@q4_1` the head is Q4_1 already, so the default does not apply.
+    let by_default = model
+        .head_block_type()
+        .is_some_and(|t| DEFAULT_HEAD_Q4_1.contains(&t));
+    let head = d.head.or(by_default.then_some(HeadChange::Q4_1));
+    let changed = match head {
+        Some(h @ HeadChange::Rows(n)) => Some((h, model.with_head_rows(n))),
+        Some(h @ HeadChange::Q4_1) => Some((h, model.with_head_requantized(GgmlType::Q4_1))),
+        Some(HeadChange::Keep) | None => None,
+    };
+    if let Some((h, m)) = changed {
+        model = m.with_context(|| format!("changing draft {name}'s head to {h}"))?;
+        label = format!("{label}@head={h}");
+    }
+    Ok(LoadedDraft::Model {
+        label,
+        model: Box::new(model),
+    })
 }
 
 fn ngram(max_n: usize) -> NgramDraft {

@@ -290,14 +290,22 @@ pub struct PackedPages<'a> {
     pub pages: Vec<(&'a [u8], &'a [u8])>,
 }
 
-/// Packed pages repacked for the device: codes in `u32` words (little end first), grids as
-/// f32 `[scale, min]` pairs, and the inverse channel permutations.
-struct DeviceCodes {
+/// How packed pages are coded (the kernel's compile-time parameters, and the window); all
+/// zero without packed pages.
+#[derive(Debug, Clone, Copy, Default)]
+struct CodeShape {
     bits: u32,
     keys_per_channel: bool,
     k_group: usize,
     v_group: usize,
     window: usize,
+}
+
+/// Packed pages repacked for the device: codes in `u32` words (little end first), grids as
+/// f32 `[scale, min]` pairs, and the inverse channel permutations (empty where unused).
+#[derive(Debug, Default)]
+struct DeviceCodes {
+    shape: CodeShape,
     k_codes: Vec<u32>,
     k_grids: Vec<f32>,
     k_inv: Vec<u32>,
@@ -375,26 +383,25 @@ impl DeviceCodes {
         }
         let rows = d.page_size * d.n_kv_heads;
         let mut out = Self {
-            bits,
-            keys_per_channel,
-            k_group,
-            v_group: v.group(),
-            window: p.window,
-            k_codes: Vec::new(),
-            k_grids: Vec::new(),
+            shape: CodeShape {
+                bits,
+                keys_per_channel,
+                k_group,
+                v_group: v.group(),
+                window: p.window,
+            },
             k_inv: match p.keys {
                 KeyCodes::Token(k) => inverse(k.perm()),
-                KeyCodes::Channel(_) => vec![0],
+                KeyCodes::Channel(_) => Vec::new(),
             },
-            v_codes: Vec::new(),
-            v_grids: Vec::new(),
             v_inv: inverse(v.perm()),
+            ..Self::default()
+        };
+        let k_len = match p.keys {
+            KeyCodes::Channel(k) => k.packed_bytes(),
+            KeyCodes::Token(k) => rows * k.packed_bytes(),
         };
         for (i, &(kb, vb)) in p.pages.iter().enumerate() {
-            let k_len = match p.keys {
-                KeyCodes::Channel(k) => k.packed_bytes(),
-                KeyCodes::Token(k) => rows * k.packed_bytes(),
-            };
             if kb.len() != k_len || vb.len() != rows * v.packed_bytes() {
                 return bad(format!(
                     "packed page {i}: {} / {} bytes of keys / values, expected {k_len} / {}",
@@ -420,6 +427,17 @@ impl DeviceCodes {
     }
 }
 
+/// `x` on the device, and its element count (wgpu refuses empty buffers: an empty `x` is one
+/// zero, which the kernel never reads).
+fn device_array<R: Runtime, E: CubeElement + Default>(
+    client: &ComputeClient<R>,
+    x: &[E],
+) -> (Handle, usize) {
+    let zero = [E::default()];
+    let x = if x.is_empty() { &zero[..] } else { x };
+    (client.create_from_slice(E::as_bytes(x)), x.len())
+}
+
 /// One sequence's paged KV on a CubeCL device, and its tree attention.
 pub struct CubePagedKv<R: Runtime> {
     client: ComputeClient<R>,
@@ -433,8 +451,7 @@ pub struct CubePagedKv<R: Runtime> {
     floats: usize,
     pages: usize,
     d: PagedDims,
-    /// Bits, keys per channel, key and value groups, window (zeros: no packed pages).
-    shape: (u32, bool, usize, usize, usize),
+    shape: CodeShape,
 }
 
 impl<R: Runtime> std::fmt::Debug for CubePagedKv<R> {
@@ -442,7 +459,7 @@ impl<R: Runtime> std::fmt::Debug for CubePagedKv<R> {
         f.debug_struct("CubePagedKv")
             .field("pages", &self.pages)
             .field("dims", &self.d)
-            .field("bits", &self.shape.0)
+            .field("codes", &self.shape)
             .finish_non_exhaustive()
     }
 }
@@ -533,32 +550,21 @@ impl<R: Runtime> CubePagedKv<R> {
                  {n_packed} packed"
             ));
         }
-        let codes = packed.map(|p| DeviceCodes::new(p, &d)).transpose()?;
+        let c = packed
+            .map(|p| DeviceCodes::new(p, &d))
+            .transpose()?
+            .unwrap_or_default();
         let index = |p: Option<u32>| p.map_or(-1, |p| p as i32);
         let full: Vec<i32> = table.iter().map(|r| index(r.full)).collect();
         let packed: Vec<i32> = table.iter().map(|r| index(r.packed)).collect();
-        // wgpu refuses empty buffers: absent parts are one zero.
-        let up_u32 = |x: &[u32]| {
-            let x = if x.is_empty() { &[0u32][..] } else { x };
-            (client.create_from_slice(u32::as_bytes(x)), x.len())
-        };
-        let up_f32 = |x: &[f32]| {
-            let x = if x.is_empty() { &[0f32][..] } else { x };
-            (client.create_from_slice(f32::as_bytes(x)), x.len())
-        };
-        let none = (Vec::new(), Vec::new());
-        let c = codes.as_ref();
         let parts = [
-            up_u32(c.map_or(&none.0, |c| &c.k_codes)),
-            up_f32(c.map_or(&none.1, |c| &c.k_grids)),
-            up_u32(c.map_or(&none.0, |c| &c.k_inv)),
-            up_u32(c.map_or(&none.0, |c| &c.v_codes)),
-            up_f32(c.map_or(&none.1, |c| &c.v_grids)),
-            up_u32(c.map_or(&none.0, |c| &c.v_inv)),
+            device_array(client, &c.k_codes),
+            device_array(client, &c.k_grids),
+            device_array(client, &c.k_inv),
+            device_array(client, &c.v_codes),
+            device_array(client, &c.v_grids),
+            device_array(client, &c.v_inv),
         ];
-        let shape = c.map_or((0, false, 0, 0, 0), |c| {
-            (c.bits, c.keys_per_channel, c.k_group, c.v_group, c.window)
-        });
         Ok(Self {
             client: client.clone(),
             k: client.create_from_slice(f32::as_bytes(k)),
@@ -570,7 +576,7 @@ impl<R: Runtime> CubePagedKv<R> {
             floats: k.len(),
             pages: table.len(),
             d,
-            shape,
+            shape: c.shape,
         })
     }
 
@@ -602,11 +608,12 @@ impl<R: Runtime> CubePagedKv<R> {
         }
         let mut positions: Vec<u32> = Vec::with_capacity(d.n_q);
         for &p in parents {
-            let depth = if p < 0 { 0 } else { positions[p as usize] + 1 };
-            positions.push(depth);
-        }
-        for p in &mut positions {
-            *p += d.cached as u32;
+            let pos = if p < 0 {
+                d.cached as u32
+            } else {
+                positions[p as usize] + 1
+            };
+            positions.push(pos);
         }
         let c = &self.client;
         let qh = c.create_from_slice(f32::as_bytes(q));
@@ -616,7 +623,13 @@ impl<R: Runtime> CubePagedKv<R> {
         // SAFETY: `lens[i]` is the element count `codes[i]` was created with.
         let arr =
             |i: usize| unsafe { ArrayArg::from_raw_parts(self.codes[i].clone(), self.lens[i]) };
-        let (bits, keys_per_channel, k_group, v_group, window) = self.shape;
+        let CodeShape {
+            bits,
+            keys_per_channel,
+            k_group,
+            v_group,
+            window,
+        } = self.shape;
         // SAFETY: every handle holds exactly the elements given with it; `build` checked the
         // table against the pages and the packed pages against the dimensions.
         unsafe {

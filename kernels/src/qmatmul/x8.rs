@@ -1,9 +1,9 @@
 //! Q4_K, Q6_K, Q8_0, Q5_0 and Q4_1 with 8 output rows interleaved (the layout llama.cpp's CPU
 //! "repack" buffers use for the same reason): one activation load meets 8 weight rows, every
-//! scale and minimum of the 8 rows is applied with one vector instruction, and each row's sum lives in its own lane —
-//! no per-row scale unpacking, no horizontal sums. Decoding a GGUF Q4_K row costs ~75 vector
-//! instructions per 256 weights; this layout ~25, which turns a single-row product from
-//! compute-bound into memory-bound on a 2-core machine.
+//! scale and minimum of the 8 rows is applied with one vector instruction, and each row's sum
+//! lives in its own lane — no per-row scale unpacking, no horizontal sums. Decoding a GGUF
+//! Q4_K row costs ~75 vector instructions per 256 weights; this layout ~25, which turns a
+//! single-row product from compute-bound into memory-bound on a 2-core machine.
 //!
 //! One interleaved Q4_K block holds super-block `bi` of 8 rows ([`BLOCK`] bytes):
 //!
