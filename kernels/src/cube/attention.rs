@@ -293,7 +293,7 @@ pub struct PackedPages<'a> {
 /// How packed pages are coded (the kernel's compile-time parameters, and the window); all
 /// zero without packed pages.
 #[derive(Debug, Clone, Copy, Default)]
-struct CodeShape {
+pub(crate) struct CodeShape {
     bits: u32,
     keys_per_channel: bool,
     k_group: usize,
@@ -427,9 +427,27 @@ impl DeviceCodes {
     }
 }
 
+/// Whether `parents` describe a tree whose rows come after their parents (`-1`: the root's
+/// parent, the cached tokens).
+///
+/// # Errors
+/// [`KernelError::Shape`] otherwise.
+pub(crate) fn check_parents(parents: &[i32]) -> Result<(), KernelError> {
+    if parents
+        .iter()
+        .enumerate()
+        .any(|(i, &p)| p >= i as i32 || p < -1)
+    {
+        return Err(KernelError::Shape(format!(
+            "parents {parents:?} are not a tree"
+        )));
+    }
+    Ok(())
+}
+
 /// `x` on the device, and its element count (wgpu refuses empty buffers: an empty `x` is one
 /// zero, which the kernel never reads).
-fn device_array<R: Runtime, E: CubeElement + Default>(
+pub(crate) fn device_array<R: Runtime, E: CubeElement + Default>(
     client: &ComputeClient<R>,
     x: &[E],
 ) -> (Handle, usize) {
@@ -580,6 +598,20 @@ impl<R: Runtime> CubePagedKv<R> {
         })
     }
 
+    fn operands(&self) -> KvOperands<'_> {
+        KvOperands {
+            k: &self.k,
+            v: &self.v,
+            floats: self.floats,
+            full: &self.full,
+            packed: &self.packed,
+            pages: self.pages,
+            codes: &self.codes,
+            lens: self.lens,
+            shape: self.shape,
+        }
+    }
+
     /// Attention of the tree rows: `q` is `[n_heads, n_q, head_dim]`, `parents[i]` the tree
     /// row row `i` hangs from (`-1`: it follows the cached tokens; parents come before their
     /// children). Row `i` sits at position `cached + depth(i)` (what decides which copy of a
@@ -597,15 +629,7 @@ impl<R: Runtime> CubePagedKv<R> {
                 parents.len()
             )));
         }
-        if parents
-            .iter()
-            .enumerate()
-            .any(|(i, &p)| p >= i as i32 || p < -1)
-        {
-            return Err(KernelError::Shape(format!(
-                "parents {parents:?} are not a tree"
-            )));
-        }
+        check_parents(parents)?;
         let mut positions: Vec<u32> = Vec::with_capacity(d.n_q);
         for &p in parents {
             let pos = if p < 0 {
@@ -616,55 +640,96 @@ impl<R: Runtime> CubePagedKv<R> {
             positions.push(pos);
         }
         let c = &self.client;
-        let qh = c.create_from_slice(f32::as_bytes(q));
-        let ph = c.create_from_slice(i32::as_bytes(parents));
-        let pos = c.create_from_slice(u32::as_bytes(&positions));
-        let out = c.empty(q.len() * 4);
-        // SAFETY: `lens[i]` is the element count `codes[i]` was created with.
-        let arr =
-            |i: usize| unsafe { ArrayArg::from_raw_parts(self.codes[i].clone(), self.lens[i]) };
-        let CodeShape {
-            bits,
-            keys_per_channel,
-            k_group,
-            v_group,
-            window,
-        } = self.shape;
-        // SAFETY: every handle holds exactly the elements given with it; `build` checked the
-        // table against the pages and the packed pages against the dimensions.
-        unsafe {
-            paged_tree_attention::launch::<R>(
-                c,
-                CubeCount::Static(d.n_q as u32, d.n_heads as u32, 1),
-                CubeDim::new_1d(d.head_dim as u32),
-                ArrayArg::from_raw_parts(qh, q.len()),
-                ArrayArg::from_raw_parts(self.k.clone(), self.floats),
-                ArrayArg::from_raw_parts(self.v.clone(), self.floats),
-                ArrayArg::from_raw_parts(self.full.clone(), self.pages),
-                ArrayArg::from_raw_parts(self.packed.clone(), self.pages),
-                ArrayArg::from_raw_parts(ph, d.n_q),
-                ArrayArg::from_raw_parts(pos, d.n_q),
-                arr(0),
-                arr(1),
-                arr(2),
-                arr(3),
-                arr(4),
-                arr(5),
-                ArrayArg::from_raw_parts(out.clone(), q.len()),
-                d.cached as u32,
-                d.n_q as u32,
-                (d.head_dim as f32).powf(-0.5),
-                window as u32,
-                (d.n_heads / d.n_kv_heads) as u32,
-                d.n_kv_heads as u32,
-                d.head_dim as u32,
-                d.page_size as u32,
-                bits,
-                keys_per_channel,
-                k_group as u32,
-                v_group as u32,
-            );
-        }
+        let q_handle = c.create_from_slice(f32::as_bytes(q));
+        let tree = TreeOperands {
+            parents: c.create_from_slice(i32::as_bytes(parents)),
+            positions: c.create_from_slice(u32::as_bytes(&positions)),
+        };
+        let out = launch_tree_attention(c, &self.operands(), q_handle, &tree, d);
         Ok(f32::from_bytes(&c.read_one_unchecked(out)).to_vec())
     }
+}
+
+/// One layer's keys and values on the device as the kernel reads them: full-precision pages
+/// (`floats` elements each of `k`, `v`), the page table (`pages` entries of `full` and
+/// `packed`: stored page or `-1`), and the packed pages' codes, grids and inverse
+/// permutations (keys', then values'; `lens` elements each).
+pub(crate) struct KvOperands<'a> {
+    pub k: &'a Handle,
+    pub v: &'a Handle,
+    pub floats: usize,
+    pub full: &'a Handle,
+    pub packed: &'a Handle,
+    pub pages: usize,
+    pub codes: &'a [Handle; 6],
+    pub lens: [usize; 6],
+    pub shape: CodeShape,
+}
+
+/// The tree's rows on the device: `parents` (`i32`, `-1` at the root) and `positions`
+/// (`u32`), `n_q` each.
+pub(crate) struct TreeOperands {
+    pub parents: Handle,
+    pub positions: Handle,
+}
+
+/// Launches [`paged_tree_attention`] for `d.n_q` rows of `q` (`[n_heads][n_q][head_dim]` f32
+/// on the device) and returns the output's handle (same shape).
+///
+/// Callers guarantee that every handle holds the elements stated beside it, that the page
+/// table covers `d.cached + d.n_q` tokens with pages that exist, and that the parents form a
+/// tree (each before its children).
+pub(crate) fn launch_tree_attention<R: Runtime>(
+    c: &ComputeClient<R>,
+    kv: &KvOperands<'_>,
+    q: Handle,
+    tree: &TreeOperands,
+    d: PagedDims,
+) -> Handle {
+    let n = d.n_heads * d.n_q * d.head_dim;
+    let out = c.empty(n * 4);
+    // SAFETY: `lens[i]` is the element count `codes[i]` was created with.
+    let arr = |i: usize| unsafe { ArrayArg::from_raw_parts(kv.codes[i].clone(), kv.lens[i]) };
+    let CodeShape {
+        bits,
+        keys_per_channel,
+        k_group,
+        v_group,
+        window,
+    } = kv.shape;
+    // SAFETY: every handle holds exactly the elements given with it (the caller's contract).
+    unsafe {
+        paged_tree_attention::launch::<R>(
+            c,
+            CubeCount::Static(d.n_q as u32, d.n_heads as u32, 1),
+            CubeDim::new_1d(d.head_dim as u32),
+            ArrayArg::from_raw_parts(q, n),
+            ArrayArg::from_raw_parts(kv.k.clone(), kv.floats),
+            ArrayArg::from_raw_parts(kv.v.clone(), kv.floats),
+            ArrayArg::from_raw_parts(kv.full.clone(), kv.pages),
+            ArrayArg::from_raw_parts(kv.packed.clone(), kv.pages),
+            ArrayArg::from_raw_parts(tree.parents.clone(), d.n_q),
+            ArrayArg::from_raw_parts(tree.positions.clone(), d.n_q),
+            arr(0),
+            arr(1),
+            arr(2),
+            arr(3),
+            arr(4),
+            arr(5),
+            ArrayArg::from_raw_parts(out.clone(), n),
+            d.cached as u32,
+            d.n_q as u32,
+            (d.head_dim as f32).powf(-0.5),
+            window as u32,
+            (d.n_heads / d.n_kv_heads) as u32,
+            d.n_kv_heads as u32,
+            d.head_dim as u32,
+            d.page_size as u32,
+            bits,
+            keys_per_channel,
+            k_group as u32,
+            v_group as u32,
+        );
+    }
+    out
 }

@@ -30,7 +30,10 @@
 //! ```
 
 pub mod attention;
+pub mod kv;
 pub mod qmatmul;
 
+#[cfg(test)]
+mod kv_tests;
 #[cfg(test)]
 mod tests;

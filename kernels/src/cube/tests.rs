@@ -12,7 +12,7 @@ use crate::attention::attention_reference;
 use crate::kvquant::{ChannelQuantizer, RowQuantizer};
 use crate::qmatmul::tests::{Rng, TYPES, random_matrix};
 
-fn client() -> cubecl::prelude::ComputeClient<WgpuRuntime> {
+pub(super) fn client() -> cubecl::prelude::ComputeClient<WgpuRuntime> {
     WgpuRuntime::client(&WgpuDevice::default())
 }
 
@@ -160,7 +160,7 @@ fn gpu_paged_attention_refuses_bad_operands() {
 
 /// `attention_reference` for rows `q` (`[n_heads][n_q][head_dim]`) over contiguous keys and
 /// values (`[kv_head][token][channel]`) under `mask` (`[n_q][n_kv]`).
-fn reference(
+pub(super) fn reference(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -185,7 +185,7 @@ fn reference(
 }
 
 /// Parents of a random tree of `n` rows (row 0 at the root).
-fn random_parents(n: usize, rng: &mut Rng) -> Vec<i32> {
+pub(super) fn random_parents(n: usize, rng: &mut Rng) -> Vec<i32> {
     (0..n)
         .map(|i| {
             if i == 0 {
