@@ -4,9 +4,13 @@
 //! - dense per-layer tensors on the model's device (any backend; append concatenates), or
 //! - [`PagedKv`]: host pages of `page_size` tokens (the CPU backend's store; append copies
 //!   into the last page, attention reads pages in place, rollback frees pages and zeroes the
-//!   vacated slots so the bytes are as before).
+//!   vacated slots so the bytes are as before), or
+//! - a [`DeviceStore`]: pages resident on the model's device (the CUDA backend's
+//!   [`DevicePagedKv`](arbor_kernels::cube::kv::DevicePagedKv), read in place by the CubeCL
+//!   tree attention; the model appends and attends through it, the cache commits and rolls
+//!   back).
 //!
-//! Both support commit of an accepted tree path ([`KvCache::retain`]) and rollback
+//! All three support commit of an accepted tree path ([`KvCache::retain`]) and rollback
 //! ([`KvCache::truncate`]). The paged store takes a [`KvPolicy`] composing the compression
 //! methods: SKVQ/KIVI quantization of old pages ([`compression`]), Quest page selection
 //! ([`quest`]) and H2O heavy-hitter eviction ([`h2o`]), each of which can be off.
@@ -26,6 +30,7 @@
 //! ```
 
 pub mod compression;
+mod device;
 mod error;
 pub mod h2o;
 mod layout;
@@ -34,6 +39,7 @@ mod policy;
 pub mod quest;
 
 pub use compression::{Calibration, KeyAxis, KvCompression, QuantConfig};
+pub use device::DeviceStore;
 pub use error::CacheError;
 pub use h2o::H2oConfig;
 pub use layout::KvLayout;
@@ -68,10 +74,22 @@ struct LayerKv<B: Backend> {
 }
 
 /// The KV cache of one sequence for every layer of one model.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<LayerKv<B>>>,
     paged: Option<PagedKv>,
+    device: Option<Box<dyn DeviceStore>>,
+}
+
+impl<B: Backend> Clone for KvCache<B> {
+    /// An independent copy (a device store is copied on its device).
+    fn clone(&self) -> Self {
+        Self {
+            layers: self.layers.clone(),
+            paged: self.paged.clone(),
+            device: self.device.as_ref().map(|d| d.duplicate()),
+        }
+    }
 }
 
 impl<B: Backend> KvCache<B> {
@@ -80,7 +98,33 @@ impl<B: Backend> KvCache<B> {
         Self {
             layers: vec![None; n_layers],
             paged: None,
+            device: None,
         }
+    }
+
+    /// A cache held by a store on the model's device, for a model of `n_layers` layers.
+    pub fn on_device(n_layers: usize, store: Box<dyn DeviceStore>) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+            paged: None,
+            device: Some(store),
+        }
+    }
+
+    /// The device store, if this cache lives on the device.
+    pub fn device_store(&self) -> Option<&dyn DeviceStore> {
+        self.device.as_deref()
+    }
+
+    /// The device store, mutably, if this cache lives on the device.
+    pub fn device_store_mut(&mut self) -> Option<&mut (dyn DeviceStore + 'static)> {
+        self.device.as_deref_mut()
+    }
+
+    /// Whether the model's forward reads a tensor mask for this cache (dense caches only:
+    /// paged stores take the host mask or parent pointers).
+    pub fn takes_tensor_mask(&self) -> bool {
+        self.paged.is_none() && self.device.is_none()
     }
 
     /// An empty paged host cache.
@@ -88,6 +132,7 @@ impl<B: Backend> KvCache<B> {
         Self {
             layers: Vec::new(),
             paged: Some(PagedKv::new(layout)),
+            device: None,
         }
     }
 
@@ -100,6 +145,7 @@ impl<B: Backend> KvCache<B> {
         Self {
             layers: Vec::new(),
             paged: Some(PagedKv::with_policy(layout, policy)),
+            device: None,
         }
     }
 
@@ -131,15 +177,19 @@ impl<B: Backend> KvCache<B> {
 
     /// Tokens held (by the last layer, i.e. fully processed tokens).
     pub fn len(&self) -> usize {
-        match &self.paged {
-            Some(p) => p.len(),
-            None => self.layer_len(self.layers.len().saturating_sub(1)),
+        match (&self.paged, &self.device) {
+            (Some(p), _) => p.len(),
+            (None, Some(d)) => d.len(),
+            (None, None) => self.layer_len(self.layers.len().saturating_sub(1)),
         }
     }
 
-    /// Bytes of key/value storage held: exact for a paged cache (whole pages), the tensors'
-    /// element bytes for a dense one.
+    /// Bytes of key/value storage held: exact for a paged cache (whole pages, host or
+    /// device), the tensors' element bytes for a dense one.
     pub fn bytes(&self) -> usize {
+        if let Some(d) = &self.device {
+            return d.bytes();
+        }
         match &self.paged {
             Some(p) => p.bytes(),
             None => self
@@ -171,14 +221,15 @@ impl<B: Backend> KvCache<B> {
     ///
     /// # Panics
     /// If `layer` is out of range or the cache is paged (internal invariants: the model owns
-    /// the layer count, and feeds paged caches through [`KvCache::paged_store_mut`]).
+    /// the layer count, and feeds paged caches through [`KvCache::paged_store_mut`] and
+    /// [`KvCache::device_store_mut`]).
     pub fn append(
         &mut self,
         layer: usize,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        assert!(self.paged.is_none(), "tensor append on a paged cache");
+        assert!(self.takes_tensor_mask(), "tensor append on a paged cache");
         let slot = &mut self.layers[layer];
         let merged = match slot.take() {
             None => LayerKv { k, v },
@@ -196,6 +247,10 @@ impl<B: Backend> KvCache<B> {
     pub fn truncate(&mut self, len: usize) {
         if let Some(p) = &mut self.paged {
             p.truncate(len);
+            return;
+        }
+        if let Some(d) = &mut self.device {
+            d.truncate(len);
             return;
         }
         for slot in &mut self.layers {
@@ -227,6 +282,10 @@ impl<B: Backend> KvCache<B> {
             p.retain(prefix, rows);
             return;
         }
+        if let Some(d) = &mut self.device {
+            d.retain(prefix, rows);
+            return;
+        }
         check_retain(prefix, rows, self.len());
         if rows.iter().enumerate().all(|(i, &r)| r == prefix + i) {
             self.truncate(prefix + rows.len());
@@ -255,6 +314,9 @@ impl<B: Backend> KvCache<B> {
     pub fn clear(&mut self) {
         if let Some(p) = &mut self.paged {
             p.clear();
+        }
+        if let Some(d) = &mut self.device {
+            d.truncate(0);
         }
         self.layers.iter_mut().for_each(|s| *s = None);
     }

@@ -43,11 +43,11 @@ mod cuda {
 
     use arbor_kernels::cube::qmatmul::CubeQuantMatrix;
     use arbor_kernels::qmatmul::QuantMatrix;
-    use burn::tensor::{DType, Shape, Tensor, TensorPrimitive, backend::Backend};
-    use burn_cubecl::tensor::CubeTensor;
+    use burn::tensor::{Tensor, backend::Backend};
     use cubecl::Runtime;
     use cubecl::cuda::CudaRuntime;
 
+    use crate::cube_tensor::{from_cube, into_cube};
     use crate::error::{ModelError, Result};
 
     /// Block weights on a CUDA device.
@@ -95,28 +95,12 @@ mod cuda {
         /// [`GpuBlocks::upload`] makes these, and the model computes in f32).
         pub(crate) fn forward<B: Backend>(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
             let [batch, n, k] = x.dims();
-            let prim: Box<dyn Any> = Box::new(x.into_primitive().tensor());
-            let x = prim
-                .downcast::<CubeTensor<CudaRuntime>>()
-                .expect("CUDA backend tensors are CubeCL tensors");
-            let x = burn_cubecl::kernel::into_contiguous(*x);
-            assert_eq!(x.dtype, DType::F32, "activations are f32");
+            let x = into_cube(x);
             let y = self
                 .0
                 .matmul(&x.handle, batch * n)
                 .unwrap_or_else(|e| panic!("projection of width {k}: {e}"));
-            let y = CubeTensor::new_contiguous(
-                x.client.clone(),
-                x.device.clone(),
-                Shape::new([batch, n, self.0.n()]),
-                y,
-                DType::F32,
-            );
-            let prim: Box<dyn Any> = Box::new(y);
-            let prim = prim
-                .downcast::<B::FloatTensorPrimitive>()
-                .expect("the CUDA backend's float tensors");
-            Tensor::from_primitive(TensorPrimitive::Float(*prim))
+            from_cube(&x, y, [batch, n, self.0.n()])
         }
     }
 }

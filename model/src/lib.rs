@@ -17,6 +17,9 @@
 
 mod chat;
 mod config;
+#[cfg(feature = "cuda")]
+mod cube_tensor;
+mod device_kv;
 mod embed;
 mod error;
 pub mod gguf;

@@ -18,6 +18,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 
 use crate::config::ModelConfig;
+use crate::device_kv::{self, DeviceCacheDims};
 use crate::embed::Embed;
 use crate::error::{ModelError, Result};
 use crate::input::ForwardInput;
@@ -101,6 +102,8 @@ struct Segment<'a, B: Backend> {
     mask_host: &'a [bool],
     /// The rows' positions (a compressed cache reads keys by query position).
     positions: &'a [usize],
+    /// The rows as a tree (device caches: the CubeCL attention takes parent pointers).
+    parents: Option<Vec<i32>>,
     cache: &'a mut KvCache<B>,
 }
 
@@ -353,10 +356,29 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// A cache with pages of `page_size` tokens that compresses with `policy` (quantization,
-    /// Quest, H2O; built and checked for [`Transformer::kv_layout`]) on the CPU backend; a
-    /// dense exact device cache elsewhere.
+    /// Quest, H2O; built and checked for [`Transformer::kv_layout`]) on the CPU backend; on
+    /// the CUDA backend full-precision pages on the device, read in place by the CubeCL tree
+    /// attention (compression policies run on the CPU backend only, so `policy` is not
+    /// applied there); a dense exact device cache elsewhere.
     pub fn new_cache_with(&self, page_size: usize, policy: Option<Arc<KvPolicy>>) -> KvCache<B> {
-        match (self.kv_layout(page_size), policy) {
+        let layout = self.kv_layout(page_size);
+        if layout.is_none()
+            && let Some(l) = self.layers.first()
+        {
+            let dims = DeviceCacheDims {
+                n_layers: self.layers.len(),
+                n_kv_heads: l.attn.n_kv_heads,
+                head_dim: self.head_dim,
+                page_size: page_size.max(1),
+            };
+            if let Some(cache) = device_kv::new_cache(&self.norm.gamma.device(), dims) {
+                if policy.is_some() {
+                    tracing::debug!("KV compression runs on the CPU backend only: not applied");
+                }
+                return cache;
+            }
+        }
+        match (layout, policy) {
             (Some(layout), Some(p)) => KvCache::paged_with(layout, p),
             (Some(layout), None) => KvCache::paged(layout),
             _ => KvCache::new(self.layers.len()),
@@ -441,13 +463,20 @@ impl<B: Backend> Transformer<B> {
         if seqs.is_empty() {
             return Err(ModelError::Input("no sequences".into()));
         }
-        for s in seqs.iter() {
+        for s in seqs.iter_mut() {
             s.input
                 .validate(self.vocab_size, self.max_position, s.cache.len())?;
-            if batch != 1 && s.cache.paged_store().is_some() {
+            if batch != 1 && !s.cache.takes_tensor_mask() {
                 return Err(ModelError::Input(format!(
                     "a paged cache holds one sequence; got a batch of {batch}"
                 )));
+            }
+            if let Some(store) = s.cache.device_store_mut()
+                && !device_kv::reads::<B>(store)
+            {
+                return Err(ModelError::Input(
+                    "a device KV cache this backend cannot read".into(),
+                ));
             }
         }
         let device = self.norm.gamma.device();
@@ -457,8 +486,13 @@ impl<B: Backend> Transformer<B> {
         for s in seqs.iter_mut() {
             let n = s.input.n_new;
             let total = s.cache.len() + n;
-            // The device mask only for tensor-op attention; paged caches read the host mask.
-            let mask = s.cache.paged_store().is_none().then(|| {
+            // The device mask only for tensor-op attention; paged caches read the host mask,
+            // device caches the tree it describes.
+            let parents = match s.cache.device_store() {
+                Some(_) => Some(s.input.tree_parents(s.cache.len())?),
+                None => None,
+            };
+            let mask = s.cache.takes_tensor_mask().then(|| {
                 Tensor::<B, 3, Bool>::from_data(
                     TensorData::new(s.input.mask.clone(), [batch, n, total]),
                     &device,
@@ -471,6 +505,7 @@ impl<B: Backend> Transformer<B> {
                 mask,
                 mask_host: &s.input.mask,
                 positions: &s.input.positions,
+                parents,
                 cache: &mut *s.cache,
             });
         }
@@ -606,12 +641,17 @@ impl<B: Backend> Attention<B> {
                     t.clone().narrow(2, start, seg.len)
                 }
             };
-            outs.push(match seg.cache.paged_store_mut() {
-                Some(p) => {
-                    let qkv = (part(&q), part(&k), part(&v));
-                    paged_attention(p, layer, qkv, seg.mask_host, seg.positions)
+            let qkv = || (part(&q), part(&k), part(&v));
+            outs.push(match (seg.cache.paged_store_mut(), &seg.parents) {
+                (Some(p), _) => paged_attention(p, layer, qkv(), seg.mask_host, seg.positions),
+                (None, Some(parents)) => {
+                    let store = seg
+                        .cache
+                        .device_store_mut()
+                        .expect("parents for device caches");
+                    device_kv::attention(store, layer, qkv(), parents, seg.positions)
                 }
-                None => {
+                (None, None) => {
                     let (k, v) = seg.cache.append(layer, part(&k), part(&v));
                     let mask = seg.mask.clone().expect("dense caches get a device mask");
                     attention_reference(part(&q), k, v, mask)
