@@ -1,0 +1,145 @@
+//! The CUDA backend against the CPU backend on tiny random models — run on a machine with an
+//! NVIDIA GPU: `cargo test -p arbor-tests --features cuda --test cuda`. (Built only with the
+//! `cuda` feature; this workspace's CI has no GPU, and runs the CubeCL kernels themselves on
+//! lavapipe in `arbor-kernels`' and `arbor-cache`'s tests.)
+//!
+//! What it checks of the CUDA path: the KV cache lives on the device (a
+//! [`DeviceStore`](arbor_cache::DeviceStore)) and the CubeCL tree attention reads it; logits of
+//! a prompt and of a speculation tree equal the CPU backend's; commit and rollback keep them
+//! equal; speculative greedy decoding equals plain greedy decoding token for token.
+#![cfg(feature = "cuda")]
+
+use arbor_engine::{Engine, EngineError, Event, GenerateParams, Generator, Prompt, TreePolicy};
+use arbor_model::device::{Cpu, Cuda, check_cuda};
+use arbor_model::{
+    Architecture, ForwardInput, ModelConfig, RandomWeights, Transformer, testing::byte_tokenizer,
+};
+use arbor_speculators::{ModelDraft, NgramDraft};
+use burn::tensor::backend::Backend;
+
+fn model<B: Backend>(device: &B::Device) -> Transformer<B> {
+    let cfg = ModelConfig {
+        vocab_size: 256,
+        num_layers: 3,
+        ..ModelConfig::tiny(Architecture::Qwen2)
+    };
+    Transformer::from_weights(&cfg, &mut RandomWeights::new(11, 0.3), device).unwrap()
+}
+
+fn tokens(events: impl Iterator<Item = Result<Event, EngineError>>) -> Vec<u32> {
+    for e in events {
+        if let Event::Done(d) = e.unwrap() {
+            return d.tokens;
+        }
+    }
+    panic!("no Done event")
+}
+
+fn close(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (r, (x, y)) in a.iter().zip(b).enumerate() {
+        for (i, (p, q)) in x.iter().zip(y).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-3 * (1.0 + q.abs()),
+                "{what} row {r} logit {i}: {p} vs {q}"
+            );
+        }
+    }
+}
+
+/// A tree over `cached` tokens: rows 0..n with `parents`, as the verifier builds it.
+fn tree(tokens: &[u32], parents: &[i32], cached: usize) -> ForwardInput {
+    let n = tokens.len();
+    let total = cached + n;
+    let mut mask = vec![false; n * total];
+    let mut positions = Vec::with_capacity(n);
+    for i in 0..n {
+        mask[i * total..i * total + cached].fill(true);
+        let mut node = i as i32;
+        let mut depth = 0;
+        while node >= 0 {
+            mask[i * total + cached + node as usize] = true;
+            node = parents[node as usize];
+            depth += 1;
+        }
+        positions.push(cached + depth - 1);
+    }
+    ForwardInput {
+        batch: 1,
+        n_new: n,
+        tokens: tokens.to_vec(),
+        positions,
+        mask,
+    }
+}
+
+#[test]
+fn cuda_logits_equal_cpu_logits_through_trees_commits_and_rollbacks() {
+    check_cuda(0).expect("a CUDA device");
+    let gpu = model::<Cuda>(&Default::default());
+    let cpu = model::<Cpu>(&Default::default());
+    let (mut gc, mut cc) = (gpu.new_cache(), cpu.new_cache());
+    assert!(
+        gc.device_store().is_some(),
+        "the CUDA cache lives on the device"
+    );
+    let prompt: Vec<u32> = b"speculative decoding on a GPU"
+        .iter()
+        .map(|&b| b.into())
+        .collect();
+    let input = ForwardInput::causal(&prompt, 0);
+    close(
+        &gpu.forward_all_logits(&input, &mut gc).unwrap(),
+        &cpu.forward_all_logits(&input, &mut cc).unwrap(),
+        "prompt",
+    );
+    assert_eq!(gc.len(), cc.len());
+    let parents = [-1, 0, 0, 1, 1, 2, 3];
+    for round in 0..6 {
+        let cached = gc.len();
+        let tokens: Vec<u32> = (0..parents.len() as u32)
+            .map(|i| (round * 7 + i) % 256)
+            .collect();
+        let t = tree(&tokens, &parents, cached);
+        close(
+            &gpu.forward_all_logits(&t, &mut gc).unwrap(),
+            &cpu.forward_all_logits(&t, &mut cc).unwrap(),
+            &format!("tree {round}"),
+        );
+        if round % 3 == 2 {
+            gc.truncate(cached);
+            cc.truncate(cached);
+        } else {
+            let path = [cached, cached + 1, cached + 4];
+            gc.retain(cached, &path);
+            cc.retain(cached, &path);
+        }
+        assert_eq!(gc.len(), cc.len());
+    }
+    let next = ForwardInput::causal(&[42], gc.len());
+    close(
+        &gpu.forward_all_logits(&next, &mut gc).unwrap(),
+        &cpu.forward_all_logits(&next, &mut cc).unwrap(),
+        "decode after the commits",
+    );
+}
+
+#[test]
+fn cuda_speculative_greedy_equals_plain_greedy() {
+    check_cuda(0).expect("a CUDA device");
+    let target = model::<Cuda>(&Default::default());
+    let tok = byte_tokenizer();
+    let params = GenerateParams {
+        max_tokens: 32,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let p = Prompt::Text("the cat sat on the mat. the cat sat on the".into());
+    let want = tokens(Generator::new(&target, &tok).generate(&p, &params).unwrap());
+    let policy: TreePolicy = "2,2,1".parse().unwrap();
+    let mut engine = Engine::new(&target, &tok, policy)
+        .with_draft(ModelDraft::new("self1", target.truncated(1).unwrap()))
+        .with_draft(NgramDraft::default());
+    let got = tokens(engine.generate(&p, &params).unwrap());
+    assert_eq!(got, want);
+}
