@@ -41,17 +41,25 @@ pub struct PagedDims {
     pub n_q: usize,
 }
 
+/// Whether row `row` sees key `j`: every cached key; of the tree's keys, its ancestors and
+/// itself — for a chain (`causal`: a prompt chunk) every earlier row, without walking; for
+/// a tree by walking the parent pointers up to the key (parents precede their children, so
+/// the walk stops below it).
 #[cube]
-fn visible(j: usize, row: usize, cached: usize, parents: &Array<i32>) -> bool {
+fn visible(j: usize, row: usize, cached: usize, causal: u32, parents: &Array<i32>) -> bool {
     let mut seen = j < cached;
     if !seen {
         let target = (j - cached) as i32;
-        let mut node = row as i32;
-        while node >= 0 {
-            if node == target {
-                seen = true;
+        if causal == 1 {
+            seen = target <= row as i32;
+        } else {
+            let mut node = row as i32;
+            while node >= target {
+                if node == target {
+                    seen = true;
+                }
+                node = parents[node as usize];
             }
-            node = parents[node as usize];
         }
     }
     seen
@@ -156,6 +164,7 @@ fn paged_tree_attention(
     n_q: u32,
     scale: f32,
     window: u32,
+    causal: u32,
     #[comptime] gqa: u32,
     #[comptime] n_kv_heads: u32,
     #[comptime] head_dim: u32,
@@ -190,7 +199,7 @@ fn paged_tree_attention(
         let j = t0 + u;
         let mut s = hidden;
         let mut choice = 0i32;
-        if j < n_kv && visible(j, row, cached, parents) {
+        if j < n_kv && visible(j, row, cached, causal, parents) {
             choice = page_choice(full, packed, j, pos, window, bits, page_size);
             let mut dot = 0.0f32;
             for c in 0..hd {
@@ -641,10 +650,7 @@ impl<R: Runtime> CubePagedKv<R> {
         }
         let c = &self.client;
         let q_handle = c.create_from_slice(f32::as_bytes(q));
-        let tree = TreeOperands {
-            parents: c.create_from_slice(i32::as_bytes(parents)),
-            positions: c.create_from_slice(u32::as_bytes(&positions)),
-        };
+        let tree = TreeOperands::upload(c, parents, &positions);
         let out = launch_tree_attention(c, &self.operands(), q_handle, &tree, d);
         Ok(f32::from_bytes(&c.read_one_unchecked(out)).to_vec())
     }
@@ -667,10 +673,27 @@ pub(crate) struct KvOperands<'a> {
 }
 
 /// The tree's rows on the device: `parents` (`i32`, `-1` at the root) and `positions`
-/// (`u32`), `n_q` each.
+/// (`u32`), `n_q` each; `causal` when the tree is a chain (each row's parent the row
+/// before it).
 pub(crate) struct TreeOperands {
     pub parents: Handle,
     pub positions: Handle,
+    pub causal: bool,
+}
+
+impl TreeOperands {
+    /// Uploads `parents` and `positions`.
+    pub(crate) fn upload<R: Runtime>(
+        client: &ComputeClient<R>,
+        parents: &[i32],
+        positions: &[u32],
+    ) -> Self {
+        Self {
+            parents: client.create_from_slice(i32::as_bytes(parents)),
+            positions: client.create_from_slice(u32::as_bytes(positions)),
+            causal: parents.iter().enumerate().all(|(i, &p)| p == i as i32 - 1),
+        }
+    }
 }
 
 /// Launches [`paged_tree_attention`] for `d.n_q` rows of `q` (`[n_heads][n_q][head_dim]` f32
@@ -721,6 +744,7 @@ pub(crate) fn launch_tree_attention<R: Runtime>(
             d.n_q as u32,
             (d.head_dim as f32).powf(-0.5),
             window as u32,
+            u32::from(tree.causal),
             (d.n_heads / d.n_kv_heads) as u32,
             d.n_kv_heads as u32,
             d.head_dim as u32,

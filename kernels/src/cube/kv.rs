@@ -437,10 +437,7 @@ impl<R: Runtime> DevicePagedKv<R> {
             self.step = Some(Step {
                 full: c.create_from_slice(i32::as_bytes(&full)),
                 packed: c.create_from_slice(i32::as_bytes(&vec![-1; pages])),
-                tree: TreeOperands {
-                    parents: c.create_from_slice(i32::as_bytes(parents)),
-                    positions: c.create_from_slice(u32::as_bytes(positions)),
-                },
+                tree: TreeOperands::upload(c, parents, positions),
                 key: (table, parents.to_vec(), positions.to_vec()),
             });
         }
