@@ -47,21 +47,8 @@ pub use paged::{LayerView, PagedKv};
 pub use policy::KvPolicy;
 pub use quest::QuestConfig;
 
+use arbor_kernels::cube::kv::check_retain;
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
-
-/// The invariant of a commit: `rows` increasing, from `prefix` on, inside a cache of `len`.
-///
-/// # Panics
-/// If it does not hold (internal invariant: rows come from the tree just appended).
-fn check_retain(prefix: usize, rows: &[usize], len: usize) {
-    assert!(
-        prefix <= len
-            && rows.windows(2).all(|w| w[0] < w[1])
-            && rows.first().is_none_or(|&r| r >= prefix)
-            && rows.last().is_none_or(|&r| r < len),
-        "bad retain: prefix {prefix}, rows {rows:?}, cache {len}"
-    );
-}
 
 /// Keys and values of one layer.
 ///

@@ -566,7 +566,7 @@ impl PagedKv {
     pub fn retain(&mut self, prefix: usize, rows: &[usize]) {
         let ps = self.layout.page_size;
         let row = self.layout.row();
-        crate::check_retain(prefix, rows, self.len());
+        arbor_kernels::cube::kv::check_retain(prefix, rows, self.len());
         for layer in 0..self.layers.len() {
             let l = &self.layers[layer];
             if prefix >= l.next() {

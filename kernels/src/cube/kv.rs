@@ -61,14 +61,17 @@ impl DeviceKvDims {
     }
 }
 
-/// Writes row `i` of `src` (`[kv_head][n][head_dim]`) into slot `slots[i]` of `dst`
-/// (`[slot][kv_head][head_dim]`). Cube `(i, kv_head)`, unit = channel.
+/// Moves rows between pages (`[slot][kv_head][head_dim]`) and a row-major block
+/// (`[kv_head][n][head_dim]`): with `to_pages`, row `i` of `src` into slot `slots[i]` of
+/// `dst`; else slot `slots[i]` of `src` into row `i` of `dst`. Cube `(i, kv_head)`, unit =
+/// channel.
 #[cube(launch)]
-fn write_rows(
+fn move_rows(
     src: &Array<f32>,
     slots: &Array<u32>,
     dst: &mut Array<f32>,
     n: u32,
+    #[comptime] to_pages: bool,
     #[comptime] n_kv_heads: u32,
     #[comptime] head_dim: u32,
 ) {
@@ -77,28 +80,13 @@ fn write_rows(
     let c = UNIT_POS_X as usize;
     let hd = comptime!(head_dim as usize);
     let kvh = comptime!(n_kv_heads as usize);
-    let slot = slots[i] as usize;
-    dst[(slot * kvh + g) * hd + c] = src[(g * n as usize + i) * hd + c];
-}
-
-/// Reads slot `slots[i]` of `pages` into row `i` of `out` (`[kv_head][n][head_dim]`); the
-/// inverse of [`write_rows`].
-#[cube(launch)]
-fn read_rows(
-    pages: &Array<f32>,
-    slots: &Array<u32>,
-    out: &mut Array<f32>,
-    n: u32,
-    #[comptime] n_kv_heads: u32,
-    #[comptime] head_dim: u32,
-) {
-    let i = CUBE_POS_X as usize;
-    let g = CUBE_POS_Y as usize;
-    let c = UNIT_POS_X as usize;
-    let hd = comptime!(head_dim as usize);
-    let kvh = comptime!(n_kv_heads as usize);
-    let slot = slots[i] as usize;
-    out[(g * n as usize + i) * hd + c] = pages[(slot * kvh + g) * hd + c];
+    let paged = (slots[i] as usize * kvh + g) * hd + c;
+    let row = (g * n as usize + i) * hd + c;
+    if comptime!(to_pages) {
+        dst[paged] = src[row];
+    } else {
+        dst[row] = src[paged];
+    }
 }
 
 /// Copies page `CUBE_POS_X` of `src` to `dst` (same layout): cube `(page, slot · kv_head)`,
@@ -112,6 +100,21 @@ fn copy_pages(
 ) {
     let at = ((CUBE_POS_X * rows_per_page + CUBE_POS_Y) * head_dim + UNIT_POS_X) as usize;
     dst[at] = src[at];
+}
+
+/// The invariant of a commit: `rows` increasing, from `prefix` on, inside a cache of `len`
+/// (shared by every KV store: this device cache and `arbor_cache`'s host ones).
+///
+/// # Panics
+/// If it does not hold (internal invariant: rows come from the tree just appended).
+pub fn check_retain(prefix: usize, rows: &[usize], len: usize) {
+    assert!(
+        prefix <= len
+            && rows.windows(2).all(|w| w[0] < w[1])
+            && rows.first().is_none_or(|&r| r >= prefix)
+            && rows.last().is_none_or(|&r| r < len),
+        "bad retain: prefix {prefix}, rows {rows:?}, cache {len}"
+    );
 }
 
 /// The page table, parents and positions of one forward, uploaded once for all layers.
@@ -302,51 +305,53 @@ impl<R: Runtime> DevicePagedKv<R> {
         dst
     }
 
-    /// Launches [`write_rows`]: `n` rows of `src` (`[kv_head][n][head_dim]`) into `slots` of
-    /// `dst` (one of the layers' buffers).
-    fn write(&self, src: &Handle, dst: &Handle, slots: &[u32]) {
-        let d = self.dims;
-        let n = slots.len();
-        let slots = self.client.create_from_slice(u32::as_bytes(slots));
-        // SAFETY: `src` holds `n` rows of every head (checked by callers), each slot lies
-        // inside the storage (slots come from the table).
-        unsafe {
-            write_rows::launch::<R>(
-                &self.client,
-                CubeCount::Static(n as u32, d.n_kv_heads as u32, 1),
-                CubeDim::new_1d(d.head_dim as u32),
-                ArrayArg::from_raw_parts(src.clone(), n * d.n_kv_heads * d.head_dim),
-                ArrayArg::from_raw_parts(slots, n),
-                ArrayArg::from_raw_parts(dst.clone(), self.capacity * d.page_floats()),
-                n as u32,
-                d.n_kv_heads as u32,
-                d.head_dim as u32,
-            );
-        }
+    /// `n` rows of `block` (`[kv_head][n][head_dim]`) into `slots` of `pages` (one of the
+    /// layers' buffers).
+    fn write(&self, block: &Handle, pages: &Handle, slots: &[u32]) {
+        self.move_rows(block, pages, slots, true);
     }
 
-    /// Launches [`read_rows`]: `slots` of `pages` as rows `[kv_head][n][head_dim]`.
+    /// `slots` of `pages` as a new block of rows `[kv_head][n][head_dim]`.
     fn read(&self, pages: &Handle, slots: &[u32]) -> Handle {
         let d = self.dims;
+        let out = self
+            .client
+            .empty((slots.len() * d.n_kv_heads * d.head_dim).max(1) * 4);
+        self.move_rows(pages, &out, slots, false);
+        out
+    }
+
+    /// Launches [`move_rows`] between `src` and `dst` (pages on the side `to_pages` says).
+    fn move_rows(&self, src: &Handle, dst: &Handle, slots: &[u32], to_pages: bool) {
+        let d = self.dims;
         let n = slots.len();
-        let len = n * d.n_kv_heads * d.head_dim;
-        let out = self.client.empty(len.max(1) * 4);
-        let slots_h = self.client.create_from_slice(u32::as_bytes(slots));
-        // SAFETY: each slot lies inside the storage; `out` holds `n` rows of every head.
+        let (block, pages) = (
+            n * d.n_kv_heads * d.head_dim,
+            self.capacity * d.page_floats(),
+        );
+        let (src_len, dst_len) = if to_pages {
+            (block, pages)
+        } else {
+            (pages, block)
+        };
+        let slots = self.client.create_from_slice(u32::as_bytes(slots));
+        // SAFETY: the block holds `n` rows of every head (callers size it: `append` checked
+        // the handles, `read` allocates it), every slot lies inside the storage (slots come
+        // from the table).
         unsafe {
-            read_rows::launch::<R>(
+            move_rows::launch::<R>(
                 &self.client,
                 CubeCount::Static(n as u32, d.n_kv_heads as u32, 1),
                 CubeDim::new_1d(d.head_dim as u32),
-                ArrayArg::from_raw_parts(pages.clone(), self.capacity * d.page_floats()),
-                ArrayArg::from_raw_parts(slots_h, n),
-                ArrayArg::from_raw_parts(out.clone(), len),
+                ArrayArg::from_raw_parts(src.clone(), src_len),
+                ArrayArg::from_raw_parts(slots, n),
+                ArrayArg::from_raw_parts(dst.clone(), dst_len),
                 n as u32,
+                to_pages,
                 d.n_kv_heads as u32,
                 d.head_dim as u32,
             );
         }
-        out
     }
 
     /// Appends `n` tokens' keys and values (`[kv_head][n][head_dim]` f32 on the device, as
@@ -499,14 +504,7 @@ impl<R: Runtime> DevicePagedKv<R> {
     /// If `rows` is not increasing, starts below `prefix`, or reaches past the cache
     /// (internal invariant: rows come from the tree just appended).
     pub fn retain(&mut self, prefix: usize, rows: &[usize]) {
-        let len = self.len();
-        assert!(
-            prefix <= len
-                && rows.windows(2).all(|w| w[0] < w[1])
-                && rows.first().is_none_or(|&r| r >= prefix)
-                && rows.last().is_none_or(|&r| r < len),
-            "bad retain: prefix {prefix}, rows {rows:?}, cache {len}"
-        );
+        check_retain(prefix, rows, self.len());
         let moved: Vec<(u32, u32)> = rows
             .iter()
             .enumerate()
