@@ -9,9 +9,13 @@
 //!   row, head), keys in tiles with an online softmax, pages found through a page table, the
 //!   tree mask derived from parent pointers, GQA without repeating K/V; pages full precision
 //!   or packed by the CPU cache's quantizers (2/4/8 bits, dequantized in the kernel).
+//! - [`kv`]: one sequence's KV cache resident on the device — pages, page table, pool,
+//!   append, commit, rollback — which that attention reads in place (the CUDA backend's
+//!   cache).
 //!
 //! Each is tested against the CPU references ([`crate::quant::dequantize`] and
-//! [`crate::attention::attention_reference`]) on random shapes.
+//! [`crate::attention::attention_reference`]) on random shapes; the device cache against a
+//! host mirror through a speculative session.
 //!
 //! ```
 //! use arbor_kernels::cube::qmatmul::CubeQuantMatrix;
