@@ -246,7 +246,7 @@ fn prefetch(data: &[u8], at: usize, len: usize) {
 
 /// A weight matrix `[n, k]` (outputs × inputs, the checkpoint layout of a linear layer) held
 /// as GGUF blocks: row `j` is `k / block_size` consecutive blocks. Q4_K and Q6_K matrices are held
-/// with their rows interleaved 8 at a time ([`x8`]; the remaining `n mod 8` rows as GGUF
+/// with their rows interleaved 8 at a time (`x8`; the remaining `n mod 8` rows as GGUF
 /// rows after them) — lossless, [`QuantMatrix::raw`] gives back the GGUF bytes.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
