@@ -98,7 +98,7 @@ fn page_choice(
 /// over the page (`per_channel`, KIVI keys; `grids` `[page][scale | min][kv_head · head_dim]`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load(
+pub(crate) fn load(
     pages: &Array<f32>,
     codes: &Array<u32>,
     grids: &Array<f32>,
@@ -303,11 +303,11 @@ pub struct PackedPages<'a> {
 /// zero without packed pages.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct CodeShape {
-    bits: u32,
-    keys_per_channel: bool,
-    k_group: usize,
-    v_group: usize,
-    window: usize,
+    pub bits: u32,
+    pub keys_per_channel: bool,
+    pub k_group: usize,
+    pub v_group: usize,
+    pub window: usize,
 }
 
 /// Packed pages repacked for the device: codes in `u32` words (little end first), grids as

@@ -10,6 +10,15 @@
 //! to the pool and zeroes the slots it vacates in the pages it keeps, so a rolled-back cache
 //! reads back byte-identical to the cache before the tree.
 //!
+//! With [`DevicePagedKv::with_quant`] pages are compressed on the device as the CPU cache
+//! compresses them: a page past the sinks is packed when it fills (keys per channel over the
+//! page, KIVI; values per token in permuted, clipped groups, SKVQ — kernels in
+//! `kvpack.rs`), a query reads a page's codes once its last token is older than the window
+//! at the query's position, and the full-precision copy is freed when no later query can
+//! read it (after a commit or rollback, against the new length). A commit that moves rows
+//! into a packed page packs it again; a rollback into a page held only as codes expands it
+//! back (its exact values are gone, as on the CPU).
+//!
 //! ```
 //! use arbor_kernels::cube::kv::{DeviceKvDims, DevicePagedKv};
 //! use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
@@ -36,9 +45,11 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use super::attention::{
-    CodeShape, KvOperands, PagedDims, TreeOperands, check_parents, device_array,
+    CodeShape, KvOperands, PageRef, PagedDims, TreeOperands, check_parents, device_array,
     launch_tree_attention,
 };
+pub use super::kvpack::DeviceQuant;
+use super::kvpack::PackedStore;
 use crate::KernelError;
 
 /// Geometry of a device cache.
@@ -119,7 +130,7 @@ pub fn check_retain(prefix: usize, rows: &[usize], len: usize) {
 
 /// The page table, parents and positions of one forward, uploaded once for all layers.
 struct Step {
-    key: (Vec<u32>, Vec<i32>, Vec<u32>),
+    key: (Vec<PageRef>, Vec<i32>, Vec<u32>),
     full: Handle,
     packed: Handle,
     tree: TreeOperands,
@@ -132,14 +143,16 @@ pub struct DevicePagedKv<R: Runtime> {
     /// Per layer, key and value pages (`capacity` pages each).
     layers: Vec<[Handle; 2]>,
     capacity: usize,
-    /// Logical page → stored page.
-    table: Vec<u32>,
+    /// Logical page → its full-precision and packed copies.
+    table: Vec<PageRef>,
     /// Stored pages not in the table.
     free: Vec<u32>,
     /// Tokens held per layer (a forward appends layer by layer).
     lens: Vec<usize>,
-    /// Placeholders for the kernel's packed-page operands (none here).
+    /// Placeholders for the kernel's packed-page operands (without quantization).
     no_codes: [Handle; 6],
+    /// Packed pages (with quantization).
+    quant: Option<PackedStore>,
     step: Option<Step>,
 }
 
@@ -181,8 +194,28 @@ impl<R: Runtime> DevicePagedKv<R> {
             free: Vec::new(),
             lens: vec![0; n_layers],
             no_codes: std::array::from_fn(|_| none()),
+            quant: None,
             step: None,
         })
+    }
+
+    /// An empty cache that packs pages as the CPU cache's quantization does: a complete
+    /// page past the sinks is packed when it fills (keys per channel, values per token in
+    /// groups), and its full-precision copy is freed once every later query reads the codes
+    /// (its last token older than the window at the length after a commit or rollback).
+    ///
+    /// # Errors
+    /// As [`DevicePagedKv::new`], and for a quantization the kernels do not take (bits other
+    /// than 2, 4, 8; a group not dividing `head_dim`; `head_dim · bits` not a multiple of 32;
+    /// a calibration of the wrong shape).
+    pub fn with_quant(
+        client: &ComputeClient<R>,
+        dims: DeviceKvDims,
+        quant: DeviceQuant,
+    ) -> Result<Self, KernelError> {
+        let mut kv = Self::new(client, dims)?;
+        kv.quant = Some(PackedStore::new(client, dims, quant)?);
+        Ok(kv)
     }
 
     /// The cache's geometry.
@@ -210,43 +243,69 @@ impl<R: Runtime> DevicePagedKv<R> {
         self.table.len()
     }
 
-    /// Bytes of key/value storage in use: whole pages of every layer, keys and values.
-    pub fn bytes(&self) -> usize {
-        self.table.len() * self.page_bytes()
+    /// Full-precision and packed pages held (a page may hold both).
+    pub fn copies(&self) -> (usize, usize) {
+        let full = self.table.iter().filter(|r| r.full.is_some()).count();
+        (full, self.quant.as_ref().map_or(0, |q| q.used))
     }
 
-    /// Bytes of device memory reserved (pages in use and in the pool).
+    /// Bytes of key/value storage in use: whole full-precision pages and packed pages of
+    /// every layer, keys and values.
+    pub fn bytes(&self) -> usize {
+        let packed = self.quant.as_ref().map_or(0, |q| q.bytes(&self.dims));
+        self.copies().0 * self.page_bytes() + packed
+    }
+
+    /// Bytes of device memory reserved (pages in use and in the pools).
     pub fn reserved_bytes(&self) -> usize {
-        self.capacity * self.page_bytes()
+        let packed = self
+            .quant
+            .as_ref()
+            .map_or(0, |q| q.reserved_bytes(&self.dims));
+        self.capacity * self.page_bytes() + packed
     }
 
     fn page_bytes(&self) -> usize {
         2 * self.dims.n_layers * self.dims.page_floats() * std::mem::size_of::<f32>()
     }
 
-    /// The stored slot of token `t` (its page must be in the table).
+    /// The stored slot of token `t` (its page must be in the table with a full-precision
+    /// copy: pages lose theirs only once no append, commit or read can reach them).
     fn slot(&self, t: usize) -> u32 {
         let ps = self.dims.page_size;
-        self.table[t / ps] * ps as u32 + (t % ps) as u32
+        let page = self.table[t / ps].full.expect("a full-precision page");
+        page * ps as u32 + (t % ps) as u32
+    }
+
+    /// A full-precision page from the pool (growing the storage when it is empty), zeroed.
+    fn take_page(&mut self) -> u32 {
+        if self.free.is_empty() {
+            self.grow((2 * self.capacity).max(1));
+        }
+        let p = self.free.pop().expect("the pool was just grown");
+        let ps = self.dims.page_size as u32;
+        let slots: Vec<u32> = (p * ps..(p + 1) * ps).collect();
+        self.zero(&slots);
+        p
     }
 
     /// Makes the table cover `tokens` tokens, taking pages from the pool and growing the
     /// storage (doubling, copied on the device) when the pool is empty.
     fn reserve(&mut self, tokens: usize) {
-        let ps = self.dims.page_size;
-        let need = tokens.div_ceil(ps);
-        let first = self.table.len();
-        while self.table.len() < need {
-            if self.free.is_empty() {
-                self.grow((2 * self.capacity).max(need - self.table.len() + self.capacity));
-            }
-            let p = self.free.pop().expect("the pool was just grown");
-            self.table.push(p);
+        let need = tokens.div_ceil(self.dims.page_size);
+        let missing = need.saturating_sub(self.table.len());
+        if self.free.len() < missing {
+            self.grow((2 * self.capacity).max(missing - self.free.len() + self.capacity));
         }
-        // Pages enter the table zeroed (fresh storage is uninitialized, pooled pages hold
-        // what they held): slots past the length always read as zeros.
-        let slots: Vec<u32> = (first * ps..need * ps).map(|t| self.slot(t)).collect();
-        self.zero(&slots);
+        while self.table.len() < need {
+            // Pages enter the table zeroed (fresh storage is uninitialized, pooled pages
+            // hold what they held): slots past the length always read as zeros.
+            let p = self.take_page();
+            self.table.push(PageRef {
+                full: Some(p),
+                packed: None,
+            });
+        }
     }
 
     /// Zeroes `slots` in every layer's keys and values.
@@ -392,7 +451,66 @@ impl<R: Runtime> DevicePagedKv<R> {
         self.write(k, kp, &slots);
         self.write(v, vp, &slots);
         self.lens[layer] = start + n;
+        self.pack_filled(layer, start, start + n);
         Ok(())
+    }
+
+    /// Packs `layer`'s pages that tokens `from..to` completed (past the sinks), taking a
+    /// packed page for each the first time a layer gets there.
+    fn pack_filled(&mut self, layer: usize, from: usize, to: usize) {
+        let ps = self.dims.page_size;
+        let Some(sinks) = self.quant.as_ref().map(|q| q.cfg.sinks) else {
+            return;
+        };
+        for p in from / ps..to / ps {
+            if p * ps < sinks {
+                continue;
+            }
+            let q = self.quant.as_mut().expect("checked above");
+            let qp = match self.table[p].packed {
+                Some(qp) => qp,
+                None => {
+                    let qp = q.alloc(&self.client, &self.dims);
+                    self.table[p].packed = Some(qp);
+                    qp
+                }
+            };
+            self.pack(layer, p, qp);
+        }
+    }
+
+    /// Packs logical page `p` of `layer` (which holds a full-precision copy) into `qp`.
+    fn pack(&self, layer: usize, p: usize, qp: u32) {
+        let q = self.quant.as_ref().expect("packing needs quantization");
+        let full = self.table[p]
+            .full
+            .expect("packed from its full-precision copy");
+        let floats = self.capacity * self.dims.page_floats();
+        q.pack(
+            &self.client,
+            &self.dims,
+            layer,
+            (&self.layers[layer], floats),
+            full,
+            qp,
+        );
+    }
+
+    /// Frees the full-precision copies every later query reads as codes: packed pages whose
+    /// last token is older than the window at the current length.
+    fn release_old(&mut self) {
+        let (ps, len) = (self.dims.page_size, self.len());
+        let Some(window) = self.quant.as_ref().map(|q| q.cfg.window) else {
+            return;
+        };
+        for (p, r) in self.table.iter_mut().enumerate() {
+            if r.packed.is_some()
+                && (p + 1) * ps - 1 + window < len
+                && let Some(f) = r.full.take()
+            {
+                self.free.push(f);
+            }
+        }
     }
 
     /// Tree attention of `layer`'s last `parents.len()` tokens (just appended) over the
@@ -437,17 +555,26 @@ impl<R: Runtime> DevicePagedKv<R> {
         });
         if stale {
             let table = self.table[..pages].to_vec();
-            let full: Vec<i32> = table.iter().map(|&p| p as i32).collect();
+            let index = |p: Option<u32>| p.map_or(-1, |p| p as i32);
+            let full: Vec<i32> = table.iter().map(|r| index(r.full)).collect();
+            let packed: Vec<i32> = table.iter().map(|r| index(r.packed)).collect();
             let c = &self.client;
             self.step = Some(Step {
                 full: c.create_from_slice(i32::as_bytes(&full)),
-                packed: c.create_from_slice(i32::as_bytes(&vec![-1; pages])),
+                packed: c.create_from_slice(i32::as_bytes(&packed)),
                 tree: TreeOperands::upload(c, parents, positions),
                 key: (table, parents.to_vec(), positions.to_vec()),
             });
         }
         let step = self.step.as_ref().expect("set above");
         let [k, v] = &self.layers[layer];
+        let (codes, lens, shape) = match &self.quant {
+            Some(q) => {
+                let (codes, lens) = q.operands(&d, layer);
+                (codes, lens, q.shape())
+            }
+            None => (self.no_codes.clone(), [1; 6], CodeShape::default()),
+        };
         let kv = KvOperands {
             k,
             v,
@@ -455,9 +582,9 @@ impl<R: Runtime> DevicePagedKv<R> {
             full: &step.full,
             packed: &step.packed,
             pages,
-            codes: &self.no_codes,
-            lens: [1; 6],
-            shape: CodeShape::default(),
+            codes: &codes,
+            lens,
+            shape,
         };
         let dims = PagedDims {
             n_heads,
@@ -483,17 +610,58 @@ impl<R: Runtime> DevicePagedKv<R> {
         let d = self.dims;
         let keep = len.div_ceil(d.page_size);
         let longest = self.lens.iter().copied().max().unwrap_or(0);
+        if len >= longest {
+            self.release_old();
+            return;
+        }
+        // The page `len` falls in becomes partial: it needs its full-precision copy back
+        // (expanded from its codes if it was freed) and loses its codes.
+        if !len.is_multiple_of(d.page_size) && keep <= self.table.len() {
+            let p = keep - 1;
+            if self.table[p].full.is_none() {
+                let page = self.take_page();
+                let qp = self.table[p]
+                    .packed
+                    .expect("a page holds at least one copy");
+                let q = self.quant.as_ref().expect("codes need quantization");
+                let floats = self.capacity * d.page_floats();
+                for layer in 0..d.n_layers {
+                    q.unpack(
+                        &self.client,
+                        &d,
+                        layer,
+                        qp,
+                        (&self.layers[layer], floats),
+                        page,
+                    );
+                }
+                self.table[p].full = Some(page);
+            }
+            if let Some(qp) = self.table[p].packed.take() {
+                self.quant
+                    .as_mut()
+                    .expect("codes need quantization")
+                    .release(qp);
+            }
+        }
         // Vacated slots inside the last kept page.
         let vacated: Vec<u32> = (len..longest.min(keep * d.page_size))
             .map(|t| self.slot(t))
             .collect();
         self.zero(&vacated);
-        if self.table.len() > keep {
-            self.free.extend(self.table.drain(keep..).rev());
+        for r in self.table.drain(keep.min(self.table.len())..).rev() {
+            self.free.extend(r.full);
+            if let Some(qp) = r.packed {
+                self.quant
+                    .as_mut()
+                    .expect("codes need quantization")
+                    .release(qp);
+            }
         }
         for l in &mut self.lens {
             *l = (*l).min(len);
         }
+        self.release_old();
     }
 
     /// Commit after tree verification: keeps tokens `0..prefix`, then tokens `rows`
@@ -511,7 +679,8 @@ impl<R: Runtime> DevicePagedKv<R> {
             .filter(|&(i, &r)| r != prefix + i)
             .map(|(i, &r)| (self.slot(r), self.slot(prefix + i)))
             .collect();
-        if !moved.is_empty() {
+        let moved_any = !moved.is_empty();
+        if moved_any {
             let (from, to): (Vec<u32>, Vec<u32>) = moved.into_iter().unzip();
             // Through a scratch copy: a row's destination may be another row's source.
             for [k, v] in &self.layers {
@@ -521,7 +690,20 @@ impl<R: Runtime> DevicePagedKv<R> {
                 }
             }
         }
-        self.truncate(prefix + rows.len());
+        // Complete pages the moves rewrote are packed again from their new contents
+        // (before the window can free their full-precision copies).
+        let len = prefix + rows.len();
+        if moved_any {
+            let ps = self.dims.page_size;
+            for p in prefix / ps..len / ps {
+                if let Some(qp) = self.table[p].packed {
+                    for layer in 0..self.dims.n_layers {
+                        self.pack(layer, p, qp);
+                    }
+                }
+            }
+        }
+        self.truncate(len);
     }
 
     /// Removes everything (pages back to the pool).
@@ -529,31 +711,73 @@ impl<R: Runtime> DevicePagedKv<R> {
         self.truncate(0);
     }
 
-    /// Keys and values of `layer`'s tokens, read back to the host (`[kv_head][token]
+    /// Keys and values of `layer`'s tokens as a query at the current length reads them
+    /// (codes expanded where it reads codes), read back to the host (`[kv_head][token]
     /// [head_dim]` each); for tests and inspection.
     pub fn read_layer(&self, layer: usize) -> (Vec<f32>, Vec<f32>) {
+        self.read_layer_at(layer, self.len())
+    }
+
+    /// [`DevicePagedKv::read_layer`] for a query at position `pos`.
+    pub fn read_layer_at(&self, layer: usize, pos: usize) -> (Vec<f32>, Vec<f32>) {
+        let d = self.dims;
+        let (ps, kvh, hd) = (d.page_size, d.n_kv_heads, d.head_dim);
         let len = self.layer_len(layer);
         if len == 0 || layer >= self.layers.len() {
             return (Vec::new(), Vec::new());
         }
-        let slots: Vec<u32> = (0..len).map(|t| self.slot(t)).collect();
-        let [k, v] = &self.layers[layer];
-        let host = |h: &Handle| {
-            let rows = self.read(h, &slots);
-            f32::from_bytes(&self.client.read_one_unchecked(rows)).to_vec()
+        // Per logical page, keys and values in page layout `[slot][kv_head][head_dim]`.
+        let window = self.quant.as_ref().map(|q| q.cfg.window);
+        let mut pages: Vec<[Vec<f32>; 2]> = Vec::new();
+        for (p, r) in self.table.iter().enumerate().take(len.div_ceil(ps)) {
+            let codes = r.packed.is_some()
+                && (r.full.is_none() || window.is_some_and(|w| (p + 1) * ps - 1 + w < pos));
+            pages.push(if codes {
+                let q = self.quant.as_ref().expect("codes need quantization");
+                let tmp = [0, 1].map(|_| self.client.empty(d.page_floats() * 4));
+                let qp = r.packed.expect("checked");
+                q.unpack(&self.client, &d, layer, qp, (&tmp, d.page_floats()), 0);
+                tmp.map(|h| f32::from_bytes(&self.client.read_one_unchecked(h)).to_vec())
+            } else {
+                let f = r.full.expect("a page holds at least one copy") as usize;
+                let slots: Vec<u32> = (f * ps..(f + 1) * ps).map(|s| s as u32).collect();
+                self.layers[layer].each_ref().map(|h| {
+                    let rows = self.read(h, &slots);
+                    let rows = f32::from_bytes(&self.client.read_one_unchecked(rows)).to_vec();
+                    // `[kv_head][slot][head_dim]` → `[slot][kv_head][head_dim]`.
+                    (0..ps)
+                        .flat_map(|s| (0..kvh).map(move |g| (g * ps + s) * hd))
+                        .flat_map(|at| rows[at..at + hd].to_vec())
+                        .collect()
+                })
+            });
+        }
+        let side = |i: usize| -> Vec<f32> {
+            (0..kvh)
+                .flat_map(|g| {
+                    let pages = &pages;
+                    (0..len).flat_map(move |t| {
+                        let at = ((t % ps) * kvh + g) * hd;
+                        pages[t / ps][i][at..at + hd].to_vec()
+                    })
+                })
+                .collect()
         };
-        (host(k), host(v))
+        (side(0), side(1))
     }
 
-    /// The pages in use, read back raw (`[layer][k | v][page in table order][slot][kv_head]
-    /// [head_dim]`), vacated slots included; for tests of rollback.
+    /// The full-precision pages in use, read back raw (`[layer][k | v][page in table order]
+    /// [slot][kv_head][head_dim]`, pages held only as codes left out), vacated slots
+    /// included; for tests of rollback.
     pub fn read_pages(&self) -> Vec<f32> {
         let mut out = Vec::new();
         let d = self.dims;
+        let ps = d.page_size as u32;
         let slots: Vec<u32> = self
             .table
             .iter()
-            .flat_map(|&p| (0..d.page_size as u32).map(move |s| p * d.page_size as u32 + s))
+            .filter_map(|r| r.full)
+            .flat_map(|p| (0..ps).map(move |s| p * ps + s))
             .collect();
         if slots.is_empty() {
             return out;
@@ -593,6 +817,10 @@ impl<R: Runtime> DevicePagedKv<R> {
             free: self.free.clone(),
             lens: self.lens.clone(),
             no_codes: self.no_codes.clone(),
+            quant: self
+                .quant
+                .as_ref()
+                .map(|q| q.duplicate(&self.client, &self.dims)),
             step: None,
         }
     }

@@ -35,6 +35,7 @@
 
 pub mod attention;
 pub mod kv;
+mod kvpack;
 pub mod qmatmul;
 
 #[cfg(test)]
