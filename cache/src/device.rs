@@ -18,6 +18,10 @@ pub trait DeviceStore: Send + Sync + std::fmt::Debug {
     }
     /// Bytes of key/value storage in use.
     fn bytes(&self) -> usize;
+    /// The deepest speculation tree that keeps speculative decoding equal to plain decoding
+    /// (`None`: no limit): with quantization, the window, as on the CPU
+    /// ([`KvPolicy::max_tree_depth`](crate::KvPolicy::max_tree_depth)).
+    fn max_tree_depth(&self) -> Option<usize>;
     /// Drops every token at position `len` and later (rollback).
     fn truncate(&mut self, len: usize);
     /// Commit of an accepted tree path: as [`KvCache::retain`](crate::KvCache::retain).
@@ -40,6 +44,10 @@ where
         DevicePagedKv::bytes(self)
     }
 
+    fn max_tree_depth(&self) -> Option<usize> {
+        self.quantization().map(|q| q.window)
+    }
+
     fn truncate(&mut self, len: usize) {
         DevicePagedKv::truncate(self, len);
     }
@@ -59,7 +67,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use arbor_kernels::cube::kv::{DeviceKvDims, DevicePagedKv};
+    use arbor_kernels::cube::kv::{DeviceKvDims, DevicePagedKv, DeviceQuant};
     use cubecl::prelude::CubeElement;
     use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
     use cubecl::{Runtime, prelude::ComputeClient};
@@ -130,5 +138,20 @@ mod tests {
         assert!(cache.is_empty());
         assert_eq!(cache.bytes(), 0);
         assert_eq!(copy.len(), 8);
+        assert_eq!(cache.max_tree_depth(), None);
+        let quant = DeviceQuant {
+            bits: 8,
+            group: 4,
+            sinks: 4,
+            window: 8,
+            values: None,
+        };
+        let kv = Store::with_quant(&client, dims, quant).unwrap();
+        let quantized = KvCache::<burn::backend::Flex>::on_device(2, Box::new(kv));
+        assert_eq!(
+            quantized.max_tree_depth(),
+            Some(8),
+            "the window, as on the CPU"
+        );
     }
 }

@@ -150,6 +150,9 @@ impl<B: Backend> KvCache<B> {
     /// under this cache's policy at its current length (`None`: no limit). See
     /// [`KvPolicy::max_tree_depth`].
     pub fn max_tree_depth(&self) -> Option<usize> {
+        if let Some(d) = &self.device {
+            return d.max_tree_depth();
+        }
         let p = self.paged.as_ref()?;
         p.policy()?.max_tree_depth(p.len(), p.layout().page_size)
     }

@@ -72,9 +72,10 @@ pub(crate) fn check_kv_policy<B: burn::tensor::backend::Backend>(
 ) -> Result<(), EngineError> {
     let Some(layout) = target.kv_layout(page_size) else {
         return Err(arbor_cache::CacheError::Policy(
-            "KV-cache compression needs the CPU backend's paged cache".into(),
+            "KV-cache compression needs a paged cache (the CPU or CUDA backend)".into(),
         )
         .into());
     };
-    Ok(policy.check(&layout)?)
+    policy.check(&layout)?;
+    Ok(target.check_kv_policy(policy)?)
 }

@@ -8,8 +8,57 @@
 //!
 //! [`DevicePagedKv`]: arbor_kernels::cube::kv::DevicePagedKv
 
-use arbor_cache::{DeviceStore, KvCache};
+use arbor_cache::compression::KeyQuant;
+use arbor_cache::{DeviceStore, KvCache, KvPolicy};
+use arbor_kernels::cube::kv::DeviceQuant;
 use burn::tensor::{Tensor, backend::Backend};
+
+use crate::error::{ModelError, Result};
+
+/// The quantization a device cache applies for `policy` (`None`: none asked for).
+///
+/// # Errors
+/// [`ModelError::Input`] for the parts that run on the CPU backend only: Quest page
+/// selection, H2O eviction, keys quantized per token.
+pub(crate) fn device_quant(policy: &KvPolicy) -> Result<Option<DeviceQuant>> {
+    let cpu_only = |what: &str| {
+        Err(ModelError::Input(format!(
+            "{what} runs on the CPU backend only (the CUDA cache quantizes pages: \
+             --kv-bits with keys per channel)"
+        )))
+    };
+    if policy.quest.is_some() {
+        return cpu_only("Quest page selection");
+    }
+    if policy.h2o.is_some() {
+        return cpu_only("H2O eviction");
+    }
+    let Some(c) = &policy.compression else {
+        return Ok(None);
+    };
+    let mut bits = None;
+    for k in &c.keys {
+        match k {
+            KeyQuant::Channel(q) => bits = Some(q.bits()),
+            KeyQuant::Token(_) => return cpu_only("per-token key quantization"),
+        }
+    }
+    let (Some(bits), Some(first)) = (bits, c.values.first()) else {
+        return Ok(None);
+    };
+    Ok(Some(DeviceQuant {
+        bits,
+        group: first.group(),
+        sinks: c.sinks,
+        window: c.window,
+        values: Some(
+            c.values
+                .iter()
+                .map(|v| (v.perm().to_vec(), v.clip().to_vec()))
+                .collect(),
+        ),
+    }))
+}
 
 /// Geometry of a model's device cache.
 #[derive(Debug, Clone, Copy)]
@@ -23,11 +72,21 @@ pub(crate) struct DeviceCacheDims {
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
-    use super::{Backend, DeviceCacheDims, DeviceStore, KvCache, Tensor};
+    use super::{Backend, DeviceCacheDims, DeviceStore, KvCache, KvPolicy, Tensor};
 
     /// A device cache for `B` (none without the `cuda` feature).
-    pub(crate) fn new_cache<B: Backend>(_: &B::Device, _: DeviceCacheDims) -> Option<KvCache<B>> {
+    pub(crate) fn new_cache<B: Backend>(
+        _: &B::Device,
+        _: DeviceCacheDims,
+        _: Option<&KvPolicy>,
+    ) -> Option<KvCache<B>> {
         None
+    }
+
+    /// Whether `B` keeps its KV cache on the device (never without the `cuda` feature).
+    #[allow(clippy::extra_unused_type_parameters)] // the `cuda` build's signature
+    pub(crate) fn on_device<B: Backend>() -> bool {
+        false
     }
 
     /// Whether `B`'s attention reads `store` (never without the `cuda` feature).
@@ -58,22 +117,26 @@ mod imp {
     use cubecl::Runtime;
     use cubecl::cuda::CudaRuntime;
 
-    use super::{Backend, DeviceCacheDims, DeviceStore, KvCache, Tensor};
+    use super::{Backend, DeviceCacheDims, DeviceStore, KvCache, KvPolicy, Tensor, device_quant};
     use crate::cube_tensor::{from_cube, into_cube};
 
     type Store = DevicePagedKv<CudaRuntime>;
 
-    fn is_cuda<B: Backend>() -> bool {
+    /// Whether `B` keeps its KV cache on the device (the CUDA backend).
+    pub(crate) fn on_device<B: Backend>() -> bool {
         TypeId::of::<B>() == TypeId::of::<crate::device::Cuda>()
     }
 
-    /// A device cache on `device` when `B` is the CUDA backend (`None` elsewhere, or for
-    /// heads wider than the attention kernel's 256 channels: then the dense cache serves).
+    /// A device cache on `device` when `B` is the CUDA backend, quantizing as `policy` asks
+    /// (`None` elsewhere, or for heads wider than the attention kernel's 256 channels: then
+    /// the dense cache serves). Parts of `policy` a device cache cannot apply were refused
+    /// by [`crate::Transformer::check_kv_policy`] when the policy was accepted.
     pub(crate) fn new_cache<B: Backend>(
         device: &B::Device,
         d: DeviceCacheDims,
+        policy: Option<&KvPolicy>,
     ) -> Option<KvCache<B>> {
-        if !is_cuda::<B>() {
+        if !on_device::<B>() {
             return None;
         }
         let device = (device as &dyn Any).downcast_ref::<<CudaRuntime as Runtime>::Device>()?;
@@ -83,13 +146,21 @@ mod imp {
             head_dim: d.head_dim,
             page_size: d.page_size,
         };
-        let store = Store::new(&CudaRuntime::client(device), dims).ok()?;
+        let client = CudaRuntime::client(device);
+        let store = match policy.map(device_quant) {
+            Some(Ok(Some(q))) => Store::with_quant(&client, dims, q).ok()?,
+            Some(Err(e)) => {
+                tracing::debug!("device KV cache without compression: {e}");
+                Store::new(&client, dims).ok()?
+            }
+            _ => Store::new(&client, dims).ok()?,
+        };
         Some(KvCache::on_device(d.n_layers, Box::new(store)))
     }
 
     /// Whether `B`'s attention reads `store` (a CUDA store on the CUDA backend).
     pub(crate) fn reads<B: Backend>(store: &mut dyn DeviceStore) -> bool {
-        is_cuda::<B>() && store.as_any_mut().is::<Store>()
+        on_device::<B>() && store.as_any_mut().is::<Store>()
     }
 
     /// Appends `k`, `v` to `layer` of the store and runs the tree attention of `q` over it.
@@ -125,4 +196,53 @@ mod imp {
     }
 }
 
-pub(crate) use imp::{attention, new_cache, reads};
+pub(crate) use imp::{attention, new_cache, on_device, reads};
+
+#[cfg(test)]
+mod tests {
+    use arbor_cache::{KeyAxis, KvCompression, KvLayout, KvPolicy, QuantConfig, QuestConfig};
+
+    use super::device_quant;
+
+    const LAYOUT: KvLayout = KvLayout {
+        n_layers: 2,
+        n_kv_heads: 2,
+        head_dim: 32,
+        page_size: 16,
+    };
+
+    #[test]
+    fn device_quantization_follows_the_policy_and_refuses_cpu_only_parts() {
+        let config = QuantConfig {
+            bits: 2,
+            group: 16,
+            sinks: 8,
+            window: 64,
+            keys: KeyAxis::Channel,
+        };
+        let policy = KvPolicy::quantized(KvCompression::uniform(&LAYOUT, &config).unwrap());
+        let q = device_quant(&policy)
+            .unwrap()
+            .expect("quantization asked for");
+        assert_eq!((q.bits, q.group, q.sinks, q.window), (2, 16, 8, 64));
+        let values = q.values.expect("each layer's values");
+        assert_eq!(values.len(), 2);
+        assert!(
+            values
+                .iter()
+                .all(|(p, c)| *p == (0..32).collect::<Vec<_>>() && c == &[1.0; 2])
+        );
+        assert_eq!(device_quant(&KvPolicy::default()).unwrap(), None);
+        let tokens = QuantConfig {
+            keys: KeyAxis::Token,
+            ..config
+        };
+        let per_token = KvPolicy::quantized(KvCompression::uniform(&LAYOUT, &tokens).unwrap());
+        assert!(device_quant(&per_token).is_err());
+        let quest = KvPolicy {
+            quest: Some(QuestConfig::with_budget(256)),
+            ..policy
+        };
+        assert!(device_quant(&quest).is_err());
+    }
+}

@@ -344,10 +344,12 @@ impl<B: Backend> Transformer<B> {
         self.new_cache_with(KV_PAGE_SIZE, None)
     }
 
-    /// The paged cache's geometry on the CPU backend (`None` elsewhere: dense device cache).
+    /// The paged cache's geometry: host pages on the CPU backend, device pages on the CUDA
+    /// backend (heads of at most 256 channels); `None` elsewhere (a dense device cache).
     pub fn kv_layout(&self, page_size: usize) -> Option<KvLayout> {
         let l = self.layers.first()?;
-        uses_fast_path::<B>().then(|| KvLayout {
+        let paged = uses_fast_path::<B>() || (device_kv::on_device::<B>() && self.head_dim <= 256);
+        paged.then(|| KvLayout {
             n_layers: self.layers.len(),
             n_kv_heads: l.attn.n_kv_heads,
             head_dim: self.head_dim,
@@ -355,34 +357,45 @@ impl<B: Backend> Transformer<B> {
         })
     }
 
-    /// A cache with pages of `page_size` tokens that compresses with `policy` (quantization,
-    /// Quest, H2O; built and checked for [`Transformer::kv_layout`]) on the CPU backend; on
-    /// the CUDA backend full-precision pages on the device, read in place by the CubeCL tree
-    /// attention (compression policies run on the CPU backend only, so `policy` is not
-    /// applied there); a dense exact device cache elsewhere.
+    /// A cache with pages of `page_size` tokens that compresses with `policy` (built and
+    /// checked for [`Transformer::kv_layout`] and [`Transformer::check_kv_policy`]): host
+    /// pages on the CPU backend (quantization, Quest, H2O); device pages on the CUDA backend,
+    /// read in place by the CubeCL tree attention and quantized on the device; a dense exact
+    /// device cache elsewhere.
     pub fn new_cache_with(&self, page_size: usize, policy: Option<Arc<KvPolicy>>) -> KvCache<B> {
-        let layout = self.kv_layout(page_size);
-        if layout.is_none()
-            && let Some(l) = self.layers.first()
+        if !uses_fast_path::<B>()
+            && let Some(layout) = self.kv_layout(page_size)
         {
             let dims = DeviceCacheDims {
-                n_layers: self.layers.len(),
-                n_kv_heads: l.attn.n_kv_heads,
-                head_dim: self.head_dim,
-                page_size: page_size.max(1),
+                n_layers: layout.n_layers,
+                n_kv_heads: layout.n_kv_heads,
+                head_dim: layout.head_dim,
+                page_size: layout.page_size,
             };
-            if let Some(cache) = device_kv::new_cache(&self.norm.gamma.device(), dims) {
-                if policy.is_some() {
-                    tracing::debug!("KV compression runs on the CPU backend only: not applied");
-                }
+            if let Some(cache) =
+                device_kv::new_cache(&self.norm.gamma.device(), dims, policy.as_deref())
+            {
                 return cache;
             }
         }
-        match (layout, policy) {
+        match (self.kv_layout(page_size), policy) {
             (Some(layout), Some(p)) => KvCache::paged_with(layout, p),
             (Some(layout), None) => KvCache::paged(layout),
             _ => KvCache::new(self.layers.len()),
         }
+    }
+
+    /// Whether this backend's cache applies every part of `policy`: all of them on the CPU
+    /// backend; on the CUDA backend quantization with keys per channel (Quest, H2O and
+    /// per-token keys run on the CPU backend only).
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] naming the part this backend does not apply.
+    pub fn check_kv_policy(&self, policy: &KvPolicy) -> Result<()> {
+        if device_kv::on_device::<B>() {
+            device_kv::device_quant(policy)?;
+        }
+        Ok(())
     }
 
     /// Runs the new tokens of `input` through the decoder, appending their keys and values to

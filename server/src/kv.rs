@@ -42,7 +42,7 @@ impl KvSpec {
             return Ok(None);
         }
         let Some(layout) = layout else {
-            bail!("KV-cache compression needs the CPU backend's paged cache");
+            bail!("KV-cache compression needs a paged cache (the CPU or CUDA backend)");
         };
         let calibration = self
             .calibration

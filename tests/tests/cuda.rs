@@ -143,3 +143,54 @@ fn cuda_speculative_greedy_equals_plain_greedy() {
     let got = tokens(engine.generate(&p, &params).unwrap());
     assert_eq!(got, want);
 }
+
+/// With KV quantization on the device (4-bit, window 8, calibration-free), speculative
+/// greedy decoding still equals plain greedy decoding on CUDA, and old pages hold only codes.
+#[test]
+fn cuda_quantized_cache_keeps_speculative_equal_to_plain() {
+    use arbor_cache::{KvCompression, KvPolicy, QuantConfig};
+    use std::sync::Arc;
+    check_cuda(0).expect("a CUDA device");
+    let target = model::<Cuda>(&Default::default());
+    let layout = target.kv_layout(16).expect("a paged device cache");
+    let config = QuantConfig {
+        bits: 4,
+        group: 16,
+        sinks: 4,
+        window: 8,
+        ..QuantConfig::default()
+    };
+    let policy = Arc::new(KvPolicy::quantized(
+        KvCompression::uniform(&layout, &config).unwrap(),
+    ));
+    target.check_kv_policy(&policy).unwrap();
+    let mut cache = target.new_cache_with(16, Some(policy.clone()));
+    let long: Vec<u32> = (0..100u32).map(|i| (i * 37) % 256).collect();
+    target
+        .forward_last_logits(&ForwardInput::causal(&long, 0), &mut cache)
+        .unwrap();
+    cache.truncate(100); // a commit point: pages past the window drop their full copies
+    let dense_bytes = 2 * 3 * 100usize.div_ceil(16) * 16 * layout.n_kv_heads * layout.head_dim * 4;
+    assert!(
+        cache.bytes() < dense_bytes,
+        "{} vs {dense_bytes}",
+        cache.bytes()
+    );
+    let tok = byte_tokenizer();
+    let params = GenerateParams {
+        max_tokens: 48,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let p = Prompt::Text("the cat sat on the mat. the cat sat on the mat. the cat".into());
+    let plain = Generator::new(&target, &tok)
+        .with_kv_policy(policy.clone())
+        .unwrap();
+    let want = tokens(plain.generate(&p, &params).unwrap());
+    let tree: TreePolicy = "2,2,1".parse().unwrap();
+    let mut engine = Engine::new(&target, &tok, tree)
+        .with_draft(NgramDraft::default())
+        .with_kv_policy(policy)
+        .unwrap();
+    assert_eq!(tokens(engine.generate(&p, &params).unwrap()), want);
+}

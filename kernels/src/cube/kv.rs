@@ -223,6 +223,11 @@ impl<R: Runtime> DevicePagedKv<R> {
         self.dims
     }
 
+    /// The quantization this cache applies, if any.
+    pub fn quantization(&self) -> Option<&DeviceQuant> {
+        self.quant.as_ref().map(|q| &q.cfg)
+    }
+
     /// Tokens held (by the last layer, i.e. fully processed tokens).
     pub fn len(&self) -> usize {
         self.lens.last().copied().unwrap_or(0)
