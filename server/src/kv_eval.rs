@@ -57,6 +57,11 @@ pub struct KvEvalArgs {
     /// setting; 0 skips decoding.
     #[arg(long, default_value_t = 64)]
     pub decode_tokens: usize,
+    /// Tokens per KV page (also the keys' per-channel quantization group). Decoding after
+    /// the text runs the engine, whose pages are 16 tokens: other sizes need
+    /// `--decode-tokens 0`.
+    #[arg(long, default_value_t = KV_PAGE_SIZE)]
+    pub page_size: usize,
     /// Tree shape of the speculative decode.
     #[arg(long, default_value = "3,1,1,1")]
     pub spec_tree: String,
@@ -174,11 +179,11 @@ struct Pass<B: Backend> {
 fn teacher_forced<B: Backend>(
     model: &Transformer<B>,
     ids: &[u32],
-    chunk: usize,
+    (chunk, page_size): (usize, usize),
     policy: Option<Arc<KvPolicy>>,
     label: &str,
 ) -> Result<Pass<B>> {
-    let mut cache = model.new_cache_with(KV_PAGE_SIZE, policy);
+    let mut cache = model.new_cache_with(page_size, policy);
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template(
         "kv-eval {msg:>22} {bar:30} {pos}/{len} tokens {elapsed_precise}",
@@ -297,7 +302,13 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
             .saturating_sub(args.decode_tokens + 1);
         let n = args.tokens.min(ids.len()).min(room);
         ids.truncate(n);
-        let Some(layout) = m.model.kv_layout(KV_PAGE_SIZE) else {
+        if args.page_size == 0 || (args.page_size != KV_PAGE_SIZE && args.decode_tokens > 0) {
+            bail!(
+                "--page-size {} needs --decode-tokens 0 (decoding runs the engine's {KV_PAGE_SIZE}-token pages)",
+                args.page_size
+            );
+        }
+        let Some(layout) = m.model.kv_layout(args.page_size) else {
             bail!("kv-eval needs the CPU backend's paged cache");
         };
         // Every setting's policy is built once up front, so a bad one fails before any pass.
@@ -309,7 +320,7 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
         for s in &settings {
             build(s, calib.as_ref().filter(|_| s.calibrated))?;
         }
-        let exact = teacher_forced(&m.model, &ids, args.chunk, None, "exact")?;
+        let exact = teacher_forced(&m.model, &ids, (args.chunk, args.page_size), None, "exact")?;
         // Without `--calib`, one fit per (bits, group) the `cal` settings ask for.
         let mut fitted: Vec<((u32, usize), Calibration)> = Vec::new();
         if calib.is_none() {
@@ -377,11 +388,12 @@ pub fn run_cmd(args: &KvEvalArgs) -> Result<()> {
             };
             let policy = build(s, cal)?;
             let chunk = if s.spec.h2o_budget.is_some() {
-                args.chunk.min(KV_PAGE_SIZE)
+                args.chunk.min(args.page_size)
             } else {
                 args.chunk
             };
-            let pass = teacher_forced(&m.model, &ids, chunk, Some(policy.clone()), &s.label)?;
+            let sizes = (chunk, args.page_size);
+            let pass = teacher_forced(&m.model, &ids, sizes, Some(policy.clone()), &s.label)?;
             push(s.label.clone(), &pass, dec(Some(policy))?);
         }
         println!(

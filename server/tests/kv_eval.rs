@@ -88,6 +88,23 @@ fn kv_eval_reports_exact_and_every_policy() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("3 bits"));
+    // Another page size (keys quantized per channel over 8 tokens); decoding after the text
+    // runs the engine's 16-token pages, so it is refused with it.
+    let paged = |decode: &str| {
+        Command::new(env!("CARGO_BIN_EXE_arbor"))
+            .args(["kv-eval", "--no-fetch", "--tokens", "120", "--chunk", "64"])
+            .args(["--settings", "4:16", "--page-size", "8", "--decode-tokens", decode])
+            .args(["--text", text, "--model"])
+            .arg(common::smollm2())
+            .output()
+            .unwrap()
+    };
+    let refused = paged("4");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--decode-tokens 0"));
+    let ok = paged("0");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("4:16"));
 }
 
 /// `arbor calibrate` writes a calibration that `kv-eval --calib` and `generate --kv-calib`

@@ -21,6 +21,7 @@
 //!
 //! ```
 //! use arbor_kernels::cube::kv::{DeviceKvDims, DevicePagedKv};
+//! use cubecl::prelude::CubeElement;
 //! use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 //! use cubecl::Runtime;
 //!
