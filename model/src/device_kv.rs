@@ -147,14 +147,21 @@ mod imp {
             page_size: d.page_size,
         };
         let client = CudaRuntime::client(device);
-        let store = match policy.map(device_quant) {
-            Some(Ok(Some(q))) => Store::with_quant(&client, dims, q).ok()?,
-            Some(Err(e)) => {
-                tracing::debug!("device KV cache without compression: {e}");
-                Store::new(&client, dims).ok()?
-            }
-            _ => Store::new(&client, dims).ok()?,
+        let uncompressed = |e: String| {
+            tracing::debug!("device KV cache without compression: {e}");
+            Store::new(&client, dims)
         };
+        let quant = policy.and_then(|p| {
+            device_quant(p)
+                .inspect_err(|e| tracing::debug!("device KV cache without compression: {e}"))
+                .ok()
+                .flatten()
+        });
+        let store = match quant {
+            Some(q) => Store::with_quant(&client, dims, q).or_else(|e| uncompressed(e.to_string())),
+            None => Store::new(&client, dims),
+        }
+        .ok()?;
         Some(KvCache::on_device(d.n_layers, Box::new(store)))
     }
 

@@ -25,6 +25,7 @@ use crate::input::ForwardInput;
 use crate::proj::{Proj, forward_fused, gated_mlp_host, host_values, uses_fast_path};
 use crate::rope::RopeAngles;
 use crate::weights::{MatrixData, WeightSource};
+use arbor_kernels::cube::kv::DeviceKvDims;
 
 /// Self-attention with GQA and optional q/k/v biases.
 #[derive(Module, Debug)]
@@ -392,8 +393,17 @@ impl<B: Backend> Transformer<B> {
     /// # Errors
     /// [`ModelError::Input`] naming the part this backend does not apply.
     pub fn check_kv_policy(&self, policy: &KvPolicy) -> Result<()> {
-        if device_kv::on_device::<B>() {
-            device_kv::device_quant(policy)?;
+        if device_kv::on_device::<B>()
+            && let Some(q) = device_kv::device_quant(policy)?
+        {
+            let dims = DeviceKvDims {
+                n_layers: self.layers.len(),
+                n_kv_heads: self.layers.first().map_or(1, |l| l.attn.n_kv_heads),
+                head_dim: self.head_dim,
+                page_size: KV_PAGE_SIZE,
+            };
+            q.check(&dims)
+                .map_err(|e| ModelError::Input(format!("KV quantization on the device: {e}")))?;
         }
         Ok(())
     }

@@ -93,7 +93,14 @@ fn kv_eval_reports_exact_and_every_policy() {
     let paged = |decode: &str| {
         Command::new(env!("CARGO_BIN_EXE_arbor"))
             .args(["kv-eval", "--no-fetch", "--tokens", "120", "--chunk", "64"])
-            .args(["--settings", "4:16", "--page-size", "8", "--decode-tokens", decode])
+            .args([
+                "--settings",
+                "4:16",
+                "--page-size",
+                "8",
+                "--decode-tokens",
+                decode,
+            ])
             .args(["--text", text, "--model"])
             .arg(common::smollm2())
             .output()
@@ -103,7 +110,11 @@ fn kv_eval_reports_exact_and_every_policy() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--decode-tokens 0"));
     let ok = paged("0");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("4:16"));
 }
 

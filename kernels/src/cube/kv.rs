@@ -49,8 +49,8 @@ use super::attention::{
     CodeShape, KvOperands, PageRef, PagedDims, TreeOperands, check_parents, device_array,
     launch_tree_attention,
 };
-pub use super::kvpack::DeviceQuant;
 use super::kvpack::PackedStore;
+pub use super::kvpack::{DeviceQuant, ValueCalibration};
 use crate::KernelError;
 
 /// Geometry of a device cache.

@@ -229,6 +229,9 @@ fn copy_blocks<E: Numeric>(src: &Array<E>, dst: &mut Array<E>, #[comptime] block
     }
 }
 
+/// One layer's SKVQ value calibration: the channel permutation and per-group clip ratios.
+pub type ValueCalibration = (Vec<usize>, Vec<f32>);
+
 /// KV quantization on the device: the CPU cache's [`QuantConfig`](../../arbor_cache) with
 /// keys per channel (KIVI) — bits, value group, full-precision sinks and window — and
 /// optionally each layer's SKVQ value calibration (channel permutation, per-group clip).
@@ -245,7 +248,56 @@ pub struct DeviceQuant {
     pub window: usize,
     /// Per layer, the values' channel permutation and per-group clip ratios (`None`:
     /// identity and 1).
-    pub values: Option<Vec<(Vec<usize>, Vec<f32>)>>,
+    pub values: Option<Vec<ValueCalibration>>,
+}
+
+impl DeviceQuant {
+    /// Whether the device kernels take this quantization for a cache of `d`.
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] for bits other than 2, 4, 8, a group that does not divide
+    /// `head_dim`, `head_dim · bits` not a multiple of 32, or a calibration of the wrong shape.
+    pub fn check(&self, d: &DeviceKvDims) -> Result<(), KernelError> {
+        self.value_calibration(d).map(|_| ())
+    }
+
+    /// Each layer's value permutation and clip ratios (identity and 1 without a
+    /// calibration), after the checks of [`DeviceQuant::check`].
+    fn value_calibration(&self, d: &DeviceKvDims) -> Result<Vec<ValueCalibration>, KernelError> {
+        let hd = d.head_dim;
+        let bad = |m: String| Err(KernelError::Shape(m));
+        if ![2, 4, 8].contains(&self.bits)
+            || self.group == 0
+            || !hd.is_multiple_of(self.group)
+            || !(hd * self.bits as usize).is_multiple_of(32)
+        {
+            return bad(format!(
+                "device KV quantization of {} bits in groups of {} for heads of {hd}",
+                self.bits, self.group
+            ));
+        }
+        let groups = hd / self.group;
+        let layers = match &self.values {
+            None => vec![((0..hd).collect(), vec![1.0; groups]); d.n_layers],
+            Some(v) if v.len() == d.n_layers => v.clone(),
+            Some(v) => return bad(format!("{} calibrated layers for {}", v.len(), d.n_layers)),
+        };
+        for (layer, (perm, clip)) in layers.iter().enumerate() {
+            let mut seen = vec![false; hd];
+            let is_perm = perm.len() == hd
+                && perm
+                    .iter()
+                    .all(|&c| c < hd && !std::mem::replace(&mut seen[c], true));
+            if !is_perm || clip.len() != groups || !clip.iter().all(|c| c.is_finite() && *c > 0.0) {
+                return bad(format!(
+                    "layer {layer}: a value calibration of {} channels and {} clip ratios",
+                    perm.len(),
+                    clip.len()
+                ));
+            }
+        }
+        Ok(layers)
+    }
 }
 
 /// Packed pages of every layer on the device, in the attention kernel's format, with their
@@ -276,37 +328,8 @@ impl PackedStore {
         cfg: DeviceQuant,
     ) -> Result<Self, KernelError> {
         let hd = d.head_dim;
-        let bad = |m: String| Err(KernelError::Shape(m));
-        if ![2, 4, 8].contains(&cfg.bits)
-            || cfg.group == 0
-            || !hd.is_multiple_of(cfg.group)
-            || !(hd * cfg.bits as usize).is_multiple_of(32)
-        {
-            return bad(format!(
-                "device KV quantization of {} bits in groups of {} for heads of {hd}",
-                cfg.bits, cfg.group
-            ));
-        }
-        let groups = hd / cfg.group;
         let mut perms = Vec::with_capacity(d.n_layers);
-        for layer in 0..d.n_layers {
-            let (perm, clip) = match &cfg.values {
-                None => ((0..hd).collect(), vec![1.0; groups]),
-                Some(v) if v.len() == d.n_layers => v[layer].clone(),
-                Some(v) => return bad(format!("{} calibrated layers for {}", v.len(), d.n_layers)),
-            };
-            let mut seen = vec![false; hd];
-            let is_perm = perm.len() == hd
-                && perm
-                    .iter()
-                    .all(|&c| c < hd && !std::mem::replace(&mut seen[c], true));
-            if !is_perm || clip.len() != groups || !clip.iter().all(|c| c.is_finite() && *c > 0.0) {
-                return bad(format!(
-                    "layer {layer}: a value calibration of {} channels and {} clip ratios",
-                    perm.len(),
-                    clip.len()
-                ));
-            }
+        for (perm, clip) in cfg.value_calibration(&d)? {
             let mut inv = vec![0u32; hd];
             for (i, &c) in perm.iter().enumerate() {
                 inv[c] = i as u32;
