@@ -160,11 +160,14 @@ fn paged_tree_attention(
     v_grids: &Array<f32>,
     v_inv: &Array<u32>,
     out: &mut Array<f32>,
+    ml: &mut Array<f32>,
     cached: u32,
     n_q: u32,
     scale: f32,
     window: u32,
     causal: u32,
+    split_len: u32,
+    #[comptime] split: bool,
     #[comptime] gqa: u32,
     #[comptime] n_kv_heads: u32,
     #[comptime] head_dim: u32,
@@ -176,12 +179,15 @@ fn paged_tree_attention(
 ) {
     let row = CUBE_POS_X as usize;
     let h = CUBE_POS_Y as usize;
+    let z = CUBE_POS_Z as usize;
     let u = UNIT_POS_X as usize;
     let hd = comptime!(head_dim as usize);
     let g = h / comptime!(gqa as usize);
     let cached = cached as usize;
     let n_q = n_q as usize;
-    let n_kv = cached + n_q;
+    // This cube's share of the keys (all of them without a split).
+    let start = z * split_len as usize;
+    let end = min(cached + n_q, start + split_len as usize);
     let pos = positions[row] as usize;
     let window = window as usize;
     let mut qs = SharedMemory::<f32>::new(hd);
@@ -194,12 +200,12 @@ fn paged_tree_attention(
     let mut run_max = hidden;
     let mut sum = 0.0f32;
     let mut acc = 0.0f32;
-    let mut t0 = 0usize;
-    while t0 < n_kv {
+    let mut t0 = start;
+    while t0 < end {
         let j = t0 + u;
         let mut s = hidden;
         let mut choice = 0i32;
-        if j < n_kv && visible(j, row, cached, causal, parents) {
+        if j < end && visible(j, row, cached, causal, parents) {
             choice = page_choice(full, packed, j, pos, window, bits, page_size);
             let mut dot = 0.0f32;
             for c in 0..hd {
@@ -261,7 +267,50 @@ fn paged_tree_attention(
         sync_cube();
         t0 += hd;
     }
-    out[(h * n_q + row) * hd + u] = acc / sum;
+    if comptime!(split) {
+        // Partial results, merged by `combine_splits`.
+        let i = (z * comptime!(gqa as usize * n_kv_heads as usize) + h) * n_q + row;
+        out[i * hd + u] = acc;
+        if u == 0 {
+            ml[2 * i] = run_max;
+            ml[2 * i + 1] = sum;
+        }
+    } else {
+        out[(h * n_q + row) * hd + u] = acc / sum;
+    }
+}
+
+/// Merges the partial results of a split launch (flash-decoding: Dao et al., 2023): for row
+/// `CUBE_POS_X`, head `CUBE_POS_Y`, channel `UNIT_POS_X`, the splits' sums and outputs
+/// rescaled to the largest running maximum.
+#[cube(launch)]
+fn combine_splits(
+    part: &Array<f32>,
+    ml: &Array<f32>,
+    out: &mut Array<f32>,
+    n_q: u32,
+    n_heads: u32,
+    splits: u32,
+    #[comptime] head_dim: u32,
+) {
+    let row = CUBE_POS_X as usize;
+    let h = CUBE_POS_Y as usize;
+    let u = UNIT_POS_X as usize;
+    let hd = comptime!(head_dim as usize);
+    let (n_q, n_heads) = (n_q as usize, n_heads as usize);
+    let mut m = f32::new(-1.0e30);
+    for z in 0..splits as usize {
+        m = max(m, ml[2 * ((z * n_heads + h) * n_q + row)]);
+    }
+    let mut l = 0.0f32;
+    let mut acc = 0.0f32;
+    for z in 0..splits as usize {
+        let i = (z * n_heads + h) * n_q + row;
+        let w = (ml[2 * i] - m).exp();
+        l += ml[2 * i + 1] * w;
+        acc += part[i * hd + u] * w;
+    }
+    out[(h * n_q + row) * hd + u] = acc / l;
 }
 
 /// Where one logical page of a sequence lives on the device: a full-precision page, a packed
@@ -479,6 +528,8 @@ pub struct CubePagedKv<R: Runtime> {
     pages: usize,
     d: PagedDims,
     shape: CodeShape,
+    /// Parts the keys are split into (`None`: chosen from the launch's size).
+    splits: Option<usize>,
 }
 
 impl<R: Runtime> std::fmt::Debug for CubePagedKv<R> {
@@ -604,7 +655,15 @@ impl<R: Runtime> CubePagedKv<R> {
             pages: table.len(),
             d,
             shape: c.shape,
+            splits: None,
         })
+    }
+
+    /// Splits the keys into `n` parts, each attended by its own cubes and merged after
+    /// (flash-decoding; by default the count follows the launch's size).
+    pub fn with_key_splits(mut self, n: usize) -> Self {
+        self.splits = Some(n.max(1));
+        self
     }
 
     fn operands(&self) -> KvOperands<'_> {
@@ -651,7 +710,7 @@ impl<R: Runtime> CubePagedKv<R> {
         let c = &self.client;
         let q_handle = c.create_from_slice(f32::as_bytes(q));
         let tree = TreeOperands::upload(c, parents, &positions);
-        let out = launch_tree_attention(c, &self.operands(), q_handle, &tree, d);
+        let out = launch_tree_attention(c, &self.operands(), q_handle, &tree, d, self.splits);
         Ok(f32::from_bytes(&c.read_one_unchecked(out)).to_vec())
     }
 }
@@ -708,9 +767,23 @@ pub(crate) fn launch_tree_attention<R: Runtime>(
     q: Handle,
     tree: &TreeOperands,
     d: PagedDims,
+    splits: Option<usize>,
 ) -> Handle {
     let n = d.n_heads * d.n_q * d.head_dim;
-    let out = c.empty(n * 4);
+    let n_kv = d.cached + d.n_q;
+    let splits = splits
+        .unwrap_or_else(|| key_splits(n_kv, d))
+        .clamp(1, n_kv.max(1));
+    // Keys per split, whole tiles of `head_dim`; fewer splits if the last ones would be empty.
+    let split_len = n_kv.div_ceil(splits).div_ceil(d.head_dim) * d.head_dim;
+    let splits = n_kv.div_ceil(split_len);
+    let split = splits > 1;
+    let out = c.empty(splits * n * 4);
+    let ml = c.empty(if split {
+        splits * d.n_heads * d.n_q * 2 * 4
+    } else {
+        4
+    });
     // SAFETY: `lens[i]` is the element count `codes[i]` was created with.
     let arr = |i: usize| unsafe { ArrayArg::from_raw_parts(kv.codes[i].clone(), kv.lens[i]) };
     let CodeShape {
@@ -724,7 +797,7 @@ pub(crate) fn launch_tree_attention<R: Runtime>(
     unsafe {
         paged_tree_attention::launch::<R>(
             c,
-            CubeCount::Static(d.n_q as u32, d.n_heads as u32, 1),
+            CubeCount::Static(d.n_q as u32, d.n_heads as u32, splits as u32),
             CubeDim::new_1d(d.head_dim as u32),
             ArrayArg::from_raw_parts(q, n),
             ArrayArg::from_raw_parts(kv.k.clone(), kv.floats),
@@ -739,12 +812,22 @@ pub(crate) fn launch_tree_attention<R: Runtime>(
             arr(3),
             arr(4),
             arr(5),
-            ArrayArg::from_raw_parts(out.clone(), n),
+            ArrayArg::from_raw_parts(out.clone(), splits * n),
+            ArrayArg::from_raw_parts(
+                ml.clone(),
+                if split {
+                    splits * d.n_heads * d.n_q * 2
+                } else {
+                    1
+                },
+            ),
             d.cached as u32,
             d.n_q as u32,
             (d.head_dim as f32).powf(-0.5),
             window as u32,
             u32::from(tree.causal),
+            split_len as u32,
+            split,
             (d.n_heads / d.n_kv_heads) as u32,
             d.n_kv_heads as u32,
             d.head_dim as u32,
@@ -755,5 +838,37 @@ pub(crate) fn launch_tree_attention<R: Runtime>(
             v_group as u32,
         );
     }
-    out
+    if !split {
+        return out;
+    }
+    let merged = c.empty(n * 4);
+    // SAFETY: `out` holds `splits · n` partial outputs and `ml` their maxima and sums.
+    unsafe {
+        combine_splits::launch::<R>(
+            c,
+            CubeCount::Static(d.n_q as u32, d.n_heads as u32, 1),
+            CubeDim::new_1d(d.head_dim as u32),
+            ArrayArg::from_raw_parts(out, splits * n),
+            ArrayArg::from_raw_parts(ml, splits * d.n_heads * d.n_q * 2),
+            ArrayArg::from_raw_parts(merged.clone(), n),
+            d.n_q as u32,
+            d.n_heads as u32,
+            splits as u32,
+            d.head_dim as u32,
+        );
+    }
+    merged
+}
+
+/// How many parts the keys are split into (flash-decoding): one cube per (row, head) leaves
+/// most of a GPU idle when there are few rows and many keys, so small launches split the keys
+/// into parts of at least four tiles, up to ~256 cubes in all.
+fn key_splits(n_kv: usize, d: PagedDims) -> usize {
+    let cubes = d.n_q * d.n_heads;
+    if cubes >= 256 {
+        return 1;
+    }
+    (256 / cubes)
+        .min(n_kv.div_ceil(4 * d.head_dim))
+        .clamp(1, 64)
 }

@@ -606,6 +606,7 @@ impl<R: Runtime> DevicePagedKv<R> {
             q,
             &step.tree,
             dims,
+            None,
         ))
     }
 

@@ -102,6 +102,19 @@ fn gpu_paged_tree_attention_agrees_with_the_reference() {
         };
         let kv = CubePagedKv::<WgpuRuntime>::upload(&client, &k, &v, &table, d).unwrap();
         let got = kv.attention(&q, &parents).unwrap();
+        // The keys split into parts (flash-decoding) give the same rows.
+        for splits in [2, 3, 7] {
+            let kv = CubePagedKv::<WgpuRuntime>::upload(&client, &k, &v, &table, d)
+                .unwrap()
+                .with_key_splits(splits);
+            let split = kv.attention(&q, &parents).unwrap();
+            for (i, (a, b)) in split.iter().zip(&got).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "case {case}, {splits} splits, entry {i}: {a} vs {b}"
+                );
+            }
+        }
         // Reference: contiguous [kv_head][token][channel] and the mask from the parents.
         let gather = |src: &[f32]| -> Vec<f32> {
             let mut out = Vec::with_capacity(n_kv * row);
