@@ -106,6 +106,22 @@ fn random_path(parents: &[i32], rng: &mut Rng) -> Vec<usize> {
     path
 }
 
+/// Commits a random root-to-node path of the tree just appended after `prefix`, in both.
+fn commit_random_path(
+    kv: &mut Kv,
+    mirror: &mut Mirror,
+    parents: &[i32],
+    prefix: usize,
+    rng: &mut Rng,
+) {
+    let path: Vec<usize> = random_path(parents, rng)
+        .into_iter()
+        .map(|r| prefix + r)
+        .collect();
+    kv.retain(prefix, &path);
+    mirror.retain(prefix, &path);
+}
+
 #[test]
 fn device_kv_cache_follows_a_speculative_session() {
     let cases = [
@@ -147,12 +163,7 @@ fn device_kv_cache_follows_a_speculative_session() {
                     "{what}: rollback is not byte-identical"
                 );
             } else {
-                let path: Vec<usize> = random_path(&parents, &mut rng)
-                    .into_iter()
-                    .map(|r| prefix + r)
-                    .collect();
-                kv.retain(prefix, &path);
-                mirror.retain(prefix, &path);
+                commit_random_path(&mut kv, &mut mirror, &parents, prefix, &mut rng);
             }
             assert_eq!(kv.len(), prefix + mirror.layers[0][0].len() - prefix);
             check_contents(&kv, &mirror, &what);
@@ -432,12 +443,7 @@ fn device_kv_cache_packs_pages_and_reads_codes_past_the_window() {
                         "{what} round {round}: rollback changed the cache"
                     );
                 } else {
-                    let path: Vec<usize> = random_path(&parents, &mut rng)
-                        .into_iter()
-                        .map(|r| prefix + r)
-                        .collect();
-                    kv.retain(prefix, &path);
-                    mirror.retain(prefix, &path);
+                    commit_random_path(&mut kv, &mut mirror, &parents, prefix, &mut rng);
                 }
                 coded += check_quantized(&kv, &mirror, &q);
                 // Accounting: full pages and packed pages, every layer, keys and values.
