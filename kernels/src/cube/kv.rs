@@ -49,8 +49,8 @@ use super::attention::{
     CodeShape, KvOperands, PageRef, PagedDims, TreeOperands, check_parents, device_array,
     launch_tree_attention,
 };
-use super::kvpack::PackedStore;
 pub use super::kvpack::{DeviceQuant, ValueCalibration};
+use super::kvpack::{PackedStore, copied_blocks};
 use crate::KernelError;
 
 /// Geometry of a device cache.
@@ -99,19 +99,6 @@ fn move_rows(
     } else {
         dst[row] = src[paged];
     }
-}
-
-/// Copies page `CUBE_POS_X` of `src` to `dst` (same layout): cube `(page, slot · kv_head)`,
-/// unit = channel.
-#[cube(launch)]
-fn copy_pages(
-    src: &Array<f32>,
-    dst: &mut Array<f32>,
-    #[comptime] rows_per_page: u32,
-    #[comptime] head_dim: u32,
-) {
-    let at = ((CUBE_POS_X * rows_per_page + CUBE_POS_Y) * head_dim + UNIT_POS_X) as usize;
-    dst[at] = src[at];
 }
 
 /// The invariant of a commit: `rows` increasing, from `prefix` on, inside a cache of `len`
@@ -349,25 +336,12 @@ impl<R: Runtime> DevicePagedKv<R> {
 
     /// A new buffer of `capacity` pages holding the first `pages` pages of `src`.
     fn copied(&self, src: &Handle, pages: usize, capacity: usize) -> Handle {
-        let d = self.dims;
-        let floats = d.page_floats();
-        let dst = self.client.empty(capacity.max(1) * floats * 4);
-        if pages > 0 {
-            // SAFETY: `src` holds at least `pages` pages, `dst` `capacity ≥ pages`; the
-            // launch covers exactly `pages · floats` elements.
-            unsafe {
-                copy_pages::launch::<R>(
-                    &self.client,
-                    CubeCount::Static(pages as u32, (d.page_size * d.n_kv_heads) as u32, 1),
-                    CubeDim::new_1d(d.head_dim as u32),
-                    ArrayArg::from_raw_parts(src.clone(), pages * floats),
-                    ArrayArg::from_raw_parts(dst.clone(), capacity * floats),
-                    (d.page_size * d.n_kv_heads) as u32,
-                    d.head_dim as u32,
-                );
-            }
-        }
-        dst
+        copied_blocks(
+            &self.client,
+            src,
+            (pages, capacity),
+            self.dims.page_floats(),
+        )
     }
 
     /// `n` rows of `block` (`[kv_head][n][head_dim]`) into `slots` of `pages` (one of the

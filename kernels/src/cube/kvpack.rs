@@ -229,6 +229,32 @@ fn copy_blocks<E: Numeric>(src: &Array<E>, dst: &mut Array<E>, #[comptime] block
     }
 }
 
+/// A new buffer of `capacity` blocks of `block` 32-bit words (codes, or f32 bit patterns)
+/// holding the first `blocks` blocks of `src` (growth and copies of device storage).
+pub(crate) fn copied_blocks<R: Runtime>(
+    client: &ComputeClient<R>,
+    src: &Handle,
+    (blocks, capacity): (usize, usize),
+    block: usize,
+) -> Handle {
+    let dst = client.empty(capacity.max(1) * block * 4);
+    if blocks > 0 {
+        // SAFETY: `src` holds at least `blocks` blocks, `dst` `capacity ≥ blocks`; the launch
+        // covers exactly `blocks · block` words.
+        unsafe {
+            copy_blocks::launch::<u32, R>(
+                client,
+                CubeCount::Static(blocks as u32, 1, 1),
+                CubeDim::new_1d(256),
+                ArrayArg::from_raw_parts(src.clone(), blocks * block),
+                ArrayArg::from_raw_parts(dst.clone(), capacity * block),
+                block as u32,
+            );
+        }
+    }
+    dst
+}
+
 /// One layer's SKVQ value calibration: the channel permutation and per-group clip ratios.
 pub type ValueCalibration = (Vec<usize>, Vec<f32>);
 
@@ -376,22 +402,9 @@ impl PackedStore {
         if self.free.is_empty() {
             let (old, cap) = (self.capacity, (2 * self.capacity).max(1));
             let sizes = self.sizes(d);
-            let grown = |h: Option<&Handle>, size: usize| {
-                let new = client.empty(cap * size * 4);
-                if let Some(h) = h {
-                    // SAFETY: `h` holds `old` blocks of `size`, `new` `cap ≥ old`.
-                    unsafe {
-                        copy_blocks::launch::<u32, R>(
-                            client,
-                            CubeCount::Static(old as u32, 1, 1),
-                            CubeDim::new_1d(256),
-                            ArrayArg::from_raw_parts(h.clone(), old * size),
-                            ArrayArg::from_raw_parts(new.clone(), cap * size),
-                            size as u32,
-                        );
-                    }
-                }
-                new
+            let grown = |h: Option<&Handle>, size: usize| match h {
+                Some(h) => copied_blocks(client, h, (old, cap), size),
+                None => client.empty(cap * size * 4),
             };
             self.bufs = (0..d.n_layers)
                 .map(|l| std::array::from_fn(|i| grown(self.bufs.get(l).map(|b| &b[i]), sizes[i])))
@@ -573,21 +586,7 @@ impl PackedStore {
     pub fn duplicate<R: Runtime>(&self, client: &ComputeClient<R>, d: &DeviceKvDims) -> Self {
         let sizes = self.sizes(d);
         let n = self.capacity;
-        let copy = |h: &Handle, size: usize| {
-            let new = client.empty((n * size).max(1) * 4);
-            // SAFETY: both hold `n` blocks of `size`.
-            unsafe {
-                copy_blocks::launch::<u32, R>(
-                    client,
-                    CubeCount::Static(n as u32, 1, 1),
-                    CubeDim::new_1d(256),
-                    ArrayArg::from_raw_parts(h.clone(), n * size),
-                    ArrayArg::from_raw_parts(new.clone(), n * size),
-                    size as u32,
-                );
-            }
-            new
-        };
+        let copy = |h: &Handle, size: usize| copied_blocks(client, h, (n, n), size);
         Self {
             cfg: self.cfg.clone(),
             perms: self.perms.clone(),
