@@ -29,3 +29,15 @@ impl KvLayout {
         2 * self.n_layers * self.page_floats() * std::mem::size_of::<f32>()
     }
 }
+
+impl From<KvLayout> for arbor_kernels::cube::kv::DeviceKvDims {
+    /// The same geometry for the device cache.
+    fn from(l: KvLayout) -> Self {
+        Self {
+            n_layers: l.n_layers,
+            n_kv_heads: l.n_kv_heads,
+            head_dim: l.head_dim,
+            page_size: l.page_size,
+        }
+    }
+}

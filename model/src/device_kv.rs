@@ -9,7 +9,7 @@
 //! [`DevicePagedKv`]: arbor_kernels::cube::kv::DevicePagedKv
 
 use arbor_cache::compression::KeyQuant;
-use arbor_cache::{DeviceStore, KvCache, KvPolicy};
+use arbor_cache::{DeviceStore, KvCache, KvLayout, KvPolicy};
 use arbor_kernels::cube::kv::DeviceQuant;
 use burn::tensor::{Tensor, backend::Backend};
 
@@ -60,24 +60,14 @@ pub(crate) fn device_quant(policy: &KvPolicy) -> Result<Option<DeviceQuant>> {
     }))
 }
 
-/// Geometry of a model's device cache.
-#[derive(Debug, Clone, Copy)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the `cuda` build
-pub(crate) struct DeviceCacheDims {
-    pub n_layers: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    pub page_size: usize,
-}
-
 #[cfg(not(feature = "cuda"))]
 mod imp {
-    use super::{Backend, DeviceCacheDims, DeviceStore, KvCache, KvPolicy, Tensor};
+    use super::{Backend, DeviceStore, KvCache, KvLayout, KvPolicy, Tensor};
 
     /// A device cache for `B` (none without the `cuda` feature).
     pub(crate) fn new_cache<B: Backend>(
         _: &B::Device,
-        _: DeviceCacheDims,
+        _: KvLayout,
         _: Option<&KvPolicy>,
     ) -> Option<KvCache<B>> {
         None
@@ -113,11 +103,11 @@ mod imp {
 mod imp {
     use std::any::{Any, TypeId};
 
-    use arbor_kernels::cube::kv::{DeviceKvDims, DevicePagedKv};
+    use arbor_kernels::cube::kv::DevicePagedKv;
     use cubecl::Runtime;
     use cubecl::cuda::CudaRuntime;
 
-    use super::{Backend, DeviceCacheDims, DeviceStore, KvCache, KvPolicy, Tensor, device_quant};
+    use super::{Backend, DeviceStore, KvCache, KvLayout, KvPolicy, Tensor, device_quant};
     use crate::cube_tensor::{from_cube, into_cube};
 
     type Store = DevicePagedKv<CudaRuntime>;
@@ -133,19 +123,14 @@ mod imp {
     /// by [`crate::Transformer::check_kv_policy`] when the policy was accepted.
     pub(crate) fn new_cache<B: Backend>(
         device: &B::Device,
-        d: DeviceCacheDims,
+        layout: KvLayout,
         policy: Option<&KvPolicy>,
     ) -> Option<KvCache<B>> {
         if !on_device::<B>() {
             return None;
         }
         let device = (device as &dyn Any).downcast_ref::<<CudaRuntime as Runtime>::Device>()?;
-        let dims = DeviceKvDims {
-            n_layers: d.n_layers,
-            n_kv_heads: d.n_kv_heads,
-            head_dim: d.head_dim,
-            page_size: d.page_size,
-        };
+        let dims = layout.into();
         let client = CudaRuntime::client(device);
         let uncompressed = |e: String| {
             tracing::debug!("device KV cache without compression: {e}");
@@ -162,7 +147,7 @@ mod imp {
             None => Store::new(&client, dims),
         }
         .ok()?;
-        Some(KvCache::on_device(d.n_layers, Box::new(store)))
+        Some(KvCache::on_device(layout.n_layers, Box::new(store)))
     }
 
     /// Whether `B`'s attention reads `store` (a CUDA store on the CUDA backend).

@@ -18,14 +18,13 @@ use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 
 use crate::config::ModelConfig;
-use crate::device_kv::{self, DeviceCacheDims};
+use crate::device_kv;
 use crate::embed::Embed;
 use crate::error::{ModelError, Result};
 use crate::input::ForwardInput;
 use crate::proj::{Proj, forward_fused, gated_mlp_host, host_values, uses_fast_path};
 use crate::rope::RopeAngles;
 use crate::weights::{MatrixData, WeightSource};
-use arbor_kernels::cube::kv::DeviceKvDims;
 
 /// Self-attention with GQA and optional q/k/v biases.
 #[derive(Module, Debug)]
@@ -364,22 +363,14 @@ impl<B: Backend> Transformer<B> {
     /// read in place by the CubeCL tree attention and quantized on the device; a dense exact
     /// device cache elsewhere.
     pub fn new_cache_with(&self, page_size: usize, policy: Option<Arc<KvPolicy>>) -> KvCache<B> {
-        if !uses_fast_path::<B>()
-            && let Some(layout) = self.kv_layout(page_size)
+        let layout = self.kv_layout(page_size);
+        if let Some(l) = layout.filter(|_| device_kv::on_device::<B>())
+            && let Some(cache) =
+                device_kv::new_cache(&self.norm.gamma.device(), l, policy.as_deref())
         {
-            let dims = DeviceCacheDims {
-                n_layers: layout.n_layers,
-                n_kv_heads: layout.n_kv_heads,
-                head_dim: layout.head_dim,
-                page_size: layout.page_size,
-            };
-            if let Some(cache) =
-                device_kv::new_cache(&self.norm.gamma.device(), dims, policy.as_deref())
-            {
-                return cache;
-            }
+            return cache;
         }
-        match (self.kv_layout(page_size), policy) {
+        match (layout, policy) {
             (Some(layout), Some(p)) => KvCache::paged_with(layout, p),
             (Some(layout), None) => KvCache::paged(layout),
             _ => KvCache::new(self.layers.len()),
@@ -393,16 +384,12 @@ impl<B: Backend> Transformer<B> {
     /// # Errors
     /// [`ModelError::Input`] naming the part this backend does not apply.
     pub fn check_kv_policy(&self, policy: &KvPolicy) -> Result<()> {
-        if device_kv::on_device::<B>()
+        if let Some(layout) = self
+            .kv_layout(KV_PAGE_SIZE)
+            .filter(|_| device_kv::on_device::<B>())
             && let Some(q) = device_kv::device_quant(policy)?
         {
-            let dims = DeviceKvDims {
-                n_layers: self.layers.len(),
-                n_kv_heads: self.layers.first().map_or(1, |l| l.attn.n_kv_heads),
-                head_dim: self.head_dim,
-                page_size: KV_PAGE_SIZE,
-            };
-            q.check(&dims)
+            q.check(&layout.into())
                 .map_err(|e| ModelError::Input(format!("KV quantization on the device: {e}")))?;
         }
         Ok(())
@@ -511,10 +498,11 @@ impl<B: Backend> Transformer<B> {
             let total = s.cache.len() + n;
             // The device mask only for tensor-op attention; paged caches read the host mask,
             // device caches the tree it describes.
-            let parents = match s.cache.device_store() {
-                Some(_) => Some(s.input.tree_parents(s.cache.len())?),
-                None => None,
-            };
+            let parents = s
+                .cache
+                .device_store()
+                .map(|_| s.input.tree_parents(s.cache.len()))
+                .transpose()?;
             let mask = s.cache.takes_tensor_mask().then(|| {
                 Tensor::<B, 3, Bool>::from_data(
                     TensorData::new(s.input.mask.clone(), [batch, n, total]),
