@@ -619,10 +619,7 @@ impl<R: Runtime> DevicePagedKv<R> {
                 self.table[p].full = Some(page);
             }
             if let Some(qp) = self.table[p].packed.take() {
-                self.quant
-                    .as_mut()
-                    .expect("codes need quantization")
-                    .release(qp);
+                self.release_packed(qp);
             }
         }
         // Vacated slots inside the last kept page.
@@ -630,19 +627,25 @@ impl<R: Runtime> DevicePagedKv<R> {
             .map(|t| self.slot(t))
             .collect();
         self.zero(&vacated);
-        for r in self.table.drain(keep.min(self.table.len())..).rev() {
+        let dropped: Vec<PageRef> = self.table.drain(keep.min(self.table.len())..).collect();
+        for r in dropped.into_iter().rev() {
             self.free.extend(r.full);
             if let Some(qp) = r.packed {
-                self.quant
-                    .as_mut()
-                    .expect("codes need quantization")
-                    .release(qp);
+                self.release_packed(qp);
             }
         }
         for l in &mut self.lens {
             *l = (*l).min(len);
         }
         self.release_old();
+    }
+
+    /// Returns packed page `qp` to its pool.
+    fn release_packed(&mut self, qp: u32) {
+        self.quant
+            .as_mut()
+            .expect("packed pages exist only with quantization")
+            .release(qp);
     }
 
     /// Commit after tree verification: keeps tokens `0..prefix`, then tokens `rows`
