@@ -4,35 +4,37 @@
 //! groups after a calibrated channel permutation with per-group clip ratios (SKVQ); keys
 //! either the same way or — the default — per channel over the tokens of a page (KIVI, Liu et
 //! al., arXiv 2402.02750), because a few key channels (Qwen2's key bias) are far wider than the
-//! rest and would swamp every per-token group they fall in.
+//! rest and would swamp every per-token group they fall in. Values may be quantized per
+//! channel too ([`QuantConfig::values`]: over a page of 8 tokens it halves their error against
+//! groups of 8 channels at the same bytes), and per-channel blocks may refine their widest
+//! channels with a second code ([`QuantConfig::refine`]).
 
 use arbor_kernels::kvquant::{ChannelQuantizer, RowQuantizer, calibrate_clip, range_permutation};
 use serde::{Deserialize, Serialize};
 
 use crate::{CacheError, KvLayout, PagedKv};
 
-/// How keys are quantized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// How keys or values are quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum KeyAxis {
+pub enum QuantAxis {
     /// Per channel over a page's tokens (KIVI): each channel its own scale and minimum.
-    #[default]
     Channel,
-    /// Per token in channel groups, like values (SKVQ).
+    /// Per token in channel groups (SKVQ).
     Token,
 }
 
-/// The quantizer of one layer's keys.
+/// The quantizer of one layer's keys or values.
 #[derive(Debug, Clone, PartialEq)]
-pub enum KeyQuant {
+pub enum PageQuant {
     /// Per token (one KV head's row of `head_dim` channels).
     Token(RowQuantizer),
     /// Per channel over a page (`page_size` tokens × every KV head's channels).
     Channel(ChannelQuantizer),
 }
 
-impl KeyQuant {
-    /// Packs one page of keys (`[slot][kv_head][head_dim]`).
+impl PageQuant {
+    /// Packs one page of keys or values (`[slot][kv_head][head_dim]`).
     pub(crate) fn pack(&self, page: &[f32]) -> Box<[u8]> {
         match self {
             Self::Token(q) => pack_rows(q, page),
@@ -44,11 +46,19 @@ impl KeyQuant {
         }
     }
 
-    /// Unpacks key `slot` of head `g` of a packed page into `out` (`head_dim` values).
+    /// Unpacks row `slot` of head `g` of a packed page into `out` (`head_dim` values).
     pub(crate) fn read(&self, codes: &[u8], slot: usize, g: usize, kvh: usize, out: &mut [f32]) {
         match self {
             Self::Token(q) => read_row(q, codes, slot * kvh + g, out),
             Self::Channel(q) => q.dequantize(codes, slot, g * out.len(), out),
+        }
+    }
+
+    /// Bytes of one packed page.
+    pub fn page_bytes(&self, layout: &KvLayout) -> usize {
+        match self {
+            Self::Token(q) => layout.page_size * layout.n_kv_heads * q.packed_bytes(),
+            Self::Channel(q) => q.packed_bytes(),
         }
     }
 
@@ -93,9 +103,9 @@ pub struct KvCompression {
     /// Full-precision recent tokens.
     pub window: usize,
     /// Per layer, the key quantizer.
-    pub keys: Vec<KeyQuant>,
-    /// Per layer, the quantizer of one token's values of one KV head (`head_dim` channels).
-    pub values: Vec<RowQuantizer>,
+    pub keys: Vec<PageQuant>,
+    /// Per layer, the value quantizer.
+    pub values: Vec<PageQuant>,
 }
 
 /// Quantization settings, before they are fitted to a model.
@@ -103,14 +113,20 @@ pub struct KvCompression {
 pub struct QuantConfig {
     /// Bits per code: 2, 4 or 8.
     pub bits: u32,
-    /// Channels per group of a per-token row (values; keys with [`KeyAxis::Token`]).
+    /// Channels per group of a per-token row (values; keys with [`QuantAxis::Token`]).
     pub group: usize,
     /// Full-precision sink tokens.
     pub sinks: usize,
     /// Full-precision recent tokens.
     pub window: usize,
-    /// How keys are quantized.
-    pub keys: KeyAxis,
+    /// How keys are quantized (default: per channel).
+    pub keys: QuantAxis,
+    /// How values are quantized (default: per token, SKVQ).
+    pub values: QuantAxis,
+    /// Per-channel quantizers: channels per KV head and page given a residual code (the widest
+    /// steps of the page; 0: none). Bytes per refined channel and token: `bits / 8`, plus one
+    /// index byte per refined channel and page.
+    pub refine: usize,
 }
 
 impl Default for QuantConfig {
@@ -120,7 +136,9 @@ impl Default for QuantConfig {
             group: 64,
             sinks: 4,
             window: 128,
-            keys: KeyAxis::Channel,
+            keys: QuantAxis::Channel,
+            values: QuantAxis::Token,
+            refine: 0,
         }
     }
 }
@@ -231,17 +249,19 @@ impl KvCompression {
                 cal.map(|c| c.clip.clone()),
             )?)
         };
+        let page = |layer: usize, which: usize, axis: QuantAxis| -> Result<PageQuant, CacheError> {
+            Ok(match axis {
+                QuantAxis::Token => PageQuant::Token(row(layer, which)?),
+                QuantAxis::Channel => PageQuant::Channel(
+                    ChannelQuantizer::new(config.bits, layout.page_size, layout.row())?
+                        .with_refinement(config.refine, hd)?,
+                ),
+            })
+        };
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         for layer in 0..layout.n_layers {
-            keys.push(match config.keys {
-                KeyAxis::Token => KeyQuant::Token(row(layer, 0)?),
-                KeyAxis::Channel => KeyQuant::Channel(ChannelQuantizer::new(
-                    config.bits,
-                    layout.page_size,
-                    layout.row(),
-                )?),
-            });
-            values.push(row(layer, 1)?);
+            keys.push(page(layer, 0, config.keys)?);
+            values.push(page(layer, 1, config.values)?);
         }
         Ok(Self {
             sinks: config.sinks,
@@ -264,6 +284,6 @@ impl KvCompression {
         self.keys.len() == layout.n_layers
             && self.values.len() == layout.n_layers
             && self.keys.iter().all(|k| k.fits(layout))
-            && self.values.iter().all(|v| v.channels() == layout.head_dim)
+            && self.values.iter().all(|v| v.fits(layout))
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! [`DevicePagedKv`]: arbor_kernels::cube::kv::DevicePagedKv
 
-use arbor_cache::compression::KeyQuant;
+use arbor_cache::compression::PageQuant;
 use arbor_cache::{DeviceStore, KvCache, KvLayout, KvPolicy};
 use arbor_kernels::cube::kv::DeviceQuant;
 use burn::tensor::{Tensor, backend::Backend};
@@ -39,11 +39,21 @@ pub(crate) fn device_quant(policy: &KvPolicy) -> Result<Option<DeviceQuant>> {
     let mut bits = None;
     for k in &c.keys {
         match k {
-            KeyQuant::Channel(q) => bits = Some(q.bits()),
-            KeyQuant::Token(_) => return cpu_only("per-token key quantization"),
+            PageQuant::Channel(q) if q.refined() > 0 => {
+                return cpu_only("refined key channels (--kv-refine)");
+            }
+            PageQuant::Channel(q) => bits = Some(q.bits()),
+            PageQuant::Token(_) => return cpu_only("per-token key quantization"),
         }
     }
-    let (Some(bits), Some(first)) = (bits, c.values.first()) else {
+    let mut values = Vec::with_capacity(c.values.len());
+    for v in &c.values {
+        match v {
+            PageQuant::Token(v) => values.push(v),
+            PageQuant::Channel(_) => return cpu_only("per-channel value quantization"),
+        }
+    }
+    let (Some(bits), Some(first)) = (bits, values.first()) else {
         return Ok(None);
     };
     Ok(Some(DeviceQuant {
@@ -52,7 +62,7 @@ pub(crate) fn device_quant(policy: &KvPolicy) -> Result<Option<DeviceQuant>> {
         sinks: c.sinks,
         window: c.window,
         values: Some(
-            c.values
+            values
                 .iter()
                 .map(|v| (v.perm().to_vec(), v.clip().to_vec()))
                 .collect(),
@@ -192,7 +202,7 @@ pub(crate) use imp::{attention, new_cache, on_device, reads};
 
 #[cfg(test)]
 mod tests {
-    use arbor_cache::{KeyAxis, KvCompression, KvLayout, KvPolicy, QuantConfig, QuestConfig};
+    use arbor_cache::{KvCompression, KvLayout, KvPolicy, QuantAxis, QuantConfig, QuestConfig};
 
     use super::device_quant;
 
@@ -210,7 +220,7 @@ mod tests {
             group: 16,
             sinks: 8,
             window: 64,
-            keys: KeyAxis::Channel,
+            ..QuantConfig::default()
         };
         let policy = KvPolicy::quantized(KvCompression::uniform(&LAYOUT, &config).unwrap());
         let q = device_quant(&policy)
@@ -226,11 +236,24 @@ mod tests {
         );
         assert_eq!(device_quant(&KvPolicy::default()).unwrap(), None);
         let tokens = QuantConfig {
-            keys: KeyAxis::Token,
+            keys: QuantAxis::Token,
             ..config
         };
         let per_token = KvPolicy::quantized(KvCompression::uniform(&LAYOUT, &tokens).unwrap());
         assert!(device_quant(&per_token).is_err());
+        for cpu_only in [
+            QuantConfig {
+                values: QuantAxis::Channel,
+                ..config
+            },
+            QuantConfig {
+                refine: 2,
+                ..config
+            },
+        ] {
+            let p = KvPolicy::quantized(KvCompression::uniform(&LAYOUT, &cpu_only).unwrap());
+            assert!(device_quant(&p).is_err(), "{cpu_only:?}");
+        }
         let quest = KvPolicy {
             quest: Some(QuestConfig::with_budget(256)),
             ..policy

@@ -71,8 +71,16 @@ pub struct KvArgs {
     #[arg(long, default_value_t = 128)]
     pub kv_window: usize,
     /// How keys are quantized: per channel over each page (KIVI) or per token like values.
-    #[arg(long, value_enum, default_value_t = KeyAxisArg::Channel)]
-    pub kv_keys: KeyAxisArg,
+    #[arg(long, value_enum, default_value_t = QuantAxisArg::Channel)]
+    pub kv_keys: QuantAxisArg,
+    /// How values are quantized: per token in channel groups (SKVQ) or per channel over each
+    /// page (best with `--page-size 8`).
+    #[arg(long, value_enum, default_value_t = QuantAxisArg::Token)]
+    pub kv_values: QuantAxisArg,
+    /// Per-channel quantization: channels per KV head and page (its widest steps) that get a
+    /// second code for their rounding error (CPU backend).
+    #[arg(long, default_value_t = 0, value_name = "CHANNELS")]
+    pub kv_refine: usize,
     /// SKVQ calibration (channel permutation, clip ratios) from `arbor calibrate`.
     #[arg(long, value_name = "FILE")]
     pub kv_calib: Option<std::path::PathBuf>,
@@ -84,13 +92,22 @@ pub struct KvArgs {
     pub h2o_budget: Option<usize>,
 }
 
-/// `--kv-keys`.
+/// `--kv-keys`, `--kv-values`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KeyAxisArg {
+pub enum QuantAxisArg {
     /// Per channel over each page (KIVI).
     Channel,
     /// Per token in channel groups (SKVQ).
     Token,
+}
+
+impl From<QuantAxisArg> for arbor_cache::QuantAxis {
+    fn from(a: QuantAxisArg) -> Self {
+        match a {
+            QuantAxisArg::Channel => Self::Channel,
+            QuantAxisArg::Token => Self::Token,
+        }
+    }
 }
 
 impl KvArgs {
@@ -102,10 +119,9 @@ impl KvArgs {
                 group: self.kv_group,
                 sinks: self.kv_sinks,
                 window: self.kv_window,
-                keys: match self.kv_keys {
-                    KeyAxisArg::Channel => arbor_cache::KeyAxis::Channel,
-                    KeyAxisArg::Token => arbor_cache::KeyAxis::Token,
-                },
+                keys: self.kv_keys.into(),
+                values: self.kv_values.into(),
+                refine: self.kv_refine,
             }),
             calibration: self.kv_calib.clone(),
             quest_budget: self.quest_budget,

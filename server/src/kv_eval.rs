@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use arbor_cache::{Calibration, KeyAxis, KvCache, KvPolicy, QuantConfig};
+use arbor_cache::{Calibration, KvCache, KvPolicy, QuantAxis, QuantConfig};
 use arbor_engine::{Engine, Event, GenerateParams, Generator, Prompt, TreePolicy};
 use arbor_model::sampling::argmax;
 use arbor_model::{ForwardInput, KV_PAGE_SIZE, LoadedModel, Transformer};
@@ -39,7 +39,9 @@ pub struct KvEvalArgs {
     pub tokens: usize,
     /// Policy settings, comma-separated; each joins parts with `+`:
     /// `BITS:WINDOW[:SINKS[:GROUP]]` (quantization, keys per channel), `tok` (keys per
-    /// token instead), `cal` (SKVQ-calibrated: `--calib`, else fitted on the exact run's first
+    /// token instead), `vchan` (values per channel over a page, like keys), `ref=N` (N
+    /// channels per KV head and page refined with a second code, in per-channel blocks),
+    /// `cal` (SKVQ-calibrated: `--calib`, else fitted on the exact run's first
     /// `--calibration-tokens` tokens), `quest=N` and `h2o=N` (token budgets; `N%` of
     /// `--tokens`). The exact cache always runs first.
     #[arg(long, default_value = "8:128,4:128,4:128+tok,2:128,quest=25%,h2o=50%")]
@@ -122,11 +124,15 @@ fn parse_setting(s: &str, tokens: usize) -> Result<Setting> {
             None => Ok(v.parse()?),
         }
     };
-    let (mut tok, mut cal) = (false, false);
+    let (mut tok, mut cal, mut vchan, mut refine) = (false, false, false, None);
     for part in label.split('+').map(str::trim) {
         let bad = || format!("bad setting part {part:?} in {label:?}");
         if part == "tok" {
             tok = true;
+        } else if part == "vchan" {
+            vchan = true;
+        } else if let Some(v) = part.strip_prefix("ref=") {
+            refine = Some(v.parse::<usize>().with_context(bad)?);
         } else if part == "cal" {
             cal = true;
         } else if let Some(v) = part.strip_prefix("quest=") {
@@ -150,14 +156,24 @@ fn parse_setting(s: &str, tokens: usize) -> Result<Setting> {
                 group,
                 sinks,
                 window,
-                keys: KeyAxis::Channel,
+                ..QuantConfig::default()
             });
         }
     }
     match &mut out.spec.quant {
-        Some(q) if tok => q.keys = KeyAxis::Token,
-        None if tok || cal => bail!("{label:?}: `tok` and `cal` qualify a BITS:WINDOW part"),
-        _ => {}
+        Some(q) => {
+            if tok {
+                q.keys = QuantAxis::Token;
+            }
+            if vchan {
+                q.values = QuantAxis::Channel;
+            }
+            q.refine = refine.unwrap_or(0);
+        }
+        None if tok || cal || vchan || refine.is_some() => {
+            bail!("{label:?}: `tok`, `vchan`, `ref=N` and `cal` qualify a BITS:WINDOW part")
+        }
+        None => {}
     }
     out.calibrated = cal;
     Ok(out)
@@ -454,7 +470,7 @@ mod tests {
         let s = parse_setting("4:128+tok+cal+quest=25%+h2o=300", 4000).unwrap();
         let q = s.spec.quant.unwrap();
         assert_eq!((q.bits, q.window, q.sinks, q.group), (4, 128, 4, 64));
-        assert_eq!(q.keys, KeyAxis::Token);
+        assert_eq!(q.keys, QuantAxis::Token);
         assert!(s.calibrated);
         assert_eq!(
             (s.spec.quest_budget, s.spec.h2o_budget),
@@ -468,6 +484,23 @@ mod tests {
                 .is_none()
         );
         assert!(parse_setting("tok", 10).is_err());
+        let v = parse_setting("4:128:4:16+vchan+ref=8", 10).unwrap();
+        let q = v.spec.quant.unwrap();
+        assert_eq!(
+            (q.keys, q.values, q.refine, q.group),
+            (QuantAxis::Channel, QuantAxis::Channel, 8, 16)
+        );
+        assert_eq!(
+            parse_setting("4:128", 10)
+                .unwrap()
+                .spec
+                .quant
+                .unwrap()
+                .refine,
+            0
+        );
+        assert!(parse_setting("vchan", 10).is_err());
+        assert!(parse_setting("4:128+ref=x", 10).is_err());
         assert!(parse_setting("4", 10).is_err());
         assert!(parse_setting("quest=x", 10).is_err());
     }

@@ -30,7 +30,6 @@ use std::sync::Arc;
 
 pub use view::LayerView;
 
-use crate::compression::{pack_rows, read_row};
 use crate::{KvCompression, KvLayout, KvPolicy, h2o};
 
 /// Votes of one row not yet known to be committed.
@@ -279,7 +278,7 @@ impl PagedKv {
                     .enumerate()
                 {
                     c.keys[layer].read(&l.kq[p], r / kvh, r % kvh, kvh, kr);
-                    read_row(&c.values[layer], &l.vq[p], r, vr);
+                    c.values[layer].read(&l.vq[p], r / kvh, r % kvh, kvh, vr);
                 }
                 l.k[p] = k.into_boxed_slice();
                 l.v[p] = v.into_boxed_slice();
@@ -312,7 +311,7 @@ impl PagedKv {
                 && l.kq[p].is_empty()
             {
                 l.kq[p] = c.keys[layer].pack(&l.k[p]);
-                l.vq[p] = pack_rows(&c.values[layer], &l.v[p]);
+                l.vq[p] = c.values[layer].pack(&l.v[p]);
             }
             if quest {
                 let mut b = vec![f32::INFINITY; row];

@@ -4,7 +4,7 @@ use arbor_kernels::attention::KvSource;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::*;
-use crate::{H2oConfig, KeyAxis, QuantConfig, QuestConfig};
+use crate::{H2oConfig, QuantAxis, QuantConfig, QuestConfig};
 
 fn layout() -> KvLayout {
     KvLayout {
@@ -131,13 +131,25 @@ fn add(c: &mut PagedKv, first: usize, n: usize) {
     }
 }
 
-fn quant(bits: u32, sinks: usize, window: usize, keys: KeyAxis) -> KvCompression {
+fn quant(bits: u32, sinks: usize, window: usize, keys: QuantAxis) -> KvCompression {
+    quant_with(bits, sinks, window, (keys, QuantAxis::Token, 0))
+}
+
+/// Quantizers with keys and values on the given axes and `refine` refined channels.
+fn quant_with(
+    bits: u32,
+    sinks: usize,
+    window: usize,
+    (keys, values, refine): (QuantAxis, QuantAxis, usize),
+) -> KvCompression {
     let cfg = QuantConfig {
         bits,
         group: 8,
         sinks,
         window,
         keys,
+        values,
+        refine,
     };
     KvCompression::uniform(&WIDE, &cfg).unwrap()
 }
@@ -154,8 +166,14 @@ fn read(c: &PagedKv, values: bool, j: usize, pos: usize) -> Vec<f32> {
 
 #[test]
 fn quantized_pages_follow_the_position_rule_shrink_storage_and_roll_back_exactly() {
-    for axis in [KeyAxis::Channel, KeyAxis::Token] {
-        let comp = quant(4, 2, 4, axis);
+    for axes in [
+        (QuantAxis::Channel, QuantAxis::Token, 0),
+        (QuantAxis::Token, QuantAxis::Token, 0),
+        (QuantAxis::Channel, QuantAxis::Channel, 0),
+        (QuantAxis::Channel, QuantAxis::Channel, 2),
+    ] {
+        let axis = axes.0;
+        let comp = quant_with(4, 2, 4, axes);
         let mut c = PagedKv::with_policy(WIDE, Arc::new(KvPolicy::quantized(comp.clone())));
         let mut plain = PagedKv::new(WIDE);
         add(&mut c, 0, 20);
@@ -169,11 +187,12 @@ fn quantized_pages_follow_the_position_rule_shrink_storage_and_roll_back_exactly
             if !(4..16).contains(&j) {
                 assert_eq!(
                     before[j], exact,
-                    "{axis:?}: sinks' page and window exact ({j})"
+                    "{axes:?}: sinks' page and window exact ({j})"
                 );
                 assert_eq!(vals[j], read(&plain, true, j, 20));
             } else {
-                assert_ne!(before[j], exact, "{axis:?}: token {j} is quantized");
+                assert_ne!(before[j], exact, "{axes:?}: token {j} is quantized");
+                assert_ne!(vals[j], read(&plain, true, j, 20), "{axes:?}: value {j}");
                 let err = before[j]
                     .iter()
                     .zip(&exact)
@@ -182,8 +201,8 @@ fn quantized_pages_follow_the_position_rule_shrink_storage_and_roll_back_exactly
                 // 4 bits: half a step of the widest range (per token: 21 wide, per channel:
                 // at most 2 wide), plus f16 rounding.
                 let bound = match axis {
-                    KeyAxis::Channel => 2.0 / 15.0 / 2.0 + 2e-2,
-                    KeyAxis::Token => 22.0 / 15.0 / 2.0 + 2e-2,
+                    QuantAxis::Channel => 2.0 / 15.0 / 2.0 + 2e-2,
+                    QuantAxis::Token => 22.0 / 15.0 / 2.0 + 2e-2,
                 };
                 assert!(err <= bound, "{axis:?} 4-bit error {err} at {j}");
             }
@@ -191,26 +210,31 @@ fn quantized_pages_follow_the_position_rule_shrink_storage_and_roll_back_exactly
         // Freeing the full copies changes no value read.
         c.compress();
         for j in 0..20 {
-            assert_eq!(read(&c, false, j, 20), before[j], "{axis:?}: key {j}");
-            assert_eq!(read(&c, true, j, 20), vals[j], "{axis:?}: value {j}");
+            assert_eq!(read(&c, false, j, 20), before[j], "{axes:?}: key {j}");
+            assert_eq!(read(&c, true, j, 20), vals[j], "{axes:?}: value {j}");
         }
         // Storage: pages 1..3 (last token + 4 < 20) codes only, page 4 both, 0 full.
         let f32_page = 4 * 2 * 8 * 4;
-        let key_codes = match &comp.keys[0] {
-            crate::compression::KeyQuant::Channel(q) => q.packed_bytes(),
-            crate::compression::KeyQuant::Token(q) => 4 * 2 * q.packed_bytes(),
+        let key_codes = comp.keys[0].page_bytes(&WIDE);
+        let value_codes = comp.values[0].page_bytes(&WIDE);
+        // Refined: 2 channels per head and page, an index byte each and a 4-bit code per token.
+        let refined = axes.2 * 2 * (1 + 4 / 2);
+        let plain_codes = |q: &crate::compression::PageQuant| match q {
+            crate::compression::PageQuant::Channel(_) => 4 * 2 * 8 + 4 * 2 * 8 / 2 + refined,
+            crate::compression::PageQuant::Token(_) => 4 * 2 * (8 / 2 + 4),
         };
-        let value_codes = 4 * 2 * comp.values[0].packed_bytes();
+        assert_eq!(key_codes, plain_codes(&comp.keys[0]), "{axes:?}");
+        assert_eq!(value_codes, plain_codes(&comp.values[0]), "{axes:?}");
         let per_layer =
             2 * f32_page + 3 * (key_codes + value_codes) + 2 * f32_page + (key_codes + value_codes);
-        assert_eq!(c.bytes(), 2 * per_layer, "{axis:?}");
+        assert_eq!(c.bytes(), 2 * per_layer, "{axes:?}");
         assert!(c.bytes() < plain.bytes());
         // A rejected tree leaves the compressed store byte-identical; an accepted row leaves
         // the packed pages untouched.
         let snapshot = c.clone();
         add(&mut c, 90, 3);
         c.truncate(20);
-        assert_eq!(c, snapshot, "{axis:?}");
+        assert_eq!(c, snapshot, "{axes:?}");
         add(&mut c, 90, 3);
         c.retain(20, &[21]);
         assert_eq!(c.len(), 21);
@@ -484,7 +508,7 @@ fn h2o_counts_only_committed_votes() {
 #[test]
 fn rollback_is_byte_identical_under_every_policy() {
     let policy = Arc::new(KvPolicy {
-        compression: Some(quant(4, 2, 4, KeyAxis::Channel)),
+        compression: Some(quant(4, 2, 4, QuantAxis::Channel)),
         quest: Some(QuestConfig {
             budget: 14,
             recent: 4,

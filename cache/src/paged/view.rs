@@ -4,7 +4,6 @@
 use arbor_kernels::attention::KvSource;
 
 use super::{LayerPages, PagedKv};
-use crate::compression::read_row;
 use crate::quest::{Candidate, best_pages, page_bound};
 use crate::{KvLayout, KvPolicy};
 
@@ -57,11 +56,8 @@ impl<'a> LayerView<'a> {
         if !old && !full.is_empty() {
             return &full[o..o + hd];
         }
-        if values {
-            read_row(&c.values[self.layer], codes, slot * kvh + g, buf);
-        } else {
-            c.keys[self.layer].read(codes, slot, g, kvh, buf);
-        }
+        let quant = if values { &c.values } else { &c.keys };
+        quant[self.layer].read(codes, slot, g, kvh, buf);
         buf
     }
 }

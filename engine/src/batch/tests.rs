@@ -358,7 +358,7 @@ fn bad_requests_are_refused() {
 /// context and no quantization the result is the dense one exactly.
 #[test]
 fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
-    use arbor_cache::{H2oConfig, KeyAxis, KvCompression, KvPolicy, QuantConfig, QuestConfig};
+    use arbor_cache::{H2oConfig, KvCompression, KvPolicy, QuantAxis, QuantConfig, QuestConfig};
     use std::sync::Arc;
     let (m, tok) = model();
     let config = SchedulerConfig {
@@ -381,16 +381,19 @@ fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
         run(&mut e);
         rxs.iter().map(|rx| finished(rx).1.tokens).collect()
     };
-    let quant = |keys| {
+    let quant_with = |keys, values, refine| {
         let cfg = QuantConfig {
             bits: 2,
             group: layout.head_dim,
             sinks: 2,
             window: 8,
             keys,
+            values,
+            refine,
         };
         KvCompression::uniform(&layout, &cfg).unwrap()
     };
+    let quant = |keys| quant_with(keys, QuantAxis::Token, 0);
     let quest = |budget| QuestConfig {
         budget,
         recent: 8,
@@ -405,11 +408,15 @@ fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
     let policies = [
         (
             "2-bit, per-channel keys",
-            KvPolicy::quantized(quant(KeyAxis::Channel)),
+            KvPolicy::quantized(quant(QuantAxis::Channel)),
         ),
         (
             "2-bit, per-token keys",
-            KvPolicy::quantized(quant(KeyAxis::Token)),
+            KvPolicy::quantized(quant(QuantAxis::Token)),
+        ),
+        (
+            "2-bit, per-channel values, refined channels",
+            KvPolicy::quantized(quant_with(QuantAxis::Channel, QuantAxis::Channel, 4)),
         ),
         (
             "Quest",
@@ -428,7 +435,7 @@ fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
         (
             "all three",
             KvPolicy {
-                compression: Some(quant(KeyAxis::Channel)),
+                compression: Some(quant(QuantAxis::Channel)),
                 quest: Some(quest(20)),
                 h2o: Some(h2o(24)),
             },

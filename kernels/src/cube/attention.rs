@@ -324,7 +324,7 @@ pub struct PageRef {
     pub packed: Option<u32>,
 }
 
-/// How packed keys are coded (the CPU cache's `KeyQuant`).
+/// How packed keys are coded (the CPU cache's `PageQuant`).
 #[derive(Debug, Clone, Copy)]
 pub enum KeyCodes<'a> {
     /// Per channel over a page's tokens (KIVI): one block per page.
@@ -436,6 +436,11 @@ impl DeviceCodes {
                     "key rows of {} channels for heads of {hd}",
                     k.channels()
                 ));
+            }
+            KeyCodes::Channel(k) if k.refined() > 0 => {
+                return bad(
+                    "refined key channels (residual codes) are read on the CPU only".into(),
+                );
             }
             _ => {}
         }

@@ -8,6 +8,14 @@
 //! token-major (`tokens` rows of `channels · bits / 8` bytes), so one token's row unpacks
 //! without touching the others — eight channels at a time with AVX2 + F16C where the CPU has
 //! them (the same multiply-then-add as the portable loop, so the same bits).
+//!
+//! **Refined channels** ([`ChannelQuantizer::with_refinement`]): in each segment of a block
+//! (one KV head's channels) the few channels with the widest steps also get a second code per
+//! token, of the same width, for the first code's rounding error — twice the bits where the
+//! error is largest, in the spirit of KVQuant's dense-and-sparse outliers (Hooper et al.,
+//! NeurIPS 2024, arXiv 2401.18079), chosen per block from the block itself (no calibration,
+//! no state). After the codes: the refined channels' indices within their segment (`u8`,
+//! ascending per segment), then `tokens` rows of their residual codes.
 
 use half::f16;
 
@@ -19,6 +27,10 @@ pub struct ChannelQuantizer {
     bits: u32,
     tokens: usize,
     channels: usize,
+    /// Refined channels per segment (0: none).
+    refined: usize,
+    /// Channels per segment (the selection of refined channels is per segment).
+    segment: usize,
 }
 
 impl ChannelQuantizer {
@@ -42,7 +54,60 @@ impl ChannelQuantizer {
             bits,
             tokens,
             channels,
+            refined: 0,
+            segment: channels,
         })
+    }
+
+    /// The same quantizer with `per_segment` refined channels in each segment of `segment`
+    /// channels (a divisor of `channels`, at most 256): the channels with the widest steps
+    /// get a residual code (see the module docs). `per_segment` 0 turns refinement off.
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] when the segment does not divide the channels, holds fewer than
+    /// `per_segment` channels or more than 256, or the residual codes of a token do not fill
+    /// whole bytes.
+    pub fn with_refinement(self, per_segment: usize, segment: usize) -> Result<Self, KernelError> {
+        if per_segment == 0 {
+            return Ok(Self {
+                refined: 0,
+                segment: self.channels,
+                ..self
+            });
+        }
+        let total = per_segment * self.channels / segment.max(1);
+        if segment == 0
+            || !self.channels.is_multiple_of(segment)
+            || segment > 256
+            || per_segment > segment
+            || !(total * self.bits as usize).is_multiple_of(8)
+        {
+            return Err(KernelError::Shape(format!(
+                "{per_segment} refined channels per segment of {segment} in blocks of {} \
+                 channels at {} bits",
+                self.channels, self.bits
+            )));
+        }
+        Ok(Self {
+            refined: per_segment,
+            segment,
+            ..self
+        })
+    }
+
+    /// Refined channels per segment.
+    pub fn refined(&self) -> usize {
+        self.refined
+    }
+
+    /// Refined channels per block.
+    fn refined_total(&self) -> usize {
+        self.refined * (self.channels / self.segment)
+    }
+
+    /// Bytes of one token's residual codes.
+    fn residual_bytes(&self) -> usize {
+        self.refined_total() * self.bits as usize / 8
     }
 
     /// Bits per code.
@@ -66,7 +131,10 @@ impl ChannelQuantizer {
 
     /// Bytes of one packed block.
     pub fn packed_bytes(&self) -> usize {
-        4 * self.channels + self.tokens * self.row_bytes()
+        4 * self.channels
+            + self.tokens * self.row_bytes()
+            + self.refined_total()
+            + self.tokens * self.residual_bytes()
     }
 
     /// Packs `block` (`tokens × channels`, token-major) into `out` (`packed_bytes()`).
@@ -81,8 +149,9 @@ impl ChannelQuantizer {
         );
         let levels = ((1u32 << self.bits) - 1) as f32;
         let per_byte = 8 / self.bits as usize;
-        let (params, codes) = out.split_at_mut(4 * c);
-        codes.fill(0);
+        let (params, rest) = out.split_at_mut(4 * c);
+        rest.fill(0);
+        let (codes, refinement) = rest.split_at_mut(self.tokens * self.row_bytes());
         let mut sm = Vec::with_capacity(c);
         for ch in 0..c {
             let (lo, hi) = block
@@ -110,6 +179,81 @@ impl ChannelQuantizer {
                 dst[i / per_byte] |= (q as u8) << ((i % per_byte) as u32 * self.bits);
             }
         }
+        if self.refined > 0 {
+            self.refine(block, &sm, codes, refinement);
+        }
+    }
+
+    /// Picks each segment's refined channels (widest stored steps first, ties to the lower
+    /// index) and writes their indices and residual codes: the residual of `x` against its
+    /// first code's value `v` is coded on a grid of `scale / levels` centred on `v`, so it
+    /// needs no range of its own.
+    fn refine(&self, block: &[f32], sm: &[(f32, f32)], codes: &[u8], refinement: &mut [u8]) {
+        let (c, bits) = (self.channels, self.bits);
+        let levels = ((1u32 << bits) - 1) as f32;
+        let per_byte = 8 / bits as usize;
+        let total = self.refined_total();
+        let (index, residuals) = refinement.split_at_mut(total);
+        let mut chosen = Vec::with_capacity(total);
+        for (seg, idx) in index.chunks_exact_mut(self.refined).enumerate() {
+            let base = seg * self.segment;
+            let mut order: Vec<usize> = (0..self.segment).collect();
+            order.sort_by(|&a, &b| sm[base + b].0.total_cmp(&sm[base + a].0).then(a.cmp(&b)));
+            let mut pick = order[..self.refined].to_vec();
+            pick.sort_unstable();
+            for (slot, &ch) in idx.iter_mut().zip(&pick) {
+                *slot = ch as u8;
+                chosen.push(base + ch);
+            }
+        }
+        let mask = ((1u32 << bits) - 1) as u8;
+        for (t, dst) in residuals
+            .chunks_exact_mut(self.residual_bytes())
+            .enumerate()
+        {
+            let row = &codes[t * self.row_bytes()..(t + 1) * self.row_bytes()];
+            for (k, &ch) in chosen.iter().enumerate() {
+                let (s, m) = sm[ch];
+                let first = (row[ch / per_byte] >> ((ch % per_byte) as u32 * bits)) & mask;
+                let v = f32::from(first) * s + m;
+                let r = if s > 0.0 {
+                    ((block[t * c + ch] - v) / (s / levels) + levels / 2.0)
+                        .round()
+                        .clamp(0.0, levels) as u8
+                } else {
+                    0
+                };
+                dst[k / per_byte] |= r << ((k % per_byte) as u32 * bits);
+            }
+        }
+    }
+
+    /// Adds token `t`'s residuals to the refined channels among `from .. from + out.len()`.
+    fn apply_refinement(&self, packed: &[u8], t: usize, from: usize, out: &mut [f32]) {
+        let (bits, c) = (self.bits, self.channels);
+        let levels = ((1u32 << bits) - 1) as f32;
+        let per_byte = 8 / bits as usize;
+        let mask = ((1u32 << bits) - 1) as u8;
+        let total = self.refined_total();
+        let at = 4 * c + self.tokens * self.row_bytes();
+        let index = &packed[at..at + total];
+        let rb = self.residual_bytes();
+        let res = &packed[at + total + t * rb..at + total + (t + 1) * rb];
+        let first_seg = from / self.segment;
+        let last_seg = (from + out.len())
+            .div_ceil(self.segment)
+            .min(c / self.segment);
+        for seg in first_seg..last_seg {
+            for k in seg * self.refined..(seg + 1) * self.refined {
+                let ch = seg * self.segment + usize::from(index[k]);
+                if ch < from || ch >= from + out.len() {
+                    continue;
+                }
+                let s = f16::from_le_bytes([packed[2 * ch], packed[2 * ch + 1]]).to_f32();
+                let r = (res[k / per_byte] >> ((k % per_byte) as u32 * bits)) & mask;
+                out[ch - from] += (f32::from(r) - levels / 2.0) * (s / levels);
+            }
+        }
     }
 
     /// Unpacks channels `from .. from + out.len()` of token `t` of a packed block.
@@ -128,9 +272,14 @@ impl ChannelQuantizer {
         if from.is_multiple_of(8) && out.len().is_multiple_of(8) && super::simd::available() {
             // SAFETY: AVX2 and F16C were detected; the ranges were checked above.
             unsafe { super::simd::per_channel(self.bits, scales, mins, row, from, out) };
-            return;
+        } else {
+            self.dequantize_portable(packed, t, from, out);
         }
+        #[cfg(not(target_arch = "x86_64"))]
         self.dequantize_portable(packed, t, from, out);
+        if self.refined > 0 {
+            self.apply_refinement(packed, t, from, out);
+        }
     }
 
     /// The codes and grids of a packed block, for kernels that dequantize elsewhere (the GPU
@@ -270,7 +419,102 @@ mod tests {
             4 * 64 + 16 * 32
         );
         assert!(ChannelQuantizer::new(3, 16, 64).is_err());
+        let q = ChannelQuantizer::new(4, 8, 128).unwrap();
+        assert!(
+            q.clone().with_refinement(4, 48).is_err(),
+            "segment must divide"
+        );
+        assert!(
+            q.clone().with_refinement(65, 64).is_err(),
+            "more than the segment"
+        );
+        assert!(
+            q.clone().with_refinement(1, 128).is_err(),
+            "4 bits: half a byte"
+        );
+        assert!(
+            ChannelQuantizer::new(4, 8, 512)
+                .unwrap()
+                .with_refinement(2, 512)
+                .is_err(),
+            "u8 indices"
+        );
+        assert_eq!(
+            q.with_refinement(8, 64).unwrap().packed_bytes(),
+            4 * 128 + 8 * 64 + 16 + 8 * 8
+        );
         assert!(ChannelQuantizer::new(4, 0, 64).is_err());
         assert!(ChannelQuantizer::new(2, 16, 3).is_err());
+    }
+
+    /// Refinement: in each segment the channels with the widest stored steps get a second
+    /// code, which brings them within half of `step / levels`; the others keep their bound,
+    /// and any channel sub-range reads the same values as the whole row.
+    #[test]
+    fn refined_channels_are_the_widest_and_within_a_finer_bound() {
+        let mut rng = StdRng::seed_from_u64(21);
+        for bits in [2, 4, 8] {
+            let (tokens, channels, segment, per) = (8, 64, 32, 4);
+            let width: Vec<f32> = (0..channels)
+                .map(|_| 10f32.powf(rng.random_range(-2.0..1.0)))
+                .collect();
+            let block: Vec<f32> = (0..tokens * channels)
+                .map(|i| {
+                    let ch = i % channels;
+                    (ch % 5) as f32 * 20.0 + rng.random_range(-1.0..1.0) * width[ch]
+                })
+                .collect();
+            let q = ChannelQuantizer::new(bits, tokens, channels)
+                .unwrap()
+                .with_refinement(per, segment)
+                .unwrap();
+            let mut packed = vec![0u8; q.packed_bytes()];
+            q.quantize(&block, &mut packed);
+            let levels = ((1u32 << bits) - 1) as f32;
+            let step =
+                |ch: usize| f16::from_le_bytes([packed[2 * ch], packed[2 * ch + 1]]).to_f32();
+            let at = 4 * channels + tokens * channels * bits as usize / 8;
+            let mut refined = vec![false; channels];
+            for seg in 0..channels / segment {
+                let idx = &packed[at + seg * per..at + (seg + 1) * per];
+                assert!(idx.windows(2).all(|w| w[0] < w[1]), "ascending, distinct");
+                for &i in idx {
+                    refined[seg * segment + usize::from(i)] = true;
+                }
+                let narrowest_refined = idx
+                    .iter()
+                    .map(|&i| step(seg * segment + usize::from(i)))
+                    .fold(f32::INFINITY, f32::min);
+                for ch in seg * segment..(seg + 1) * segment {
+                    if !refined[ch] {
+                        assert!(step(ch) <= narrowest_refined, "{bits} bits: {ch} is wider");
+                    }
+                }
+            }
+            let mut row = vec![0.0f32; channels];
+            let mut part = vec![0.0f32; 24];
+            for t in 0..tokens {
+                q.dequantize(&packed, t, 0, &mut row);
+                for (ch, &got) in row.iter().enumerate() {
+                    let x = block[t * channels + ch];
+                    let s = step(ch);
+                    let bound = if refined[ch] {
+                        0.5 * s / levels
+                    } else {
+                        0.5 * s
+                    };
+                    assert!(
+                        (got - x).abs() <= bound + 1e-5 * (1.0 + x.abs()),
+                        "{bits} bits ({t}, {ch}, refined {}): {x} → {got}, step {s}",
+                        refined[ch]
+                    );
+                }
+                // Ranges that start or end inside a segment, vector and portable alike.
+                for from in [0, 8, 20, 40] {
+                    q.dequantize(&packed, t, from, &mut part);
+                    assert_eq!(part, row[from..from + 24], "{bits} bits, from {from}");
+                }
+            }
+        }
     }
 }
