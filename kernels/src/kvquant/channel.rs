@@ -485,10 +485,8 @@ mod tests {
                     .iter()
                     .map(|&i| step(seg * segment + usize::from(i)))
                     .fold(f32::INFINITY, f32::min);
-                for ch in seg * segment..(seg + 1) * segment {
-                    if !refined[ch] {
-                        assert!(step(ch) <= narrowest_refined, "{bits} bits: {ch} is wider");
-                    }
+                for ch in (seg * segment..(seg + 1) * segment).filter(|&ch| !refined[ch]) {
+                    assert!(step(ch) <= narrowest_refined, "{bits} bits: {ch} is wider");
                 }
             }
             let mut row = vec![0.0f32; channels];
