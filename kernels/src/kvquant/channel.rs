@@ -148,7 +148,6 @@ impl ChannelQuantizer {
             "quantize sizes"
         );
         let levels = ((1u32 << self.bits) - 1) as f32;
-        let per_byte = 8 / self.bits as usize;
         let (params, rest) = out.split_at_mut(4 * c);
         rest.fill(0);
         let (codes, refinement) = rest.split_at_mut(self.tokens * self.row_bytes());
@@ -176,7 +175,7 @@ impl ChannelQuantizer {
                 } else {
                     0
                 };
-                dst[i / per_byte] |= (q as u8) << ((i % per_byte) as u32 * self.bits);
+                put_code(dst, i, self.bits, q as u8);
             }
         }
         if self.refined > 0 {
@@ -191,7 +190,6 @@ impl ChannelQuantizer {
     fn refine(&self, block: &[f32], sm: &[(f32, f32)], codes: &[u8], refinement: &mut [u8]) {
         let (c, bits) = (self.channels, self.bits);
         let levels = ((1u32 << bits) - 1) as f32;
-        let per_byte = 8 / bits as usize;
         let total = self.refined_total();
         let (index, residuals) = refinement.split_at_mut(total);
         let mut chosen = Vec::with_capacity(total);
@@ -199,14 +197,13 @@ impl ChannelQuantizer {
             let base = seg * self.segment;
             let mut order: Vec<usize> = (0..self.segment).collect();
             order.sort_by(|&a, &b| sm[base + b].0.total_cmp(&sm[base + a].0).then(a.cmp(&b)));
-            let mut pick = order[..self.refined].to_vec();
+            let pick = &mut order[..self.refined];
             pick.sort_unstable();
-            for (slot, &ch) in idx.iter_mut().zip(&pick) {
+            for (slot, &ch) in idx.iter_mut().zip(&*pick) {
                 *slot = ch as u8;
                 chosen.push(base + ch);
             }
         }
-        let mask = ((1u32 << bits) - 1) as u8;
         for (t, dst) in residuals
             .chunks_exact_mut(self.residual_bytes())
             .enumerate()
@@ -214,8 +211,7 @@ impl ChannelQuantizer {
             let row = &codes[t * self.row_bytes()..(t + 1) * self.row_bytes()];
             for (k, &ch) in chosen.iter().enumerate() {
                 let (s, m) = sm[ch];
-                let first = (row[ch / per_byte] >> ((ch % per_byte) as u32 * bits)) & mask;
-                let v = f32::from(first) * s + m;
+                let v = f32::from(get_code(row, ch, bits)) * s + m;
                 let r = if s > 0.0 {
                     ((block[t * c + ch] - v) / (s / levels) + levels / 2.0)
                         .round()
@@ -223,7 +219,7 @@ impl ChannelQuantizer {
                 } else {
                     0
                 };
-                dst[k / per_byte] |= r << ((k % per_byte) as u32 * bits);
+                put_code(dst, k, bits, r);
             }
         }
     }
@@ -232,26 +228,19 @@ impl ChannelQuantizer {
     fn apply_refinement(&self, packed: &[u8], t: usize, from: usize, out: &mut [f32]) {
         let (bits, c) = (self.bits, self.channels);
         let levels = ((1u32 << bits) - 1) as f32;
-        let per_byte = 8 / bits as usize;
-        let mask = ((1u32 << bits) - 1) as u8;
         let total = self.refined_total();
         let at = 4 * c + self.tokens * self.row_bytes();
         let index = &packed[at..at + total];
         let rb = self.residual_bytes();
         let res = &packed[at + total + t * rb..at + total + (t + 1) * rb];
-        let first_seg = from / self.segment;
-        let last_seg = (from + out.len())
-            .div_ceil(self.segment)
-            .min(c / self.segment);
-        for seg in first_seg..last_seg {
-            for k in seg * self.refined..(seg + 1) * self.refined {
-                let ch = seg * self.segment + usize::from(index[k]);
-                if ch < from || ch >= from + out.len() {
-                    continue;
-                }
-                let s = f16::from_le_bytes([packed[2 * ch], packed[2 * ch + 1]]).to_f32();
-                let r = (res[k / per_byte] >> ((k % per_byte) as u32 * bits)) & mask;
-                out[ch - from] += (f32::from(r) - levels / 2.0) * (s / levels);
+        // The refined channels of the segments the range touches (`k`: index among them).
+        let first = from / self.segment * self.refined;
+        let last = (from + out.len()).div_ceil(self.segment) * self.refined;
+        for (k, &i) in index.iter().enumerate().take(last).skip(first) {
+            let ch = k / self.refined * self.segment + usize::from(i);
+            if (from..from + out.len()).contains(&ch) {
+                let r = f32::from(get_code(res, k, bits)) - levels / 2.0;
+                out[ch - from] += r * (half_at(packed, ch) / levels);
             }
         }
     }
@@ -296,20 +285,15 @@ impl ChannelQuantizer {
                 && grids.len() == c,
             "codes sizes"
         );
-        let mask = ((1u32 << self.bits) - 1) as u8;
-        let per_byte = 8 / self.bits as usize;
         for (t, dst) in codes.chunks_exact_mut(c).enumerate() {
             let (_, _, row) = self.parts(packed, t);
             for (i, q) in dst.iter_mut().enumerate() {
-                *q = (row[i / per_byte] >> ((i % per_byte) as u32 * self.bits)) & mask;
+                *q = get_code(row, i, self.bits);
             }
         }
         let (scales, mins, _) = self.parts(packed, 0);
         for (i, g) in grids.iter_mut().enumerate() {
-            *g = [
-                f16::from_le_bytes([scales[2 * i], scales[2 * i + 1]]).to_f32(),
-                f16::from_le_bytes([mins[2 * i], mins[2 * i + 1]]).to_f32(),
-            ];
+            *g = [half_at(scales, i), half_at(mins, i)];
         }
     }
 
@@ -329,16 +313,28 @@ impl ChannelQuantizer {
     /// vector path with).
     fn dequantize_portable(&self, packed: &[u8], t: usize, from: usize, out: &mut [f32]) {
         let (scales, mins, row) = self.parts(packed, t);
-        let mask = ((1u32 << self.bits) - 1) as u8;
-        let per_byte = 8 / self.bits as usize;
         for (k, o) in out.iter_mut().enumerate() {
             let i = from + k;
-            let s = f16::from_le_bytes([scales[2 * i], scales[2 * i + 1]]).to_f32();
-            let m = f16::from_le_bytes([mins[2 * i], mins[2 * i + 1]]).to_f32();
-            let q = (row[i / per_byte] >> ((i % per_byte) as u32 * self.bits)) & mask;
-            *o = f32::from(q) * s + m;
+            *o = f32::from(get_code(row, i, self.bits)) * half_at(scales, i) + half_at(mins, i);
         }
     }
+}
+
+/// Code `i` of a packed row of `bits`-bit codes (little end first).
+fn get_code(row: &[u8], i: usize, bits: u32) -> u8 {
+    let per_byte = 8 / bits as usize;
+    (row[i / per_byte] >> ((i % per_byte) as u32 * bits)) & ((1u32 << bits) - 1) as u8
+}
+
+/// Sets code `i` of a zeroed packed row of `bits`-bit codes.
+fn put_code(row: &mut [u8], i: usize, bits: u32, q: u8) {
+    let per_byte = 8 / bits as usize;
+    row[i / per_byte] |= q << ((i % per_byte) as u32 * bits);
+}
+
+/// The `i`-th little-endian f16 of `bytes`, as f32.
+fn half_at(bytes: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32()
 }
 
 #[cfg(test)]
@@ -395,7 +391,7 @@ mod tests {
             for t in 0..tokens {
                 q.dequantize(&packed, t, 0, &mut row);
                 for (ch, &got) in row.iter().enumerate() {
-                    let s = f16::from_le_bytes([packed[2 * ch], packed[2 * ch + 1]]).to_f32();
+                    let s = half_at(&packed, ch);
                     let x = block[t * channels + ch];
                     // Half a step: the stored grid covers the channel's range.
                     let bound = 0.5 * s + 1e-5 * (1.0 + x.abs());
@@ -471,8 +467,7 @@ mod tests {
             let mut packed = vec![0u8; q.packed_bytes()];
             q.quantize(&block, &mut packed);
             let levels = ((1u32 << bits) - 1) as f32;
-            let step =
-                |ch: usize| f16::from_le_bytes([packed[2 * ch], packed[2 * ch + 1]]).to_f32();
+            let step = |ch: usize| half_at(&packed, ch);
             let at = 4 * channels + tokens * channels * bits as usize / 8;
             let mut refined = vec![false; channels];
             for seg in 0..channels / segment {
