@@ -7,8 +7,10 @@
 //! rest and would swamp every per-token group they fall in. Values may be quantized per
 //! channel too ([`QuantConfig::values`]: over a page of 8 tokens it halves their error against
 //! groups of 8 channels at the same bytes), and per-channel blocks may refine their widest
-//! channels with a second code ([`QuantConfig::refine`]).
+//! channels with a second code ([`QuantConfig::refine`]) and store their steps in one byte
+//! each ([`QuantConfig::steps`]).
 
+pub use arbor_kernels::kvquant::StepFormat;
 use arbor_kernels::kvquant::{ChannelQuantizer, RowQuantizer, calibrate_clip, range_permutation};
 use serde::{Deserialize, Serialize};
 
@@ -127,6 +129,9 @@ pub struct QuantConfig {
     /// steps of the page; 0: none). Bytes per refined channel and token: `bits / 8`, plus one
     /// index byte per refined channel and page.
     pub refine: usize,
+    /// Per-channel quantizers: how each channel's step is stored per page (f16, or one byte:
+    /// `channels` bytes less per page, a step up to 1/8 wider).
+    pub steps: StepFormat,
 }
 
 impl Default for QuantConfig {
@@ -139,6 +144,7 @@ impl Default for QuantConfig {
             keys: QuantAxis::Channel,
             values: QuantAxis::Token,
             refine: 0,
+            steps: StepFormat::F16,
         }
     }
 }
@@ -254,7 +260,8 @@ impl KvCompression {
                 QuantAxis::Token => PageQuant::Token(row(layer, which)?),
                 QuantAxis::Channel => PageQuant::Channel(
                     ChannelQuantizer::new(config.bits, layout.page_size, layout.row())?
-                        .with_refinement(config.refine, hd)?,
+                        .with_refinement(config.refine, hd)?
+                        .with_steps(config.steps),
                 ),
             })
         };

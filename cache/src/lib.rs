@@ -38,7 +38,7 @@ mod paged;
 mod policy;
 pub mod quest;
 
-pub use compression::{Calibration, KvCompression, QuantAxis, QuantConfig};
+pub use compression::{Calibration, KvCompression, QuantAxis, QuantConfig, StepFormat};
 pub use device::DeviceStore;
 pub use error::CacheError;
 pub use h2o::H2oConfig;

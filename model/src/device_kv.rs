@@ -9,6 +9,7 @@
 //! [`DevicePagedKv`]: arbor_kernels::cube::kv::DevicePagedKv
 
 use arbor_cache::compression::PageQuant;
+use arbor_cache::StepFormat;
 use arbor_cache::{DeviceStore, KvCache, KvLayout, KvPolicy};
 use arbor_kernels::cube::kv::DeviceQuant;
 use burn::tensor::{Tensor, backend::Backend};
@@ -41,6 +42,9 @@ pub(crate) fn device_quant(policy: &KvPolicy) -> Result<Option<DeviceQuant>> {
         match k {
             PageQuant::Channel(q) if q.refined() > 0 => {
                 return cpu_only("refined key channels (--kv-refine)");
+            }
+            PageQuant::Channel(q) if q.steps() != StepFormat::F16 => {
+                return cpu_only("8-bit steps (--kv-steps f8)");
             }
             PageQuant::Channel(q) => bits = Some(q.bits()),
             PageQuant::Token(_) => return cpu_only("per-token key quantization"),
@@ -202,7 +206,9 @@ pub(crate) use imp::{attention, new_cache, on_device, reads};
 
 #[cfg(test)]
 mod tests {
-    use arbor_cache::{KvCompression, KvLayout, KvPolicy, QuantAxis, QuantConfig, QuestConfig};
+    use arbor_cache::{
+        KvCompression, KvLayout, KvPolicy, QuantAxis, QuantConfig, QuestConfig, StepFormat,
+    };
 
     use super::device_quant;
 
@@ -248,6 +254,10 @@ mod tests {
             },
             QuantConfig {
                 refine: 2,
+                ..config
+            },
+            QuantConfig {
+                steps: StepFormat::F8,
                 ..config
             },
         ] {

@@ -81,6 +81,10 @@ pub struct KvArgs {
     /// second code for their rounding error (CPU backend).
     #[arg(long, default_value_t = 0, value_name = "CHANNELS")]
     pub kv_refine: usize,
+    /// Per-channel quantization: how each channel's step is stored per page — f16, or one
+    /// byte (f8: a step up to 1/8 wider, one byte less per channel and page; CPU backend).
+    #[arg(long, value_enum, default_value_t = StepFormatArg::F16)]
+    pub kv_steps: StepFormatArg,
     /// SKVQ calibration (channel permutation, clip ratios) from `arbor calibrate`.
     #[arg(long, value_name = "FILE")]
     pub kv_calib: Option<std::path::PathBuf>,
@@ -110,6 +114,24 @@ impl From<QuantAxisArg> for arbor_cache::QuantAxis {
     }
 }
 
+/// `--kv-steps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StepFormatArg {
+    /// IEEE half precision (2 bytes).
+    F16,
+    /// 8-bit float: five exponent bits, three mantissa bits, rounded up (1 byte).
+    F8,
+}
+
+impl From<StepFormatArg> for arbor_cache::StepFormat {
+    fn from(a: StepFormatArg) -> Self {
+        match a {
+            StepFormatArg::F16 => Self::F16,
+            StepFormatArg::F8 => Self::F8,
+        }
+    }
+}
+
 impl KvArgs {
     /// The settings, as the library takes them.
     pub fn spec(&self) -> arbor_server::kv::KvSpec {
@@ -122,6 +144,7 @@ impl KvArgs {
                 keys: self.kv_keys.into(),
                 values: self.kv_values.into(),
                 refine: self.kv_refine,
+                steps: self.kv_steps.into(),
             }),
             calibration: self.kv_calib.clone(),
             quest_budget: self.quest_budget,
@@ -293,3 +316,54 @@ macro_rules! with_backend {
     }};
 }
 pub(crate) use with_backend;
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::KvArgs;
+
+    #[derive(Debug, Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        kv: KvArgs,
+    }
+
+    /// The KV flags reach the library config; without `--kv-bits` nothing is quantized.
+    #[test]
+    fn kv_flags_become_the_quant_config() {
+        let parse = |args: &[&str]| {
+            Wrap::try_parse_from(std::iter::once("arbor").chain(args.iter().copied()))
+                .map(|w| w.kv.spec())
+        };
+        let spec = parse(&[
+            "--kv-bits",
+            "4",
+            "--kv-group",
+            "16",
+            "--kv-values",
+            "channel",
+            "--kv-refine",
+            "8",
+            "--kv-steps",
+            "f8",
+        ])
+        .unwrap();
+        let q = spec.quant.unwrap();
+        assert_eq!(
+            (q.bits, q.group, q.values, q.refine, q.steps),
+            (
+                4,
+                16,
+                arbor_cache::QuantAxis::Channel,
+                8,
+                arbor_cache::StepFormat::F8
+            )
+        );
+        let plain = parse(&["--kv-bits", "2"]).unwrap().quant.unwrap();
+        assert_eq!(plain.steps, arbor_cache::StepFormat::F16);
+        assert!(parse(&[]).unwrap().quant.is_none());
+        assert!(parse(&["--kv-steps", "f4"]).is_err());
+        assert!(parse(&["--kv-bits", "3"]).is_err());
+    }
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use arbor_cache::{Calibration, KvCache, KvPolicy, QuantAxis, QuantConfig};
+use arbor_cache::{Calibration, KvCache, KvPolicy, QuantAxis, QuantConfig, StepFormat};
 use arbor_engine::{Engine, Event, GenerateParams, Generator, Prompt, TreePolicy};
 use arbor_model::sampling::argmax;
 use arbor_model::{ForwardInput, KV_PAGE_SIZE, LoadedModel, Transformer};
@@ -41,6 +41,7 @@ pub struct KvEvalArgs {
     /// `BITS:WINDOW[:SINKS[:GROUP]]` (quantization, keys per channel), `tok` (keys per
     /// token instead), `vchan` (values per channel over a page, like keys), `ref=N` (N
     /// channels per KV head and page refined with a second code, in per-channel blocks),
+    /// `f8` (per-channel blocks store each step in one byte instead of f16),
     /// `cal` (SKVQ-calibrated: `--calib`, else fitted on the exact run's first
     /// `--calibration-tokens` tokens), `quest=N` and `h2o=N` (token budgets; `N%` of
     /// `--tokens`). The exact cache always runs first.
@@ -125,12 +126,15 @@ fn parse_setting(s: &str, tokens: usize) -> Result<Setting> {
         }
     };
     let (mut tok, mut cal, mut vchan, mut refine) = (false, false, false, None);
+    let mut f8 = false;
     for part in label.split('+').map(str::trim) {
         let bad = || format!("bad setting part {part:?} in {label:?}");
         if part == "tok" {
             tok = true;
         } else if part == "vchan" {
             vchan = true;
+        } else if part == "f8" {
+            f8 = true;
         } else if let Some(v) = part.strip_prefix("ref=") {
             refine = Some(v.parse::<usize>().with_context(bad)?);
         } else if part == "cal" {
@@ -169,9 +173,14 @@ fn parse_setting(s: &str, tokens: usize) -> Result<Setting> {
                 q.values = QuantAxis::Channel;
             }
             q.refine = refine.unwrap_or(0);
+            if f8 {
+                q.steps = StepFormat::F8;
+            }
         }
-        None if tok || cal || vchan || refine.is_some() => {
-            bail!("{label:?}: `tok`, `vchan`, `ref=N` and `cal` qualify a BITS:WINDOW part")
+        None if tok || cal || vchan || f8 || refine.is_some() => {
+            bail!(
+                "{label:?}: `tok`, `vchan`, `ref=N`, `f8` and `cal` qualify a BITS:WINDOW part"
+            )
         }
         None => {}
     }
@@ -484,22 +493,16 @@ mod tests {
                 .is_none()
         );
         assert!(parse_setting("tok", 10).is_err());
-        let v = parse_setting("4:128:4:16+vchan+ref=8", 10).unwrap();
+        let v = parse_setting("4:128:4:16+vchan+ref=8+f8", 10).unwrap();
         let q = v.spec.quant.unwrap();
         assert_eq!(
-            (q.keys, q.values, q.refine, q.group),
-            (QuantAxis::Channel, QuantAxis::Channel, 8, 16)
+            (q.keys, q.values, q.refine, q.group, q.steps),
+            (QuantAxis::Channel, QuantAxis::Channel, 8, 16, StepFormat::F8)
         );
-        assert_eq!(
-            parse_setting("4:128", 10)
-                .unwrap()
-                .spec
-                .quant
-                .unwrap()
-                .refine,
-            0
-        );
+        let plain = parse_setting("4:128", 10).unwrap().spec.quant.unwrap();
+        assert_eq!((plain.refine, plain.steps), (0, StepFormat::F16));
         assert!(parse_setting("vchan", 10).is_err());
+        assert!(parse_setting("quest=25%+f8", 10).is_err());
         assert!(parse_setting("4:128+ref=x", 10).is_err());
         assert!(parse_setting("4", 10).is_err());
         assert!(parse_setting("quest=x", 10).is_err());

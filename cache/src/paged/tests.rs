@@ -4,7 +4,7 @@ use arbor_kernels::attention::KvSource;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::*;
-use crate::{H2oConfig, QuantAxis, QuantConfig, QuestConfig};
+use crate::{H2oConfig, QuantAxis, QuantConfig, QuestConfig, StepFormat};
 
 fn layout() -> KvLayout {
     KvLayout {
@@ -132,15 +132,16 @@ fn add(c: &mut PagedKv, first: usize, n: usize) {
 }
 
 fn quant(bits: u32, sinks: usize, window: usize, keys: QuantAxis) -> KvCompression {
-    quant_with(bits, sinks, window, (keys, QuantAxis::Token, 0))
+    quant_with(bits, sinks, window, (keys, QuantAxis::Token, 0, StepFormat::F16))
 }
 
-/// Quantizers with keys and values on the given axes and `refine` refined channels.
+/// Quantizers with keys and values on the given axes, `refine` refined channels and steps
+/// stored as `steps`.
 fn quant_with(
     bits: u32,
     sinks: usize,
     window: usize,
-    (keys, values, refine): (QuantAxis, QuantAxis, usize),
+    (keys, values, refine, steps): (QuantAxis, QuantAxis, usize, StepFormat),
 ) -> KvCompression {
     let cfg = QuantConfig {
         bits,
@@ -150,6 +151,7 @@ fn quant_with(
         keys,
         values,
         refine,
+        steps,
     };
     KvCompression::uniform(&WIDE, &cfg).unwrap()
 }
@@ -167,10 +169,12 @@ fn read(c: &PagedKv, values: bool, j: usize, pos: usize) -> Vec<f32> {
 #[test]
 fn quantized_pages_follow_the_position_rule_shrink_storage_and_roll_back_exactly() {
     for axes in [
-        (QuantAxis::Channel, QuantAxis::Token, 0),
-        (QuantAxis::Token, QuantAxis::Token, 0),
-        (QuantAxis::Channel, QuantAxis::Channel, 0),
-        (QuantAxis::Channel, QuantAxis::Channel, 2),
+        (QuantAxis::Channel, QuantAxis::Token, 0, StepFormat::F16),
+        (QuantAxis::Token, QuantAxis::Token, 0, StepFormat::F16),
+        (QuantAxis::Channel, QuantAxis::Channel, 0, StepFormat::F16),
+        (QuantAxis::Channel, QuantAxis::Channel, 2, StepFormat::F16),
+        (QuantAxis::Channel, QuantAxis::Channel, 2, StepFormat::F8),
+        (QuantAxis::Token, QuantAxis::Channel, 0, StepFormat::F8),
     ] {
         let axis = axes.0;
         let comp = quant_with(4, 2, 4, axes);
@@ -218,9 +222,11 @@ fn quantized_pages_follow_the_position_rule_shrink_storage_and_roll_back_exactly
         let key_codes = comp.keys[0].page_bytes(&WIDE);
         let value_codes = comp.values[0].page_bytes(&WIDE);
         // Refined: 2 channels per head and page, an index byte each and a 4-bit code per token.
+        // Steps: 2 bytes per channel (f16) or 1 (F8), minimums 2.
         let refined = axes.2 * 2 * (1 + 4 / 2);
+        let grids = (axes.3.bytes() + 2) * 2 * 8;
         let plain_codes = |q: &crate::compression::PageQuant| match q {
-            crate::compression::PageQuant::Channel(_) => 4 * 2 * 8 + 4 * 2 * 8 / 2 + refined,
+            crate::compression::PageQuant::Channel(_) => grids + 4 * 2 * 8 / 2 + refined,
             crate::compression::PageQuant::Token(_) => 4 * 2 * (8 / 2 + 4),
         };
         assert_eq!(key_codes, plain_codes(&comp.keys[0]), "{axes:?}");

@@ -358,7 +358,9 @@ fn bad_requests_are_refused() {
 /// context and no quantization the result is the dense one exactly.
 #[test]
 fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
-    use arbor_cache::{H2oConfig, KvCompression, KvPolicy, QuantAxis, QuantConfig, QuestConfig};
+    use arbor_cache::{
+        H2oConfig, KvCompression, KvPolicy, QuantAxis, QuantConfig, QuestConfig, StepFormat,
+    };
     use std::sync::Arc;
     let (m, tok) = model();
     let config = SchedulerConfig {
@@ -381,7 +383,7 @@ fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
         run(&mut e);
         rxs.iter().map(|rx| finished(rx).1.tokens).collect()
     };
-    let quant_with = |keys, values, refine| {
+    let quant_with = |keys, values, refine, steps| {
         let cfg = QuantConfig {
             bits: 2,
             group: layout.head_dim,
@@ -390,10 +392,11 @@ fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
             keys,
             values,
             refine,
+            steps,
         };
         KvCompression::uniform(&layout, &cfg).unwrap()
     };
-    let quant = |keys| quant_with(keys, QuantAxis::Token, 0);
+    let quant = |keys| quant_with(keys, QuantAxis::Token, 0, StepFormat::F16);
     let quest = |budget| QuestConfig {
         budget,
         recent: 8,
@@ -416,7 +419,21 @@ fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
         ),
         (
             "2-bit, per-channel values, refined channels",
-            KvPolicy::quantized(quant_with(QuantAxis::Channel, QuantAxis::Channel, 4)),
+            KvPolicy::quantized(quant_with(
+                QuantAxis::Channel,
+                QuantAxis::Channel,
+                4,
+                StepFormat::F16,
+            )),
+        ),
+        (
+            "2-bit, per-channel values, refined channels, 8-bit steps",
+            KvPolicy::quantized(quant_with(
+                QuantAxis::Channel,
+                QuantAxis::Channel,
+                4,
+                StepFormat::F8,
+            )),
         ),
         (
             "Quest",

@@ -9,7 +9,7 @@ use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use super::attention::{CubePagedKv, KeyCodes, PackedPages, PageRef, PagedDims};
 use super::qmatmul::{AffineGroups, CubeQuantMatrix};
 use crate::attention::attention_reference;
-use crate::kvquant::{ChannelQuantizer, RowQuantizer};
+use crate::kvquant::{ChannelQuantizer, RowQuantizer, StepFormat};
 use crate::qmatmul::tests::{Rng, TYPES, random_matrix};
 
 pub(super) fn client() -> cubecl::prelude::ComputeClient<WgpuRuntime> {
@@ -257,7 +257,15 @@ fn gpu_tree_attention_reads_packed_pages_as_the_cpu_cache_does() {
                     Some((0..hd / group).map(|g| 1.0 - 0.05 * g as f32).collect()),
                 )
                 .unwrap();
-                let kq_channel = ChannelQuantizer::new(bits, ps, row).unwrap();
+                // 2-bit keys store their steps in one byte (codes() widens them).
+                let steps = if bits == 2 {
+                    StepFormat::F8
+                } else {
+                    StepFormat::F16
+                };
+                let kq_channel = ChannelQuantizer::new(bits, ps, row)
+                    .unwrap()
+                    .with_steps(steps);
                 let kq_token =
                     RowQuantizer::new(bits, group, hd, Some(shuffled(hd, &mut rng)), None).unwrap();
                 // Pages past the first (the sinks), complete and wholly cached, are packed;

@@ -4,10 +4,15 @@
 //! spreads over every channel of the group. Quantizing each channel over the tokens of a
 //! block (one cache page) gives every channel its own scale and minimum instead.
 //!
-//! Layout of one packed block: `channels` f16 scales, `channels` f16 minimums, then the codes
-//! token-major (`tokens` rows of `channels · bits / 8` bytes), so one token's row unpacks
-//! without touching the others — eight channels at a time with AVX2 + F16C where the CPU has
-//! them (the same multiply-then-add as the portable loop, so the same bits).
+//! Layout of one packed block: `channels` scales (steps) in the block's [`StepFormat`] (f16,
+//! or one byte each), `channels` f16 minimums, then the codes token-major (`tokens` rows of
+//! `channels · bits / 8` bytes), so one token's row unpacks without touching the others —
+//! eight channels at a time with AVX2 + F16C where the CPU has them (the same
+//! multiply-then-add as the portable loop, so the same bits).
+//!
+//! The grids cost `4 · channels` bytes per block with f16 steps: at 4 bits over pages of 8
+//! tokens as much again as the codes. [`StepFormat::F8`] stores each step in one byte (the
+//! minimum stays f16: it must place a narrow channel sitting far from zero).
 //!
 //! **Refined channels** ([`ChannelQuantizer::with_refinement`]): in each segment of a block
 //! (one KV head's channels) the few channels with the widest steps also get a second code per
@@ -21,6 +26,65 @@ use half::f16;
 
 use crate::KernelError;
 
+/// How a per-channel block stores each channel's step (the grid's scale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StepFormat {
+    /// IEEE half precision: 2 bytes per channel.
+    #[default]
+    F16,
+    /// An unsigned 8-bit float: 1 byte per channel, f16's five exponent bits and its top three
+    /// mantissa bits (bits 7–14 of the f16, so it widens to f16 with a shift), rounded up so
+    /// the grid still spans the channel's range. Four significant bits: a step is up to 1/8
+    /// wider than the f16 one, which adds that much to the rounding error of the channel.
+    F8,
+}
+
+impl StepFormat {
+    /// Bytes per stored step.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F16 => 2,
+            Self::F8 => 1,
+        }
+    }
+
+    /// Stores `step` (non-negative, as [`super::grid`] gives it) as channel `ch`'s step in
+    /// `steps`; returns the value stored.
+    fn store(self, step: f16, steps: &mut [u8], ch: usize) -> f32 {
+        match self {
+            Self::F16 => {
+                steps[2 * ch..2 * ch + 2].copy_from_slice(&step.to_le_bytes());
+                step.to_f32()
+            }
+            Self::F8 => {
+                steps[ch] = f8_up(step);
+                f8_value(steps[ch])
+            }
+        }
+    }
+
+    /// Channel `ch`'s step in `steps`.
+    fn load(self, steps: &[u8], ch: usize) -> f32 {
+        match self {
+            Self::F16 => half_at(steps, ch),
+            Self::F8 => f8_value(steps[ch]),
+        }
+    }
+}
+
+/// The smallest [`StepFormat::F8`] code whose value is not below `h` (a non-negative finite
+/// f16), saturating at the largest finite one (61 440).
+pub(crate) fn f8_up(h: f16) -> u8 {
+    let b = h.to_bits() & 0x7fff;
+    let up = (b >> 7) + u16::from(b & 0x7f != 0);
+    up.min(0xf7) as u8
+}
+
+/// The value of a [`StepFormat::F8`] code.
+pub(crate) fn f8_value(code: u8) -> f32 {
+    f16::from_bits(u16::from(code) << 7).to_f32()
+}
+
 /// Quantizes blocks of `tokens × channels` values per channel.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChannelQuantizer {
@@ -31,6 +95,8 @@ pub struct ChannelQuantizer {
     refined: usize,
     /// Channels per segment (the selection of refined channels is per segment).
     segment: usize,
+    /// How steps are stored.
+    steps: StepFormat,
 }
 
 impl ChannelQuantizer {
@@ -56,7 +122,23 @@ impl ChannelQuantizer {
             channels,
             refined: 0,
             segment: channels,
+            steps: StepFormat::F16,
         })
+    }
+
+    /// The same quantizer storing its steps in `steps`.
+    pub fn with_steps(self, steps: StepFormat) -> Self {
+        Self { steps, ..self }
+    }
+
+    /// How steps are stored.
+    pub fn steps(&self) -> StepFormat {
+        self.steps
+    }
+
+    /// Bytes of a block's grids (steps, then minimums).
+    fn params_bytes(&self) -> usize {
+        (self.steps.bytes() + 2) * self.channels
     }
 
     /// The same quantizer with `per_segment` refined channels in each segment of `segment`
@@ -131,7 +213,7 @@ impl ChannelQuantizer {
 
     /// Bytes of one packed block.
     pub fn packed_bytes(&self) -> usize {
-        4 * self.channels
+        self.params_bytes()
             + self.tokens * self.row_bytes()
             + self.refined_total()
             + self.tokens * self.residual_bytes()
@@ -148,7 +230,8 @@ impl ChannelQuantizer {
             "quantize sizes"
         );
         let levels = ((1u32 << self.bits) - 1) as f32;
-        let (params, rest) = out.split_at_mut(4 * c);
+        let (params, rest) = out.split_at_mut(self.params_bytes());
+        let (steps, mins) = params.split_at_mut(self.steps.bytes() * c);
         rest.fill(0);
         let (codes, refinement) = rest.split_at_mut(self.tokens * self.row_bytes());
         let mut sm = Vec::with_capacity(c);
@@ -161,9 +244,9 @@ impl ChannelQuantizer {
                     (a.min(x), b.max(x))
                 });
             let (scale, min) = super::grid(lo, hi, self.bits);
-            params[2 * ch..2 * ch + 2].copy_from_slice(&scale.to_le_bytes());
-            params[2 * (c + ch)..2 * (c + ch) + 2].copy_from_slice(&min.to_le_bytes());
-            sm.push((scale.to_f32(), min.to_f32()));
+            let s = self.steps.store(scale, steps, ch);
+            mins[2 * ch..2 * ch + 2].copy_from_slice(&min.to_le_bytes());
+            sm.push((s, min.to_f32()));
         }
         for (row, dst) in block
             .chunks_exact(c)
@@ -226,10 +309,10 @@ impl ChannelQuantizer {
 
     /// Adds token `t`'s residuals to the refined channels among `from .. from + out.len()`.
     fn apply_refinement(&self, packed: &[u8], t: usize, from: usize, out: &mut [f32]) {
-        let (bits, c) = (self.bits, self.channels);
+        let bits = self.bits;
         let levels = ((1u32 << bits) - 1) as f32;
         let total = self.refined_total();
-        let at = 4 * c + self.tokens * self.row_bytes();
+        let at = self.params_bytes() + self.tokens * self.row_bytes();
         let index = &packed[at..at + total];
         let rb = self.residual_bytes();
         let res = &packed[at + total + t * rb..at + total + (t + 1) * rb];
@@ -240,7 +323,7 @@ impl ChannelQuantizer {
             let ch = k / self.refined * self.segment + usize::from(i);
             if (from..from + out.len()).contains(&ch) {
                 let r = f32::from(get_code(res, k, bits)) - levels / 2.0;
-                out[ch - from] += r * (half_at(packed, ch) / levels);
+                out[ch - from] += r * (self.steps.load(packed, ch) / levels);
             }
         }
     }
@@ -260,7 +343,9 @@ impl ChannelQuantizer {
         #[cfg(target_arch = "x86_64")]
         if from.is_multiple_of(8) && out.len().is_multiple_of(8) && super::simd::available() {
             // SAFETY: AVX2 and F16C were detected; the ranges were checked above.
-            unsafe { super::simd::per_channel(self.bits, scales, mins, row, from, out) };
+            unsafe {
+                super::simd::per_channel(self.bits, self.steps, scales, mins, row, from, out);
+            };
         } else {
             self.dequantize_portable(packed, t, from, out);
         }
@@ -293,15 +378,15 @@ impl ChannelQuantizer {
         }
         let (scales, mins, _) = self.parts(packed, 0);
         for (i, g) in grids.iter_mut().enumerate() {
-            *g = [half_at(scales, i), half_at(mins, i)];
+            *g = [self.steps.load(scales, i), half_at(mins, i)];
         }
     }
 
     /// Scales, minimums and token `t`'s codes of a packed block.
     fn parts<'a>(&self, packed: &'a [u8], t: usize) -> (&'a [u8], &'a [u8], &'a [u8]) {
         let c = self.channels;
-        let (params, codes) = packed.split_at(4 * c);
-        let (scales, mins) = params.split_at(2 * c);
+        let (params, codes) = packed.split_at(self.params_bytes());
+        let (scales, mins) = params.split_at(self.steps.bytes() * c);
         (
             scales,
             mins,
@@ -315,7 +400,8 @@ impl ChannelQuantizer {
         let (scales, mins, row) = self.parts(packed, t);
         for (k, o) in out.iter_mut().enumerate() {
             let i = from + k;
-            *o = f32::from(get_code(row, i, self.bits)) * half_at(scales, i) + half_at(mins, i);
+            *o = f32::from(get_code(row, i, self.bits)) * self.steps.load(scales, i)
+                + half_at(mins, i);
         }
     }
 }
@@ -346,12 +432,17 @@ mod tests {
     #[test]
     fn codes_and_grids_reproduce_the_dequantized_block() {
         let mut rng = StdRng::seed_from_u64(8);
-        for bits in [2, 4, 8] {
+        for (bits, steps) in [2, 4, 8]
+            .into_iter()
+            .flat_map(|b| [(b, StepFormat::F16), (b, StepFormat::F8)])
+        {
             let (tokens, channels) = (16, 32);
             let block: Vec<f32> = (0..tokens * channels)
                 .map(|i| (i % channels) as f32 * 3.0 + rng.random_range(-1.0..1.0))
                 .collect();
-            let q = ChannelQuantizer::new(bits, tokens, channels).unwrap();
+            let q = ChannelQuantizer::new(bits, tokens, channels)
+                .unwrap()
+                .with_steps(steps);
             let mut packed = vec![0u8; q.packed_bytes()];
             q.quantize(&block, &mut packed);
             let mut codes = vec![0u8; tokens * channels];
@@ -364,7 +455,11 @@ mod tests {
                     let [s, m] = grids[ch];
                     let c = codes[t * channels + ch];
                     assert!(u32::from(c) < 1 << bits);
-                    assert_eq!(f32::from(c) * s + m, want, "{bits} bits ({t}, {ch})");
+                    assert_eq!(
+                        f32::from(c) * s + m,
+                        want,
+                        "{bits} bits, {steps:?} ({t}, {ch})"
+                    );
                 }
             }
         }
@@ -374,7 +469,10 @@ mod tests {
     #[test]
     fn round_trip_within_half_a_step_per_channel() {
         let mut rng = StdRng::seed_from_u64(5);
-        for bits in [2, 4, 8] {
+        for (bits, steps) in [2, 4, 8]
+            .into_iter()
+            .flat_map(|b| [(b, StepFormat::F16), (b, StepFormat::F8)])
+        {
             let (tokens, channels) = (16, 24);
             // Channel offsets and widths that differ by orders of magnitude, as in real keys.
             let block: Vec<f32> = (0..tokens * channels)
@@ -384,20 +482,22 @@ mod tests {
                     offset + rng.random_range(-1.0..1.0) * (0.01 + ch as f32 * 0.1)
                 })
                 .collect();
-            let q = ChannelQuantizer::new(bits, tokens, channels).unwrap();
+            let q = ChannelQuantizer::new(bits, tokens, channels)
+                .unwrap()
+                .with_steps(steps);
             let mut packed = vec![0u8; q.packed_bytes()];
             q.quantize(&block, &mut packed);
             let mut row = vec![0.0f32; channels];
             for t in 0..tokens {
                 q.dequantize(&packed, t, 0, &mut row);
                 for (ch, &got) in row.iter().enumerate() {
-                    let s = half_at(&packed, ch);
+                    let s = steps.load(&packed, ch);
                     let x = block[t * channels + ch];
                     // Half a step: the stored grid covers the channel's range.
                     let bound = 0.5 * s + 1e-5 * (1.0 + x.abs());
                     assert!(
                         (got - x).abs() <= bound,
-                        "{bits} bits ({t}, {ch}): {x} → {got}, step {s}"
+                        "{bits} bits, {steps:?} ({t}, {ch}): {x} → {got}, step {s}"
                     );
                 }
                 // A channel sub-range reads the same values, and the vector path the same
@@ -413,6 +513,13 @@ mod tests {
         assert_eq!(
             ChannelQuantizer::new(4, 16, 64).unwrap().packed_bytes(),
             4 * 64 + 16 * 32
+        );
+        assert_eq!(
+            ChannelQuantizer::new(4, 16, 64)
+                .unwrap()
+                .with_steps(StepFormat::F8)
+                .packed_bytes(),
+            3 * 64 + 16 * 32
         );
         assert!(ChannelQuantizer::new(3, 16, 64).is_err());
         let q = ChannelQuantizer::new(4, 8, 128).unwrap();
@@ -436,8 +543,15 @@ mod tests {
             "u8 indices"
         );
         assert_eq!(
-            q.with_refinement(8, 64).unwrap().packed_bytes(),
+            q.clone().with_refinement(8, 64).unwrap().packed_bytes(),
             4 * 128 + 8 * 64 + 16 + 8 * 8
+        );
+        assert_eq!(
+            q.with_refinement(8, 64)
+                .unwrap()
+                .with_steps(StepFormat::F8)
+                .packed_bytes(),
+            3 * 128 + 8 * 64 + 16 + 8 * 8
         );
         assert!(ChannelQuantizer::new(4, 0, 64).is_err());
         assert!(ChannelQuantizer::new(2, 16, 3).is_err());
@@ -449,7 +563,10 @@ mod tests {
     #[test]
     fn refined_channels_are_the_widest_and_within_a_finer_bound() {
         let mut rng = StdRng::seed_from_u64(21);
-        for bits in [2, 4, 8] {
+        for (bits, steps) in [2, 4, 8]
+            .into_iter()
+            .flat_map(|b| [(b, StepFormat::F16), (b, StepFormat::F8)])
+        {
             let (tokens, channels, segment, per) = (8, 64, 32, 4);
             let width: Vec<f32> = (0..channels)
                 .map(|_| 10f32.powf(rng.random_range(-2.0..1.0)))
@@ -463,12 +580,13 @@ mod tests {
             let q = ChannelQuantizer::new(bits, tokens, channels)
                 .unwrap()
                 .with_refinement(per, segment)
-                .unwrap();
+                .unwrap()
+                .with_steps(steps);
             let mut packed = vec![0u8; q.packed_bytes()];
             q.quantize(&block, &mut packed);
             let levels = ((1u32 << bits) - 1) as f32;
-            let step = |ch: usize| half_at(&packed, ch);
-            let at = 4 * channels + tokens * channels * bits as usize / 8;
+            let step = |ch: usize| steps.load(&packed, ch);
+            let at = (steps.bytes() + 2) * channels + tokens * channels * bits as usize / 8;
             let mut refined = vec![false; channels];
             for seg in 0..channels / segment {
                 let idx = &packed[at + seg * per..at + (seg + 1) * per];
@@ -498,15 +616,42 @@ mod tests {
                     };
                     assert!(
                         (got - x).abs() <= bound + 1e-5 * (1.0 + x.abs()),
-                        "{bits} bits ({t}, {ch}, refined {}): {x} → {got}, step {s}",
+                        "{bits} bits, {steps:?} ({t}, {ch}, refined {}): {x} → {got}, step {s}",
                         refined[ch]
                     );
                 }
                 // Ranges that start or end inside a segment, vector and portable alike.
                 for from in [0, 8, 20, 40] {
                     q.dequantize(&packed, t, from, &mut part);
-                    assert_eq!(part, row[from..from + 24], "{bits} bits, from {from}");
+                    assert_eq!(
+                        part,
+                        row[from..from + 24],
+                        "{bits} bits, {steps:?}, from {from}"
+                    );
                 }
+            }
+        }
+    }
+
+    /// F8 steps: over every non-negative finite f16, the code is the smallest whose value is
+    /// not below it (so grids still span their range), and the value is within 1/8 above.
+    #[test]
+    fn f8_steps_round_up_to_the_nearest_code() {
+        let values: Vec<f32> = (0..=0xf7u8).map(f8_value).collect();
+        assert!(values.windows(2).all(|w| w[0] < w[1]), "codes in order");
+        assert_eq!((values[0], values[0xf7]), (0.0, 61440.0));
+        for bits in 0..0x7c00u16 {
+            let h = f16::from_bits(bits);
+            let x = h.to_f32();
+            let code = f8_up(h);
+            let v = f8_value(code);
+            if x <= 61440.0 {
+                assert!(v >= x, "{x} → {v}");
+                assert!(code == 0 || values[usize::from(code) - 1] < x, "{x}: not the smallest");
+                // Normal values: within 1/8 (subnormals: within one subnormal f8 step).
+                assert!(v - x <= (x / 8.0).max(2f32.powi(-17)), "{x} → {v}");
+            } else {
+                assert_eq!(code, 0xf7, "{x} saturates");
             }
         }
     }

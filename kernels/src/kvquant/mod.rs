@@ -21,7 +21,7 @@ mod channel;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
-pub use channel::ChannelQuantizer;
+pub use channel::{ChannelQuantizer, StepFormat};
 
 use half::f16;
 

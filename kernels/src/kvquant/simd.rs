@@ -3,6 +3,8 @@
 
 use std::arch::x86_64::*;
 
+use super::StepFormat;
+
 /// Whether this CPU runs these routines.
 pub(super) fn available() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
@@ -39,15 +41,17 @@ unsafe fn codes8(bits: u32, row: *const u8, i: usize) -> __m256i {
     }
 }
 
-/// Per-channel grids: channel `from + j` of `row` → `out[j]`, with f16 scales and minimums
-/// per channel.
+/// Per-channel grids: channel `from + j` of `row` → `out[j]`, with steps stored as `steps`
+/// and f16 minimums per channel (an F8 step widens to its f16 with a shift, then converts like
+/// an f16 one: the portable loop's values exactly).
 ///
 /// # Safety
-/// AVX2 and F16C; `from` and `out.len()` multiples of 8 within the row's channels; `scales` and
-/// `mins` hold two bytes per channel.
+/// AVX2 and F16C; `from` and `out.len()` multiples of 8 within the row's channels; `scales`
+/// holds `steps.bytes()` bytes per channel and `mins` two.
 #[target_feature(enable = "avx2,f16c")]
 pub(super) unsafe fn per_channel(
     bits: u32,
+    steps: StepFormat,
     scales: &[u8],
     mins: &[u8],
     row: &[u8],
@@ -58,7 +62,13 @@ pub(super) unsafe fn per_channel(
         let i = from + 8 * k;
         // SAFETY: channels `i..i + 8` are inside the row (caller).
         unsafe {
-            let s = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(2 * i).cast()));
+            let halves = match steps {
+                StepFormat::F16 => _mm_loadu_si128(scales.as_ptr().add(2 * i).cast()),
+                StepFormat::F8 => _mm_slli_epi16::<7>(_mm_cvtepu8_epi16(_mm_loadl_epi64(
+                    scales.as_ptr().add(i).cast(),
+                ))),
+            };
+            let s = _mm256_cvtph_ps(halves);
             let m = _mm256_cvtph_ps(_mm_loadu_si128(mins.as_ptr().add(2 * i).cast()));
             let q = _mm256_cvtepi32_ps(codes8(bits, row.as_ptr(), i));
             _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_add_ps(_mm256_mul_ps(q, s), m));
