@@ -91,3 +91,71 @@ pub(super) unsafe fn uniform(bits: u32, codes: &[u8], s: f32, m: f32, out: &mut 
         }
     }
 }
+
+/// One segment's refined channels of one token (see `ChannelQuantizer::with_refinement`).
+pub(super) struct Refined<'a> {
+    /// Bits per residual code.
+    pub bits: u32,
+    /// How `scales` stores the steps.
+    pub steps: StepFormat,
+    /// The packed block (its steps first).
+    pub packed: &'a [u8],
+    /// The segment's refined channels (within the segment, ascending; a multiple of 8).
+    pub index: &'a [u8],
+    /// The token's residual codes (all segments').
+    pub res: &'a [u8],
+    /// The number of the segment's first refined channel in the block (a multiple of 8).
+    pub first: usize,
+    /// The segment's first channel.
+    pub base: usize,
+}
+
+/// Adds a segment's residuals to the channels among `from .. from + out.len()`, eight
+/// refined channels at a time: the same `(code − levels/2) · (step / levels)` and the same
+/// scalar adds as the portable loop, so the same bits.
+///
+/// # Safety
+/// AVX2 and F16C; `index.len()` and `first` multiples of 8, `first + index.len()` codes in
+/// `res`, every `base + index[k]` a channel of `packed`'s block (its steps are followed by at
+/// least four more bytes: the minimums).
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn refine(r: &Refined<'_>, from: usize, out: &mut [f32]) {
+    let levels = ((1u32 << r.bits) - 1) as f32;
+    let end = from + out.len();
+    let (lv, half) = (_mm256_set1_ps(levels), _mm256_set1_ps(levels / 2.0));
+    let base = _mm256_set1_epi32(r.base as i32);
+    for (j, idx) in r.index.chunks_exact(8).enumerate() {
+        // SAFETY: eight indices at `idx`; the gathers read inside the steps and the minimums
+        // after them; codes `first + 8j ..` are inside `res` (caller).
+        unsafe {
+            let ch = _mm256_add_epi32(
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(idx.as_ptr().cast())),
+                base,
+            );
+            let p = r.packed.as_ptr().cast::<i32>();
+            let bits16 = match r.steps {
+                StepFormat::F16 => _mm256_and_si256(
+                    _mm256_i32gather_epi32::<1>(p, _mm256_slli_epi32::<1>(ch)),
+                    _mm256_set1_epi32(0xffff),
+                ),
+                StepFormat::F8 => _mm256_slli_epi32::<7>(_mm256_and_si256(
+                    _mm256_i32gather_epi32::<1>(p, ch),
+                    _mm256_set1_epi32(0xff),
+                )),
+            };
+            // Eight 16-bit halves in the low 128 bits, in order, for the conversion.
+            let packed16 = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(bits16, bits16));
+            let step = _mm256_cvtph_ps(_mm256_castsi256_si128(packed16));
+            let codes = _mm256_cvtepi32_ps(codes8(r.bits, r.res.as_ptr(), r.first + 8 * j));
+            let v = _mm256_mul_ps(_mm256_sub_ps(codes, half), _mm256_div_ps(step, lv));
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            for (&i, &x) in idx.iter().zip(&lanes) {
+                let c = r.base + usize::from(i);
+                if (from..end).contains(&c) {
+                    out[c - from] += x;
+                }
+            }
+        }
+    }
+}
