@@ -8,8 +8,8 @@
 //!
 //! [`DevicePagedKv`]: arbor_kernels::cube::kv::DevicePagedKv
 
-use arbor_cache::compression::PageQuant;
 use arbor_cache::StepFormat;
+use arbor_cache::compression::PageQuant;
 use arbor_cache::{DeviceStore, KvCache, KvLayout, KvPolicy};
 use arbor_kernels::cube::kv::DeviceQuant;
 use burn::tensor::{Tensor, backend::Backend};

@@ -178,9 +178,7 @@ fn parse_setting(s: &str, tokens: usize) -> Result<Setting> {
             }
         }
         None if tok || cal || vchan || f8 || refine.is_some() => {
-            bail!(
-                "{label:?}: `tok`, `vchan`, `ref=N`, `f8` and `cal` qualify a BITS:WINDOW part"
-            )
+            bail!("{label:?}: `tok`, `vchan`, `ref=N`, `f8` and `cal` qualify a BITS:WINDOW part")
         }
         None => {}
     }
@@ -497,7 +495,13 @@ mod tests {
         let q = v.spec.quant.unwrap();
         assert_eq!(
             (q.keys, q.values, q.refine, q.group, q.steps),
-            (QuantAxis::Channel, QuantAxis::Channel, 8, 16, StepFormat::F8)
+            (
+                QuantAxis::Channel,
+                QuantAxis::Channel,
+                8,
+                16,
+                StepFormat::F8
+            )
         );
         let plain = parse_setting("4:128", 10).unwrap().spec.quant.unwrap();
         assert_eq!((plain.refine, plain.steps), (0, StepFormat::F16));

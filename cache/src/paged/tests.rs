@@ -132,7 +132,12 @@ fn add(c: &mut PagedKv, first: usize, n: usize) {
 }
 
 fn quant(bits: u32, sinks: usize, window: usize, keys: QuantAxis) -> KvCompression {
-    quant_with(bits, sinks, window, (keys, QuantAxis::Token, 0, StepFormat::F16))
+    quant_with(
+        bits,
+        sinks,
+        window,
+        (keys, QuantAxis::Token, 0, StepFormat::F16),
+    )
 }
 
 /// Quantizers with keys and values on the given axes, `refine` refined channels and steps

@@ -730,7 +730,10 @@ mod tests {
             let v = f8_value(code);
             if x <= 61440.0 {
                 assert!(v >= x, "{x} → {v}");
-                assert!(code == 0 || values[usize::from(code) - 1] < x, "{x}: not the smallest");
+                assert!(
+                    code == 0 || values[usize::from(code) - 1] < x,
+                    "{x}: not the smallest"
+                );
                 // Normal values: within 1/8 (subnormals: within one subnormal f8 step).
                 assert!(v - x <= (x / 8.0).max(2f32.powi(-17)), "{x} → {v}");
             } else {
