@@ -74,7 +74,8 @@ pub struct KvArgs {
     #[arg(long, value_enum, default_value_t = QuantAxisArg::Channel)]
     pub kv_keys: QuantAxisArg,
     /// How values are quantized: per token in channel groups (SKVQ) or per channel over each
-    /// page (best with `--page-size 8`).
+    /// page (with `--kv-refine 32`: ≥ 99% top-1 agreement with the exact cache at 0.3× its
+    /// bytes on the README's measurements).
     #[arg(long, value_enum, default_value_t = QuantAxisArg::Token)]
     pub kv_values: QuantAxisArg,
     /// Per-channel quantization: channels per KV head and page (its widest steps) that get a
