@@ -26,6 +26,26 @@ impl<'a> LayerView<'a> {
         }
     }
 
+    /// Whether a query at `pos` reads row `j` of head `g`'s keys (`values`: values) from
+    /// codes: a packed page whose last token is older than the window, or whose full copy is
+    /// freed.
+    #[inline(always)]
+    fn reads_codes(&self, values: bool, g: usize, j: usize, pos: usize) -> bool {
+        let Some(c) = self.policy.and_then(|p| p.compression.as_ref()) else {
+            return false;
+        };
+        let ps = self.layout.page_size;
+        let p = j / ps;
+        let l = self.pages;
+        let (full, codes) = if values {
+            (&l.v[p], &l.vq[p])
+        } else {
+            (&l.k[p], &l.kq[p])
+        };
+        let old = !codes.is_empty() && l.logical((p + 1) * ps - 1, g) + c.window < pos;
+        old || full.is_empty()
+    }
+
     /// Row `j` of head `g` as a query at `pos` reads it: the codes of a packed page whose
     /// last token is older than the window, else full precision.
     #[inline(always)]
@@ -51,9 +71,8 @@ impl<'a> LayerView<'a> {
             return &full[o..o + hd];
         };
         let codes = if values { &l.vq[p] } else { &l.kq[p] };
-        let old = !codes.is_empty() && l.logical((p + 1) * ps - 1, g) + c.window < pos;
         // A freed page is only read by queries past the window (the model issues no other).
-        if !old && !full.is_empty() {
+        if !self.reads_codes(values, g, j, pos) {
             return &full[o..o + hd];
         }
         let quant = if values { &c.values } else { &c.keys };
@@ -85,6 +104,12 @@ impl KvSource for LayerView<'_> {
         buf: &'b mut [f32],
     ) -> &'b [f32] {
         self.read(true, g, j, pos, buf)
+    }
+
+    /// The same representation for both positions, keys and values alike.
+    fn same_read(&self, _: usize, g: usize, j: usize, pos_a: usize, pos_b: usize) -> bool {
+        self.reads_codes(false, g, j, pos_a) == self.reads_codes(false, g, j, pos_b)
+            && self.reads_codes(true, g, j, pos_a) == self.reads_codes(true, g, j, pos_b)
     }
 
     /// Quest: among the pages the query sees in full that are past the sinks and older than

@@ -1,7 +1,9 @@
-//! Row-wise fused attention on the CPU: each query row is one task that walks only the keys
-//! its mask allows, in cache order, with a two-pass softmax (max, then exp-sum and the
-//! weighted sum of values) — no `[n_q, n_kv]` score matrix, no masked work, K/V never
-//! repeated for GQA.
+//! Row-wise fused attention on the CPU: each query row walks only the keys its mask allows,
+//! in cache order, with a two-pass softmax (max, then exp-sum and the weighted sum of
+//! values) — no `[n_q, n_kv]` score matrix, no masked work, K/V never repeated for GQA. A
+//! task takes up to 8 rows of one KV group and reads each key and value once for the rows
+//! that read it the same way (a quantized page is unpacked once, not once per tree node or
+//! prefill row).
 //!
 //! **Batch-invariant**: a row's arithmetic depends only on its query, the keys it sees and
 //! their order — not on how many other rows, trees or sequences share the call. A tree node
@@ -53,6 +55,13 @@ pub trait KvSource: Sync {
         query_pos: usize,
         buf: &'a mut [f32],
     ) -> &'a [f32];
+    /// Whether key and value `j` of KV head `g` read the same for queries at `pos_a` and
+    /// `pos_b` (a compressed cache reads a page as codes or in full by the query's position),
+    /// so one read serves both. The default: only at the same position.
+    fn same_read(&self, b: usize, g: usize, j: usize, pos_a: usize, pos_b: usize) -> bool {
+        let _ = (b, g, j);
+        pos_a == pos_b
+    }
     /// Narrows the keys each query head of KV group `g` reads — e.g. Quest's page selection,
     /// which every head makes for itself. `keys` are the keys the mask lets the query see
     /// (increasing) and `queries` the rows of the group's heads (`group × head_dim`). Returns
@@ -90,10 +99,17 @@ impl KvSource for Contiguous<'_> {
         let at = ((b * self.d.n_kv_heads + g) * self.d.n_kv + j) * self.d.head_dim;
         &self.v[at..at + self.d.head_dim]
     }
+
+    fn same_read(&self, _: usize, _: usize, _: usize, _: usize, _: usize) -> bool {
+        true
+    }
 }
 
 /// Multiply-adds below which a call runs on the calling thread.
 const PARALLEL_WORK: usize = 1 << 20;
+
+/// Most query rows one task takes (they share each key and value read).
+const MAX_BLOCK_ROWS: usize = 8;
 
 /// What every row of one call shares.
 struct RowCtx<'a, S> {
@@ -124,76 +140,159 @@ struct Scratch {
     buf: Vec<f32>,
 }
 
-/// One task: query `i` of sequence `b` for every head of KV group `g` (GQA heads share the
-/// keys and values, so each is read once for all of them). Each head's arithmetic is exactly
-/// that of a lone row — its scores over the visible keys in order, softmax, weighted sum — so
-/// grouping changes speed, not results.
+/// One task: queries `rows` of sequence `b` for every head of KV group `g` (GQA heads share
+/// the keys and values, so each is read once for all of them — and once for all the rows that
+/// read it the same way, [`KvSource::same_read`]: a quantized page is unpacked once per task,
+/// not once per row). Each head's arithmetic is exactly that of a lone row — its scores over
+/// the visible keys in order, softmax, weighted sum — so grouping heads or rows changes speed,
+/// not results. Rows whose heads select their own keys take [`per_head`].
 #[inline(always)]
-fn group_body<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
+fn block_body<S: KvSource>(
+    c: &RowCtx<'_, S>,
+    s: &mut Scratch,
+    (b, g): (usize, usize),
+    rows: std::ops::Range<usize>,
+    out: &mut Vec<TaskOut>,
+) {
     let d = c.d;
     let (hd, gs) = (d.head_dim, c.group);
-    let i = task % d.n_q;
-    let g = (task / d.n_q) % d.n_kv_heads;
-    let b = task / (d.n_q * d.n_kv_heads);
-    let pos = c.positions.map_or(0, |p| p[b * d.n_q + i]);
-    let m = &c.mask[(b * d.n_q + i) * d.n_kv..(b * d.n_q + i + 1) * d.n_kv];
-    s.keys.clear();
-    s.keys
-        .extend(m.iter().enumerate().filter(|(_, ok)| **ok).map(|(j, _)| j));
-    // The group's query rows, gathered once: the source's selection and the scores read them.
-    s.queries.clear();
-    for h in g * gs..(g + 1) * gs {
-        let row = (b * d.n_heads + h) * d.n_q + i;
-        s.queries.extend_from_slice(&c.q[row * hd..(row + 1) * hd]);
+    let first = out.len();
+    let mut shared: Vec<RowWork> = Vec::with_capacity(rows.len());
+    for i in rows {
+        let pos = c.positions.map_or(0, |p| p[b * d.n_q + i]);
+        let m = &c.mask[(b * d.n_q + i) * d.n_kv..(b * d.n_q + i + 1) * d.n_kv];
+        s.keys.clear();
+        s.keys
+            .extend(m.iter().enumerate().filter(|(_, ok)| **ok).map(|(j, _)| j));
+        // The group's query rows, gathered once: the source's selection and the scores read
+        // them.
+        s.queries.clear();
+        for h in g * gs..(g + 1) * gs {
+            let row = (b * d.n_heads + h) * d.n_q + i;
+            s.queries.extend_from_slice(&c.q[row * hd..(row + 1) * hd]);
+        }
+        s.votes.clear();
+        if c.votes {
+            s.votes.resize(s.keys.len(), 0.0);
+        }
+        if c.kv.select(b, g, pos, &s.queries, &s.keys, &mut s.heads) {
+            per_head(c, s, pos, b, g);
+            out.push(TaskOut::take(s, i, c.votes));
+            continue;
+        }
+        let nk = s.keys.len();
+        shared.push(RowWork {
+            pos,
+            mask: m,
+            nk,
+            queries: s.queries.clone(),
+            scores: vec![0.0; gs * nk],
+            out: TaskOut {
+                i,
+                rows: vec![0.0; gs * hd],
+                keys: if c.votes { s.keys.clone() } else { Vec::new() },
+                votes: s.votes.clone(),
+            },
+        });
     }
-    s.votes.clear();
-    if c.votes {
-        s.votes.resize(s.keys.len(), 0.0);
+    if !shared.is_empty() {
+        shared_rows(c, s, (b, g), &mut shared);
+        out.extend(shared.into_iter().map(|w| w.out));
+        // Rows in order (the selecting ones were pushed as they came).
+        out[first..].sort_by_key(|o| o.i);
     }
-    if c.kv.select(b, g, pos, &s.queries, &s.keys, &mut s.heads) {
-        per_head(c, s, pos, b, g);
-        return;
-    }
-    let nk = s.keys.len();
-    s.scores.clear();
-    s.scores.resize(gs * nk, 0.0);
-    for (t, &j) in s.keys.iter().enumerate() {
-        let kj = c.kv.key(b, g, j, pos, &mut s.buf);
-        for (r, qr) in s.queries.chunks_exact(hd).enumerate() {
-            s.scores[r * nk + t] = dot(qr, kj) * c.scale;
+}
+
+/// One row of a block whose heads all read every visible key.
+struct RowWork<'m> {
+    pos: usize,
+    mask: &'m [bool],
+    /// Visible keys.
+    nk: usize,
+    /// `[group][head_dim]`.
+    queries: Vec<f32>,
+    /// `[group][visible keys]` scores, then probabilities.
+    scores: Vec<f32>,
+    out: TaskOut,
+}
+
+/// The rows of [`block_body`] that read every visible key with every head: each key (and
+/// value) is fetched once per run of rows that read it the same way, and each row's heads
+/// do what a lone row's would.
+#[inline(always)]
+fn shared_rows<S: KvSource>(
+    c: &RowCtx<'_, S>,
+    s: &mut Scratch,
+    (b, g): (usize, usize),
+    work: &mut [RowWork<'_>],
+) {
+    let hd = c.d.head_dim;
+    let mut cursor = vec![0usize; work.len()];
+    for j in 0..c.d.n_kv {
+        let mut read: Option<usize> = None;
+        let mut kj: &[f32] = &[];
+        for (w, t) in work.iter_mut().zip(cursor.iter_mut()) {
+            if !w.mask[j] {
+                continue;
+            }
+            if read.is_none_or(|p| !c.kv.same_read(b, g, j, p, w.pos)) {
+                kj = c.kv.key(b, g, j, w.pos, &mut s.buf);
+                read = Some(w.pos);
+            }
+            for (r, qr) in w.queries.chunks_exact(hd).enumerate() {
+                w.scores[r * w.nk + *t] = dot(qr, kj) * c.scale;
+            }
+            *t += 1;
         }
     }
-    s.acc.clear();
-    s.acc.resize(gs * hd, 0.0);
-    let mut sums = Vec::with_capacity(gs);
-    for scores in s.scores.chunks_exact_mut(nk) {
-        sums.push(exp_sum(scores));
+    let sums: Vec<Vec<f32>> = work
+        .iter_mut()
+        .map(|w| {
+            w.scores
+                .chunks_exact_mut(w.nk.max(1))
+                .map(exp_sum)
+                .collect()
+        })
+        .collect();
+    cursor.fill(0);
+    for j in 0..c.d.n_kv {
+        let mut read: Option<usize> = None;
+        let mut vj: &[f32] = &[];
+        for (w, t) in work.iter_mut().zip(cursor.iter_mut()) {
+            if !w.mask[j] {
+                continue;
+            }
+            if read.is_none_or(|p| !c.kv.same_read(b, g, j, p, w.pos)) {
+                vj = c.kv.value(b, g, j, w.pos, &mut s.buf);
+                read = Some(w.pos);
+            }
+            for (r, acc) in w.out.rows.chunks_exact_mut(hd).enumerate() {
+                let p = w.scores[r * w.nk + *t];
+                for (a, &x) in acc.iter_mut().zip(vj) {
+                    *a += p * x;
+                }
+            }
+            *t += 1;
+        }
     }
-    for (t, &j) in s.keys.iter().enumerate() {
-        let vj = c.kv.value(b, g, j, pos, &mut s.buf);
-        for (r, acc) in s.acc.chunks_exact_mut(hd).enumerate() {
-            let p = s.scores[r * nk + t];
-            for (a, &x) in acc.iter_mut().zip(vj) {
-                *a += p * x;
+    for (w, sums) in work.iter_mut().zip(&sums) {
+        for (acc, &sum) in w.out.rows.chunks_exact_mut(hd).zip(sums) {
+            let inv = 1.0 / sum;
+            for a in acc {
+                *a *= inv;
             }
         }
-    }
-    for (acc, &sum) in s.acc.chunks_exact_mut(hd).zip(&sums) {
-        let inv = 1.0 / sum;
-        for a in acc {
-            *a *= inv;
-        }
-    }
-    if c.votes {
-        for (scores, &sum) in s.scores.chunks_exact(nk).zip(&sums) {
-            for (v, &p) in s.votes.iter_mut().zip(scores) {
-                *v += p / sum;
+        if c.votes {
+            for (scores, &sum) in w.scores.chunks_exact(w.nk.max(1)).zip(sums) {
+                for (v, &p) in w.out.votes.iter_mut().zip(scores) {
+                    *v += p / sum;
+                }
             }
         }
     }
 }
 
-/// [`group_body`] when each head reads its own keys (`s.heads`): every head's arithmetic is
+/// [`block_body`] for a row whose heads each read their own keys (`s.heads`): every head's arithmetic is
 /// the shared path's for those keys alone — same order, same operations — while each key (and
 /// value) any head reads is fetched once for all of them (a quantized page unpacked once).
 #[inline(always)]
@@ -280,7 +379,7 @@ fn exp_sum(scores: &mut [f32]) -> f32 {
     sum
 }
 
-/// [`group_body`] compiled for AVX2 (256-bit lanes for the same operations in the same
+/// [`block_body`] compiled for AVX2 (256-bit lanes for the same operations in the same
 /// order: separate multiplies and adds, no FMA, so results equal the portable build bit for
 /// bit).
 ///
@@ -288,8 +387,14 @@ fn exp_sum(scores: &mut [f32]) -> f32 {
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn group_avx2<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, task: usize) {
-    group_body(c, s, task);
+unsafe fn block_avx2<S: KvSource>(
+    c: &RowCtx<'_, S>,
+    s: &mut Scratch,
+    bg: (usize, usize),
+    rows: std::ops::Range<usize>,
+    out: &mut Vec<TaskOut>,
+) {
+    block_body(c, s, bg, rows, out);
 }
 
 /// Dot product with eight fixed lanes (vectorizable, same order for every call). Plain
@@ -422,16 +527,25 @@ fn attention_impl<S: KvSource>(
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
     #[cfg(not(target_arch = "x86_64"))]
     let avx2 = false;
-    let run = |s: &mut Scratch, task: usize| -> TaskOut {
+    // Rows per task: enough tasks for every thread, at most 8 rows sharing each key read.
+    let rows_total = d.batch * d.n_kv_heads * d.n_q;
+    let per_task = (rows_total / rayon::current_num_threads().max(1)).clamp(1, MAX_BLOCK_ROWS);
+    let blocks = d.n_q.div_ceil(per_task);
+    let run = |s: &mut Scratch, task: usize| -> Vec<TaskOut> {
+        let blk = task % blocks;
+        let g = (task / blocks) % d.n_kv_heads;
+        let b = task / (blocks * d.n_kv_heads);
+        let rows = blk * per_task..((blk + 1) * per_task).min(d.n_q);
+        let mut outs = Vec::with_capacity(rows.len());
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: AVX2 was detected at run time just above.
-            unsafe { group_avx2(&ctx, s, task) };
-            return TaskOut::take(s, votes);
+            unsafe { block_avx2(&ctx, s, (b, g), rows, &mut outs) };
+            return outs;
         }
         let _ = avx2;
-        group_body(&ctx, s, task);
-        TaskOut::take(s, votes)
+        block_body(&ctx, s, (b, g), rows, &mut outs);
+        outs
     };
     let scratch = || Scratch {
         keys: Vec::new(),
@@ -442,10 +556,10 @@ fn attention_impl<S: KvSource>(
         acc: Vec::new(),
         buf: vec![0.0f32; hd],
     };
-    let tasks = d.batch * d.n_kv_heads * d.n_q;
+    let tasks = d.batch * d.n_kv_heads * blocks;
     // Small calls (a decode step) cost less than waking the pool; either way each row is
     // computed by the same code, so results do not depend on it.
-    let results: Vec<TaskOut> = if d.batch * d.n_heads * d.n_q * d.n_kv * hd < PARALLEL_WORK {
+    let results: Vec<Vec<TaskOut>> = if d.batch * d.n_heads * d.n_q * d.n_kv * hd < PARALLEL_WORK {
         let mut s = scratch();
         (0..tasks).map(|t| run(&mut s, t)).collect()
     } else {
@@ -462,34 +576,41 @@ fn attention_impl<S: KvSource>(
             0
         }
     ];
-    for (task, res) in results.iter().enumerate() {
-        let i = task % d.n_q;
-        let g = (task / d.n_q) % d.n_kv_heads;
-        let b = task / (d.n_q * d.n_kv_heads);
-        for (r, row) in res.rows.chunks_exact(hd).enumerate() {
-            let at = ((b * d.n_heads + g * ctx.group + r) * d.n_q + i) * hd;
-            out[at..at + hd].copy_from_slice(row);
-        }
-        if votes {
-            let dst = &mut voted[((b * d.n_kv_heads + g) * d.n_q + i) * d.n_kv..];
-            for (&j, &v) in res.keys.iter().zip(&res.votes) {
-                dst[j] = v;
+    for (task, outs) in results.iter().enumerate() {
+        let g = (task / blocks) % d.n_kv_heads;
+        let b = task / (blocks * d.n_kv_heads);
+        for res in outs {
+            let i = res.i;
+            for (r, row) in res.rows.chunks_exact(hd).enumerate() {
+                let at = ((b * d.n_heads + g * ctx.group + r) * d.n_q + i) * hd;
+                out[at..at + hd].copy_from_slice(row);
+            }
+            if votes {
+                let dst = &mut voted[((b * d.n_kv_heads + g) * d.n_q + i) * d.n_kv..];
+                for (&j, &v) in res.keys.iter().zip(&res.votes) {
+                    dst[j] = v;
+                }
             }
         }
     }
     Ok((out, voted))
 }
 
-/// One task's results.
+/// One row's results.
 struct TaskOut {
+    /// The query row.
+    i: usize,
+    /// `[group][head_dim]` outputs.
     rows: Vec<f32>,
+    /// The keys `votes` are for.
     keys: Vec<usize>,
     votes: Vec<f32>,
 }
 
 impl TaskOut {
-    fn take(s: &Scratch, votes: bool) -> Self {
+    fn take(s: &Scratch, i: usize, votes: bool) -> Self {
         Self {
+            i,
             rows: s.acc.clone(),
             keys: if votes { s.keys.clone() } else { Vec::new() },
             votes: s.votes.clone(),
@@ -587,6 +708,123 @@ mod tests {
 
     /// A row's result does not depend on the other rows of the call: a tree node equals its
     /// path computed alone (keys compacted to the path), bit for bit.
+    /// A source whose keys and values read differently past a position (like a quantized
+    /// page past the window): key `j` is scaled once the query is more than `lag` past it.
+    struct Aging<'a> {
+        inner: Contiguous<'a>,
+        lag: usize,
+        /// Whether `same_read` tells the truth (a lying source must change results).
+        honest: bool,
+    }
+
+    impl Aging<'_> {
+        fn aged(&self, j: usize, pos: usize) -> bool {
+            j + self.lag < pos
+        }
+
+        fn read<'a>(&self, x: &[f32], j: usize, pos: usize, buf: &'a mut [f32]) -> &'a [f32] {
+            let scale = if self.aged(j, pos) { 1.25 } else { 1.0 };
+            for (o, &v) in buf.iter_mut().zip(x) {
+                *o = v * scale;
+            }
+            buf
+        }
+    }
+
+    impl KvSource for Aging<'_> {
+        fn key<'a>(
+            &'a self,
+            b: usize,
+            g: usize,
+            j: usize,
+            p: usize,
+            x: &'a mut [f32],
+        ) -> &'a [f32] {
+            let k = self.inner.key(b, g, j, p, &mut []);
+            self.read(k, j, p, x)
+        }
+
+        fn value<'a>(
+            &'a self,
+            b: usize,
+            g: usize,
+            j: usize,
+            p: usize,
+            x: &'a mut [f32],
+        ) -> &'a [f32] {
+            let v = self.inner.value(b, g, j, p, &mut []);
+            self.read(v, j, p, x)
+        }
+
+        fn same_read(&self, _: usize, _: usize, j: usize, a: usize, b: usize) -> bool {
+            !self.honest || self.aged(j, a) == self.aged(j, b)
+        }
+    }
+
+    /// Rows that share a task read a key once only where their positions read it alike: every
+    /// row of a causal block equals the same row computed alone, bit for bit.
+    #[test]
+    fn rows_sharing_reads_equal_rows_alone_where_positions_differ() {
+        let mut rng = StdRng::seed_from_u64(17);
+        let (h, kvh, hd, cached, n) = (4, 2, 16, 11, 12);
+        let n_kv = cached + n;
+        let k = random(&mut rng, kvh * n_kv * hd);
+        let v = random(&mut rng, k.len());
+        let q = random(&mut rng, h * n * hd);
+        let mask: Vec<bool> = (0..n)
+            .flat_map(|i| (0..n_kv).map(move |j| j <= cached + i))
+            .collect();
+        let positions: Vec<usize> = (0..n).map(|i| cached + i).collect();
+        let d = AttentionDims {
+            batch: 1,
+            n_heads: h,
+            n_kv_heads: kvh,
+            n_q: n,
+            n_kv,
+            head_dim: hd,
+        };
+        let source = |honest| Aging {
+            inner: Contiguous { k: &k, v: &v, d },
+            lag: 4,
+            honest,
+        };
+        // One thread: 8 rows per task whatever the machine (tasks are sized to the pool).
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let run = |honest| {
+            pool.install(|| {
+                attention_rows_with(&q, &source(honest), &mask, Some(&positions), d).unwrap()
+            })
+        };
+        let (together, lying) = (run(true), run(false));
+        assert_ne!(
+            together, lying,
+            "a shared read across representations shows"
+        );
+        for i in 0..n {
+            let qi: Vec<f32> = (0..h)
+                .flat_map(|hh| q[(hh * n + i) * hd..(hh * n + i + 1) * hd].to_vec())
+                .collect();
+            let alone = attention_rows_with(
+                &qi,
+                &source(true),
+                &mask[i * n_kv..(i + 1) * n_kv],
+                Some(&positions[i..=i]),
+                AttentionDims { n_q: 1, ..d },
+            )
+            .unwrap();
+            for hh in 0..h {
+                assert_eq!(
+                    &together[(hh * n + i) * hd..(hh * n + i + 1) * hd],
+                    &alone[hh * hd..(hh + 1) * hd],
+                    "row {i}, head {hh}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn tree_rows_equal_their_path_alone_bitwise() {
         let mut rng = StdRng::seed_from_u64(5);
