@@ -227,24 +227,11 @@ fn shared_rows<S: KvSource>(
     work: &mut [RowWork<'_>],
 ) {
     let hd = c.d.head_dim;
-    let mut cursor = vec![0usize; work.len()];
-    for j in 0..c.d.n_kv {
-        let mut read: Option<usize> = None;
-        let mut kj: &[f32] = &[];
-        for (w, t) in work.iter_mut().zip(cursor.iter_mut()) {
-            if !w.mask[j] {
-                continue;
-            }
-            if read.is_none_or(|p| !c.kv.same_read(b, g, j, p, w.pos)) {
-                kj = c.kv.key(b, g, j, w.pos, &mut s.buf);
-                read = Some(w.pos);
-            }
-            for (r, qr) in w.queries.chunks_exact(hd).enumerate() {
-                w.scores[r * w.nk + *t] = dot(qr, kj) * c.scale;
-            }
-            *t += 1;
+    walk(c, &mut s.buf, (b, g), work, false, |w, t, kj| {
+        for (r, qr) in w.queries.chunks_exact(hd).enumerate() {
+            w.scores[r * w.nk + t] = dot(qr, kj) * c.scale;
         }
-    }
+    });
     let sums: Vec<Vec<f32>> = work
         .iter_mut()
         .map(|w| {
@@ -254,27 +241,14 @@ fn shared_rows<S: KvSource>(
                 .collect()
         })
         .collect();
-    cursor.fill(0);
-    for j in 0..c.d.n_kv {
-        let mut read: Option<usize> = None;
-        let mut vj: &[f32] = &[];
-        for (w, t) in work.iter_mut().zip(cursor.iter_mut()) {
-            if !w.mask[j] {
-                continue;
+    walk(c, &mut s.buf, (b, g), work, true, |w, t, vj| {
+        for (r, acc) in w.out.rows.chunks_exact_mut(hd).enumerate() {
+            let p = w.scores[r * w.nk + t];
+            for (a, &x) in acc.iter_mut().zip(vj) {
+                *a += p * x;
             }
-            if read.is_none_or(|p| !c.kv.same_read(b, g, j, p, w.pos)) {
-                vj = c.kv.value(b, g, j, w.pos, &mut s.buf);
-                read = Some(w.pos);
-            }
-            for (r, acc) in w.out.rows.chunks_exact_mut(hd).enumerate() {
-                let p = w.scores[r * w.nk + *t];
-                for (a, &x) in acc.iter_mut().zip(vj) {
-                    *a += p * x;
-                }
-            }
-            *t += 1;
         }
-    }
+    });
     for (w, sums) in work.iter_mut().zip(&sums) {
         for (acc, &sum) in w.out.rows.chunks_exact_mut(hd).zip(sums) {
             let inv = 1.0 / sum;
@@ -288,6 +262,40 @@ fn shared_rows<S: KvSource>(
                     *v += p / sum;
                 }
             }
+        }
+    }
+}
+
+/// Calls `f(row, t, x)` for every key `j` in cache order and every row that sees it (`t`:
+/// `j`'s index among the row's visible keys), `x` key `j` (`values`: value `j`) as that row
+/// reads it — fetched once per run of rows that read it alike.
+#[inline(always)]
+fn walk<S: KvSource>(
+    c: &RowCtx<'_, S>,
+    buf: &mut [f32],
+    (b, g): (usize, usize),
+    work: &mut [RowWork<'_>],
+    values: bool,
+    mut f: impl FnMut(&mut RowWork<'_>, usize, &[f32]),
+) {
+    let mut cursor = vec![0usize; work.len()];
+    for j in 0..c.d.n_kv {
+        let mut read: Option<usize> = None;
+        let mut x: &[f32] = &[];
+        for (w, t) in work.iter_mut().zip(cursor.iter_mut()) {
+            if !w.mask[j] {
+                continue;
+            }
+            if read.is_none_or(|p| !c.kv.same_read(b, g, j, p, w.pos)) {
+                x = if values {
+                    c.kv.value(b, g, j, w.pos, buf)
+                } else {
+                    c.kv.key(b, g, j, w.pos, buf)
+                };
+                read = Some(w.pos);
+            }
+            f(w, *t, x);
+            *t += 1;
         }
     }
 }
