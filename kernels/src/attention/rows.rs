@@ -156,7 +156,6 @@ fn block_body<S: KvSource>(
 ) {
     let d = c.d;
     let (hd, gs) = (d.head_dim, c.group);
-    let first = out.len();
     let mut shared: Vec<RowWork> = Vec::with_capacity(rows.len());
     for i in rows {
         let pos = c.positions.map_or(0, |p| p[b * d.n_q + i]);
@@ -198,8 +197,6 @@ fn block_body<S: KvSource>(
     if !shared.is_empty() {
         shared_rows(c, s, (b, g), &mut shared);
         out.extend(shared.into_iter().map(|w| w.out));
-        // Rows in order (the selecting ones were pushed as they came).
-        out[first..].sort_by_key(|o| o.i);
     }
 }
 
@@ -604,7 +601,7 @@ fn attention_impl<S: KvSource>(
     Ok((out, voted))
 }
 
-/// One row's results.
+/// One row's results (placed by `i`, in any order).
 struct TaskOut {
     /// The query row.
     i: usize,
@@ -714,8 +711,6 @@ mod tests {
         }
     }
 
-    /// A row's result does not depend on the other rows of the call: a tree node equals its
-    /// path computed alone (keys compacted to the path), bit for bit.
     /// A source whose keys and values read differently past a position (like a quantized
     /// page past the window): key `j` is scaled once the query is more than `lag` past it.
     struct Aging<'a> {
@@ -833,6 +828,8 @@ mod tests {
         }
     }
 
+    /// A row's result does not depend on the other rows of the call: a tree node equals its
+    /// path computed alone (keys compacted to the path), bit for bit.
     #[test]
     fn tree_rows_equal_their_path_alone_bitwise() {
         let mut rng = StdRng::seed_from_u64(5);

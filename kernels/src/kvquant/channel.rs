@@ -74,32 +74,15 @@ impl StepFormat {
 
 /// The smallest [`StepFormat::F8`] code whose value is not below `h` (a non-negative finite
 /// f16), saturating at the largest finite one (61 440).
-pub(crate) fn f8_up(h: f16) -> u8 {
+fn f8_up(h: f16) -> u8 {
     let b = h.to_bits() & 0x7fff;
     let up = (b >> 7) + u16::from(b & 0x7f != 0);
     up.min(0xf7) as u8
 }
 
 /// The value of a [`StepFormat::F8`] code.
-#[inline(always)]
-pub(crate) fn f8_value(code: u8) -> f32 {
-    f16_bits_to_f32(u16::from(code) << 7)
-}
-
-/// The f32 of the f16 with bits `h` — exact, as every f16 is an f32, so the same value as
-/// `half`'s conversion; inlined where that one is a call (per refined channel it was most of
-/// the cost).
-#[inline(always)]
-fn f16_bits_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h & 0x8000) << 16;
-    let exp = u32::from(h >> 10) & 0x1f;
-    let man = u32::from(h & 0x3ff);
-    match exp {
-        // Zero and subnormals: `man · 2^-24`, exact in f32.
-        0 => f32::from_bits((man as f32 * (1.0 / 16_777_216.0)).to_bits() | sign),
-        0x1f => f32::from_bits(sign | 0x7f80_0000 | (man << 13)),
-        _ => f32::from_bits(sign | ((exp + 112) << 23) | (man << 13)),
-    }
+fn f8_value(code: u8) -> f32 {
+    f16::from_bits(u16::from(code) << 7).to_f32()
 }
 
 /// Quantizes blocks of `tokens × channels` values per channel.
@@ -482,9 +465,8 @@ fn put_code(row: &mut [u8], i: usize, bits: u32, q: u8) {
 }
 
 /// The `i`-th little-endian f16 of `bytes`, as f32.
-#[inline(always)]
 fn half_at(bytes: &[u8], i: usize) -> f32 {
-    f16_bits_to_f32(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]))
+    f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32()
 }
 
 #[cfg(test)]
@@ -699,19 +681,6 @@ mod tests {
                         "{bits} bits, {steps:?}, from {from}"
                     );
                 }
-            }
-        }
-    }
-
-    /// The inlined f16 conversion is `half`'s, bit for bit (NaNs: still NaN).
-    #[test]
-    fn f16_conversion_is_exact() {
-        for h in 0..=u16::MAX {
-            let (ours, theirs) = (f16_bits_to_f32(h), f16::from_bits(h).to_f32());
-            if theirs.is_nan() {
-                assert!(ours.is_nan(), "{h:#06x}");
-            } else {
-                assert_eq!(ours.to_bits(), theirs.to_bits(), "{h:#06x}");
             }
         }
     }
