@@ -175,46 +175,53 @@ pub fn matmul_fused_with(
         &rows[at][..]
     };
     // Output rows of all matrices in a few chunks per core (measured on Qwen2.5-1.5B decode:
-    // 8 chunks per core spent ~10% of the step waking and parking rayon's workers); results
-    // land transposed ([n][m]) per matrix.
+    // 8 chunks per core spent ~10% of the step waking and parking rayon's workers). Each job
+    // writes its columns of every activation row straight into `ys` (no transposed copy to
+    // zero, fill and scatter afterwards: that serial pass was ~7% of a 4-node verification).
     let total: usize = mats.iter().map(|w| w.n).sum();
     let chunk = total.div_ceil(3 * rayon::current_num_threads()).max(8);
-    let mut yts: Vec<Vec<f32>> = mats.iter().map(|w| vec![0.0f32; w.n * m]).collect();
     let mut jobs = Vec::new();
-    for (w, yt) in mats.iter().zip(yts.iter_mut()) {
+    for (w, y) in mats.iter().zip(ys.iter_mut()) {
         let acts = rows_of(w);
         // Interleaved groups of 8 rows first (chunks of whole groups), then GGUF rows.
         let grouped = 8 * w.groups;
-        let (gdata, rdata) = w.data.split_at(w.groups * w.group_bytes());
-        let (gout, rout) = yt.split_at_mut(grouped * m);
         let gchunk = chunk.div_ceil(8);
-        jobs.extend(
-            gout.chunks_mut(8 * gchunk * m)
-                .zip(gdata.chunks(gchunk * w.group_bytes().max(1)))
-                .map(|(out, data)| (*w, acts, out, data, true)),
+        let (gdata, rdata) = w.data.split_at(w.groups * w.group_bytes());
+        let mut bounds: Vec<(usize, usize, bool)> = (0..grouped)
+            .step_by(8 * gchunk)
+            .map(|j| (j, (j + 8 * gchunk).min(grouped), true))
+            .collect();
+        bounds.extend(
+            (grouped..w.n)
+                .step_by(chunk)
+                .map(|j| (j, (j + chunk).min(w.n), false)),
         );
-        jobs.extend(
-            rout.chunks_mut(chunk * m)
-                .zip(rdata.chunks(chunk * w.row_bytes()))
-                .map(|(out, data)| (*w, acts, out, data, false)),
-        );
-    }
-    jobs.into_par_iter()
-        .for_each(|(w, acts, out, data, grouped)| {
-            if grouped {
-                w.groups_times(isa, data, acts, out);
-            } else {
-                w.rows_times(isa, data, acts, out);
-            }
-        });
-    for ((w, yt), y) in mats.iter().zip(&yts).zip(ys.iter_mut()) {
-        let n = w.n;
-        for (j, col) in yt.chunks_exact(m).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                y[i * n + j] = v;
+        let mut outs: Vec<Vec<&mut [f32]>> = bounds.iter().map(|_| Vec::with_capacity(m)).collect();
+        for mut row in y.chunks_exact_mut(w.n) {
+            for (out, &(j0, j1, _)) in outs.iter_mut().zip(&bounds) {
+                let (cols, rest) = row.split_at_mut(j1 - j0);
+                out.push(cols);
+                row = rest;
             }
         }
+        for (out, (j0, j1, grouped)) in outs.into_iter().zip(bounds) {
+            let data = if grouped {
+                &gdata[j0 / 8 * w.group_bytes()..j1 / 8 * w.group_bytes()]
+            } else {
+                let at = (j0 - 8 * w.groups) * w.row_bytes();
+                &rdata[at..at + (j1 - j0) * w.row_bytes()]
+            };
+            jobs.push((*w, acts, out, data, grouped));
+        }
     }
+    jobs.into_par_iter()
+        .for_each(|(w, acts, mut out, data, grouped)| {
+            if grouped {
+                w.groups_times(isa, data, acts, &mut out);
+            } else {
+                w.rows_times(isa, data, acts, &mut out);
+            }
+        });
     Ok(())
 }
 
@@ -467,25 +474,28 @@ impl QuantMatrix {
         matmul_fused_with(isa, &[self], x, m, &mut [y])
     }
 
-    /// Stored rows `data` (whole rows) times the activation rows `x`, into `out`
-    /// (`[rows of data][x.len()]`).
-    fn rows_times(&self, isa: Isa, data: &[u8], x: &[ActRow<'_>], out: &mut [f32]) {
-        let m = x.len();
+    /// Stored rows `data` (whole rows) times the activation rows `x`: weight row `j` · `x[r]`
+    /// into `out[r][j]`.
+    fn rows_times(&self, isa: Isa, data: &[u8], x: &[ActRow<'_>], out: &mut [&mut [f32]]) {
         let rb = self.row_bytes();
         for (g, group) in x.chunks(4).enumerate() {
+            let out = &mut out[4 * g..4 * g + group.len()];
             for (j, wr) in data.chunks_exact(rb).enumerate() {
                 if g == 0 {
                     prefetch(data, (j + PREFETCH_ROWS) * rb, rb);
                 }
-                let dst = &mut out[j * m + 4 * g..j * m + 4 * g + group.len()];
-                self.dot_group(isa, wr, group, dst);
+                let mut sums = [0.0f32; 4];
+                self.dot_group(isa, wr, group, &mut sums[..group.len()]);
+                for (o, v) in out.iter_mut().zip(sums) {
+                    o[j] = v;
+                }
             }
         }
     }
 
-    /// Interleaved groups `data` (whole groups) times the activation rows `x`, into `out`
-    /// (`[8 · groups][x.len()]`).
-    fn groups_times(&self, isa: Isa, data: &[u8], x: &[ActRow<'_>], out: &mut [f32]) {
+    /// Interleaved groups `data` (whole groups) times the activation rows `x`: row `l` of
+    /// group `gi` · `x[r]` into `out[r][8·gi + l]`.
+    fn groups_times(&self, isa: Isa, data: &[u8], x: &[ActRow<'_>], out: &mut [&mut [f32]]) {
         let m = x.len();
         let gb = self.group_bytes();
         // Q4_K and Q6_K with VNNI take 8 activation rows per pass over a group (16
@@ -498,20 +508,19 @@ impl QuantMatrix {
             0
         };
         for (gi, group) in data.chunks_exact(gb).enumerate() {
-            let out = &mut out[8 * gi * m..8 * (gi + 1) * m];
             #[cfg(target_arch = "x86_64")]
             for (a, rows) in x[..wide].chunks_exact(8).enumerate() {
                 let rows: &[ActRow<'_>; 8] = rows.try_into().expect("chunks of 8");
                 // SAFETY: `wide > 0` only where `matmul_fused_with` checked that this CPU runs
                 // AVX-512 VNNI; `group` is one whole group and the rows are `k` long.
                 let sums = unsafe { x8::dot8_vnni(self.ty, group, rows) };
-                scatter(out, m, 8 * a, &sums);
+                scatter(out, gi, 8 * a, &sums);
             }
             for (a, rows) in x[wide..].chunks(4).enumerate() {
                 let at = wide + 4 * a;
                 #[cfg(target_arch = "x86_64")]
                 if isa != Isa::Portable {
-                    let mut put = |sums: &[[f32; 8]]| scatter(out, m, at, sums);
+                    let mut put = |sums: &[[f32; 8]]| scatter(out, gi, at, sums);
                     // SAFETY: `matmul_fused_with` checked that this CPU runs `isa`; `group` is
                     // one whole group and the activation rows are `k` long.
                     unsafe {
@@ -541,7 +550,8 @@ impl QuantMatrix {
                     row.clear();
                     x8::unpack(self.ty, group, l, &mut row);
                     for (r, &xr) in rows.iter().enumerate() {
-                        out[l * m + at + r] = portable::dot(self.ty, &row, xr, self.act_block());
+                        out[at + r][8 * gi + l] =
+                            portable::dot(self.ty, &row, xr, self.act_block());
                     }
                 }
             }
@@ -584,14 +594,12 @@ impl QuantMatrix {
     }
 }
 
-/// One interleaved group's results for activation rows `at..`: `sums[r][l]` (row `l` of the
-/// group · activation row `at + r`) into `out[l · m + at + r]`.
+/// Interleaved group `gi`'s results for activation rows `at..`: `sums[r][l]` (row `l` of the
+/// group · activation row `at + r`) into `out[at + r][8·gi + l]`.
 #[cfg(target_arch = "x86_64")]
-fn scatter(out: &mut [f32], m: usize, at: usize, sums: &[[f32; 8]]) {
-    for (r, lanes) in sums.iter().enumerate() {
-        for (l, &v) in lanes.iter().enumerate() {
-            out[l * m + at + r] = v;
-        }
+fn scatter(out: &mut [&mut [f32]], gi: usize, at: usize, sums: &[[f32; 8]]) {
+    for (o, lanes) in out[at..].iter_mut().zip(sums) {
+        o[8 * gi..8 * gi + 8].copy_from_slice(lanes);
     }
 }
 
