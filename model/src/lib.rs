@@ -16,6 +16,7 @@
 //! ```
 
 mod chat;
+pub mod coarse_head;
 mod config;
 #[cfg(feature = "cuda")]
 mod cube_tensor;

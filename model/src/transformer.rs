@@ -17,6 +17,7 @@ use burn::nn::RmsNorm;
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 
+use crate::coarse_head::CoarseHead;
 use crate::config::ModelConfig;
 use crate::device_kv;
 use crate::embed::Embed;
@@ -62,6 +63,9 @@ pub struct Transformer<B: Backend> {
     layers: Vec<DecoderLayer<B>>,
     norm: RmsNorm<B>,
     lm_head: Proj<B>,
+    /// A two-pass output head for drafts ([`Transformer::with_coarse_head`]).
+    #[module(skip)]
+    coarse_head: Option<Arc<CoarseHead>>,
     vocab_size: usize,
     head_dim: usize,
     max_position: usize,
@@ -204,6 +208,7 @@ impl<B: Backend> Transformer<B> {
             layers,
             norm: b.norm("output_norm", d, c.rms_norm_eps)?,
             lm_head,
+            coarse_head: None,
             vocab_size: c.vocab_size,
             head_dim: hd,
             max_position: c.max_position,
@@ -243,6 +248,7 @@ impl<B: Backend> Transformer<B> {
             layers: self.layers[..n_layers].to_vec(),
             norm: self.norm.clone(),
             lm_head: self.lm_head.clone(),
+            coarse_head: self.coarse_head.clone(),
             vocab_size: self.vocab_size,
             head_dim: self.head_dim,
             max_position: self.max_position,
@@ -262,6 +268,36 @@ impl<B: Backend> Transformer<B> {
     pub fn with_head_rows(&self, rows: usize) -> Result<Self> {
         let mut m = self.clone();
         m.lm_head = self.lm_head.rows_prefix(rows)?;
+        m.coarse_head = None;
+        Ok(m)
+    }
+
+    /// The same model scoring its output head in two passes ([`CoarseHead`]): a low-rank
+    /// coarse pass over `basis` (`rank × hidden`, row-major, rows orthonormal: the subspace
+    /// the final hidden states live near) picks `candidates` ids per row, and only those get
+    /// exact logits (the others read −∞). Meant for drafts: fewer bytes per token, at the
+    /// cost in acceptance of the times the best id is not among the candidates.
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] unless the head holds GGUF blocks on the CPU fast path and the
+    /// sizes fit ([`CoarseHead::fit`]).
+    pub fn with_coarse_head(
+        &self,
+        basis: &[f32],
+        rank: usize,
+        candidates: usize,
+        ty: GgmlType,
+    ) -> Result<Self> {
+        let head = self.lm_head.cpu_blocks("a coarse output head")?.clone();
+        if head.n() != self.vocab_size {
+            return Err(ModelError::Input(
+                "a coarse output head needs the whole head (not one cut by @head=N)".into(),
+            ));
+        }
+        let mut m = self.clone();
+        m.coarse_head = Some(Arc::new(CoarseHead::fit(
+            &head, basis, rank, candidates, ty,
+        )?));
         Ok(m)
     }
 
@@ -281,6 +317,7 @@ impl<B: Backend> Transformer<B> {
     pub fn with_head_requantized(&self, ty: GgmlType) -> Result<Self> {
         let mut m = self.clone();
         m.lm_head = self.lm_head.requantized(ty)?;
+        m.coarse_head = None;
         Ok(m)
     }
 
@@ -313,12 +350,20 @@ impl<B: Backend> Transformer<B> {
             }
         }
         m.lm_head = m.lm_head.to_f16();
+        m.coarse_head = None;
         m
     }
 
-    /// Bytes of projection weights (output head included) one forward reads.
+    /// Bytes of projection weights (output head included; with a [`CoarseHead`], its coarse
+    /// matrix instead) one forward reads.
     pub fn weight_bytes(&self) -> usize {
-        self.sum_over_projections(Proj::weight_bytes)
+        let all = self.sum_over_projections(Proj::weight_bytes);
+        match &self.coarse_head {
+            Some(c) if self.lm_head.cpu_blocks("").is_ok() => {
+                all - self.lm_head.weight_bytes() + c.bytes()
+            }
+            _ => all,
+        }
     }
 
     /// Multiply-adds of the projections (output head included) per token: the compute one
@@ -539,6 +584,14 @@ impl<B: Backend> Transformer<B> {
     /// # Shapes
     /// - `hidden`: `[batch, n, hidden_size]` → `[batch, n, vocab_size]`
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        if let (Some(coarse), Ok(head)) = (&self.coarse_head, self.lm_head.cpu_blocks("")) {
+            let [batch, n, _] = hidden.dims();
+            let device = hidden.device();
+            let y = coarse
+                .logits(head, &host_values(hidden), batch * n)
+                .expect("fitted to this head");
+            return crate::proj::rows_tensor(y, batch, n, &device);
+        }
         let logits = self.lm_head.forward(hidden);
         let [batch, n, rows] = logits.dims();
         if rows == self.vocab_size {

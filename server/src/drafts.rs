@@ -7,6 +7,8 @@ use arbor_kernels::quant::GgmlType;
 use arbor_model::hub::ResolveOptions;
 use arbor_model::{LoadedModel, Transformer};
 use arbor_speculators::NgramDraft;
+
+use crate::coarse::Coarse;
 use burn::tensor::backend::Backend;
 
 /// A `--draft` value.
@@ -21,7 +23,7 @@ pub enum DraftSpec {
     Model(ModelDraft),
 }
 
-/// A model `--draft`: `NAME[@f16|@f32][@q4_1][@head=…]`.
+/// A model `--draft`: `NAME[@f16|@f32][@q4_1][@head=…][@coarse[=RANK:CANDIDATES]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelDraft {
     /// Short name, path or hub id.
@@ -34,6 +36,8 @@ pub struct ModelDraft {
     pub q4_1: bool,
     /// `@head=…`: a change to its output head.
     pub head: Option<HeadChange>,
+    /// `@coarse[=RANK:CANDIDATES]`: its head scored in two passes ([`crate::coarse`]).
+    pub coarse: Option<Coarse>,
 }
 
 /// A model draft's `@head=…` option.
@@ -82,17 +86,24 @@ impl DraftSpec {
     pub fn parse(spec: &str) -> Result<Self> {
         let mut parts = spec.split('@');
         let s = parts.next().unwrap_or_default();
-        let (mut f16, mut head, mut q4_1) = (None, None, false);
+        let (mut f16, mut head, mut q4_1, mut coarse) = (None, None, false, None);
         for opt in parts {
             match opt {
                 "f16" => f16 = Some(true),
                 "f32" => f16 = Some(false),
                 "q4_1" => q4_1 = true,
+                _ if opt.starts_with("coarse") => match Coarse::parse(&opt["coarse".len()..]) {
+                    Some(c) => coarse = Some(c),
+                    None => bail!(
+                        "bad --draft {spec:?}: @coarse takes no value or =RANK:CANDIDATES (RANK a \
+                         multiple of 32, CANDIDATES at least 1)"
+                    ),
+                },
                 _ => match opt.strip_prefix("head=").and_then(HeadChange::parse) {
                     Some(h) => head = Some(h),
                     None => bail!(
                         "bad --draft {spec:?}: options are @f16, @f32, @q4_1, @head=N (N a \
-                         multiple of 8), @head=q4_1 and @head=keep"
+                         multiple of 8), @head=q4_1, @head=keep and @coarse[=RANK:CANDIDATES]"
                     ),
                 },
             }
@@ -104,7 +115,7 @@ impl DraftSpec {
             }
         };
         Ok(if s == "ngram" || s.starts_with("ngram:") {
-            if f16.is_some() || head.is_some() || q4_1 {
+            if f16.is_some() || head.is_some() || q4_1 || coarse.is_some() {
                 bail!("bad --draft {spec:?}: the n-gram draft has no weights");
             }
             match s.strip_prefix("ngram:") {
@@ -112,19 +123,23 @@ impl DraftSpec {
                 None => Self::Ngram(NgramDraft::default().max_n),
             }
         } else if let Some(n) = s.strip_prefix("self:") {
-            if head.is_some() || q4_1 {
-                bail!("bad --draft {spec:?}: @head=… and @q4_1 are for model drafts");
+            if head.is_some() || q4_1 || coarse.is_some() {
+                bail!("bad --draft {spec:?}: @head=…, @q4_1 and @coarse are for model drafts");
             }
             Self::SelfLayers(num(n)?, f16.unwrap_or(false))
         } else {
             if q4_1 && head == Some(HeadChange::Q4_1) {
                 bail!("bad --draft {spec:?}: @q4_1 already re-quantizes the head");
             }
+            if coarse.is_some() && matches!(head, Some(HeadChange::Rows(_))) {
+                bail!("bad --draft {spec:?}: @coarse scores the whole head; @head=N cuts it");
+            }
             Self::Model(ModelDraft {
                 name: s.to_string(),
                 f16: f16.unwrap_or(true),
                 q4_1,
                 head,
+                coarse,
             })
         })
     }
@@ -219,6 +234,17 @@ fn load_model_draft<B: Backend>(
         model = m.with_context(|| format!("changing draft {name}'s head to {h}"))?;
         label = format!("{label}@head={h}");
     }
+    if let Some(c) = d.coarse {
+        model = crate::coarse::apply(
+            &model,
+            &loaded.tokenizer,
+            &loaded.name,
+            loaded.config.hidden_size,
+            c,
+        )
+        .with_context(|| format!("draft {name}'s @{c}"))?;
+        label = format!("{label}@{c}");
+    }
     Ok(LoadedDraft::Model {
         label,
         model: Box::new(model),
@@ -295,6 +321,7 @@ mod tests {
                 f16,
                 q4_1,
                 head,
+                coarse: None,
             })
         };
         assert_eq!(p("ngram"), DraftSpec::Ngram(4));
@@ -320,7 +347,27 @@ mod tests {
             p("qwen@head=keep"),
             m("qwen", true, false, Some(HeadChange::Keep))
         );
+        let with_coarse = |c| match m("qwen", true, false, None) {
+            DraftSpec::Model(d) => DraftSpec::Model(ModelDraft {
+                coarse: Some(c),
+                ..d
+            }),
+            other => other,
+        };
+        assert_eq!(p("qwen@coarse"), with_coarse(Coarse::default()));
+        assert_eq!(
+            p("qwen@coarse=128:32"),
+            with_coarse(Coarse {
+                rank: 128,
+                candidates: 32
+            })
+        );
         for bad in [
+            "m@coarse=100:8",
+            "m@coarse@head=64",
+            "ngram@coarse",
+            "self:4@coarse",
+            "m@coarsely",
             "self:0",
             "ngram@q4_1",
             "self:4@q4_1",

@@ -267,3 +267,51 @@ fn requantized_weights_draft_correctly() {
     assert!(all.weight_bytes() < m.model.weight_bytes());
     drafts_like_plain(&m, &all);
 }
+
+/// A draft whose head is scored in two passes (`--draft M@coarse`): every candidate's logit
+/// is the full head's bit for bit, the others read −∞, the real model's best token is among
+/// the candidates on a plain prompt, a token reads fewer head bytes, and the draft drafts for
+/// an engine whose greedy output equals plain greedy.
+#[test]
+fn coarse_head_scores_candidates_exactly_and_drafts_correctly() {
+    use arbor_kernels::quant::GgmlType::Q8_0;
+    use arbor_model::coarse_head;
+    let m = load();
+    let text = "Speculative decoding lets a small draft model propose several tokens that a \
+                large target model then checks in one forward pass. def fibonacci(n):\n    \
+                a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n\
+                The capital of France is Paris, and the capital of Italy is Rome. Rust code: \
+                fn main() { let v: Vec<u32> = (0..10).collect(); println!(\"{v:?}\"); }";
+    let ids = m.tokenizer.encode(text).unwrap();
+    let chunks: Vec<&[u32]> = ids.chunks(64).collect();
+    let basis = coarse_head::calibrate(&m.model, &chunks, 64).unwrap();
+    let coarse = m.model.with_coarse_head(&basis, 64, 32, Q8_0).unwrap();
+    assert!(coarse.weight_bytes() < m.model.weight_bytes());
+
+    let prompt = m.tokenizer.encode("The capital of France is").unwrap();
+    let logits = |model: &arbor_model::Transformer<Cpu>| {
+        model
+            .forward_last_logits(&ForwardInput::causal(&prompt, 0), &mut model.new_cache())
+            .unwrap()
+            .swap_remove(0)
+    };
+    let (full, two_pass) = (logits(&m.model), logits(&coarse));
+    let kept: Vec<usize> = (0..full.len())
+        .filter(|&j| two_pass[j].is_finite())
+        .collect();
+    assert_eq!(kept.len(), 32);
+    assert!(
+        kept.iter()
+            .all(|&j| two_pass[j].to_bits() == full[j].to_bits())
+    );
+    let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+    assert_eq!(argmax(&two_pass), argmax(&full));
+
+    // Sizes the head cannot take are errors, not panics.
+    assert!(m.model.with_coarse_head(&basis, 48, 32, Q8_0).is_err());
+    assert!(m.model.with_coarse_head(&basis, 64, 0, Q8_0).is_err());
+    let cut = m.model.with_head_rows(4096).unwrap();
+    assert!(cut.with_coarse_head(&basis, 64, 32, Q8_0).is_err());
+
+    drafts_like_plain(&m, &coarse);
+}

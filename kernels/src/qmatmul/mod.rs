@@ -474,6 +474,59 @@ impl QuantMatrix {
         matmul_fused_with(isa, &[self], x, m, &mut [y])
     }
 
+    /// `y[i] = x·W[ids[i]]ᵀ` for one activation row `x` (`k` values) and a few output rows
+    /// `ids` — e.g. the candidates of a two-pass output head — on the calling thread, with
+    /// the fastest kernel this CPU runs. Each value is bit for bit the one a full
+    /// [`QuantMatrix::matmul`] of `x` gives at that output (the same kernel over the same
+    /// interleaved group and the same quantized activations); a group of 8 rows is multiplied
+    /// once however many of its rows `ids` names.
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] if `x` is not `k` long, `y` not as long as `ids`, or an id is
+    /// not below `n`.
+    pub fn matmul_rows(&self, x: &[f32], ids: &[u32], y: &mut [f32]) -> Result<(), KernelError> {
+        if x.len() != self.k || y.len() != ids.len() {
+            return Err(KernelError::Shape(format!(
+                "{} inputs for k = {} and {} outputs for {} ids",
+                x.len(),
+                self.k,
+                y.len(),
+                ids.len()
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&j| j as usize >= self.n) {
+            return Err(KernelError::Shape(format!("row {bad} of {}", self.n)));
+        }
+        let isa = Isa::best();
+        let acts = Q8Acts::quantize(x, 1, self.k, self.act_block());
+        let act = [acts.row(0)];
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_unstable_by_key(|&i| ids[i]);
+        let (gb, rb) = (self.group_bytes(), self.row_bytes());
+        let mut lanes = [0.0f32; 8];
+        let mut done = None;
+        for i in order {
+            let j = ids[i] as usize;
+            if j < 8 * self.groups {
+                let g = j / 8;
+                if done != Some(g) {
+                    self.groups_times(
+                        isa,
+                        &self.data[g * gb..(g + 1) * gb],
+                        &act,
+                        &mut [&mut lanes],
+                    );
+                    done = Some(g);
+                }
+                y[i] = lanes[j % 8];
+            } else {
+                let at = self.groups * gb + (j - 8 * self.groups) * rb;
+                self.dot_group(isa, &self.data[at..at + rb], &act, &mut y[i..i + 1]);
+            }
+        }
+        Ok(())
+    }
+
     /// Stored rows `data` (whole rows) times the activation rows `x`: weight row `j` · `x[r]`
     /// into `out[r][j]`.
     fn rows_times(&self, isa: Isa, data: &[u8], x: &[ActRow<'_>], out: &mut [&mut [f32]]) {

@@ -321,3 +321,25 @@ fn requantized_rows_are_their_rows_quantized() {
         Err(KernelError::UnsupportedType(_))
     ));
 }
+
+#[test]
+fn selected_rows_equal_the_full_product_bit_for_bit() {
+    let mut rng = Rng(11);
+    for ty in TYPES {
+        // 5 interleaved groups and 3 GGUF rows after them (where the format interleaves).
+        let (n, k) = (43, 512);
+        let w = random_matrix(ty, n, k, &mut rng);
+        let x: Vec<f32> = (0..k).map(|_| rng.unit()).collect();
+        let mut full = vec![0.0; n];
+        w.matmul(&x, 1, &mut full).unwrap();
+        let ids: Vec<u32> = vec![42, 3, 0, 7, 8, 41, 3, 17, 40, 39];
+        let mut y = vec![f32::NAN; ids.len()];
+        w.matmul_rows(&x, &ids, &mut y).unwrap();
+        for (&j, &v) in ids.iter().zip(&y) {
+            assert_eq!(v.to_bits(), full[j as usize].to_bits(), "{ty:?} row {j}");
+        }
+        assert!(w.matmul_rows(&x, &[43], &mut [0.0]).is_err());
+        assert!(w.matmul_rows(&x[1..], &[0], &mut [0.0]).is_err());
+        assert!(w.matmul_rows(&x, &[0, 1], &mut [0.0]).is_err());
+    }
+}

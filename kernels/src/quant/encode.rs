@@ -1,4 +1,4 @@
-//! Encoders into ggml block formats: for re-quantizing a draft model's weights at load (a
+//! Encoders into ggml block formats (Q4_1, Q8_0): for re-quantizing a draft model's weights at load (a
 //! draft's precision changes only its acceptance, never the verified output).
 
 use half::f16 as F16;
@@ -8,15 +8,16 @@ use crate::KernelError;
 
 /// `x` encoded as `ty` blocks. Supported: Q4_1 (per 32 values: the minimum `m` and the step
 /// `d = (max − min) / 15` as f16, codes `round((x − m) / d)` against the f16-rounded `d` and
-/// `m`, clamped to 0..=15; low nibbles hold values 0–15, high nibbles 16–31).
+/// `m`, clamped to 0..=15; low nibbles hold values 0–15, high nibbles 16–31) and Q8_0 (per 32
+/// values the step `max|x| / 127` as f16, codes rounded against it).
 ///
 /// # Errors
 /// [`KernelError::UnsupportedType`] for other formats; [`KernelError::Shape`] when `x` does
 /// not fill whole blocks or holds a non-finite value.
 pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, KernelError> {
-    if ty != GgmlType::Q4_1 {
+    if !matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0) {
         return Err(KernelError::UnsupportedType(format!(
-            "quantizing into {ty:?} (only Q4_1)"
+            "quantizing into {ty:?} (only Q4_1 and Q8_0)"
         )));
     }
     if !x.len().is_multiple_of(32) {
@@ -27,6 +28,9 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, KernelError> {
     }
     if let Some(bad) = x.iter().find(|v| !v.is_finite()) {
         return Err(KernelError::Shape(format!("cannot quantize {bad}")));
+    }
+    if ty == GgmlType::Q8_0 {
+        return Ok(q8_0(x));
     }
     let mut out = Vec::with_capacity(x.len() / 32 * 20);
     for block in x.chunks_exact(32) {
@@ -51,6 +55,27 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, KernelError> {
         }
     }
     Ok(out)
+}
+
+/// Q8_0: per 32 values the step `d = max|x| / 127` as f16 and codes `round(x / d)` against
+/// the f16-rounded step, clamped to ±127.
+fn q8_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 32 * 34);
+    for block in x.chunks_exact(32) {
+        let amax = block.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let d = F16::from_f32(amax / 127.0);
+        let df = d.to_f32();
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend(block.iter().map(|&v| {
+            let q = if df == 0.0 {
+                0.0
+            } else {
+                (v / df).round().clamp(-127.0, 127.0)
+            };
+            q as i8 as u8
+        }));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -92,9 +117,34 @@ mod tests {
     }
 
     #[test]
+    fn q8_0_round_trips_within_half_a_step() {
+        let x: Vec<f32> = (0..32 * 20)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i / 32) as f32))
+            .collect();
+        let q = quantize(GgmlType::Q8_0, &x).unwrap();
+        assert_eq!(q.len(), GgmlType::Q8_0.bytes_for(x.len()).unwrap());
+        let y = dequantize(GgmlType::Q8_0, &q, x.len()).unwrap();
+        for (xb, yb) in x.chunks(32).zip(y.chunks(32)) {
+            let step = xb.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+            for (a, b) in xb.iter().zip(yb) {
+                // Half a step, plus the f16 rounding of the step (×127).
+                assert!(
+                    (a - b).abs() <= 0.5 * step + 127.0 * step * 1e-3 + 1e-6,
+                    "{a} vs {b}"
+                );
+            }
+        }
+        let zero = quantize(GgmlType::Q8_0, &[0.0; 32]).unwrap();
+        assert_eq!(
+            dequantize(GgmlType::Q8_0, &zero, 32).unwrap(),
+            vec![0.0; 32]
+        );
+    }
+
+    #[test]
     fn bad_inputs_are_errors() {
         assert!(matches!(
-            quantize(GgmlType::Q8_0, &[0.0; 32]),
+            quantize(GgmlType::Q4_K, &[0.0; 256]),
             Err(KernelError::UnsupportedType(_))
         ));
         assert!(matches!(

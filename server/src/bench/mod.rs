@@ -42,7 +42,9 @@ pub struct BenchArgs {
     /// first N layers), or a model sharing the target's tokenizer (short name, path, hub id;
     /// weights held as f16 unless `@f32` is appended; `@head=N` cuts its output head to the
     /// first N token ids, `@head=q4_1` re-quantizes it to Q4_1 — the default for Q8_0 heads,
-    /// `@head=keep` keeps it as stored — and `@q4_1` re-quantizes every projection).
+    /// `@head=keep` keeps it as stored —, `@q4_1` re-quantizes every projection, and
+    /// `@coarse[=RANK:CANDIDATES]` scores its head in two passes, low-rank then exact for the
+    /// best candidates).
     #[arg(long = "draft", value_name = "DRAFT")]
     pub drafts: Vec<String>,
     /// Tree policy: `auto`, `auto:WIDTH,MAX_DEPTH`, `k1,k2,..` (SpecInfer expansion), `chain:N`
