@@ -92,14 +92,16 @@ impl CoarseHead {
         // (P·Wᵀ) by the head's own kernel, the basis rows as activations.
         let mut at = vec![0.0f32; rank * vocab];
         head.matmul(basis, rank, &mut at).map_err(kernel)?;
-        let mut a = vec![0.0f32; vocab * rank];
-        for (r, row) in at.chunks_exact(vocab).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                a[j * rank + r] = v;
+        // Row j of W·Pᵀ is column j of P·Wᵀ, encoded row by row (no second full copy).
+        let mut bytes = Vec::with_capacity(ty.bytes_for(vocab * rank).map_err(kernel)?);
+        let mut row = vec![0.0f32; rank];
+        for j in 0..vocab {
+            for (r, v) in row.iter_mut().enumerate() {
+                *v = at[r * vocab + j];
             }
+            bytes.extend(quantize(ty, &row).map_err(kernel)?);
         }
-        let coarse =
-            QuantMatrix::new(ty, vocab, rank, quantize(ty, &a).map_err(kernel)?).map_err(kernel)?;
+        let coarse = QuantMatrix::new(ty, vocab, rank, bytes).map_err(kernel)?;
         Ok(Self {
             basis: basis.to_vec(),
             rank,

@@ -288,16 +288,15 @@ impl<B: Backend> Transformer<B> {
         candidates: usize,
         ty: GgmlType,
     ) -> Result<Self> {
-        let head = self.lm_head.cpu_blocks("a coarse output head")?.clone();
+        let head = self.lm_head.cpu_blocks("a coarse output head")?;
         if head.n() != self.vocab_size {
             return Err(ModelError::Input(
                 "a coarse output head needs the whole head (not one cut by @head=N)".into(),
             ));
         }
+        let coarse = CoarseHead::fit(head, basis, rank, candidates, ty)?;
         let mut m = self.clone();
-        m.coarse_head = Some(Arc::new(CoarseHead::fit(
-            &head, basis, rank, candidates, ty,
-        )?));
+        m.coarse_head = Some(Arc::new(coarse));
         Ok(m)
     }
 
