@@ -16,6 +16,7 @@
 //! that misses it only loses acceptance, never correctness: the target verifies every token.
 //!
 //! ```
+//! use std::sync::Arc;
 //! use arbor_kernels::qmatmul::QuantMatrix;
 //! use arbor_kernels::quant::{GgmlType, quantize};
 //! use arbor_model::coarse_head::CoarseHead;
@@ -24,9 +25,10 @@
 //! let w: Vec<f32> = (0..64 * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
 //! let head = QuantMatrix::new(GgmlType::Q8_0, 64, 32, quantize(GgmlType::Q8_0, &w).unwrap()).unwrap();
 //! let basis: Vec<f32> = (0..32 * 32).map(|i| if i / 32 == i % 32 { 1.0 } else { 0.0 }).collect();
-//! let coarse = CoarseHead::fit(&head, &basis, 32, 8, GgmlType::Q8_0).unwrap();
+//! let head = Arc::new(head);
+//! let coarse = CoarseHead::fit(Arc::clone(&head), &basis, 32, 8, GgmlType::Q8_0).unwrap();
 //! let h: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) / 16.0).collect();
-//! let logits = coarse.logits(&head, &h, 1).unwrap();
+//! let logits = coarse.logits(&h, 1).unwrap();
 //! let mut exact = vec![0.0; 64];
 //! head.matmul(&h, 1, &mut exact).unwrap();
 //! let best = |v: &[f32]| (0..64).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
@@ -37,6 +39,9 @@
 //! assert!(kept.iter().all(|&j| logits[j] == exact[j]));
 //! ```
 
+use std::sync::Arc;
+
+use arbor_kernels::matmul::Packed;
 use arbor_kernels::qmatmul::QuantMatrix;
 use arbor_kernels::quant::{GgmlType, quantize};
 
@@ -47,12 +52,13 @@ use crate::input::ForwardInput;
 use crate::proj::host_values;
 use crate::transformer::Transformer;
 
-/// The coarse half of a two-pass output head (the exact head is the model's own).
+/// A two-pass output head: the exact head (shared with the model) and its coarse half.
 #[derive(Debug, Clone)]
 pub struct CoarseHead {
-    /// `rank × d`, row-major: hidden state → basis coordinates.
-    basis: Vec<f32>,
-    rank: usize,
+    /// The exact head, `vocab × d`: the candidates' logits.
+    head: Arc<QuantMatrix>,
+    /// `rank × d`: hidden state → basis coordinates.
+    basis: Packed<f32>,
     /// `vocab × rank` in a block format: the head's rows in basis coordinates.
     coarse: QuantMatrix,
     /// Ids re-scored exactly per row.
@@ -69,7 +75,7 @@ impl CoarseHead {
     /// of 32, `candidates` is 0 or more than the vocabulary, a value is not finite, or `ty`
     /// cannot be encoded.
     pub fn fit(
-        head: &QuantMatrix,
+        head: Arc<QuantMatrix>,
         basis: &[f32],
         rank: usize,
         candidates: usize,
@@ -103,8 +109,8 @@ impl CoarseHead {
         }
         let coarse = QuantMatrix::new(ty, vocab, rank, bytes).map_err(kernel)?;
         Ok(Self {
-            basis: basis.to_vec(),
-            rank,
+            basis: Packed::from_out_in(basis, rank, d).map_err(kernel)?,
+            head,
             coarse,
             candidates,
         })
@@ -115,25 +121,12 @@ impl CoarseHead {
     /// `n × vocab`, row-major.
     ///
     /// # Errors
-    /// [`ModelError::Input`] if `head` is not the head this was fitted to (its shape) or `h`
-    /// is not `n × d`.
-    pub fn logits(&self, head: &QuantMatrix, h: &[f32], n: usize) -> Result<Vec<f32>> {
-        let (vocab, d) = (self.coarse.n(), head.k());
-        if head.n() != vocab || self.basis.len() != self.rank * d || h.len() != n * d {
-            return Err(ModelError::Input(format!(
-                "coarse head of {vocab} × {} for a head of {} × {d} and {} hidden values",
-                self.rank,
-                head.n(),
-                h.len()
-            )));
-        }
+    /// [`ModelError::Input`] if `h` is not `n × d`.
+    pub fn logits(&self, h: &[f32], n: usize) -> Result<Vec<f32>> {
+        let (vocab, d) = (self.head.n(), self.head.k());
         let kernel = |e: arbor_kernels::KernelError| ModelError::Input(format!("coarse head: {e}"));
-        let mut z = vec![0.0f32; n * self.rank];
-        for (zr, hr) in z.chunks_exact_mut(self.rank).zip(h.chunks_exact(d)) {
-            for (zv, p) in zr.iter_mut().zip(self.basis.chunks_exact(d)) {
-                *zv = dot(p, hr);
-            }
-        }
+        let mut z = vec![0.0f32; n * self.basis.n()];
+        self.basis.matmul(h, n, &mut z).map_err(kernel)?;
         let mut scores = vec![0.0f32; n * vocab];
         self.coarse.matmul(&z, n, &mut scores).map_err(kernel)?;
         let mut out = vec![f32::NEG_INFINITY; n * vocab];
@@ -144,7 +137,9 @@ impl CoarseHead {
             .zip(h.chunks_exact(d))
         {
             let ids = best_ids(s, self.candidates);
-            head.matmul_rows(hr, &ids, &mut exact).map_err(kernel)?;
+            self.head
+                .matmul_rows(hr, &ids, &mut exact)
+                .map_err(kernel)?;
             for (&j, &v) in ids.iter().zip(&exact) {
                 o[j as usize] = v;
             }
@@ -155,7 +150,7 @@ impl CoarseHead {
     /// Bytes one token reads: the coarse matrix and the basis (the candidates' exact rows
     /// aside).
     pub fn bytes(&self) -> usize {
-        self.coarse.bytes() + self.basis.len() * 4
+        self.coarse.bytes() + self.basis.bytes()
     }
 }
 
@@ -218,24 +213,6 @@ pub fn basis_from_hidden(h: &[f32], n: usize, d: usize, rank: usize) -> Result<V
                 .collect::<Vec<_>>()
         })
         .collect())
-}
-
-/// `a·b` in 8 independent sums (so the loop vectorizes).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Ids scored in chunks of this many for [`best_ids`].
@@ -306,6 +283,10 @@ mod tests {
         }
     }
 
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
     /// Rows drawn from a planted 32-dimensional subspace of a 64-dimensional space: the basis
     /// spans it (every row is reproduced by projecting onto it), and is orthonormal.
     #[test]
@@ -351,13 +332,5 @@ mod tests {
         assert!(basis_from_hidden(&h, n, d, 48).is_err());
         assert!(basis_from_hidden(&h[1..], n, d, 32).is_err());
         assert!(basis_from_hidden(&h, n, d, 96).is_err());
-    }
-
-    #[test]
-    fn dot_is_the_plain_sum() {
-        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.25).collect();
-        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.125).collect();
-        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot(&a, &b) - want).abs() <= 1e-4 * want.abs().max(1.0));
     }
 }

@@ -302,7 +302,7 @@ impl<B: Backend> Proj<B> {
 
     /// The GGUF block weights `what` needs (an input error when the projection holds
     /// other weights).
-    pub(crate) fn cpu_blocks(&self, what: &str) -> Result<&QuantMatrix> {
+    pub(crate) fn cpu_blocks(&self, what: &str) -> Result<&Arc<QuantMatrix>> {
         match &self.packed {
             Some(Packed::Blocks(q)) => Ok(q),
             _ => Err(ModelError::Input(format!(

@@ -63,7 +63,8 @@ pub struct Transformer<B: Backend> {
     layers: Vec<DecoderLayer<B>>,
     norm: RmsNorm<B>,
     lm_head: Proj<B>,
-    /// A two-pass output head for drafts ([`Transformer::with_coarse_head`]).
+    /// A two-pass output head for drafts ([`Transformer::with_coarse_head`]), holding the
+    /// head it was fitted to: every change to `lm_head` drops it.
     #[module(skip)]
     coarse_head: Option<Arc<CoarseHead>>,
     vocab_size: usize,
@@ -294,7 +295,7 @@ impl<B: Backend> Transformer<B> {
                 "a coarse output head needs the whole head (not one cut by @head=N)".into(),
             ));
         }
-        let coarse = CoarseHead::fit(head, basis, rank, candidates, ty)?;
+        let coarse = CoarseHead::fit(Arc::clone(head), basis, rank, candidates, ty)?;
         let mut m = self.clone();
         m.coarse_head = Some(Arc::new(coarse));
         Ok(m)
@@ -358,10 +359,8 @@ impl<B: Backend> Transformer<B> {
     pub fn weight_bytes(&self) -> usize {
         let all = self.sum_over_projections(Proj::weight_bytes);
         match &self.coarse_head {
-            Some(c) if self.lm_head.cpu_blocks("").is_ok() => {
-                all - self.lm_head.weight_bytes() + c.bytes()
-            }
-            _ => all,
+            Some(c) => all - self.lm_head.weight_bytes() + c.bytes(),
+            None => all,
         }
     }
 
@@ -583,12 +582,12 @@ impl<B: Backend> Transformer<B> {
     /// # Shapes
     /// - `hidden`: `[batch, n, hidden_size]` → `[batch, n, vocab_size]`
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        if let (Some(coarse), Ok(head)) = (&self.coarse_head, self.lm_head.cpu_blocks("")) {
+        if let Some(coarse) = &self.coarse_head {
             let [batch, n, _] = hidden.dims();
             let device = hidden.device();
             let y = coarse
-                .logits(head, &host_values(hidden), batch * n)
-                .expect("fitted to this head");
+                .logits(&host_values(hidden), batch * n)
+                .expect("the hidden rows are `batch · n × d`");
             return crate::proj::rows_tensor(y, batch, n, &device);
         }
         let logits = self.lm_head.forward(hidden);

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use arbor_kernels::quant::GgmlType;
 use arbor_model::{Tokenizer, Transformer, coarse_head};
 use burn::tensor::backend::Backend;
+use sha2::{Digest, Sha256};
 
 /// The calibration text.
 const TEXT: &str = include_str!("../calib/coarse-head.txt");
@@ -109,17 +110,19 @@ pub fn apply<B: Backend>(
 
 /// Where the basis for this model, rank and calibration text is cached.
 fn cache_path<B: Backend>(model: &Transformer<B>, name: &str, d: usize, rank: usize) -> PathBuf {
-    // FNV-1a over what the basis depends on (stable across builds, unlike std's hasher).
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let key = format!(
-        "{name}|{d}|{rank}|{}|{}|{}",
+    // A digest of what the basis depends on: the model and the calibration text.
+    let mut key = Sha256::new();
+    key.update(format!(
+        "{name}|{d}|{rank}|{}|{}|{}|",
         model.weight_bytes(),
         model.vocab_size(),
         model.num_layers()
-    );
-    for b in key.bytes().chain(TEXT.bytes()) {
-        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-    }
+    ));
+    key.update(TEXT);
+    let h: String = key.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let stem: String = name
         .chars()
         .map(|ch| {
@@ -132,7 +135,7 @@ fn cache_path<B: Backend>(model: &Transformer<B>, name: &str, d: usize, rank: us
         .collect();
     arbor_model::hub::models_dir()
         .join("coarse-heads")
-        .join(format!("{stem}-r{rank}-{h:016x}.f32"))
+        .join(format!("{stem}-r{rank}-{h}.f32"))
 }
 
 /// The cached basis of `len` values, if there is one of that size.
