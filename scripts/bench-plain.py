@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from llama_cpp import Llama
 
+from llamacpp import greedy_next
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("ARBOR_MODELS", Path.home() / ".cache" / "arbor" / "models"))
 FILES = {
@@ -37,11 +39,11 @@ def llama_cpp(path, prompt, gen, threads, repeats):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = greedy_next(llm)
         t1 = time.perf_counter()
         for _ in range(gen - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = greedy_next(llm)
         t2 = time.perf_counter()
         if run > 0:
             pre.append(len(prompt) / (t1 - t0))

@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from llama_cpp import Llama
+
+from llamacpp import greedy_next
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("ARBOR_MODELS", Path.home() / ".cache" / "arbor" / "models"))
@@ -39,21 +40,22 @@ def llama_cpp_plain(path, texts, max_tokens, threads):
     llm = Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                 n_batch=512, verbose=False)
     eos = llm.token_eos()
-    gen, secs = 0, 0.0
+    gen, secs, made = 0, 0.0, 0
     for text in texts:
         llm.reset()
         ids = llm.tokenize(text.encode(), add_bos=False, special=False)
         llm.eval(ids)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = greedy_next(llm)
         t0 = time.perf_counter()
         n = 1
         while n < max_tokens and tok != eos:
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = greedy_next(llm)
             n += 1
         secs += time.perf_counter() - t0
         gen += n - 1
-    return gen / secs
+        made += n
+    return gen / secs, made
 
 
 def main():
@@ -75,10 +77,11 @@ def main():
                        check=True, stdout=subprocess.DEVNULL)
         report = json.loads(out.read_text())
     o = report["overall"]
-    llama = llama_cpp_plain(MODELS_DIR / TARGET_FILE, prompts(a.prompts, a.limit),
-                            a.max_tokens, a.threads)
+    llama, made = llama_cpp_plain(MODELS_DIR / TARGET_FILE, prompts(a.prompts, a.limit),
+                                  a.max_tokens, a.threads)
     print(f"{a.threads} threads, {a.limit} prompts of {a.prompts}, up to {a.max_tokens} new "
-          f"tokens, greedy, tree {a.tree}, draft {a.draft}\n")
+          f"tokens, greedy, tree {a.tree}, draft {a.draft}; tokens generated: Arbor spec "
+          f"{o['generated_tokens']}, Arbor plain {o['plain_generated_tokens']}, llama.cpp {made}\n")
     print("| Arbor spec tok/s | τ | Arbor plain tok/s | llama.cpp plain tok/s "
           "| spec / Arbor plain | spec / llama.cpp |")
     print("|---:|---:|---:|---:|---:|---:|")

@@ -307,6 +307,12 @@ impl<B: Backend> Transformer<B> {
         self.lm_head.block_type()
     }
 
+    /// Bytes of the exact output head's weights (counted even when a coarse head scores it
+    /// first).
+    pub fn head_bytes(&self) -> usize {
+        self.lm_head.weight_bytes()
+    }
+
     /// The same model with its output head re-encoded as `ty` ([`Proj::requantized`]): for a
     /// draft whose head dominates its bytes (Qwen2.5-0.5B's Q8_0 head is over a third of
     /// what a token reads), fewer bytes per draft token at some cost in acceptance.

@@ -258,8 +258,9 @@ pub struct GenerateArgs {
     /// `@head=N` cuts its output head to the first N token ids, `@head=q4_1` re-quantizes it
     /// to Q4_1 — the default for Q8_0 heads, `@head=keep` keeps it as stored —, `@q4_1`
     /// re-quantizes every projection, and `@coarse[=RANK:CANDIDATES]` scores its head in two
-    /// passes: a low-rank coarse pass, then exact logits for the best candidates; default
-    /// 256:128, fitted once on a built-in text and cached).
+    /// passes: a low-rank coarse pass, then exact logits for the best candidates; 256:256,
+    /// fitted once on a built-in text and cached, is the default for drafts whose head is a
+    /// fifth of their bytes or more — `@exact` keeps one exact pass).
     #[arg(long = "draft", value_name = "DRAFT")]
     pub drafts: Vec<String>,
     /// Tree policy with --draft: `auto`, `auto:WIDTH,MAX_DEPTH`, `k1,k2,..`, `chain:N`,

@@ -27,6 +27,18 @@ pub const DEFAULT_RANK: usize = 256;
 /// See [`DEFAULT_RANK`].
 pub const DEFAULT_CANDIDATES: usize = 256;
 
+/// Whether a model draft gets `@coarse` without asking (`@exact` opts out): its head is held
+/// as GGUF blocks on the CPU, is at least a fifth of its bytes, has at least
+/// 16 × [`DEFAULT_CANDIDATES`] rows, and the hidden size is at least twice [`DEFAULT_RANK`]
+/// (Qwen2.5-0.5B: a 151 936 × 896 head, 85 of 330 MB as Q4_1; SmolLM2-135M: 49 152 × 576,
+/// 18 of 86 MB). The first load fits the basis (~7 s for Qwen2.5-0.5B), later ones read it.
+pub fn by_default<B: Backend>(model: &Transformer<B>, hidden: usize) -> bool {
+    model.head_block_type().is_some()
+        && model.head_bytes() * 5 >= model.weight_bytes()
+        && model.vocab_size() >= 16 * DEFAULT_CANDIDATES
+        && hidden >= 2 * DEFAULT_RANK
+}
+
 /// An `@coarse[=RANK:CANDIDATES]` option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Coarse {

@@ -23,7 +23,7 @@ pub enum DraftSpec {
     Model(ModelDraft),
 }
 
-/// A model `--draft`: `NAME[@f16|@f32][@q4_1][@head=…][@coarse[=RANK:CANDIDATES]]`.
+/// A model `--draft`: `NAME[@f16|@f32][@q4_1][@head=…][@coarse[=RANK:CANDIDATES]|@exact]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelDraft {
     /// Short name, path or hub id.
@@ -36,8 +36,11 @@ pub struct ModelDraft {
     pub q4_1: bool,
     /// `@head=…`: a change to its output head.
     pub head: Option<HeadChange>,
-    /// `@coarse[=RANK:CANDIDATES]`: its head scored in two passes ([`crate::coarse`]).
+    /// `@coarse[=RANK:CANDIDATES]`: its head scored in two passes ([`crate::coarse`]); the
+    /// default where [`crate::coarse::by_default`] says so.
     pub coarse: Option<Coarse>,
+    /// `@exact`: no two-pass head, even where it would be the default.
+    pub exact: bool,
 }
 
 /// A model draft's `@head=…` option.
@@ -86,12 +89,13 @@ impl DraftSpec {
     pub fn parse(spec: &str) -> Result<Self> {
         let mut parts = spec.split('@');
         let s = parts.next().unwrap_or_default();
-        let (mut f16, mut head, mut q4_1, mut coarse) = (None, None, false, None);
+        let (mut f16, mut head, mut q4_1, mut coarse, mut exact) = (None, None, false, None, false);
         for opt in parts {
             match opt {
                 "f16" => f16 = Some(true),
                 "f32" => f16 = Some(false),
                 "q4_1" => q4_1 = true,
+                "exact" => exact = true,
                 _ if opt.starts_with("coarse") => match Coarse::parse(&opt["coarse".len()..]) {
                     Some(c) => coarse = Some(c),
                     None => bail!(
@@ -103,7 +107,8 @@ impl DraftSpec {
                     Some(h) => head = Some(h),
                     None => bail!(
                         "bad --draft {spec:?}: options are @f16, @f32, @q4_1, @head=N (N a \
-                         multiple of 8), @head=q4_1, @head=keep and @coarse[=RANK:CANDIDATES]"
+                         multiple of 8), @head=q4_1, @head=keep, @coarse[=RANK:CANDIDATES] and \
+                         @exact"
                     ),
                 },
             }
@@ -115,7 +120,7 @@ impl DraftSpec {
             }
         };
         Ok(if s == "ngram" || s.starts_with("ngram:") {
-            if f16.is_some() || head.is_some() || q4_1 || coarse.is_some() {
+            if f16.is_some() || head.is_some() || q4_1 || coarse.is_some() || exact {
                 bail!("bad --draft {spec:?}: the n-gram draft has no weights");
             }
             match s.strip_prefix("ngram:") {
@@ -123,13 +128,18 @@ impl DraftSpec {
                 None => Self::Ngram(NgramDraft::default().max_n),
             }
         } else if let Some(n) = s.strip_prefix("self:") {
-            if head.is_some() || q4_1 || coarse.is_some() {
-                bail!("bad --draft {spec:?}: @head=…, @q4_1 and @coarse are for model drafts");
+            if head.is_some() || q4_1 || coarse.is_some() || exact {
+                bail!(
+                    "bad --draft {spec:?}: @head=…, @q4_1, @coarse and @exact are for model drafts"
+                );
             }
             Self::SelfLayers(num(n)?, f16.unwrap_or(false))
         } else {
             if q4_1 && head == Some(HeadChange::Q4_1) {
                 bail!("bad --draft {spec:?}: @q4_1 already re-quantizes the head");
+            }
+            if coarse.is_some() && exact {
+                bail!("bad --draft {spec:?}: @coarse and @exact contradict each other");
             }
             if coarse.is_some() && matches!(head, Some(HeadChange::Rows(_))) {
                 bail!("bad --draft {spec:?}: @coarse scores the whole head; @head=N cuts it");
@@ -140,6 +150,7 @@ impl DraftSpec {
                 q4_1,
                 head,
                 coarse,
+                exact,
             })
         })
     }
@@ -234,7 +245,11 @@ fn load_model_draft<B: Backend>(
         model = m.with_context(|| format!("changing draft {name}'s head to {h}"))?;
         label = format!("{label}@head={h}");
     }
-    if let Some(c) = d.coarse {
+    // A cut head (`@head=N`) is not the whole head a coarse pass would stand in for.
+    let default = !d.exact
+        && !matches!(head, Some(HeadChange::Rows(_)))
+        && crate::coarse::by_default(&model, loaded.config.hidden_size);
+    if let Some(c) = d.coarse.or(default.then(Coarse::default)) {
         model = crate::coarse::apply(
             &model,
             &loaded.tokenizer,
@@ -322,6 +337,7 @@ mod tests {
                 q4_1,
                 head,
                 coarse: None,
+                exact: false,
             })
         };
         assert_eq!(p("ngram"), DraftSpec::Ngram(4));
@@ -362,7 +378,14 @@ mod tests {
                 candidates: 32
             })
         );
+        match p("qwen@exact") {
+            DraftSpec::Model(d) => assert!(d.exact && d.coarse.is_none()),
+            other => panic!("{other:?}"),
+        }
         for bad in [
+            "m@coarse@exact",
+            "ngram@exact",
+            "self:4@exact",
             "m@coarse=100:8",
             "m@coarse@head=64",
             "ngram@coarse",

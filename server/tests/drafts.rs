@@ -24,10 +24,11 @@ fn q8_0_draft_heads_become_q4_1_unless_kept() {
         target.model.head_block_type(),
         Some(arbor_kernels::quant::GgmlType::Q8_0)
     );
-    let (label, bytes) = load(&target, &path);
-    let (kept_label, kept) = load(&target, &format!("{path}@head=keep"));
-    let (asked_label, asked) = load(&target, &format!("{path}@head=q4_1"));
-    let (all_label, all) = load(&target, &format!("{path}@q4_1"));
+    // `@exact`: SmolLM2's head would otherwise be scored in two passes by default (below).
+    let (label, bytes) = load(&target, &format!("{path}@exact"));
+    let (kept_label, kept) = load(&target, &format!("{path}@head=keep@exact"));
+    let (asked_label, asked) = load(&target, &format!("{path}@head=q4_1@exact"));
+    let (all_label, all) = load(&target, &format!("{path}@q4_1@exact"));
     assert!(label.ends_with("@head=q4_1"), "{label}");
     assert!(!kept_label.contains("@head"), "{kept_label}");
     assert_eq!(asked_label, label);
@@ -36,4 +37,22 @@ fn q8_0_draft_heads_become_q4_1_unless_kept() {
     assert!(bytes < kept);
     assert_eq!(asked, bytes);
     assert_eq!(all, bytes, "SmolLM2's layers are Q4_1 already");
+}
+
+/// A head that is a fifth of the draft's bytes or more (SmolLM2-135M: 18 of 86 MB as Q4_1) is
+/// scored in two passes unless `@exact`; `@head=N` (a cut head) keeps one exact pass.
+#[test]
+fn big_heads_get_the_two_pass_head_by_default() {
+    let path = arbor_tests::smollm2_path().display().to_string();
+    let target = LoadedModel::<Flex>::load(&path, Default::default(), &Default::default()).unwrap();
+    let (label, bytes) = load(&target, &path);
+    let (exact_label, exact) = load(&target, &format!("{path}@exact"));
+    let (asked_label, asked) = load(&target, &format!("{path}@coarse"));
+    assert!(label.ends_with("@head=q4_1@coarse=256:256"), "{label}");
+    assert_eq!(asked_label, label);
+    assert_eq!(asked, bytes);
+    assert!(!exact_label.contains("coarse"), "{exact_label}");
+    assert!(bytes < exact, "{bytes} vs {exact}");
+    let (cut_label, _) = load(&target, &format!("{path}@head=1024"));
+    assert!(!cut_label.contains("coarse"), "{cut_label}");
 }

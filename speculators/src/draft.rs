@@ -18,6 +18,14 @@ pub struct DraftRequest<'a> {
     pub sampling: &'a SamplingParams,
     /// This draft's index (recorded in the tree for per-draft statistics).
     pub id: usize,
+    /// Growth gates (empty: grow the whole shape). Level `l + 2` is grown only while the
+    /// best node of level `l + 1` has a draft path probability (the product of the draft's
+    /// probabilities along its path) of at least `gates[l]`: the draft's confidence is a
+    /// calibrated estimate of acceptance (EAGLE-2, arXiv 2406.16858), so a level below an
+    /// unlikely path costs a forward that is rarely repaid. The engine derives the gates
+    /// from its cost model (`Planner::gates`). Deciding from draws already made, never from
+    /// the draws it leads to, keeps sampled trees exact under SpecInfer verification.
+    pub gates: &'a [f32],
 }
 
 /// Most tokens a forward may feed to count as a tree level's cost. Levels feed a few nodes,

@@ -21,6 +21,9 @@ use crate::{DraftRequest, DrawKind, SpecError, TokenTree, TreeShape};
 /// the `budget` best nodes (EAGLE-2's rerank); sampled trees stop drawing at the budget instead
 /// (pruning sampled children would bias verification).
 ///
+/// Growth stops below a level whose best path probability is under its gate
+/// ([`DraftRequest::gates`]).
+///
 /// Returns the tree and, for each node before pruning, its index after.
 ///
 /// # Errors
@@ -92,6 +95,13 @@ pub fn expand(
             fresh.truncate(*width);
             fresh.sort_unstable();
         }
+        if let Some(&gate) = req.gates.get(level) {
+            let nodes = tree.nodes();
+            let best = fresh.iter().map(|&i| nodes[i].score).fold(0.0, f32::max);
+            if best < gate {
+                break;
+            }
+        }
         let logits = eval(&tree, &fresh)?;
         frontier = fresh.into_iter().zip(logits).collect();
     }
@@ -100,4 +110,79 @@ pub fn expand(
         TreeShape::Expand(_) => (0..tree.len()).map(Some).collect(),
     };
     Ok((tree, map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arbor_model::SamplingParams;
+    use rand::SeedableRng;
+
+    /// Logits over 4 tokens whose top token (`top`) has probability `p`.
+    fn peaked(top: usize, p: f32) -> Vec<f32> {
+        (0..4)
+            .map(|i| {
+                if i == top {
+                    p.ln()
+                } else {
+                    ((1.0 - p) / 3.0).ln()
+                }
+            })
+            .collect()
+    }
+
+    /// Grows `shape` under `gates` from a draft that is 90% sure of token 1 everywhere;
+    /// returns the tree and how many level forwards it took.
+    fn grow(shape: &str, gates: &[f32]) -> (TokenTree, usize) {
+        let shape: TreeShape = shape.parse().unwrap();
+        let sampling = SamplingParams::greedy();
+        let req = DraftRequest {
+            context: &[3],
+            shape: &shape,
+            sampling: &sampling,
+            id: 0,
+            gates,
+        };
+        let mut forwards = 0;
+        let mut rng = StdRng::seed_from_u64(0);
+        let (tree, _) = expand(
+            3,
+            peaked(1, 0.9),
+            &req,
+            DrawKind::Deterministic,
+            64,
+            &mut rng,
+            {
+                |_, fresh| {
+                    forwards += 1;
+                    Ok(fresh.iter().map(|_| peaked(1, 0.9)).collect())
+                }
+            },
+        )
+        .unwrap();
+        (tree, forwards)
+    }
+
+    #[test]
+    fn gates_stop_growth_below_unlikely_paths() {
+        // No gates: the whole chain, one forward per level but the last.
+        let (tree, forwards) = grow("chain:10", &[]);
+        assert_eq!((tree.depth(), forwards), (10, 9));
+        // Path probabilities 0.9, 0.81, 0.729, 0.656, 0.590, 0.531, 0.478: a gate of 0.5
+        // lets level 7 be grown (0.531 ≥ 0.5) and no further.
+        let (tree, forwards) = grow("chain:10", &[0.5; 9]);
+        assert_eq!((tree.depth(), forwards), (7, 6));
+        // Gates apply per level; a missing gate means no gate.
+        let (tree, _) = grow("chain:10", &[0.0, 0.85]);
+        assert_eq!(tree.depth(), 2, "0.81 < 0.85 stops after level 2");
+        let (tree, _) = grow("chain:4", &[0.1]);
+        assert_eq!(tree.depth(), 4);
+        // Wider trees are gated on their best node: the top child keeps 0.9 per level while
+        // the runner-up (0.033) would have stopped at once.
+        let (tree, _) = grow("2,2,2", &[0.7, 0.7]);
+        assert_eq!(tree.depth(), 3);
+        let (tree, _) = grow("2,2,2", &[0.7, 0.85]);
+        assert_eq!(tree.depth(), 2);
+        assert_eq!(tree.len(), 1 + 2 + 4);
+    }
 }

@@ -75,6 +75,8 @@ struct Spec {
     source: Source,
     shape: &'static str,
     draw: DrawKind,
+    /// Growth gates ([`DraftRequest::gates`]).
+    gates: &'static [f32],
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -89,6 +91,8 @@ struct World {
     target: Table,
     draft: Table,
     first_layer: Table,
+    /// Model-draft trees that came out shallower than their shape (cut by a gate).
+    gated: usize,
 }
 
 fn path_tokens(tree: &TokenTree, node: usize) -> Vec<u32> {
@@ -114,6 +118,7 @@ impl World {
             target: Table::new(target),
             draft: Table::new(draft),
             first_layer: Table::new(first_layer),
+            gated: 0,
         }
     }
 
@@ -143,6 +148,7 @@ impl World {
                 shape: &shape,
                 sampling: params,
                 id,
+                gates: spec.gates,
             };
             let tree = match spec.source {
                 Source::Ngram => NgramDraft::default().propose(&req, rng).unwrap().0,
@@ -168,6 +174,9 @@ impl World {
                         },
                     )
                     .unwrap();
+                    if tree.depth() < shape.depth() {
+                        self.gated += 1;
+                    }
                     tree
                 }
             };
@@ -364,6 +373,7 @@ fn speculative_sampling_matches_the_target_distribution() {
         source,
         shape,
         draw: DrawKind::WithoutReplacement,
+        gates: &[],
     };
     let cases: Vec<(&str, Vec<Spec>, SamplingParams)> = vec![
         (
@@ -377,6 +387,7 @@ fn speculative_sampling_matches_the_target_distribution() {
                 source: Source::Draft,
                 shape: "2,2",
                 draw: DrawKind::Iid,
+                gates: &[],
             }],
             params(0.8, 4, 1.0, 0.0),
         ),
@@ -388,11 +399,13 @@ fn speculative_sampling_matches_the_target_distribution() {
                     source: Source::FirstLayer,
                     shape: "2,2",
                     draw: DrawKind::Deterministic,
+                    gates: &[],
                 },
                 Spec {
                     source: Source::Ngram,
                     shape: "chain:3",
                     draw: DrawKind::Deterministic,
+                    gates: &[],
                 },
             ],
             params(1.2, 0, 0.85, 0.0),
@@ -412,6 +425,41 @@ fn speculative_sampling_matches_the_target_distribution() {
     }
 }
 
+/// Growth gates decide from draws already made, so cutting sampled trees short keeps the
+/// target's distribution (`auto` gates every tree).
+#[test]
+fn gated_trees_keep_the_target_distribution() {
+    let mut w = World::new();
+    let specs = [
+        Spec {
+            source: Source::Draft,
+            shape: "2,2,2",
+            draw: DrawKind::WithoutReplacement,
+            gates: &[0.3, 0.12],
+        },
+        Spec {
+            source: Source::FirstLayer,
+            shape: "chain:3",
+            draw: DrawKind::Iid,
+            gates: &[0.35, 0.2],
+        },
+    ];
+    let name = "T=1 top-p 0.95, gated 2,2,2 (wor) and chain:3 (iid)";
+    let (stat, crit) = run(&mut w, name, &specs, &params(1.0, 0, 0.95, 0.0), None, 7);
+    assert!(stat < crit, "{name}: χ² {stat:.1} ≥ {crit:.1}");
+    // Two trees per step, at least one step per sample: the gates must cut a good share of
+    // them for the test to say anything about gating.
+    let share = w.gated as f64 / (2 * N) as f64;
+    println!(
+        "{name}: {:.0}% of model-draft trees cut by a gate",
+        100.0 * share
+    );
+    assert!(
+        (0.2..0.95).contains(&share),
+        "gates cut {share:.2} of trees"
+    );
+}
+
 /// The same test rejects verifiers that ignore how children were drawn.
 #[test]
 fn wrong_verifiers_are_caught() {
@@ -421,6 +469,7 @@ fn wrong_verifiers_are_caught() {
         source: Source::Draft,
         shape: "4,1",
         draw: DrawKind::WithoutReplacement,
+        gates: &[],
     }];
     let (stat, crit) = run(
         &mut w,
@@ -438,6 +487,7 @@ fn wrong_verifiers_are_caught() {
         source: Source::Draft,
         shape: "3,1",
         draw: DrawKind::Deterministic,
+        gates: &[],
     }];
     let (stat, crit) = run(
         &mut w,

@@ -455,6 +455,10 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
 
     /// This step's tree shape: the fixed one, or the planner's pick (measuring the verify
     /// cost first, on a speculating sequence at its commit point, if not done yet).
+    ///
+    /// Batched trees are not gated ([`Planner::plan`], not [`Planner::plan_gated`]): the
+    /// scheduler reserves rows for whole trees before anyone drafts, and a gated shape (up
+    /// to the deepest level) would have it reserve rows that gates mostly leave unused.
     fn step_shape(&mut self) -> Option<TreeShape> {
         let Some(TreePolicy::Auto { width, max_depth }) = self.policy else {
             return match &self.policy {

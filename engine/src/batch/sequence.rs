@@ -168,7 +168,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
                 let d = draft_tree(
                     &mut self.drafts,
                     &self.context,
-                    &shape,
+                    (&shape, &[]),
                     &self.params,
                     &mut self.sampler,
                     &mut self.output,

@@ -23,7 +23,7 @@ pub use vocab::check_same_tokenizer;
 use crate::generator::prefill;
 use crate::output::{Event, Output, check_prompt, prompt_tokens};
 use crate::{EngineError, GenerateParams, Prompt};
-use step::{cap_depth, draft_tree, verify_commit};
+use step::{cap_depth, draft_tree, tree_capacity, verify_commit};
 
 /// Speculative decoding of one sequence at a time: a target model, its drafts and a tree
 /// policy. Greedy output equals the target's plain greedy output token for token; sampled
@@ -224,8 +224,8 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
         let max_depth = (self.output.remaining().saturating_sub(1))
             .min(target.max_position().saturating_sub(cached + 1))
             .min(self.cache.max_tree_depth().unwrap_or(usize::MAX));
-        let shape = match self.engine.policy.clone() {
-            TreePolicy::Fixed(s) => s,
+        let (shape, gates) = match self.engine.policy.clone() {
+            TreePolicy::Fixed(s) => (s, Vec::new()),
             TreePolicy::Auto {
                 width,
                 max_depth: deepest,
@@ -234,16 +234,17 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
                     self.calibrate(deepest)?;
                 }
                 let p = &self.engine.planner;
-                let shape = p.plan(width, deepest);
+                let (shape, gates) = p.plan_gated(width, deepest);
                 tracing::debug!(
                     ?shape,
+                    ?gates,
                     draft_cost = ?p.draft_cost,
                     verify_cost = ?p.verify_cost,
                     overhead = p.overhead,
                     node_fill = ?p.node_fill,
                     "planned"
                 );
-                shape
+                (shape, gates)
             }
         };
         let shape = cap_depth(&shape, max_depth);
@@ -251,7 +252,7 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
         let d = draft_tree(
             &mut self.engine.drafts,
             &self.context,
-            &shape,
+            (&shape, &gates),
             &self.params,
             &mut self.sampler,
             &mut self.output,
@@ -282,7 +283,10 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
             .planner
             .observe_verify(d.tree.len(), v.verify_time.as_secs_f64());
         if shape.depth() > 0 {
-            let capacity = self.engine.drafts.len() * (shape.max_nodes() - 1);
+            self.engine
+                .planner
+                .observe_step(v.tokens.len(), total.as_secs_f64());
+            let capacity = tree_capacity(&shape, &d.tree, self.engine.drafts.len());
             self.engine.planner.observe_tree(d.tree.len() - 1, capacity);
         }
         Ok(())

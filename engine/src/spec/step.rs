@@ -36,11 +36,27 @@ pub(crate) fn cap_depth(shape: &TreeShape, max_depth: usize) -> TreeShape {
     }
 }
 
-/// Asks every draft for a tree of `shape` below `context`'s last token and merges them.
+/// Nodes below the root that `drafts` drafts could have proposed in a tree of `shape` as
+/// deep as `tree` came out (growth gates cut trees short by design: what the planner tracks
+/// as fill is how sparse the levels grown were).
+pub(crate) fn tree_capacity(shape: &TreeShape, tree: &TokenTree, drafts: usize) -> usize {
+    let per_draft = match cap_depth(shape, tree.depth()) {
+        TreeShape::Dynamic {
+            depth,
+            width,
+            budget,
+        } => (width * depth).min(budget.saturating_sub(1)),
+        cut @ TreeShape::Expand(_) => cut.max_nodes() - 1,
+    };
+    drafts * per_draft
+}
+
+/// Asks every draft for a tree of `shape` (under growth `gates`) below `context`'s last token
+/// and merges them.
 pub(crate) fn draft_tree<'m>(
     drafts: &mut [Box<dyn Draft + 'm>],
     context: &[u32],
-    shape: &TreeShape,
+    (shape, gates): (&TreeShape, &[f32]),
     params: &GenerateParams,
     sampler: &mut Sampler,
     output: &mut Output<'_>,
@@ -57,6 +73,7 @@ pub(crate) fn draft_tree<'m>(
                 shape,
                 sampling: &params.sampling,
                 id,
+                gates,
             };
             let (t, cost) = draft.propose(&req, sampler.rng())?;
             let dt = t0.elapsed();

@@ -44,7 +44,8 @@ pub struct BenchArgs {
     /// first N token ids, `@head=q4_1` re-quantizes it to Q4_1 — the default for Q8_0 heads,
     /// `@head=keep` keeps it as stored —, `@q4_1` re-quantizes every projection, and
     /// `@coarse[=RANK:CANDIDATES]` scores its head in two passes, low-rank then exact for the
-    /// best candidates).
+    /// best candidates — the default for drafts whose head is a fifth of their bytes or more;
+    /// `@exact` opts out).
     #[arg(long = "draft", value_name = "DRAFT")]
     pub drafts: Vec<String>,
     /// Tree policy: `auto`, `auto:WIDTH,MAX_DEPTH`, `k1,k2,..` (SpecInfer expansion), `chain:N`
