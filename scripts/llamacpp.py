@@ -11,3 +11,12 @@ def greedy_next(llm):
     """
     row = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
     return int(np.argmax(row))
+
+
+def is_end(llm, token):
+    """Whether `token` ends generation (any end-of-generation token of the vocabulary, as
+    llama.cpp's own generation loop and Arbor check — Qwen2.5 ends code with `<|endoftext|>`,
+    not the `<|im_end|>` that `token_eos()` names)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, token))

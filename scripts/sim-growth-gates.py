@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from llama_cpp import Llama
 
-from llamacpp import greedy_next
+from llamacpp import greedy_next, is_end
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(os.environ.get("ARBOR_MODELS", Path.home() / ".cache" / "arbor" / "models"))
@@ -36,14 +36,13 @@ def collect(limit, max_tokens):
                    n_threads=2, n_batch=512, verbose=False)
     draft = Llama(model_path=str(MODELS / "Qwen2.5-Coder-0.5B-Instruct.gguf"), n_ctx=2048,
                   n_threads=2, n_batch=512, verbose=False, logits_all=True)
-    eos = target.token_eos()
     out = []
     for r in rows:
         target.reset()
         ids = target.tokenize(r["prompt"].encode(), add_bos=False, special=False)
         target.eval(ids)
         gen = [greedy_next(target)]
-        while gen[-1] != eos and len(gen) < max_tokens:
+        while not is_end(target, gen[-1]) and len(gen) < max_tokens:
             target.eval([gen[-1]])
             gen.append(greedy_next(target))
         draft.reset()
