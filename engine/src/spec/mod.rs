@@ -283,9 +283,9 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
             .planner
             .observe_verify(d.tree.len(), v.verify_time.as_secs_f64());
         if shape.depth() > 0 {
-            self.engine
-                .planner
-                .observe_step(v.tokens.len(), total.as_secs_f64());
+            let planner = &mut self.engine.planner;
+            let priced = planner.step_secs(d.tree.depth(), d.tree.len());
+            planner.observe_step(v.tokens.len(), priced);
             let capacity = tree_capacity(&shape, &d.tree, self.engine.drafts.len());
             self.engine.planner.observe_tree(d.tree.len() - 1, capacity);
         }

@@ -170,14 +170,11 @@ impl Planner {
     /// The best ungated `(rate, width, depth)` over widths `1..=max_width` and depths
     /// `1..=max_depth`, or `None` when plain decoding pays better (or nothing can be tried).
     fn best(&self, max_width: usize, max_depth: usize) -> Option<(f64, usize, usize)> {
-        let model_cost: f64 = self.draft_cost.iter().flatten().sum();
         let plain = 1.0 / (self.verify_secs(1) + self.overhead).max(1e-9);
         let mut best: Option<(f64, usize, usize)> = None;
         for width in 1..=max_width {
             for depth in 1..=max_depth {
-                let secs = model_cost * depth as f64
-                    + self.verify_secs(self.tree_nodes(width, depth))
-                    + self.overhead;
+                let secs = self.step_secs(depth, self.tree_nodes(width, depth));
                 let rate = self.expected_tokens(width, depth) / secs.max(1e-9);
                 if best.is_none_or(|b| rate > b.0) {
                     best = Some((rate, width, depth));
@@ -215,8 +212,8 @@ impl Planner {
     }
 
     /// `auto`'s step: the width [`Planner::plan`] picks, grown up to `max_depth` levels under
-    /// growth gates ([`Planner::gates`]) at the rate speculative steps reach (before the
-    /// first one, the rate the plan promises) — each tree stops
+    /// growth gates ([`Planner::gates`]) at the rate speculative steps reach, as the cost
+    /// model prices them (before the first one, the rate the plan promises) — each tree stops
     /// where its draft's confidence no longer pays for another level. Plain decoding (an
     /// empty shape, no gates) where no tree pays.
     ///
@@ -228,7 +225,8 @@ impl Planner {
         let Some((planned, width, _)) = self.best(max_width, max_depth) else {
             return (TreeShape::Expand(Vec::new()), Vec::new());
         };
-        // The rate speculative steps reach, once measured: the planned rate trusts
+        // The rate speculative steps reach (priced by this cost model, see
+        // `observe_step`), once measured: the planned rate trusts
         // acceptance at depths that gates only let confident paths reach, overrates deep
         // trees and set gates too high (Qwen2.5-1.5B: trees 3.3 tokens deep where 4.4 paid).
         let (tokens, secs) = self.spec_steps;
@@ -300,7 +298,18 @@ impl Planner {
         self.overhead = track_cost(self.overhead, overhead);
     }
 
-    /// Folds one speculative step in: the tokens it emitted and its wall time.
+    /// What the cost model prices a step at: `depth` draft levels and a verification of
+    /// `nodes` nodes (root included), plus the per-step overhead.
+    pub fn step_secs(&self, depth: usize, nodes: usize) -> f64 {
+        let model_cost: f64 = self.draft_cost.iter().flatten().sum();
+        model_cost * depth as f64 + self.verify_secs(nodes) + self.overhead
+    }
+
+    /// Folds one speculative step in: the tokens it emitted and its seconds as the cost
+    /// model prices them ([`Planner::step_secs`]). Not its wall time: the verify curve keeps
+    /// the fastest timings while wall times carry every busy moment of a shared machine, and
+    /// a rate from those would set the gates too low for the costs they are weighed against
+    /// (3-round runs on a busy host: trees 4.8 deep at 1.25–1.29× plain, 4.3 at 1.41×).
     pub fn observe_step(&mut self, tokens: usize, secs: f64) {
         let (t, s) = self.spec_steps;
         self.spec_steps = (t * DECAY + tokens as f64, s * DECAY + secs);
