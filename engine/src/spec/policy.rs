@@ -81,8 +81,9 @@ const PRIOR_WEIGHT: f64 = 2.0;
 /// Old statistics fade by this factor per step (drafts do better on some text than others).
 const DECAY: f64 = 0.97;
 /// Below this much (decayed) evidence at depth 1, a planner that would stop speculating takes
-/// one speculative step instead, to measure again.
-const STALE: f64 = 0.5;
+/// one speculative step instead, to measure again. Two steps' worth: at 0.5 one rejected first
+/// tree (the prior's α 0.7 then reads 0.47) switched speculation off for the next 23 steps.
+const STALE: f64 = 2.0;
 /// Node counts at which the verify cost is measured.
 pub const VERIFY_SIZES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 
@@ -483,6 +484,17 @@ mod tests {
             assert!(steps < 500, "never retried");
         }
         assert!(steps > 10, "retried too eagerly: after {steps} steps");
+    }
+
+    #[test]
+    fn one_rejected_first_tree_does_not_stop_speculation() {
+        let mut p = planner(0.03);
+        p.verify_cost = vec![(1, 0.030), (2, 0.034), (4, 0.045), (8, 0.080)];
+        p.observe(1, &[false], &[Some(0.012)], 0.0);
+        assert!(p.plan(1, 8).depth() > 0, "one step is not evidence enough");
+        p.observe(1, &[false], &[Some(0.012)], 0.0);
+        p.observe(1, &[false], &[Some(0.012)], 0.0);
+        assert_eq!(p.plan(1, 8).depth(), 0, "three rejections in a row are");
     }
 
     #[test]
