@@ -52,6 +52,11 @@ use crate::input::ForwardInput;
 use crate::proj::host_values;
 use crate::transformer::Transformer;
 
+/// A kernel error while building or running a [`CoarseHead`].
+fn kernel(e: arbor_kernels::KernelError) -> ModelError {
+    ModelError::Input(format!("coarse head: {e}"))
+}
+
 /// A two-pass output head: the exact head (shared with the model) and its coarse half.
 #[derive(Debug, Clone)]
 pub struct CoarseHead {
@@ -94,7 +99,6 @@ impl CoarseHead {
                 "coarse-head candidates must be in 1..={vocab}, got {candidates}"
             )));
         }
-        let kernel = |e: arbor_kernels::KernelError| ModelError::Input(format!("coarse head: {e}"));
         // (P·Wᵀ) by the head's own kernel, the basis rows as activations.
         let mut at = vec![0.0f32; rank * vocab];
         head.matmul(basis, rank, &mut at).map_err(kernel)?;
@@ -124,7 +128,6 @@ impl CoarseHead {
     /// [`ModelError::Input`] if `h` is not `n × d`.
     pub fn logits(&self, h: &[f32], n: usize) -> Result<Vec<f32>> {
         let (vocab, d) = (self.head.n(), self.head.k());
-        let kernel = |e: arbor_kernels::KernelError| ModelError::Input(format!("coarse head: {e}"));
         let mut z = vec![0.0f32; n * self.basis.n()];
         self.basis.matmul(h, n, &mut z).map_err(kernel)?;
         let mut scores = vec![0.0f32; n * vocab];

@@ -365,7 +365,7 @@ impl<B: Backend> Transformer<B> {
     pub fn weight_bytes(&self) -> usize {
         let all = self.sum_over_projections(Proj::weight_bytes);
         match &self.coarse_head {
-            Some(c) => all - self.lm_head.weight_bytes() + c.bytes(),
+            Some(c) => all - self.head_bytes() + c.bytes(),
             None => all,
         }
     }

@@ -286,8 +286,10 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
             let planner = &mut self.engine.planner;
             let priced = planner.step_secs(d.tree.depth(), d.tree.len());
             planner.observe_step(v.tokens.len(), priced);
-            let capacity = tree_capacity(&shape, &d.tree, self.engine.drafts.len());
-            self.engine.planner.observe_tree(d.tree.len() - 1, capacity);
+            planner.observe_tree(
+                d.tree.len() - 1,
+                tree_capacity(&shape, &d.tree, self.engine.drafts.len()),
+            );
         }
         Ok(())
     }

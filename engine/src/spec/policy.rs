@@ -251,7 +251,7 @@ impl Planner {
     /// is `rate · cost / α` — a stopping rule that is optimal for the long-run rate when
     /// `rate` is that rate (renewal–reward).
     pub fn gates(&self, width: usize, depth: usize, rate: f64) -> Vec<f32> {
-        let model_cost: f64 = self.draft_cost.iter().flatten().sum();
+        let model_cost = self.level_cost();
         (1..depth)
             .map(|l| {
                 let verify = self.verify_secs(self.tree_nodes(width, l + 1))
@@ -303,8 +303,13 @@ impl Planner {
     /// What the cost model prices a step at: `depth` draft levels and a verification of
     /// `nodes` nodes (root included), plus the per-step overhead.
     pub fn step_secs(&self, depth: usize, nodes: usize) -> f64 {
-        let model_cost: f64 = self.draft_cost.iter().flatten().sum();
-        model_cost * depth as f64 + self.verify_secs(nodes) + self.overhead
+        self.level_cost() * depth as f64 + self.verify_secs(nodes) + self.overhead
+    }
+
+    /// Seconds one tree level costs in draft forwards (every model draft's; free drafts
+    /// none).
+    fn level_cost(&self) -> f64 {
+        self.draft_cost.iter().flatten().sum()
     }
 
     /// Folds one speculative step in: the tokens it emitted and its seconds as the cost
