@@ -31,14 +31,14 @@ def load_prompts(path):
     return out
 
 
-def request_body(p, model, max_tokens, speculate):
+def request_body(p, model, max_tokens, speculate, ignore_eos=True):
     body = {
         "model": model,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "ignore_eos": True,
+        "ignore_eos": ignore_eos,
         "speculate": speculate,
     }
     if "messages" in p:
@@ -107,7 +107,9 @@ async def level(args, prompts, conc, speculate):
 
     async def run(i):
         async with sem:
-            path, body = request_body(prompts[i % len(prompts)], args.model, args.max_tokens, speculate)
+            path, body = request_body(
+                prompts[i % len(prompts)], args.model, args.max_tokens, speculate, not args.stop_at_eos
+            )
             results.append(await one(args.url, path, body))
 
     t0 = time.perf_counter()
@@ -138,6 +140,11 @@ async def main():
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, help="requests per level (default 2 x concurrency, at least 4)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument(
+        "--stop-at-eos",
+        action="store_true",
+        help="let requests end at the model's end of text (default: ignore_eos, exactly --max-tokens each)",
+    )
     ap.add_argument("--speculate", default="on,off", help="on, off or on,off")
     ap.add_argument("--label", default="", help="a name for this run in the output")
     ap.add_argument("--json", help="append results as JSON lines to this file")

@@ -385,16 +385,17 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             ..StepReport::default()
         };
         let max_pos = self.target.max_position();
-        let shape = self.step_shape();
+        let tree = self.step_shape();
+        let shape = tree.as_ref().map(|(s, _)| s);
         let running: Vec<SeqLoad> = self
             .running
             .iter()
-            .map(|s| s.load(max_pos, shape.as_ref()))
+            .map(|s| s.load(max_pos, shape))
             .collect();
         let waiting: Vec<SeqLoad> = self
             .waiting
             .iter()
-            .map(|s| s.load(max_pos, shape.as_ref()))
+            .map(|s| s.load(max_pos, shape))
             .collect();
         let plan = self.scheduler.plan(&running, &waiting);
         report.admitted = plan.admit;
@@ -436,7 +437,8 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
                     report.prefill_rows += n;
                 }
                 Work::Decode(n) => {
-                    if let Err(e) = s.prepare_decode(n, shape.as_ref()) {
+                    let tree = tree.as_ref().map(|(s, g)| (s, &g[..]));
+                    if let Err(e) = s.prepare_decode(n, tree) {
                         s.fail(e);
                     }
                 }
@@ -453,16 +455,18 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         report
     }
 
-    /// This step's tree shape: the fixed one, or the planner's pick (measuring the verify
-    /// cost first, on a speculating sequence at its commit point, if not done yet).
+    /// This step's tree shape and growth gates: the fixed shape (no gates), or the planner's
+    /// pick, [`Planner::plan_gated`] as for one sequence alone (measuring the verify cost
+    /// first, on a speculating sequence at its commit point, if not done yet).
     ///
-    /// Batched trees are not gated ([`Planner::plan`], not [`Planner::plan_gated`]): the
-    /// scheduler reserves rows for whole trees before anyone drafts, and a gated shape (up
-    /// to the deepest level) would have it reserve rows that gates mostly leave unused.
-    fn step_shape(&mut self) -> Option<TreeShape> {
+    /// A gated shape reaches the deepest level, and the scheduler books its rows before
+    /// anyone drafts; that costs nothing the gates leave unused: tree rows come last, out of
+    /// what prompt chunks and plain rows leave of `spec_max_rows`, and their KV pages are
+    /// only checked, not held, until the commit.
+    fn step_shape(&mut self) -> Option<(TreeShape, Vec<f32>)> {
         let Some(TreePolicy::Auto { width, max_depth }) = self.policy else {
             return match &self.policy {
-                Some(TreePolicy::Fixed(s)) => Some(s.clone()),
+                Some(TreePolicy::Fixed(s)) => Some((s.clone(), Vec::new())),
                 _ => None,
             };
         };
@@ -475,9 +479,28 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
                 Err(e) => s.fail(e),
             }
         }
-        self.planner
-            .calibrated()
-            .then(|| self.planner.plan(width, max_depth))
+        if !self.planner.calibrated() {
+            return None;
+        }
+        let (shape, gates) = self.planner.plan_gated(width, max_depth);
+        let p = &self.planner;
+        tracing::trace!(
+            ?shape,
+            ?gates,
+            draft_cost = ?p.draft_cost,
+            spec_steps = ?p.spec_steps,
+            node_fill = ?p.node_fill,
+            "planned"
+        );
+        if shape.depth() == 0 {
+            // Plain decoding pays better: a plain step ages the planner's evidence, as it
+            // does for one sequence alone, so that speculation is tried again later.
+            if self.running.iter().any(|s| s.ready_to_speculate()) {
+                self.planner.observe(0, &[], &[], 0.0);
+            }
+            return None;
+        }
+        Some((shape, gates))
     }
 
     /// The batched target forward over every prepared sequence, and each one's commit.
@@ -503,6 +526,13 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         let result = self.target.forward_batch(&mut batch);
         drop(batch);
         let forward_time: Duration = t0.elapsed();
+        if result.is_ok() && report.prefill_rows == 0 {
+            // A decode step's forward prices its row count on the verify curve (as one
+            // sequence's steps do): a calibration slowed by a busy moment must not keep the
+            // batch from speculating for the whole run.
+            self.planner
+                .observe_verify(report.rows, forward_time.as_secs_f64());
+        }
         let mut results = match result {
             Ok(r) => r.into_iter(),
             Err(e) => {
@@ -523,7 +553,13 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             let rows = results.next().expect("one result per sequence");
             report.tree_rows += s.tree_rows();
             match s.finish_step(&rows, max_pos, forward_time) {
-                Ok(Some(o)) => self.planner.observe(o.width, &o.walk, &o.per_forward, 0.0),
+                Ok(Some(o)) => {
+                    let p = &mut self.planner;
+                    p.observe(o.width, &o.walk, &o.per_forward, 0.0);
+                    let priced = p.step_secs(o.depth, o.nodes);
+                    p.observe_step(o.tokens, priced);
+                    p.observe_tree(o.nodes - 1, o.capacity);
+                }
                 Ok(None) => {}
                 Err(e) => s.fail(e),
             }

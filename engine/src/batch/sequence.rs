@@ -10,7 +10,7 @@ use burn::tensor::backend::Backend;
 
 use super::{EventSink, RequestId, SeqLoad};
 use crate::output::Output;
-use crate::spec::step::{Drafted, cap_depth, draft_tree, verify_commit};
+use crate::spec::step::{Drafted, cap_depth, draft_tree, tree_capacity, verify_commit};
 use crate::{EngineError, GenerateParams};
 
 /// The part of a sequence's step that needs the target's rows.
@@ -19,8 +19,9 @@ pub(super) enum Pending {
     Prefill { logits: LogitRows },
     /// One plain token (the root).
     Plain,
-    /// A drafted tree, and the width of the shape it was grown with.
-    Tree(Drafted, usize),
+    /// A drafted tree, the width of the shape it was grown with, and its nodes below the
+    /// root that the drafts could have proposed ([`tree_capacity`]).
+    Tree(Drafted, usize, usize),
 }
 
 /// What one verified tree tells the planner.
@@ -28,6 +29,13 @@ pub(super) struct Observed {
     pub width: usize,
     pub walk: Vec<bool>,
     pub per_forward: Vec<Option<f64>>,
+    /// Tokens the step emitted.
+    pub tokens: usize,
+    /// The tree's depth and nodes (root included).
+    pub depth: usize,
+    pub nodes: usize,
+    /// Nodes below the root its drafts could have proposed at that depth.
+    pub capacity: usize,
 }
 
 pub(super) struct Sequence<'m, B: Backend> {
@@ -152,29 +160,30 @@ impl<'m, B: Backend> Sequence<'m, B> {
     }
 
     /// Prepares a decode step with at most `nodes` tree nodes: drafts a tree of (a cut of)
-    /// `shape` when speculating.
+    /// the step's shape, under its growth gates, when speculating.
     pub fn prepare_decode(
         &mut self,
         nodes: usize,
-        shape: Option<&TreeShape>,
+        plan: Option<(&TreeShape, &[f32])>,
     ) -> Result<(), EngineError> {
         let cached = self.cache.len();
-        let width = shape.map_or(0, TreeShape::width);
-        let shape = shape
+        let width = plan.map_or(0, |(s, _)| s.width());
+        let plan = plan
             .filter(|_| nodes > 1 && self.speculate)
-            .map(|s| largest_within(&cap_depth(s, self.policy_depth()), nodes));
-        match shape {
-            Some(shape) if shape.depth() > 0 => {
+            .map(|(s, g)| (largest_within(&cap_depth(s, self.policy_depth()), nodes), g));
+        match plan {
+            Some((shape, gates)) if shape.depth() > 0 => {
                 let d = draft_tree(
                     &mut self.drafts,
                     &self.context,
-                    (&shape, &[]),
+                    (&shape, gates),
                     &self.params,
                     &mut self.sampler,
                     &mut self.output,
                 )?;
                 self.input = Some(d.tree.forward_input(cached));
-                self.pending = Some(Pending::Tree(d, width));
+                let capacity = tree_capacity(&shape, &d.tree, self.drafts.len());
+                self.pending = Some(Pending::Tree(d, width, capacity));
             }
             _ => {
                 let root = *self.context.last().expect("started");
@@ -188,7 +197,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
     /// Tree nodes beyond the root in the step in flight.
     pub fn tree_rows(&self) -> usize {
         match &self.pending {
-            Some(Pending::Tree(d, _)) => d.tree.len() - 1,
+            Some(Pending::Tree(d, ..)) => d.tree.len() - 1,
             _ => 0,
         }
     }
@@ -229,7 +238,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
                 self.output.add_time(forward_time);
                 self.push(&[token], first_pos, max_position)?;
             }
-            Some(Pending::Tree(d, width)) => {
+            Some(Pending::Tree(d, width, capacity)) => {
                 let cached = first_pos - d.tree.len();
                 let v = verify_commit(
                     &d.tree,
@@ -247,6 +256,10 @@ impl<'m, B: Backend> Sequence<'m, B> {
                     width,
                     walk: v.walk,
                     per_forward: d.per_forward,
+                    tokens: v.tokens.len(),
+                    depth: d.tree.depth(),
+                    nodes: d.tree.len(),
+                    capacity,
                 }));
             }
         }

@@ -1,10 +1,14 @@
+use std::cell::RefCell;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use arbor_model::{
     Architecture, ModelConfig, RandomWeights, SamplingParams, Tokenizer, Transformer,
 };
-use arbor_speculators::NgramDraft;
+use arbor_speculators::{
+    Draft, DraftCost, DraftRequest, ModelDraft, NgramDraft, SpecError, TokenTree,
+};
+use rand::rngs::StdRng;
 
 use super::*;
 use crate::{Event, Finished, Generator};
@@ -488,4 +492,82 @@ fn kv_policies_keep_greedy_equal_across_batching_and_speculation() {
         dense,
         "budgets past the context are exact"
     );
+}
+
+/// A model draft that records the growth gates of every request it gets.
+struct GateProbe<'m> {
+    inner: ModelDraft<B>,
+    seen: &'m RefCell<Vec<(usize, Vec<f32>)>>,
+}
+
+impl Draft for GateProbe<'_> {
+    fn name(&self) -> &str {
+        "probe"
+    }
+
+    fn propose(
+        &mut self,
+        req: &DraftRequest<'_>,
+        rng: &mut StdRng,
+    ) -> Result<(TokenTree, DraftCost), SpecError> {
+        self.seen
+            .borrow_mut()
+            .push((req.shape.depth(), req.gates.to_vec()));
+        self.inner.propose(req, rng)
+    }
+
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
+}
+
+/// `auto` hands batched drafts the planner's growth gates, as to one sequence alone (how
+/// gates stop growth is `arbor_speculators`' test), a gate for every level below the first of
+/// the (scheduler-cut) shape; a fixed shape none. Output stays the plain greedy one.
+#[test]
+fn auto_gates_batched_trees() {
+    let (m, tok) = model();
+    let draft = m.truncated(1).unwrap();
+    let config = SchedulerConfig {
+        spec_max_rows: 32,
+        ..SchedulerConfig::default()
+    };
+    for policy in ["auto", "chain:4"] {
+        let seen = RefCell::new(Vec::new());
+        let mut e = BatchEngine::new(&m, &tok, config.clone())
+            .unwrap()
+            .with_draft(|| {
+                Box::new(GateProbe {
+                    inner: ModelDraft::new("self-1", draft.clone()),
+                    seen: &seen,
+                })
+            })
+            .with_tree_policy(policy.parse().unwrap());
+        let texts = prompts(4);
+        let rxs: Vec<Rx> = texts
+            .iter()
+            .map(|t| submit(&mut e, t, params(24), true))
+            .collect();
+        run(&mut e);
+        for (t, rx) in texts.iter().zip(&rxs) {
+            assert_eq!(finished(rx).1.tokens, plain(&m, &tok, t, &params(24)));
+        }
+        drop(e);
+        let seen = seen.into_inner();
+        assert!(!seen.is_empty(), "{policy}: trees were drafted");
+        for (depth, gates) in &seen {
+            if policy == "auto" {
+                assert!(gates.len() + 1 >= *depth, "{depth} levels, gates {gates:?}");
+                assert!(gates.iter().all(|g| g.is_finite() && *g > 0.0), "{gates:?}");
+            } else {
+                assert!(gates.is_empty(), "{gates:?}");
+            }
+        }
+        if policy == "auto" {
+            assert!(
+                seen.iter().any(|(d, _)| *d > 1),
+                "some tree could grow past one level"
+            );
+        }
+    }
 }

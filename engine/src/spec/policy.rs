@@ -22,7 +22,7 @@ pub enum TreePolicy {
     /// Every draft grows this shape every step (depth capped by `max_tokens` and the context).
     Fixed(TreeShape),
     /// Width picked every step by the [`Planner`], depth by growth gates as the tree grows
-    /// ([`Planner::plan_gated`]; batched generation uses the ungated [`Planner::plan`]).
+    /// ([`Planner::plan_gated`], alone and in batched generation).
     Auto {
         /// Children per expanded node and expanded nodes per level (2 by default).
         width: usize,
