@@ -456,8 +456,8 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
     }
 
     /// This step's tree shape and growth gates: the fixed shape (no gates), or the planner's
-    /// pick, [`Planner::plan_gated`] as for one sequence alone (measuring the verify cost
-    /// first, on a speculating sequence at its commit point, if not done yet).
+    /// pick for the sequences ready to speculate, [`Planner::plan_batch`] (measuring the
+    /// verify cost first, on a speculating sequence at its commit point, if not done yet).
     ///
     /// A gated shape reaches the deepest level, and the scheduler books its rows before
     /// anyone drafts; that costs nothing the gates leave unused: tree rows come last, out of
@@ -482,9 +482,15 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         if !self.planner.calibrated() {
             return None;
         }
-        let (shape, gates) = self.planner.plan_gated(width, max_depth);
+        let seqs = self
+            .running
+            .iter()
+            .filter(|s| s.ready_to_speculate())
+            .count();
+        let (shape, gates) = self.planner.plan_batch(width, max_depth, seqs);
         let p = &self.planner;
         tracing::trace!(
+            seqs,
             ?shape,
             ?gates,
             draft_cost = ?p.draft_cost,

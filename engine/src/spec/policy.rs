@@ -169,14 +169,17 @@ impl Planner {
     }
 
     /// The best ungated `(rate, width, depth)` over widths `1..=max_width` and depths
-    /// `1..=max_depth`, or `None` when plain decoding pays better (or nothing can be tried).
-    fn best(&self, max_width: usize, max_depth: usize) -> Option<(f64, usize, usize)> {
-        let plain = 1.0 / (self.verify_secs(1) + self.overhead).max(1e-9);
+    /// `1..=max_depth` for `seqs` sequences decoding together, or `None` when plain decoding
+    /// pays better (or nothing can be tried). Rates are the whole batch's tokens per second.
+    fn best(&self, max_width: usize, max_depth: usize, seqs: usize) -> Option<(f64, usize, usize)> {
+        let seqs = seqs.max(1);
+        let n = seqs as f64;
+        let plain = n / (self.verify_secs(seqs) + self.overhead).max(1e-9);
         let mut best: Option<(f64, usize, usize)> = None;
         for width in 1..=max_width {
             for depth in 1..=max_depth {
-                let secs = self.step_secs(depth, self.tree_nodes(width, depth));
-                let rate = self.expected_tokens(width, depth) / secs.max(1e-9);
+                let secs = self.batch_step_secs(depth, self.tree_nodes(width, depth), seqs);
+                let rate = n * self.expected_tokens(width, depth) / secs.max(1e-9);
                 if best.is_none_or(|b| rate > b.0) {
                     best = Some((rate, width, depth));
                 }
@@ -188,7 +191,10 @@ impl Planner {
             .filter_map(|c| c.first())
             .map(|c| c.0)
             .sum::<f64>();
-        best.filter(|b| b.0 > plain || evidence < STALE)
+        // Without evidence a tree is tried anyway (the acceptance prior is a guess) — by one
+        // sequence alone: in a batch every speculating sequence pays its draft's catch-up of
+        // the prompt and a level each, for what one of them would learn.
+        best.filter(|b| b.0 > plain || (evidence < STALE && seqs == 1))
     }
 
     /// Nodes (root included) a merged tree `width` wide and `depth` deep is expected to
@@ -202,7 +208,7 @@ impl Planner {
     /// The shape for the next step, without growth gates: widths `1..=max_width`, depths
     /// `0..=max_depth`.
     pub fn plan(&self, max_width: usize, max_depth: usize) -> TreeShape {
-        match self.best(max_width, max_depth) {
+        match self.best(max_width, max_depth, 1) {
             Some((_, width, depth)) => TreeShape::Dynamic {
                 depth,
                 width,
@@ -224,15 +230,37 @@ impl Planner {
     /// `scripts/sim-growth-gates.py` had promised +8% over the best fixed chain — real steps
     /// pay 9–14 ms per verified node beyond 4 where its curve said 5–6.
     pub fn plan_gated(&self, max_width: usize, max_depth: usize) -> (TreeShape, Vec<f32>) {
-        let Some((planned, width, _)) = self.best(max_width, max_depth) else {
+        self.plan_batch(max_width, max_depth, 1)
+    }
+
+    /// [`Planner::plan_gated`] for `seqs` sequences that speculate in one batched step. Each
+    /// drafts on its own (a level costs every sequence's draft forwards, one after the
+    /// other) while their roots and trees share one target forward: plain decoding of the
+    /// batch is `seqs` tokens for `verify(seqs)`, a tree step `seqs · E[tokens]` for
+    /// `seqs · d · draft level + verify(seqs · nodes)`. With a few sequences decoding, plain
+    /// rows are nearly free and speculation stops paying long before it does alone
+    /// (Qwen2.5-1.5B + 0.5B draft, 4 concurrent streams: 35–37 tok/s speculating against
+    /// 48–53 plainly before this). Gates are priced at the batch's planned rate (tokens of
+    /// all sequences per second of the engine's time); alone, at the measured rate.
+    pub fn plan_batch(
+        &self,
+        max_width: usize,
+        max_depth: usize,
+        seqs: usize,
+    ) -> (TreeShape, Vec<f32>) {
+        let Some((planned, width, _)) = self.best(max_width, max_depth, seqs) else {
             return (TreeShape::Expand(Vec::new()), Vec::new());
         };
-        // The rate speculative steps reach (priced by this cost model, see
+        // Alone: the rate speculative steps reach (priced by this cost model, see
         // `observe_step`), once measured: the planned rate trusts
         // acceptance at depths that gates only let confident paths reach, overrates deep
         // trees and set gates too high (Qwen2.5-1.5B: trees 3.3 tokens deep where 4.4 paid).
         let (tokens, secs) = self.spec_steps;
-        let rate = if secs > 0.0 { tokens / secs } else { planned };
+        let rate = if secs > 0.0 && seqs <= 1 {
+            tokens / secs
+        } else {
+            planned
+        };
         let shape = TreeShape::Dynamic {
             depth: max_depth,
             width,
@@ -303,7 +331,14 @@ impl Planner {
     /// What the cost model prices a step at: `depth` draft levels and a verification of
     /// `nodes` nodes (root included), plus the per-step overhead.
     pub fn step_secs(&self, depth: usize, nodes: usize) -> f64 {
-        self.level_cost() * depth as f64 + self.verify_secs(nodes) + self.overhead
+        self.batch_step_secs(depth, nodes, 1)
+    }
+
+    /// [`Planner::step_secs`] for `seqs` sequences each growing such a tree (drafting one
+    /// after the other, verified in one forward of `seqs · nodes` rows).
+    fn batch_step_secs(&self, depth: usize, nodes: usize, seqs: usize) -> f64 {
+        let seqs = seqs.max(1);
+        self.level_cost() * (depth * seqs) as f64 + self.verify_secs(nodes * seqs) + self.overhead
     }
 
     /// Seconds one tree level costs in draft forwards (every model draft's; free drafts
@@ -604,6 +639,31 @@ mod tests {
             q.observe(1, &[false], &[Some(0.1)], 0.0);
         }
         assert_eq!(q.plan_gated(1, 8), (TreeShape::Expand(vec![]), vec![]));
+    }
+
+    #[test]
+    fn batched_sequences_speculate_only_while_their_drafting_pays() {
+        // Qwen2.5-1.5B's verify curve on this machine and the 0.5B draft's level cost.
+        let mut p = Planner {
+            verify_cost: vec![(1, 0.032), (2, 0.035), (4, 0.047), (8, 0.078), (16, 0.14)],
+            draft_cost: vec![Some(0.014)],
+            ..Planner::default()
+        };
+        // No evidence yet: one sequence alone tries a tree, a batch does not.
+        assert!(p.plan_batch(1, 8, 1).0.depth() > 0);
+        assert_eq!(p.plan_batch(1, 8, 4), (TreeShape::Expand(vec![]), vec![]));
+        for _ in 0..50 {
+            p.observe(1, &[true, true, true, false], &[Some(0.014)], 0.0);
+        }
+        assert_eq!(p.plan_batch(1, 8, 1), p.plan_gated(1, 8));
+        let (alone, _) = p.plan_batch(1, 8, 1);
+        assert!(alone.depth() > 0, "alone a chain pays");
+        // Four sequences: four draft forwards per level against three nearly free plain
+        // rows.
+        assert_eq!(p.plan_batch(1, 8, 4), (TreeShape::Expand(vec![]), vec![]));
+        // With a free draft (prompt lookup) trees pay in the batch too.
+        p.draft_cost = vec![None];
+        assert!(p.plan_batch(1, 8, 4).0.depth() > 0);
     }
 
     #[test]
