@@ -9,6 +9,9 @@ tokens accepted together in one speculative step arrive together). Standard libr
 
     python3 scripts/load-test.py --url http://127.0.0.1:8000 --concurrency 1,4,16 \
         --prompts bench/prompts/humaneval.jsonl.gz --max-tokens 64 --speculate on,off
+
+Requests ask for exactly --max-tokens tokens (`ignore_eos`) unless --stop-at-eos lets them end
+at the model's end of text.
 """
 
 import argparse
