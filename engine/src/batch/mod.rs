@@ -501,7 +501,7 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         if shape.depth() == 0 {
             // Plain decoding pays better: a plain step ages the planner's evidence, as it
             // does for one sequence alone, so that speculation is tried again later.
-            if self.running.iter().any(|s| s.ready_to_speculate()) {
+            if seqs > 0 {
                 self.planner.observe(0, &[], &[], 0.0);
             }
             return None;
@@ -562,9 +562,7 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
                 Ok(Some(o)) => {
                     let p = &mut self.planner;
                     p.observe(o.width, &o.walk, &o.per_forward, 0.0);
-                    let priced = p.step_secs(o.depth, o.nodes);
-                    p.observe_step(o.tokens, priced);
-                    p.observe_tree(o.nodes - 1, o.capacity);
+                    p.observe_tree_step(&o.tree, o.tokens, o.capacity);
                 }
                 Ok(None) => {}
                 Err(e) => s.fail(e),

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use arbor_cache::KvCache;
 use arbor_model::{ForwardInput, LogitRows, Sampler};
-use arbor_speculators::{Draft, TreeShape};
+use arbor_speculators::{Draft, TokenTree, TreeShape};
 use burn::tensor::backend::Backend;
 
 use super::{EventSink, RequestId, SeqLoad};
@@ -19,9 +19,14 @@ pub(super) enum Pending {
     Prefill { logits: LogitRows },
     /// One plain token (the root).
     Plain,
-    /// A drafted tree, the width of the shape it was grown with, and its nodes below the
-    /// root that the drafts could have proposed ([`tree_capacity`]).
-    Tree(Drafted, usize, usize),
+    /// A drafted tree.
+    Tree {
+        drafted: Drafted,
+        /// The width of the shape it was grown with.
+        width: usize,
+        /// Nodes below the root its drafts could have proposed ([`tree_capacity`]).
+        capacity: usize,
+    },
 }
 
 /// What one verified tree tells the planner.
@@ -31,10 +36,9 @@ pub(super) struct Observed {
     pub per_forward: Vec<Option<f64>>,
     /// Tokens the step emitted.
     pub tokens: usize,
-    /// The tree's depth and nodes (root included).
-    pub depth: usize,
-    pub nodes: usize,
-    /// Nodes below the root its drafts could have proposed at that depth.
+    /// The verified tree.
+    pub tree: TokenTree,
+    /// Nodes below the root its drafts could have proposed at the depth it reached.
     pub capacity: usize,
 }
 
@@ -173,7 +177,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
             .map(|(s, g)| (largest_within(&cap_depth(s, self.policy_depth()), nodes), g));
         match plan {
             Some((shape, gates)) if shape.depth() > 0 => {
-                let d = draft_tree(
+                let drafted = draft_tree(
                     &mut self.drafts,
                     &self.context,
                     (&shape, gates),
@@ -181,9 +185,13 @@ impl<'m, B: Backend> Sequence<'m, B> {
                     &mut self.sampler,
                     &mut self.output,
                 )?;
-                self.input = Some(d.tree.forward_input(cached));
-                let capacity = tree_capacity(&shape, &d.tree, self.drafts.len());
-                self.pending = Some(Pending::Tree(d, width, capacity));
+                self.input = Some(drafted.tree.forward_input(cached));
+                let capacity = tree_capacity(&shape, &drafted.tree, self.drafts.len());
+                self.pending = Some(Pending::Tree {
+                    drafted,
+                    width,
+                    capacity,
+                });
             }
             _ => {
                 let root = *self.context.last().expect("started");
@@ -197,7 +205,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
     /// Tree nodes beyond the root in the step in flight.
     pub fn tree_rows(&self) -> usize {
         match &self.pending {
-            Some(Pending::Tree(d, ..)) => d.tree.len() - 1,
+            Some(Pending::Tree { drafted, .. }) => drafted.tree.len() - 1,
             _ => 0,
         }
     }
@@ -207,7 +215,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
         match &self.pending {
             Some(Pending::Prefill { logits }) => *logits,
             Some(Pending::Plain) => LogitRows::Last,
-            Some(Pending::Tree(..)) => LogitRows::All,
+            Some(Pending::Tree { .. }) => LogitRows::All,
             None => LogitRows::None,
         }
     }
@@ -238,7 +246,11 @@ impl<'m, B: Backend> Sequence<'m, B> {
                 self.output.add_time(forward_time);
                 self.push(&[token], first_pos, max_position)?;
             }
-            Some(Pending::Tree(d, width, capacity)) => {
+            Some(Pending::Tree {
+                drafted: d,
+                width,
+                capacity,
+            }) => {
                 let cached = first_pos - d.tree.len();
                 let v = verify_commit(
                     &d.tree,
@@ -257,8 +269,7 @@ impl<'m, B: Backend> Sequence<'m, B> {
                     walk: v.walk,
                     per_forward: d.per_forward,
                     tokens: v.tokens.len(),
-                    depth: d.tree.depth(),
-                    nodes: d.tree.len(),
+                    tree: d.tree,
                     capacity,
                 }));
             }

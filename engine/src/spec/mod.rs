@@ -283,13 +283,10 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
             .planner
             .observe_verify(d.tree.len(), v.verify_time.as_secs_f64());
         if shape.depth() > 0 {
-            let planner = &mut self.engine.planner;
-            let priced = planner.step_secs(d.tree.depth(), d.tree.len());
-            planner.observe_step(v.tokens.len(), priced);
-            planner.observe_tree(
-                d.tree.len() - 1,
-                tree_capacity(&shape, &d.tree, self.engine.drafts.len()),
-            );
+            let capacity = tree_capacity(&shape, &d.tree, self.engine.drafts.len());
+            self.engine
+                .planner
+                .observe_tree_step(&d.tree, v.tokens.len(), capacity);
         }
         Ok(())
     }

@@ -347,6 +347,15 @@ impl Planner {
         self.draft_cost.iter().flatten().sum()
     }
 
+    /// Folds one verified tree in ([`Planner::observe_step`] at its priced seconds, and
+    /// [`Planner::observe_tree`]): `tokens` emitted, `capacity` nodes its drafts could have
+    /// proposed at the depth it reached.
+    pub fn observe_tree_step(&mut self, tree: &TokenTree, tokens: usize, capacity: usize) {
+        let priced = self.step_secs(tree.depth(), tree.len());
+        self.observe_step(tokens, priced);
+        self.observe_tree(tree.len() - 1, capacity);
+    }
+
     /// Folds one speculative step in: the tokens it emitted and its seconds as the cost
     /// model prices them ([`Planner::step_secs`]). Not its wall time: the verify curve keeps
     /// the fastest timings while wall times carry every busy moment of a shared machine, and
