@@ -556,7 +556,12 @@ fn auto_gates_batched_trees() {
         for (depth, gates) in &seen {
             if policy == "auto" {
                 assert!(gates.len() + 1 >= *depth, "{depth} levels, gates {gates:?}");
-                assert!(gates.iter().all(|g| g.is_finite() && *g > 0.0), "{gates:?}");
+                // (A gate is 0 where a level costs nothing measurable yet: a tiny model's
+                // flat verify curve before the draft's level cost is known.)
+                assert!(
+                    gates.iter().all(|g| g.is_finite() && *g >= 0.0),
+                    "{gates:?}"
+                );
             } else {
                 assert!(gates.is_empty(), "{gates:?}");
             }
