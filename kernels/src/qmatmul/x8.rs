@@ -489,6 +489,9 @@ mod x86 {
             let mut acc = [_mm256_setzero_ps(); R];
             for (bi, blk) in g.chunks_exact(BLOCK6).enumerate() {
                 let p = blk.as_ptr();
+                if R == 8 {
+                    prefetch_ahead(p, BLOCK6);
+                }
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
                 // −32·Σx over each 16 activations of this block, per row.
                 let mut off = [[0i32; 16]; R];
@@ -638,10 +641,11 @@ mod x86 {
         out
     }
 
-    /// How far ahead of the block being multiplied the 8-row Q4_K kernel asks for weights: with
-    /// that much arithmetic per byte the hardware prefetcher alone leaves it waiting on memory
-    /// (measured, 8 rows of 80 × 1536 × 8960 from memory: 50 → 41 ms; fewer rows gained
-    /// nothing or lost a little).
+    /// How far ahead of the block being multiplied the 8-row Q4_K and Q6_K kernels ask for
+    /// weights: with that much arithmetic per byte the hardware prefetcher alone leaves them
+    /// waiting on memory (measured from memory, 8 rows of 80 × 1536 × 8960 Q4_K: 50 → 41 ms;
+    /// of 56 × 1536 × 8960 Q6_K: 58 → 46–51 ms, 2–8 KiB ahead alike; at 4 rows Q6_K lost
+    /// 25 → 31 ms, and fewer rows of Q4_K gained nothing or lost a little).
     const AHEAD: usize = 4096;
 
     /// Asks for the `len` bytes `AHEAD` past `p` to be brought into the cache (past the end
