@@ -507,51 +507,13 @@ mod x86 {
                 let mut isum = [_mm256_setzero_si256(); R];
                 if R == 8 {
                     // Eight rows: two sub-block positions at a time (16 accumulators, 4 deep
-                    // each) instead of all four (32 would not fit the registers).
+                    // each) instead of all four (32 would not fit the registers), each pair
+                    // with its positions known at compile time (a runtime position had cost
+                    // branches and address arithmetic inside the loop).
                     for h in 0..2 {
-                        for sp in 0..2 {
-                            for half in 0..2 {
-                                let j0 = 8 * h + 4 * sp + half;
-                                let j1 = j0 + 2;
-                                let mut a0: [__m256i; R] =
-                                    std::array::from_fn(|r| _mm256_set1_epi32(off[r][j0]));
-                                let mut a1: [__m256i; R] =
-                                    std::array::from_fn(|r| _mm256_set1_epi32(off[r][j1]));
-                                for gq in 4 * half..4 * half + 4 {
-                                    let at = p.add(QS6 + (h * 8 + gq) * 96);
-                                    let qa = _mm256_loadu_si256(at.cast());
-                                    let qb = _mm256_loadu_si256(at.add(32).cast());
-                                    let qh = _mm256_loadu_si256(at.add(64).cast());
-                                    let w0 = weights6(qa, qb, qh, 2 * sp, low);
-                                    let w1 = weights6(qa, qb, qh, 2 * sp + 1, low);
-                                    for r in 0..R {
-                                        let xp = x[r]
-                                            .q
-                                            .as_ptr()
-                                            .add(bi * 256 + 128 * h + 4 * gq + 64 * sp);
-                                        let x0 =
-                                            _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
-                                        let x1 = _mm256_set1_epi32(
-                                            xp.add(32).cast::<i32>().read_unaligned(),
-                                        );
-                                        a0[r] = dot4::<V>(a0[r], w0, x0);
-                                        a1[r] = dot4::<V>(a1[r], w1, x1);
-                                    }
-                                }
-                                let sc0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                                    p.add(16 + 8 * j0).cast(),
-                                ));
-                                let sc1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                                    p.add(16 + 8 * j1).cast(),
-                                ));
-                                for r in 0..R {
-                                    let t = _mm256_add_epi32(
-                                        _mm256_mullo_epi32(a0[r], sc0),
-                                        _mm256_mullo_epi32(a1[r], sc1),
-                                    );
-                                    isum[r] = _mm256_add_epi32(isum[r], t);
-                                }
-                            }
+                        for half in 0..2 {
+                            q6_pair::<R, V, 0>(p, x, bi, h, half, &off, &mut isum);
+                            q6_pair::<R, V, 1>(p, x, bi, h, half, &off, &mut isum);
                         }
                     }
                 } else {
@@ -568,8 +530,12 @@ mod x86 {
                                 let qa = _mm256_loadu_si256(at.cast());
                                 let qb = _mm256_loadu_si256(at.add(32).cast());
                                 let qh = _mm256_loadu_si256(at.add(64).cast());
-                                let w: [__m256i; 4] =
-                                    std::array::from_fn(|s| weights6(qa, qb, qh, s, low));
+                                let w = [
+                                    weights6::<0>(qa, qb, qh, low),
+                                    weights6::<1>(qa, qb, qh, low),
+                                    weights6::<2>(qa, qb, qh, low),
+                                    weights6::<3>(qa, qb, qh, low),
+                                ];
                                 for r in 0..R {
                                     let xp = x[r].q.as_ptr().add(bi * 256 + 128 * h + 4 * gq);
                                     for s in 0..4 {
@@ -599,17 +565,75 @@ mod x86 {
         }
     }
 
-    /// Q6_K's 6-bit weights (0..64) at sub-block position `s` of one group: 8 rows × 4
-    /// positions, from the low-nibble run `qa` (s = 0, 2) or `qb` (s = 1, 3) and the 2-bit
-    /// field `s` of `qh`.
+    /// Sub-blocks `8h + 4·SP + half` and `8h + 4·SP + half + 2` of one Q6_K block (weights
+    /// `128h + 64·SP + …` and `+ 32`) for `R` rows, scaled and added into `isum`.
+    ///
+    /// # Safety
+    /// As [`kernel6`]: `p` is a whole interleaved block, block `bi` of every row of `x`.
     #[inline(always)]
-    unsafe fn weights6(qa: __m256i, qb: __m256i, qh: __m256i, s: usize, low: __m256i) -> __m256i {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn q6_pair<const R: usize, const V: bool, const SP: usize>(
+        p: *const u8,
+        x: &[ActRow<'_>; R],
+        bi: usize,
+        h: usize,
+        half: usize,
+        off: &[[i32; 16]; R],
+        isum: &mut [__m256i; R],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let j0 = 8 * h + 4 * SP + half;
+            let j1 = j0 + 2;
+            let mut a0: [__m256i; R] = std::array::from_fn(|r| _mm256_set1_epi32(off[r][j0]));
+            let mut a1: [__m256i; R] = std::array::from_fn(|r| _mm256_set1_epi32(off[r][j1]));
+            for gq in 4 * half..4 * half + 4 {
+                let at = p.add(QS6 + (h * 8 + gq) * 96);
+                let qa = _mm256_loadu_si256(at.cast());
+                let qb = _mm256_loadu_si256(at.add(32).cast());
+                let qh = _mm256_loadu_si256(at.add(64).cast());
+                let (w0, w1) = if SP == 0 {
+                    (weights6::<0>(qa, qb, qh, low), weights6::<1>(qa, qb, qh, low))
+                } else {
+                    (weights6::<2>(qa, qb, qh, low), weights6::<3>(qa, qb, qh, low))
+                };
+                for r in 0..R {
+                    let xp = x[r].q.as_ptr().add(bi * 256 + 128 * h + 4 * gq + 64 * SP);
+                    let x0 = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
+                    let x1 = _mm256_set1_epi32(xp.add(32).cast::<i32>().read_unaligned());
+                    a0[r] = dot4::<V>(a0[r], w0, x0);
+                    a1[r] = dot4::<V>(a1[r], w1, x1);
+                }
+            }
+            let sc0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(16 + 8 * j0).cast()));
+            let sc1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(16 + 8 * j1).cast()));
+            for r in 0..R {
+                let t = _mm256_add_epi32(
+                    _mm256_mullo_epi32(a0[r], sc0),
+                    _mm256_mullo_epi32(a1[r], sc1),
+                );
+                isum[r] = _mm256_add_epi32(isum[r], t);
+            }
+        }
+    }
+
+    /// Q6_K's 6-bit weights (0..64) at sub-block position `S` of one group: 8 rows × 4
+    /// positions, from the low-nibble run `qa` (S = 0, 2) or `qb` (S = 1, 3) and the 2-bit
+    /// field `S` of `qh`.
+    #[inline(always)]
+    unsafe fn weights6<const S: usize>(
+        qa: __m256i,
+        qb: __m256i,
+        qh: __m256i,
+        low: __m256i,
+    ) -> __m256i {
         // SAFETY: the caller's build enables AVX2.
         unsafe {
-            let q = if s.is_multiple_of(2) { qa } else { qb };
-            let nib = if s < 2 { q } else { _mm256_srli_epi16::<4>(q) };
-            let hi = _mm256_and_si256(qh, _mm256_set1_epi8((3 << (2 * s)) as u8 as i8));
-            let hi = match s {
+            let q = if S.is_multiple_of(2) { qa } else { qb };
+            let nib = if S < 2 { q } else { _mm256_srli_epi16::<4>(q) };
+            let hi = _mm256_and_si256(qh, _mm256_set1_epi8((3 << (2 * S)) as u8 as i8));
+            let hi = match S {
                 0 => _mm256_slli_epi16::<4>(hi),
                 1 => _mm256_slli_epi16::<2>(hi),
                 2 => hi,
