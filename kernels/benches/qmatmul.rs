@@ -41,7 +41,7 @@ fn rows_curve(c: &mut Criterion) {
     let f32w = PackedF32::from_out_in(&w, n, k).expect("valid shape");
     let mut group = c.benchmark_group("qmatmul_1536x8960");
     group.sample_size(20);
-    for m in [1usize, 2, 4, 8, 16, 32, 64] {
+    for m in [1usize, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64] {
         let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0 - 0.4).collect();
         let mut y = vec![0.0f32; m * n];
         group.throughput(Throughput::Elements(m as u64));

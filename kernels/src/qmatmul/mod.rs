@@ -556,14 +556,18 @@ impl QuantMatrix {
         // two 4-row passes 50 ms, one 8-row pass 41 ms; Q6_K in cache +10% at 8 rows, +17%
         // at 16; Q5_0 and Q8_0 in cache, two alternated runs: 8–20% less time at 8, 16 and 64
         // rows). Q4_1 (mixed there: −9% to +10%) and the AVX2 build stay at 4.
-        let wide = if isa == Isa::Avx512Vnni
+        let eight = isa == Isa::Avx512Vnni
             && matches!(
                 self.ty,
                 GgmlType::Q4_K | GgmlType::Q6_K | GgmlType::Q5_0 | GgmlType::Q8_0
-            ) {
-            m - m % 8
-        } else {
-            0
+            );
+        // The same types take a last 5, 6 or 7 rows in one pass too, not as 4 + 1..3 (a
+        // one-row pass decodes every weight again for a single row: in cache, 5 rows of Q6_K
+        // had cost 1.46× 4 rows).
+        let (wide, tail) = match m % 8 {
+            t @ 5..=7 if eight => (m - t, t),
+            _ if eight => (m - m % 8, 0),
+            _ => (0, 0),
         };
         for (gi, group) in data.chunks_exact(gb).enumerate() {
             #[cfg(target_arch = "x86_64")]
@@ -573,6 +577,25 @@ impl QuantMatrix {
                 // AVX-512 VNNI; `group` is one whole group and the rows are `k` long.
                 let sums = unsafe { x8::dot8_vnni(self.ty, group, rows) };
                 scatter(out, gi, 8 * a, &sums);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if tail > 0 {
+                let mut put = |sums: &[[f32; 8]]| scatter(out, gi, wide, sums);
+                // SAFETY: `tail > 0` only where `matmul_fused_with` checked that this CPU runs
+                // AVX-512 VNNI; `group` is one whole group and the rows are `k` long.
+                unsafe {
+                    match x[wide..] {
+                        [a, b, c, d, e] => put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e])),
+                        [a, b, c, d, e, f] => {
+                            put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e, f]))
+                        }
+                        [a, b, c, d, e, f, g] => {
+                            put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e, f, g]))
+                        }
+                        _ => unreachable!("a tail holds 5 to 7 rows"),
+                    }
+                }
+                continue;
             }
             for (a, rows) in x[wide..].chunks(4).enumerate() {
                 let at = wide + 4 * a;

@@ -130,7 +130,7 @@ fn many_rows_match_one_row_at_a_time() {
     let mut rng = Rng(7);
     for (ty, m) in TYPES
         .into_iter()
-        .flat_map(|t| [(t, 64), (t, 7), (t, 6), (t, 13)])
+        .flat_map(|t| [(t, 64), (t, 7), (t, 6), (t, 5), (t, 13)])
     {
         let (n, k) = (19, 512);
         let w = random_matrix(ty, n, k, &mut rng);
