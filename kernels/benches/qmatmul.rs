@@ -100,7 +100,7 @@ fn from_memory(c: &mut Criterion) {
         bytes = mats.iter().map(QuantMatrix::bytes).sum();
         group.throughput(Throughput::Bytes(bytes as u64));
         // One row (plain decode), four and eight (trees' verification).
-        for rows in [1usize, 4, 8] {
+        for rows in [1usize, 4, 6, 8] {
             group.bench_function(format!("{ty:?}-{rows}row"), |b| {
                 b.iter(|| {
                     for m in &mats {
