@@ -594,9 +594,15 @@ mod x86 {
                 let qb = _mm256_loadu_si256(at.add(32).cast());
                 let qh = _mm256_loadu_si256(at.add(64).cast());
                 let (w0, w1) = if SP == 0 {
-                    (weights6::<0>(qa, qb, qh, low), weights6::<1>(qa, qb, qh, low))
+                    (
+                        weights6::<0>(qa, qb, qh, low),
+                        weights6::<1>(qa, qb, qh, low),
+                    )
                 } else {
-                    (weights6::<2>(qa, qb, qh, low), weights6::<3>(qa, qb, qh, low))
+                    (
+                        weights6::<2>(qa, qb, qh, low),
+                        weights6::<3>(qa, qb, qh, low),
+                    )
                 };
                 for r in 0..R {
                     let xp = x[r].q.as_ptr().add(bi * 256 + 128 * h + 4 * gq + 64 * SP);
