@@ -112,6 +112,18 @@ impl KvSource for LayerView<'_> {
             && self.reads_codes(true, g, j, pos_a) == self.reads_codes(true, g, j, pos_b)
     }
 
+    fn stored_at(&self, _: usize, g: usize, j: usize, values: bool) -> Option<*const f32> {
+        let KvLayout {
+            page_size: ps,
+            n_kv_heads: kvh,
+            head_dim: hd,
+            ..
+        } = self.layout;
+        let l = self.pages;
+        let full = if values { l.v.get(j / ps)? } else { l.k.get(j / ps)? };
+        full.get((j % ps * kvh + g) * hd).map(std::ptr::from_ref)
+    }
+
     /// Quest: among the pages the query sees in full that are past the sinks and older than
     /// the recent span, each query head reads the ones its own bound ranks best, as many as
     /// fit the budget (as Quest selects per head).

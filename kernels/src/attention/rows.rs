@@ -80,6 +80,34 @@ pub trait KvSource: Sync {
         let _ = (b, g, query_pos, queries, keys, heads);
         false
     }
+    /// Where key (`values`: value) `j` of KV head `g` of sequence `b` is stored in full
+    /// precision, if it is — a hint to fetch it into the cache ahead of its read; the default
+    /// knows none.
+    fn stored_at(&self, b: usize, g: usize, j: usize, values: bool) -> Option<*const f32> {
+        let _ = (b, g, j, values);
+        None
+    }
+}
+
+/// How many keys ahead of the one being read [`walk`] asks for the next ones: a decode row's
+/// keys and values stream from memory, one head's row at a time.
+const PREFETCH_KEYS: usize = 8;
+
+/// Asks for the `hd` floats at `p` to be brought into the cache (no architectural effect).
+#[inline(always)]
+fn prefetch_row(p: *const f32, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let mut i = 0;
+        while i < hd {
+            // SAFETY: prefetching any address is architecturally invisible on x86.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i).cast()) };
+            i += 16;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, hd);
 }
 
 /// Row-major `[batch, n_kv_heads, n_kv, head_dim]` keys and values.
@@ -281,6 +309,9 @@ fn walk<S: KvSource>(
 ) {
     let mut cursor = vec![0usize; work.len()];
     for j in 0..c.d.n_kv {
+        if let Some(p) = c.kv.stored_at(b, g, j + PREFETCH_KEYS, values) {
+            prefetch_row(p, c.d.head_dim);
+        }
         let mut read: Option<usize> = None;
         let mut x: &[f32] = &[];
         for (w, t) in work.iter_mut().zip(cursor.iter_mut()) {
