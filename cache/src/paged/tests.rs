@@ -58,6 +58,34 @@ fn append_reads_back_and_accounts_pages_exactly() {
 }
 
 #[test]
+fn prefetch_hints_point_at_the_rows_attention_reads() {
+    let mut c = PagedKv::new(layout());
+    fill(&mut c, 0, 9);
+    let view = c.layer(1);
+    for j in 0..9 {
+        for g in 0..2 {
+            for values in [false, true] {
+                let mut buf = [0.0; 3];
+                let row = if values {
+                    view.value(0, g, j, 0, &mut buf)
+                } else {
+                    view.key(0, g, j, 0, &mut buf)
+                };
+                assert_eq!(
+                    view.stored_at(0, g, j, values),
+                    Some(row.as_ptr()),
+                    "{j} {g}"
+                );
+            }
+        }
+    }
+    // Past the last page there is nothing to fetch (walks ask a few keys ahead of the end).
+    for j in 12..20 {
+        assert_eq!(view.stored_at(0, 0, j, false), None);
+    }
+}
+
+#[test]
 fn rollback_is_byte_identical() {
     let mut c = PagedKv::new(layout());
     fill(&mut c, 0, 6);

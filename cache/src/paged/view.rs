@@ -120,7 +120,11 @@ impl KvSource for LayerView<'_> {
             ..
         } = self.layout;
         let l = self.pages;
-        let full = if values { l.v.get(j / ps)? } else { l.k.get(j / ps)? };
+        let full = if values {
+            l.v.get(j / ps)?
+        } else {
+            l.k.get(j / ps)?
+        };
         full.get((j % ps * kvh + g) * hd).map(std::ptr::from_ref)
     }
 
