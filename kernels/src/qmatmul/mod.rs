@@ -569,6 +569,8 @@ impl QuantMatrix {
             _ if eight => (m - m % 8, 0),
             _ => (0, 0),
         };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = tail;
         for (gi, group) in data.chunks_exact(gb).enumerate() {
             #[cfg(target_arch = "x86_64")]
             for (a, rows) in x[..wide].chunks_exact(8).enumerate() {
