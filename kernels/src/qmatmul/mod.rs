@@ -563,14 +563,12 @@ impl QuantMatrix {
             );
         // The same types take a last 5, 6 or 7 rows in one pass too, not as 4 + 1..3 (a
         // one-row pass decodes every weight again for a single row: in cache, 5 rows of Q6_K
-        // had cost 1.46× 4 rows).
-        let (wide, tail) = match m % 8 {
+        // had cost 1.46× 4 rows); other rows go 4 at a time.
+        let (wide, rest) = match m % 8 {
             t @ 5..=7 if eight => (m - t, t),
-            _ if eight => (m - m % 8, 0),
-            _ => (0, 0),
+            _ if eight => (m - m % 8, 4),
+            _ => (0, 4),
         };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = tail;
         for (gi, group) in data.chunks_exact(gb).enumerate() {
             #[cfg(target_arch = "x86_64")]
             for (a, rows) in x[..wide].chunks_exact(8).enumerate() {
@@ -580,27 +578,8 @@ impl QuantMatrix {
                 let sums = unsafe { x8::dot8_vnni(self.ty, group, rows) };
                 scatter(out, gi, 8 * a, &sums);
             }
-            #[cfg(target_arch = "x86_64")]
-            if tail > 0 {
-                let mut put = |sums: &[[f32; 8]]| scatter(out, gi, wide, sums);
-                // SAFETY: `tail > 0` only where `matmul_fused_with` checked that this CPU runs
-                // AVX-512 VNNI; `group` is one whole group and the rows are `k` long.
-                unsafe {
-                    match x[wide..] {
-                        [a, b, c, d, e] => put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e])),
-                        [a, b, c, d, e, f] => {
-                            put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e, f]))
-                        }
-                        [a, b, c, d, e, f, g] => {
-                            put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e, f, g]))
-                        }
-                        _ => unreachable!("a tail holds 5 to 7 rows"),
-                    }
-                }
-                continue;
-            }
-            for (a, rows) in x[wide..].chunks(4).enumerate() {
-                let at = wide + 4 * a;
+            for (a, rows) in x[wide..].chunks(rest).enumerate() {
+                let at = wide + rest * a;
                 #[cfg(target_arch = "x86_64")]
                 if isa != Isa::Portable {
                     let mut put = |sums: &[[f32; 8]]| scatter(out, gi, at, sums);
@@ -622,7 +601,17 @@ impl QuantMatrix {
                             [a, b] => rows!(a, b),
                             [a, b, c] => rows!(a, b, c),
                             [a, b, c, d] => rows!(a, b, c, d),
-                            _ => unreachable!("groups hold 1 to 4 rows"),
+                            // 5 to 7 rows only as a VNNI tail (`rest` above).
+                            [a, b, c, d, e] => {
+                                put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e]))
+                            }
+                            [a, b, c, d, e, f] => {
+                                put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e, f]))
+                            }
+                            [a, b, c, d, e, f, g] => {
+                                put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e, f, g]))
+                            }
+                            _ => unreachable!("groups hold 1 to 7 rows"),
                         }
                     }
                     continue;

@@ -506,8 +506,8 @@ mod x86 {
                 }
                 let mut isum = [_mm256_setzero_si256(); R];
                 if R > 4 {
-                    // Five to eight rows: two sub-block positions at a time (16 accumulators, 4 deep
-                    // each) instead of all four (32 would not fit the registers), each pair
+                    // Five to eight rows: two sub-block positions at a time (2R accumulators, 4
+                    // deep each) instead of all four (4R would not fit the registers), each pair
                     // with its positions known at compile time (a runtime position had cost
                     // branches and address arithmetic inside the loop).
                     for h in 0..2 {
