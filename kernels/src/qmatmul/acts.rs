@@ -27,6 +27,8 @@ pub struct Q8Acts {
     sum32x2: Vec<i32>,
     /// Σq of each 32 values (the interleaved Q8_0 kernel's offset correction).
     sum32: Vec<i32>,
+    /// `−32·Σq` of each 16 values (Q6_K's storage offset; empty unless `block` is 256).
+    off16: Vec<i32>,
 }
 
 /// 1.5 · 2²³: adding and subtracting it rounds an f32 below 2²² to an integer.
@@ -44,6 +46,7 @@ pub(super) struct ActRow<'a> {
     pub xsum: &'a [f32],
     pub sum32x2: &'a [i32],
     pub sum32: &'a [i32],
+    pub off16: &'a [i32],
 }
 
 impl Q8Acts {
@@ -100,10 +103,16 @@ impl Q8Acts {
         } else {
             Vec::new()
         };
+        let off16 = if block == 256 {
+            sum16.iter().map(|&s| -32 * i32::from(s)).collect()
+        } else {
+            Vec::new()
+        };
         Self {
             m,
             k,
             block,
+            off16,
             q,
             d,
             sum16,
@@ -152,6 +161,11 @@ impl Q8Acts {
                 &self.sum32x2[r * k / 64..(r + 1) * k / 64]
             },
             sum32: &self.sum32[r * k / 32..(r + 1) * k / 32],
+            off16: if self.off16.is_empty() {
+                &[]
+            } else {
+                &self.off16[r * k / 16..(r + 1) * k / 16]
+            },
         }
     }
 }

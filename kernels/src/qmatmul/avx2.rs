@@ -33,6 +33,8 @@ pub(super) fn vnni_available() -> bool {
     available()
         && std::is_x86_feature_detected!("avx512vnni")
         && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
 }
 
 /// `R` dot products of weight row `w` (blocks of `ty`) with rows `x`.

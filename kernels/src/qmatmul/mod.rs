@@ -33,6 +33,7 @@ mod acts;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod portable;
+mod x16;
 mod x8;
 
 pub use acts::Q8Acts;
@@ -569,62 +570,116 @@ impl QuantMatrix {
             _ if eight => (m - m % 8, 4),
             _ => (0, 4),
         };
-        for (gi, group) in data.chunks_exact(gb).enumerate() {
+        // Where the type has a 512-bit kernel (Q6_K), 8-row passes take two groups at a time
+        // (16 rows per `vpdpbusd`; see `x16` for what that gains and where it does not).
+        #[cfg(target_arch = "x86_64")]
+        let pair = wide > 0 && x16::pairs(self.ty);
+        #[cfg(not(target_arch = "x86_64"))]
+        let pair = false;
+        let count = data.len() / gb;
+        let group = |gi: usize| &data[gi * gb..(gi + 1) * gb];
+        let mut gi = 0;
+        while gi < count {
+            let two = pair && gi + 1 < count;
             #[cfg(target_arch = "x86_64")]
             for (a, rows) in x[..wide].chunks_exact(8).enumerate() {
                 let rows: &[ActRow<'_>; 8] = rows.try_into().expect("chunks of 8");
                 // SAFETY: `wide > 0` only where `matmul_fused_with` checked that this CPU runs
-                // AVX-512 VNNI; `group` is one whole group and the rows are `k` long.
-                let sums = unsafe { x8::dot8_vnni(self.ty, group, rows) };
-                scatter(out, gi, 8 * a, &sums);
-            }
-            for (a, rows) in x[wide..].chunks(rest).enumerate() {
-                let at = wide + rest * a;
-                #[cfg(target_arch = "x86_64")]
-                if isa != Isa::Portable {
-                    let mut put = |sums: &[[f32; 8]]| scatter(out, gi, at, sums);
-                    // SAFETY: `matmul_fused_with` checked that this CPU runs `isa`; `group` is
-                    // one whole group and the activation rows are `k` long.
-                    unsafe {
-                        let vnni = isa == Isa::Avx512Vnni;
-                        macro_rules! rows {
-                            ($($r:ident),+) => {
-                                if vnni {
-                                    put(&x8::dot8_vnni(self.ty, group, &[$($r),+]))
-                                } else {
-                                    put(&x8::dot8(self.ty, group, &[$($r),+]))
-                                }
-                            };
-                        }
-                        match *rows {
-                            [a] => rows!(a),
-                            [a, b] => rows!(a, b),
-                            [a, b, c] => rows!(a, b, c),
-                            [a, b, c, d] => rows!(a, b, c, d),
-                            // 5 to 7 rows only as a VNNI tail (`rest` above).
-                            [a, b, c, d, e] => {
-                                put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e]))
-                            }
-                            [a, b, c, d, e, f] => {
-                                put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e, f]))
-                            }
-                            [a, b, c, d, e, f, g] => {
-                                put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e, f, g]))
-                            }
-                            _ => unreachable!("groups hold 1 to 7 rows"),
-                        }
+                // AVX-512 VNNI; the groups are whole and the rows are `k` long.
+                unsafe {
+                    if two {
+                        let sums = x16::dot16_vnni(self.ty, group(gi), group(gi + 1), rows);
+                        scatter(out, gi, 8 * a, &sums);
+                    } else {
+                        scatter(out, gi, 8 * a, &x8::dot8_vnni(self.ty, group(gi), rows));
                     }
-                    continue;
                 }
-                let _ = isa;
-                let mut row = Vec::with_capacity(self.row_bytes());
-                for l in 0..8 {
-                    row.clear();
-                    x8::unpack(self.ty, group, l, &mut row);
-                    for (r, &xr) in rows.iter().enumerate() {
-                        out[at + r][8 * gi + l] =
-                            portable::dot(self.ty, &row, xr, self.act_block());
+            }
+            // A last 4–7 rows take the pair's kernel too (its 8-row passes have just brought
+            // both groups into the cache; from memory, 4 rows over two groups at once ran
+            // slower than one group at a time).
+            #[cfg(target_arch = "x86_64")]
+            if two && m - wide >= 4 {
+                let (g0, g1) = (group(gi), group(gi + 1));
+                let mut put = |sums: &[[f32; 16]]| scatter(out, gi, wide, sums);
+                // SAFETY: as above.
+                unsafe {
+                    macro_rules! rows {
+                        ($($r:ident),+) => { put(&x16::dot16_vnni(self.ty, g0, g1, &[$($r),+])) };
                     }
+                    match x[wide..] {
+                        [a, b, c, d] => rows!(a, b, c, d),
+                        [a, b, c, d, e] => rows!(a, b, c, d, e),
+                        [a, b, c, d, e, f] => rows!(a, b, c, d, e, f),
+                        [a, b, c, d, e, f, g] => rows!(a, b, c, d, e, f, g),
+                        _ => unreachable!("4 to 7 rows after the 8-row passes"),
+                    }
+                }
+                gi += 2;
+                continue;
+            }
+            for g in gi..gi + if two { 2 } else { 1 } {
+                self.group_rest(isa, g, group(g), x, wide, rest, out);
+            }
+            gi += if two { 2 } else { 1 };
+        }
+    }
+
+    /// Activation rows `x[wide..]` (`rest` at a time) times interleaved group `gi`.
+    #[allow(clippy::too_many_arguments)]
+    fn group_rest(
+        &self,
+        isa: Isa,
+        gi: usize,
+        group: &[u8],
+        x: &[ActRow<'_>],
+        wide: usize,
+        rest: usize,
+        out: &mut [&mut [f32]],
+    ) {
+        for (a, rows) in x[wide..].chunks(rest).enumerate() {
+            let at = wide + rest * a;
+            #[cfg(target_arch = "x86_64")]
+            if isa != Isa::Portable {
+                let mut put = |sums: &[[f32; 8]]| scatter(out, gi, at, sums);
+                // SAFETY: `matmul_fused_with` checked that this CPU runs `isa`; `group` is
+                // one whole group and the activation rows are `k` long.
+                unsafe {
+                    let vnni = isa == Isa::Avx512Vnni;
+                    macro_rules! rows {
+                        ($($r:ident),+) => {
+                            if vnni {
+                                put(&x8::dot8_vnni(self.ty, group, &[$($r),+]))
+                            } else {
+                                put(&x8::dot8(self.ty, group, &[$($r),+]))
+                            }
+                        };
+                    }
+                    match *rows {
+                        [a] => rows!(a),
+                        [a, b] => rows!(a, b),
+                        [a, b, c] => rows!(a, b, c),
+                        [a, b, c, d] => rows!(a, b, c, d),
+                        // 5 to 7 rows only as a VNNI tail (`rest` above).
+                        [a, b, c, d, e] => put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e])),
+                        [a, b, c, d, e, f] => {
+                            put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e, f]))
+                        }
+                        [a, b, c, d, e, f, g] => {
+                            put(&x8::dot8_vnni(self.ty, group, &[a, b, c, d, e, f, g]))
+                        }
+                        _ => unreachable!("groups hold 1 to 7 rows"),
+                    }
+                }
+                continue;
+            }
+            let _ = isa;
+            let mut row = Vec::with_capacity(self.row_bytes());
+            for l in 0..8 {
+                row.clear();
+                x8::unpack(self.ty, group, l, &mut row);
+                for (r, &xr) in rows.iter().enumerate() {
+                    out[at + r][8 * gi + l] = portable::dot(self.ty, &row, xr, self.act_block());
                 }
             }
         }
@@ -666,12 +721,13 @@ impl QuantMatrix {
     }
 }
 
-/// Interleaved group `gi`'s results for activation rows `at..`: `sums[r][l]` (row `l` of the
-/// group · activation row `at + r`) into `out[at + r][8·gi + l]`.
+/// Results from interleaved group `gi` on for activation rows `at..`: `sums[r][l]` (row `l`
+/// from the group's first · activation row `at + r`; `L` = 8 rows of one group, or 16 of two)
+/// into `out[at + r][8·gi + l]`.
 #[cfg(target_arch = "x86_64")]
-fn scatter(out: &mut [&mut [f32]], gi: usize, at: usize, sums: &[[f32; 8]]) {
+fn scatter<const L: usize>(out: &mut [&mut [f32]], gi: usize, at: usize, sums: &[[f32; L]]) {
     for (o, lanes) in out[at..].iter_mut().zip(sums) {
-        o[8 * gi..8 * gi + 8].copy_from_slice(lanes);
+        o[8 * gi..8 * gi + L].copy_from_slice(lanes);
     }
 }
 

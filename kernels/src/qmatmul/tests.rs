@@ -75,7 +75,19 @@ fn every_format_and_kernel_agrees_with_the_reference() {
             &[32, 96, 544]
         };
         for &k in ks {
-            for (n, m) in [(1, 1), (5, 2), (37, 3), (9, 4), (13, 5), (6, 13), (11, 10)] {
+            // 59 and 43 rows: jobs of several interleaved groups, so the VNNI build's 8-row
+            // passes take groups in pairs (16 rows per 512-bit vector) and a last one alone.
+            for (n, m) in [
+                (1, 1),
+                (5, 2),
+                (37, 3),
+                (9, 4),
+                (13, 5),
+                (6, 13),
+                (11, 10),
+                (59, 9),
+                (43, 16),
+            ] {
                 let w = random_matrix(ty, n, k, &mut rng);
                 let wf = w.dequantize();
                 let x: Vec<f32> = (0..m * k).map(|_| 3.0 * rng.unit()).collect();
@@ -132,7 +144,8 @@ fn many_rows_match_one_row_at_a_time() {
         .into_iter()
         .flat_map(|t| [(t, 64), (t, 7), (t, 6), (t, 5), (t, 13)])
     {
-        let (n, k) = (19, 512);
+        // Several interleaved groups per job (pairs of them in 8-row passes), and 3 GGUF rows.
+        let (n, k) = (59, 512);
         let w = random_matrix(ty, n, k, &mut rng);
         let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
         let mut all = vec![0.0; m * n];

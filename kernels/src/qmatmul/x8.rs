@@ -52,7 +52,7 @@ pub(super) const BLOCK6: usize = 1680;
 /// Bytes of one GGUF Q6_K super-block.
 const GGUF6: usize = 210;
 /// Where the weights start in an interleaved Q6_K block.
-const QS6: usize = 144;
+pub(super) const QS6: usize = 144;
 
 /// Bytes of one interleaved Q8_0 block of 8 rows.
 pub(super) const BLOCK8: usize = 272;
@@ -493,17 +493,9 @@ mod x86 {
                     prefetch_ahead(p, BLOCK6);
                 }
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
-                // −32·Σx over each 16 activations of this block, per row.
-                let mut off = [[0i32; 16]; R];
-                for r in 0..R {
-                    let s = x[r].sum16.as_ptr().add(bi * 16);
-                    for half in 0..2 {
-                        let v = _mm256_cvtepi16_epi32(_mm_loadu_si128(s.add(8 * half).cast()));
-                        let neg =
-                            _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<5>(v));
-                        _mm256_storeu_si256(off[r].as_mut_ptr().add(8 * half).cast(), neg);
-                    }
-                }
+                // −32·Σx over each 16 activations of this block, per row (computed once with
+                // the activations, not per block and group).
+                let off: [&[i32]; R] = std::array::from_fn(|r| x[r].off16.get_unchecked(bi * 16..));
                 let mut isum = [_mm256_setzero_si256(); R];
                 if R > 4 {
                     // Five to eight rows: two sub-block positions at a time (2R accumulators, 4
@@ -522,7 +514,7 @@ mod x86 {
                             // Sub-blocks 8h + 2s + half for s = 0..4 (weights 128h + 32s + …).
                             let mut a: [[__m256i; 4]; R] = std::array::from_fn(|r| {
                                 std::array::from_fn(|s| {
-                                    _mm256_set1_epi32(off[r][8 * h + 2 * s + half])
+                                    _mm256_set1_epi32(*off[r].get_unchecked(8 * h + 2 * s + half))
                                 })
                             });
                             for gq in 4 * half..4 * half + 4 {
@@ -578,7 +570,7 @@ mod x86 {
         bi: usize,
         h: usize,
         half: usize,
-        off: &[[i32; 16]; R],
+        off: &[&[i32]; R],
         isum: &mut [__m256i; R],
     ) {
         // SAFETY: forwarded from the caller.
@@ -586,8 +578,10 @@ mod x86 {
             let low = _mm256_set1_epi8(0x0F);
             let j0 = 8 * h + 4 * SP + half;
             let j1 = j0 + 2;
-            let mut a0: [__m256i; R] = std::array::from_fn(|r| _mm256_set1_epi32(off[r][j0]));
-            let mut a1: [__m256i; R] = std::array::from_fn(|r| _mm256_set1_epi32(off[r][j1]));
+            let mut a0: [__m256i; R] =
+                std::array::from_fn(|r| _mm256_set1_epi32(*off[r].get_unchecked(j0)));
+            let mut a1: [__m256i; R] =
+                std::array::from_fn(|r| _mm256_set1_epi32(*off[r].get_unchecked(j1)));
             for gq in 4 * half..4 * half + 4 {
                 let at = p.add(QS6 + (h * 8 + gq) * 96);
                 let qa = _mm256_loadu_si256(at.cast());

@@ -1,0 +1,213 @@
+//! Two interleaved groups of 8 rows side by side in 512-bit registers: 16 rows per
+//! `vpdpbusd`, for the 8-row passes of many activation rows with AVX-512 VNNI (Q6_K).
+//!
+//! The blocks are the [`x8`](super::x8) layout as stored; a 512-bit weight vector is a group's
+//! 32 bytes in its low half and the next group's 32 bytes in its high half, so each broadcast
+//! activation meets 16 rows instead of 8 and the instructions per multiply-add around the
+//! `vpdpbusd` (weight loads and 6-bit decoding, the offsets' broadcasts, loop and address
+//! work) halve. On Zen 4 (256-bit units; a 512-bit instruction takes both halves) the
+//! multiply-adds per cycle stay the same; the 8-row Q6_K kernel was not bound by them (~42%
+//! of the `vpdpbusd` peak in L2, where Q4_K reaches ~69%).
+//!
+//! Measured (single thread, 16 groups of 1536 weights in L2, alternated builds): Q6_K 8 rows
+//! 95–101 → 136–141 G MAC/s; in the `qmatmul` bench (1536 × 8960, in the last-level cache)
+//! 64 rows 5.0–5.4 → 3.5–4.3 ms. From memory (`from_memory`, 600 MB) 8 rows were unchanged
+//! (45–50 ms both: there the wait for weights, not the instructions, sets the pace) and 4
+//! rows slower (28 → 35–43 ms), so only 8-row passes and the tails after them (groups
+//! already in the cache) take this path; an 8-node verification of the 1.5B read the same
+//! (74–75 ms both). Q4_K over pairs was tried as well and not kept (README, "Verification
+//! cost").
+
+#[cfg(target_arch = "x86_64")]
+pub(super) use x86::{dot16_vnni, pairs};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::super::acts::ActRow;
+    use super::super::x8::{BLOCK6, QS6};
+    use crate::quant::GgmlType;
+
+    /// Whether [`dot16_vnni`] has a kernel for `ty` (Q6_K: for Q4_K the pair gained nothing in
+    /// L1, 158–162 vs 159–168 G MAC/s at 8 rows).
+    pub(in super::super) fn pairs(ty: GgmlType) -> bool {
+        matches!(ty, GgmlType::Q6_K)
+    }
+
+    /// Interleaved groups `g0` and `g1` (whole blocks of `ty`, a [`pairs`] type) times the
+    /// activation rows `x`: `out[r][l]` = row `l` of `g0` (`l < 8`) or row `l − 8` of `g1`
+    /// · `x[r]`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA, F16C, AVX512F/BW/VL and AVX512-VNNI; `g0` and `g1`
+    /// hold the same number of whole blocks covering the rows' length.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in super::super) unsafe fn dot16_vnni<const R: usize>(
+        ty: GgmlType,
+        g0: &[u8],
+        g1: &[u8],
+        x: &[ActRow<'_>; R],
+    ) -> [[f32; 16]; R] {
+        debug_assert!(pairs(ty) && g0.len() == g1.len());
+        // SAFETY: forwarded from the caller.
+        unsafe { kernel6(g0, g1, x) }
+    }
+
+    /// 32 bytes at `at` of blocks `p0` and `p1`, as the low and high halves.
+    #[inline(always)]
+    unsafe fn both(p0: *const u8, p1: *const u8, at: usize) -> __m512i {
+        // SAFETY: the callers' pointers stay inside their blocks.
+        unsafe {
+            let lo = _mm256_loadu_si256(p0.add(at).cast());
+            let hi = _mm256_loadu_si256(p1.add(at).cast());
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        }
+    }
+
+    /// 8 bytes at `at` of blocks `p0` and `p1`, side by side.
+    #[inline(always)]
+    unsafe fn both8(p0: *const u8, p1: *const u8, at: usize) -> __m128i {
+        // SAFETY: the callers' pointers stay inside their blocks.
+        unsafe {
+            _mm_unpacklo_epi64(
+                _mm_loadl_epi64(p0.add(at).cast()),
+                _mm_loadl_epi64(p1.add(at).cast()),
+            )
+        }
+    }
+
+    /// 16 bytes at `at` of blocks `p0` and `p1`, as the low and high halves.
+    #[inline(always)]
+    unsafe fn both16(p0: *const u8, p1: *const u8, at: usize) -> __m256i {
+        // SAFETY: the callers' pointers stay inside their blocks.
+        unsafe {
+            _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(p0.add(at).cast())),
+                _mm_loadu_si128(p1.add(at).cast()),
+            )
+        }
+    }
+
+    /// Q6_K as [`super::super::x8`]'s 8-row kernel does it (two sub-block positions at a time,
+    /// the storage offset as each sub-block sum's starting value), 16 rows wide.
+    ///
+    /// # Safety
+    /// As [`dot16_vnni`].
+    #[inline(always)]
+    unsafe fn kernel6<const R: usize>(g0: &[u8], g1: &[u8], x: &[ActRow<'_>; R]) -> [[f32; 16]; R] {
+        // SAFETY: forwarded from the caller; every pointer below stays inside one block of
+        // `g0`/`g1` or inside the rows' `k` values (256 per block, 16 offsets per block).
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for (bi, (b0, b1)) in g0
+                .chunks_exact(BLOCK6)
+                .zip(g1.chunks_exact(BLOCK6))
+                .enumerate()
+            {
+                let (p0, p1) = (b0.as_ptr(), b1.as_ptr());
+                let off: [&[i32]; R] = std::array::from_fn(|r| x[r].off16.get_unchecked(bi * 16..));
+                let mut isum = [_mm512_setzero_si512(); R];
+                for h in 0..2 {
+                    for half in 0..2 {
+                        pair6::<R, 0>(p0, p1, x, bi, h, half, &off, &mut isum);
+                        pair6::<R, 1>(p0, p1, x, bi, h, half, &off, &mut isum);
+                    }
+                }
+                let d = _mm512_cvtph_ps(both16(p0, p1, 0));
+                for r in 0..R {
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x[r].d.get_unchecked(bi)));
+                    // Multiply, then add (no fused multiply-add): bit for bit the 8-row kernel's sums.
+                    acc[r] =
+                        _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(isum[r]), scale));
+                }
+            }
+            let mut out = [[0.0f32; 16]; R];
+            for (o, a) in out.iter_mut().zip(acc) {
+                _mm512_storeu_ps(o.as_mut_ptr(), a);
+            }
+            out
+        }
+    }
+
+    /// Sub-blocks `8h + 4·SP + half` and `+ 2` of one Q6_K block pair for `R` rows, scaled and
+    /// added into `isum` (as the 8-row kernel's `q6_pair`).
+    ///
+    /// # Safety
+    /// As [`kernel6`]: `p0`, `p1` are whole blocks, block `bi` of every row of `x`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pair6<const R: usize, const SP: usize>(
+        p0: *const u8,
+        p1: *const u8,
+        x: &[ActRow<'_>; R],
+        bi: usize,
+        h: usize,
+        half: usize,
+        off: &[&[i32]; R],
+        isum: &mut [__m512i; R],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            let j0 = 8 * h + 4 * SP + half;
+            let j1 = j0 + 2;
+            let mut a0 = [_mm512_setzero_si512(); R];
+            let mut a1 = [_mm512_setzero_si512(); R];
+            for r in 0..R {
+                a0[r] = _mm512_set1_epi32(*off[r].get_unchecked(j0));
+                a1[r] = _mm512_set1_epi32(*off[r].get_unchecked(j1));
+            }
+            for gq in 4 * half..4 * half + 4 {
+                let at = QS6 + (h * 8 + gq) * 96;
+                let qa = both(p0, p1, at);
+                let qb = both(p0, p1, at + 32);
+                let qh = both(p0, p1, at + 64);
+                let (w0, w1) = if SP == 0 {
+                    (weights::<0>(qa, qb, qh, low), weights::<1>(qa, qb, qh, low))
+                } else {
+                    (weights::<2>(qa, qb, qh, low), weights::<3>(qa, qb, qh, low))
+                };
+                for r in 0..R {
+                    let xp = x[r].q.as_ptr().add(bi * 256 + 128 * h + 4 * gq + 64 * SP);
+                    let x0 = _mm512_set1_epi32(xp.cast::<i32>().read_unaligned());
+                    let x1 = _mm512_set1_epi32(xp.add(32).cast::<i32>().read_unaligned());
+                    a0[r] = _mm512_dpbusd_epi32(a0[r], w0, x0);
+                    a1[r] = _mm512_dpbusd_epi32(a1[r], w1, x1);
+                }
+            }
+            let sc0 = _mm512_cvtepi8_epi32(both8(p0, p1, 16 + 8 * j0));
+            let sc1 = _mm512_cvtepi8_epi32(both8(p0, p1, 16 + 8 * j1));
+            for r in 0..R {
+                let t = _mm512_add_epi32(
+                    _mm512_mullo_epi32(a0[r], sc0),
+                    _mm512_mullo_epi32(a1[r], sc1),
+                );
+                isum[r] = _mm512_add_epi32(isum[r], t);
+            }
+        }
+    }
+
+    /// Q6_K's 6-bit weights at sub-block position `S` of 16 rows (as the 8-row `weights6`).
+    #[inline(always)]
+    unsafe fn weights<const S: usize>(
+        qa: __m512i,
+        qb: __m512i,
+        qh: __m512i,
+        low: __m512i,
+    ) -> __m512i {
+        // SAFETY: the caller's build enables AVX512F/BW.
+        unsafe {
+            let q = if S.is_multiple_of(2) { qa } else { qb };
+            let nib = if S < 2 { q } else { _mm512_srli_epi16::<4>(q) };
+            let hi = _mm512_and_si512(qh, _mm512_set1_epi8((3 << (2 * S)) as u8 as i8));
+            let hi = match S {
+                0 => _mm512_slli_epi16::<4>(hi),
+                1 => _mm512_slli_epi16::<2>(hi),
+                2 => hi,
+                _ => _mm512_srli_epi16::<2>(hi),
+            };
+            _mm512_or_si512(_mm512_and_si512(nib, low), hi)
+        }
+    }
+}
