@@ -570,7 +570,7 @@ impl QuantMatrix {
             _ if eight => (m - m % 8, 4),
             _ => (0, 4),
         };
-        // Where the type has a 512-bit kernel (Q6_K), 8-row passes take two groups at a time
+        // Where the type has a 512-bit kernel (Q6_K, Q8_0, Q5_0), 8-row passes take two groups at a time
         // (16 rows per `vpdpbusd`; see `x16` for what that gains and where it does not).
         #[cfg(target_arch = "x86_64")]
         let pair = wide > 0 && x16::pairs(self.ty);

@@ -1,5 +1,6 @@
 //! Two interleaved groups of 8 rows side by side in 512-bit registers: 16 rows per
-//! `vpdpbusd`, for the 8-row passes of many activation rows with AVX-512 VNNI (Q6_K).
+//! `vpdpbusd`, for the 8-row passes of many activation rows with AVX-512 VNNI (Q6_K, Q8_0,
+//! Q5_0).
 //!
 //! The blocks are the [`x8`](super::x8) layout as stored; a 512-bit weight vector is a group's
 //! 32 bytes in its low half and the next group's 32 bytes in its high half, so each broadcast
@@ -15,8 +16,12 @@
 //! (45–50 ms both: there the wait for weights, not the instructions, sets the pace) and 4
 //! rows slower (28 → 35–43 ms), so only 8-row passes and the tails after them (groups
 //! already in the cache) take this path; an 8-node verification of the 1.5B read the same
-//! (74–75 ms both). Q4_K over pairs was tried as well and not kept (README, "Verification
-//! cost").
+//! (74–75 ms both). Q8_0 and Q5_0 (the 0.5B draft's formats) gain in L2 at 8 rows
+//! 133 → 173 and 121 → 153 G MAC/s, in the `qmatmul` bench 8 rows 614–664 → 394–422 µs
+//! (Q8_0) and 543–553 → 437–448 µs (Q5_0), and from memory too (Q8_0 8 rows 42–46 →
+//! 32–34 ms); the 0.5B's prefill of 128 tokens read 408–445 → 474–480 tok/s (three
+//! alternated pairs). Q4_K over pairs was tried as well and not kept (README,
+//! "Verification cost").
 
 #[cfg(target_arch = "x86_64")]
 pub(super) use x86::{dot16_vnni, pairs};
@@ -26,13 +31,13 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::acts::ActRow;
-    use super::super::x8::{BLOCK6, QS6};
+    use super::super::x8::{BLOCK5, BLOCK6, BLOCK8, QS6};
     use crate::quant::GgmlType;
 
-    /// Whether [`dot16_vnni`] has a kernel for `ty` (Q6_K: for Q4_K the pair gained nothing in
-    /// L1, 158–162 vs 159–168 G MAC/s at 8 rows).
+    /// Whether [`dot16_vnni`] has a kernel for `ty` (not Q4_K: the pair gained nothing there,
+    /// 158–162 vs 159–168 G MAC/s at 8 rows in L2; not Q4_1, whose passes stay at 4 rows).
     pub(in super::super) fn pairs(ty: GgmlType) -> bool {
-        matches!(ty, GgmlType::Q6_K)
+        matches!(ty, GgmlType::Q6_K | GgmlType::Q8_0 | GgmlType::Q5_0)
     }
 
     /// Interleaved groups `g0` and `g1` (whole blocks of `ty`, a [`pairs`] type) times the
@@ -51,7 +56,13 @@ mod x86 {
     ) -> [[f32; 16]; R] {
         debug_assert!(pairs(ty) && g0.len() == g1.len());
         // SAFETY: forwarded from the caller.
-        unsafe { kernel6(g0, g1, x) }
+        unsafe {
+            match ty {
+                GgmlType::Q8_0 => kernel32::<true, R>(g0, g1, x),
+                GgmlType::Q5_0 => kernel32::<false, R>(g0, g1, x),
+                _ => kernel6(g0, g1, x),
+            }
+        }
     }
 
     /// 32 bytes at `at` of blocks `p0` and `p1`, as the low and high halves.
@@ -86,6 +97,78 @@ mod x86 {
                 _mm256_castsi128_si256(_mm_loadu_si128(p0.add(at).cast())),
                 _mm_loadu_si128(p1.add(at).cast()),
             )
+        }
+    }
+
+    /// Q8_0 (`Q8`) or Q5_0 as [`super::super::x8`]'s 32-weight kernel does them with VNNI
+    /// (Q8_0's signed weights taken as `w + 128` less `128·Σx` per block; Q5_0's fifth bits
+    /// added as 16 under a byte mask, the offset 16 as `−16·Σx`), 16 rows wide.
+    ///
+    /// # Safety
+    /// As [`dot16_vnni`].
+    #[inline(always)]
+    unsafe fn kernel32<const Q8: bool, const R: usize>(
+        g0: &[u8],
+        g1: &[u8],
+        x: &[ActRow<'_>; R],
+    ) -> [[f32; 16]; R] {
+        // SAFETY: forwarded from the caller; every pointer below stays inside one block of
+        // `g0`/`g1` or inside the rows' `k` values (32 per block).
+        unsafe {
+            let block = if Q8 { BLOCK8 } else { BLOCK5 };
+            let (flip, low, sixteen) = (
+                _mm512_set1_epi8(-128),
+                _mm512_set1_epi8(0x0F),
+                _mm512_set1_epi8(16),
+            );
+            let mut acc = [_mm512_setzero_ps(); R];
+            for (bi, (b0, b1)) in g0
+                .chunks_exact(block)
+                .zip(g1.chunks_exact(block))
+                .enumerate()
+            {
+                let (p0, p1) = (b0.as_ptr(), b1.as_ptr());
+                let d = _mm512_cvtph_ps(both16(p0, p1, 0));
+                let mut isum = [_mm512_setzero_si512(); R];
+                for i in 0..8 {
+                    // 16 rows × 4 weights, and where their activations start in the block.
+                    let (w, at) = if Q8 {
+                        (_mm512_xor_si512(both(p0, p1, 16 + 32 * i), flip), 4 * i)
+                    } else {
+                        let (gi, h) = (i / 2, i % 2);
+                        let q = both(p0, p1, 48 + 32 * gi);
+                        let nib = if h == 0 { q } else { _mm512_srli_epi16::<4>(q) };
+                        let w = _mm512_and_si512(nib, low);
+                        // Bit e of each group's fifth-bit word ↔ byte e of its half.
+                        let word = |p: *const u8| {
+                            u64::from(p.add(16 + 8 * gi + 4 * h).cast::<u32>().read_unaligned())
+                        };
+                        let mask = word(p0) | (word(p1) << 32);
+                        (_mm512_mask_add_epi8(w, mask, w, sixteen), 16 * h + 4 * gi)
+                    };
+                    for r in 0..R {
+                        let xp = x[r].q.as_ptr().add(bi * 32 + at);
+                        let xv = _mm512_set1_epi32(xp.cast::<i32>().read_unaligned());
+                        isum[r] = _mm512_dpbusd_epi32(isum[r], w, xv);
+                    }
+                }
+                for r in 0..R {
+                    let sx = _mm512_set1_epi32(*x[r].sum32.get_unchecked(bi));
+                    let s = if Q8 {
+                        _mm512_sub_epi32(isum[r], _mm512_slli_epi32::<7>(sx))
+                    } else {
+                        _mm512_sub_epi32(isum[r], _mm512_slli_epi32::<4>(sx))
+                    };
+                    // As the 8-row kernel's `scaled_add`: multiply, then add.
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x[r].d.get_unchecked(bi)));
+                    acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(s), scale));
+                }
+            }
+            let mut out = [[0.0f32; 16]; R];
+            for (o, a) in out.iter_mut().zip(acc) {
+                _mm512_storeu_ps(o.as_mut_ptr(), a);
+            }
+            out
         }
     }
 
