@@ -159,16 +159,10 @@ mod x86 {
                     } else {
                         _mm512_sub_epi32(isum[r], _mm512_slli_epi32::<4>(sx))
                     };
-                    // As the 8-row kernel's `scaled_add`: multiply, then add.
-                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x[r].d.get_unchecked(bi)));
-                    acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(s), scale));
+                    acc[r] = scaled_add(acc[r], s, d, *x[r].d.get_unchecked(bi));
                 }
             }
-            let mut out = [[0.0f32; 16]; R];
-            for (o, a) in out.iter_mut().zip(acc) {
-                _mm512_storeu_ps(o.as_mut_ptr(), a);
-            }
-            out
+            lanes(acc)
         }
     }
 
@@ -199,18 +193,33 @@ mod x86 {
                 }
                 let d = _mm512_cvtph_ps(both16(p0, p1, 0));
                 for r in 0..R {
-                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x[r].d.get_unchecked(bi)));
-                    // Multiply, then add (no fused multiply-add): bit for bit the 8-row kernel's sums.
-                    acc[r] =
-                        _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(isum[r]), scale));
+                    acc[r] = scaled_add(acc[r], isum[r], d, *x[r].d.get_unchecked(bi));
                 }
             }
-            let mut out = [[0.0f32; 16]; R];
-            for (o, a) in out.iter_mut().zip(acc) {
-                _mm512_storeu_ps(o.as_mut_ptr(), a);
-            }
-            out
+            lanes(acc)
         }
+    }
+
+    /// `acc + sums · d · dx` as the 8-row kernels' `scaled_add` computes it (multiply, then
+    /// add; no fused multiply-add), so that 16-row and 8-row passes agree bit for bit.
+    #[inline(always)]
+    unsafe fn scaled_add(acc: __m512, sums: __m512i, d: __m512, dx: f32) -> __m512 {
+        // SAFETY: the caller's build enables AVX512F.
+        unsafe {
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
+            _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(sums), scale))
+        }
+    }
+
+    /// Each row's 16 lanes.
+    #[inline(always)]
+    unsafe fn lanes<const R: usize>(acc: [__m512; R]) -> [[f32; 16]; R] {
+        let mut out = [[0.0f32; 16]; R];
+        for (o, a) in out.iter_mut().zip(acc) {
+            // SAFETY: the caller's build enables AVX512F; `o` holds 16 floats.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+        }
+        out
     }
 
     /// Sub-blocks `8h + 4·SP + half` and `+ 2` of one Q6_K block pair for `R` rows, scaled and
