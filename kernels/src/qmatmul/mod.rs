@@ -54,7 +54,8 @@ pub enum Isa {
     Portable,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// The AVX2 kernels built with AVX-512 VNNI (`vpdpbusd`, `vpdpwssd`; 256-bit lanes).
+    /// The AVX2 kernels built with AVX-512 VNNI (`vpdpbusd`, `vpdpwssd`; 256-bit lanes), and
+    /// 512-bit ones over pairs of interleaved groups for many rows (AVX512F/BW).
     Avx512Vnni,
 }
 
@@ -570,8 +571,9 @@ impl QuantMatrix {
             _ if eight => (m - m % 8, 4),
             _ => (0, 4),
         };
-        // Where the type has a 512-bit kernel (Q6_K, Q8_0, Q5_0), 8-row passes take two groups at a time
-        // (16 rows per `vpdpbusd`; see `x16` for what that gains and where it does not).
+        // Where the type has a 512-bit kernel (Q6_K, Q8_0, Q5_0), 8-row passes take two
+        // groups at a time (16 rows per `vpdpbusd`; see `x16` for what that gains and where
+        // it does not).
         #[cfg(target_arch = "x86_64")]
         let pair = wide > 0 && x16::pairs(self.ty);
         #[cfg(not(target_arch = "x86_64"))]
