@@ -553,15 +553,16 @@ impl QuantMatrix {
     fn groups_times(&self, isa: Isa, data: &[u8], x: &[ActRow<'_>], out: &mut [&mut [f32]]) {
         let m = x.len();
         let gb = self.group_bytes();
-        // With VNNI, Q4_K, Q6_K, Q5_0 and Q8_0 take 8 activation rows per pass over a group
-        // (16 accumulators fit AVX-512's 32 registers; measured, 8 rows of Q4_K from memory:
-        // two 4-row passes 50 ms, one 8-row pass 41 ms; Q6_K in cache +10% at 8 rows, +17%
-        // at 16; Q5_0 and Q8_0 in cache, two alternated runs: 8–20% less time at 8, 16 and 64
-        // rows). Q4_1 (mixed there: −9% to +10%) and the AVX2 build stay at 4.
+        // With VNNI, Q4_K, Q6_K, Q5_0, Q8_0 and Q4_1 take 8 activation rows per pass over a
+        // group (16 accumulators fit AVX-512's 32 registers; measured, 8 rows of Q4_K from
+        // memory: two 4-row passes 50 ms, one 8-row pass 41 ms; Q6_K in cache +10% at 8 rows,
+        // +17% at 16; Q5_0 and Q8_0 in cache, two alternated runs: 8–20% less time at 8, 16
+        // and 64 rows; Q4_1, one group at a time, mixed: −9% to +10%, but over pairs of
+        // groups 8 rows from memory 58/60 → 44/44 ms). The AVX2 build stays at 4.
         let eight = isa == Isa::Avx512Vnni
             && matches!(
                 self.ty,
-                GgmlType::Q4_K | GgmlType::Q6_K | GgmlType::Q5_0 | GgmlType::Q8_0
+                GgmlType::Q4_K | GgmlType::Q6_K | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_1
             );
         // The same types take a last 5, 6 or 7 rows in one pass too, not as 4 + 1..3 (a
         // one-row pass decodes every weight again for a single row: in cache, 5 rows of Q6_K
@@ -571,7 +572,7 @@ impl QuantMatrix {
             _ if eight => (m - m % 8, 4),
             _ => (0, 4),
         };
-        // Where the type has a 512-bit kernel (Q6_K, Q8_0, Q5_0), 8-row passes take two
+        // Where the type has a 512-bit kernel (not Q4_K), 8-row passes take two
         // groups at a time (16 rows per `vpdpbusd`; see `x16` for what that gains and where
         // it does not).
         #[cfg(target_arch = "x86_64")]

@@ -1,6 +1,6 @@
 //! Two interleaved groups of 8 rows side by side in 512-bit registers: 16 rows per
 //! `vpdpbusd`, for the 8-row passes of many activation rows with AVX-512 VNNI (Q6_K, Q8_0,
-//! Q5_0).
+//! Q5_0, Q4_1).
 //!
 //! The blocks are the [`x8`](super::x8) layout as stored; a 512-bit weight vector is a group's
 //! 32 bytes in its low half and the next group's 32 bytes in its high half, so each broadcast
@@ -20,7 +20,10 @@
 //! 133 → 173 and 121 → 153 G MAC/s, in the `qmatmul` bench 8 rows 614–664 → 394–422 µs
 //! (Q8_0) and 543–553 → 437–448 µs (Q5_0), and from memory too (Q8_0 8 rows 42–46 →
 //! 32–34 ms); the 0.5B's prefill of 128 tokens read 408–445 → 474–480 tok/s (three
-//! alternated pairs). Q4_K over pairs was tried as well and not kept (README,
+//! alternated pairs). Q4_1 (SmolLM2's format), which had stayed at 4-row passes, takes 8
+//! over pairs: `qmatmul` bench 8 rows 494–545 → 413–456 µs, 64 rows 3.89–3.97 → 3.07–3.14
+//! ms, from memory 8 rows 58–60 → 44 ms; SmolLM2's prefill of 512 tokens 481–543 → 538–634
+//! tok/s (three pairs). Q4_K over pairs was tried as well and not kept (README,
 //! "Verification cost").
 
 #[cfg(target_arch = "x86_64")]
@@ -31,13 +34,16 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::acts::ActRow;
-    use super::super::x8::{BLOCK5, BLOCK6, BLOCK8, QS6};
+    use super::super::x8::{BLOCK5, BLOCK6, BLOCK8, BLOCK41, QS6};
     use crate::quant::GgmlType;
 
     /// Whether [`dot16_vnni`] has a kernel for `ty` (not Q4_K: the pair gained nothing there,
-    /// 158–162 vs 159–168 G MAC/s at 8 rows in L2; not Q4_1, whose passes stay at 4 rows).
+    /// 158–162 vs 159–168 G MAC/s at 8 rows in L2).
     pub(in super::super) fn pairs(ty: GgmlType) -> bool {
-        matches!(ty, GgmlType::Q6_K | GgmlType::Q8_0 | GgmlType::Q5_0)
+        matches!(
+            ty,
+            GgmlType::Q6_K | GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_1
+        )
     }
 
     /// Interleaved groups `g0` and `g1` (whole blocks of `ty`, a [`pairs`] type) times the
@@ -58,8 +64,9 @@ mod x86 {
         // SAFETY: forwarded from the caller.
         unsafe {
             match ty {
-                GgmlType::Q8_0 => kernel32::<true, R>(g0, g1, x),
-                GgmlType::Q5_0 => kernel32::<false, R>(g0, g1, x),
+                GgmlType::Q8_0 => kernel32::<Q8_0, R>(g0, g1, x),
+                GgmlType::Q5_0 => kernel32::<Q5_0, R>(g0, g1, x),
+                GgmlType::Q4_1 => kernel32::<Q4_1, R>(g0, g1, x),
                 _ => kernel6(g0, g1, x),
             }
         }
@@ -100,14 +107,20 @@ mod x86 {
         }
     }
 
-    /// Q8_0 (`Q8`) or Q5_0 as [`super::super::x8`]'s 32-weight kernel does them with VNNI
-    /// (Q8_0's signed weights taken as `w + 128` less `128·Σx` per block; Q5_0's fifth bits
-    /// added as 16 under a byte mask, the offset 16 as `−16·Σx`), 16 rows wide.
+    /// The 32-weight formats as [`kernel32`]'s const parameter.
+    const Q8_0: u8 = 0;
+    const Q5_0: u8 = 1;
+    const Q4_1: u8 = 2;
+
+    /// Q8_0, Q5_0 or Q4_1 (`F`) as [`super::super::x8`]'s 32-weight kernel does them with
+    /// VNNI (Q8_0's signed weights taken as `w + 128` less `128·Σx` per block; Q5_0's fifth
+    /// bits added as 16 under a byte mask, the offset 16 as `−16·Σx`; Q4_1's minimum as
+    /// `m·dx·Σq` per block), 16 rows wide.
     ///
     /// # Safety
     /// As [`dot16_vnni`].
     #[inline(always)]
-    unsafe fn kernel32<const Q8: bool, const R: usize>(
+    unsafe fn kernel32<const F: u8, const R: usize>(
         g0: &[u8],
         g1: &[u8],
         x: &[ActRow<'_>; R],
@@ -115,7 +128,11 @@ mod x86 {
         // SAFETY: forwarded from the caller; every pointer below stays inside one block of
         // `g0`/`g1` or inside the rows' `k` values (32 per block).
         unsafe {
-            let block = if Q8 { BLOCK8 } else { BLOCK5 };
+            let block = match F {
+                Q8_0 => BLOCK8,
+                Q5_0 => BLOCK5,
+                _ => BLOCK41,
+            };
             let (flip, low, sixteen) = (
                 _mm512_set1_epi8(-128),
                 _mm512_set1_epi8(0x0F),
@@ -132,19 +149,24 @@ mod x86 {
                 let mut isum = [_mm512_setzero_si512(); R];
                 for i in 0..8 {
                     // 16 rows × 4 weights, and where their activations start in the block.
-                    let (w, at) = if Q8 {
+                    let (w, at) = if F == Q8_0 {
                         (_mm512_xor_si512(both(p0, p1, 16 + 32 * i), flip), 4 * i)
                     } else {
                         let (gi, h) = (i / 2, i % 2);
-                        let q = both(p0, p1, 48 + 32 * gi);
+                        let qs = if F == Q5_0 { 48 } else { 32 };
+                        let q = both(p0, p1, qs + 32 * gi);
                         let nib = if h == 0 { q } else { _mm512_srli_epi16::<4>(q) };
                         let w = _mm512_and_si512(nib, low);
-                        // Bit e of each group's fifth-bit word ↔ byte e of its half.
-                        let word = |p: *const u8| {
-                            u64::from(p.add(16 + 8 * gi + 4 * h).cast::<u32>().read_unaligned())
-                        };
-                        let mask = word(p0) | (word(p1) << 32);
-                        (_mm512_mask_add_epi8(w, mask, w, sixteen), 16 * h + 4 * gi)
+                        if F == Q4_1 {
+                            (w, 16 * h + 4 * gi)
+                        } else {
+                            // Bit e of each group's fifth-bit word ↔ byte e of its half.
+                            let word = |p: *const u8| {
+                                u64::from(p.add(16 + 8 * gi + 4 * h).cast::<u32>().read_unaligned())
+                            };
+                            let mask = word(p0) | (word(p1) << 32);
+                            (_mm512_mask_add_epi8(w, mask, w, sixteen), 16 * h + 4 * gi)
+                        }
                     };
                     for r in 0..R {
                         let xp = x[r].q.as_ptr().add(bi * 32 + at);
@@ -154,12 +176,17 @@ mod x86 {
                 }
                 for r in 0..R {
                     let sx = _mm512_set1_epi32(*x[r].sum32.get_unchecked(bi));
-                    let s = if Q8 {
-                        _mm512_sub_epi32(isum[r], _mm512_slli_epi32::<7>(sx))
-                    } else {
-                        _mm512_sub_epi32(isum[r], _mm512_slli_epi32::<4>(sx))
+                    let s = match F {
+                        Q8_0 => _mm512_sub_epi32(isum[r], _mm512_slli_epi32::<7>(sx)),
+                        Q5_0 => _mm512_sub_epi32(isum[r], _mm512_slli_epi32::<4>(sx)),
+                        _ => isum[r],
                     };
                     acc[r] = scaled_add(acc[r], s, d, *x[r].d.get_unchecked(bi));
+                    if F == Q4_1 {
+                        let m = _mm512_cvtph_ps(both16(p0, p1, 16));
+                        let xs = _mm512_set1_ps(*x[r].xsum.get_unchecked(bi));
+                        acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(m, xs));
+                    }
                 }
             }
             lanes(acc)
