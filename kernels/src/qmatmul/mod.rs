@@ -584,6 +584,7 @@ impl QuantMatrix {
         let mut gi = 0;
         while gi < count {
             let two = pair && gi + 1 < count;
+            let step = if two { 2 } else { 1 };
             #[cfg(target_arch = "x86_64")]
             for (a, rows) in x[..wide].chunks_exact(8).enumerate() {
                 let rows: &[ActRow<'_>; 8] = rows.try_into().expect("chunks of 8");
@@ -618,13 +619,13 @@ impl QuantMatrix {
                         _ => unreachable!("4 to 7 rows after the 8-row passes"),
                     }
                 }
-                gi += 2;
+                gi += step;
                 continue;
             }
-            for g in gi..gi + if two { 2 } else { 1 } {
+            for g in gi..gi + step {
                 self.group_rest(isa, g, group(g), x, wide, rest, out);
             }
-            gi += if two { 2 } else { 1 };
+            gi += step;
         }
     }
 

@@ -34,7 +34,9 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::acts::ActRow;
-    use super::super::x8::{BLOCK5, BLOCK6, BLOCK8, BLOCK41, QS6};
+    use super::super::x8::{
+        BLOCK5, BLOCK6, BLOCK8, BLOCK41, F_Q4_1 as Q4_1, F_Q5_0 as Q5_0, F_Q8_0 as Q8_0, QS6,
+    };
     use crate::quant::GgmlType;
 
     /// Whether [`dot16_vnni`] has a kernel for `ty` (not Q4_K: the pair gained nothing there,
@@ -72,6 +74,18 @@ mod x86 {
         }
     }
 
+    /// Block `bi` of both groups, as `(bi, start in g0, start in g1)`.
+    fn block_pairs<'a>(
+        g0: &'a [u8],
+        g1: &'a [u8],
+        block: usize,
+    ) -> impl Iterator<Item = (usize, *const u8, *const u8)> + 'a {
+        g0.chunks_exact(block)
+            .zip(g1.chunks_exact(block))
+            .enumerate()
+            .map(|(bi, (b0, b1))| (bi, b0.as_ptr(), b1.as_ptr()))
+    }
+
     /// 32 bytes at `at` of blocks `p0` and `p1`, as the low and high halves.
     #[inline(always)]
     unsafe fn both(p0: *const u8, p1: *const u8, at: usize) -> __m512i {
@@ -107,12 +121,7 @@ mod x86 {
         }
     }
 
-    /// The 32-weight formats as [`kernel32`]'s const parameter.
-    const Q8_0: u8 = 0;
-    const Q5_0: u8 = 1;
-    const Q4_1: u8 = 2;
-
-    /// Q8_0, Q5_0 or Q4_1 (`F`) as [`super::super::x8`]'s 32-weight kernel does them with
+    /// Q8_0, Q5_0 or Q4_1 (`F`: the 8-row kernel's format constants) as [`super::super::x8`]'s 32-weight kernel does them with
     /// VNNI (Q8_0's signed weights taken as `w + 128` less `128·Σx` per block; Q5_0's fifth
     /// bits added as 16 under a byte mask, the offset 16 as `−16·Σx`; Q4_1's minimum as
     /// `m·dx·Σq` per block), 16 rows wide.
@@ -139,12 +148,7 @@ mod x86 {
                 _mm512_set1_epi8(16),
             );
             let mut acc = [_mm512_setzero_ps(); R];
-            for (bi, (b0, b1)) in g0
-                .chunks_exact(block)
-                .zip(g1.chunks_exact(block))
-                .enumerate()
-            {
-                let (p0, p1) = (b0.as_ptr(), b1.as_ptr());
+            for (bi, p0, p1) in block_pairs(g0, g1, block) {
                 let d = _mm512_cvtph_ps(both16(p0, p1, 0));
                 let mut isum = [_mm512_setzero_si512(); R];
                 for i in 0..8 {
@@ -204,12 +208,7 @@ mod x86 {
         // `g0`/`g1` or inside the rows' `k` values (256 per block, 16 offsets per block).
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
-            for (bi, (b0, b1)) in g0
-                .chunks_exact(BLOCK6)
-                .zip(g1.chunks_exact(BLOCK6))
-                .enumerate()
-            {
-                let (p0, p1) = (b0.as_ptr(), b1.as_ptr());
+            for (bi, p0, p1) in block_pairs(g0, g1, BLOCK6) {
                 let off: [&[i32]; R] = std::array::from_fn(|r| x[r].off16.get_unchecked(bi * 16..));
                 let mut isum = [_mm512_setzero_si512(); R];
                 for h in 0..2 {

@@ -318,7 +318,7 @@ fn unpack_row(group: &[u8], r: usize, out: &mut Vec<u8>) {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::{dot8, dot8_vnni};
+pub(super) use x86::{F_Q4_1, F_Q5_0, F_Q8_0, dot8, dot8_vnni};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -380,9 +380,9 @@ mod x86 {
     }
 
     /// The 32-weight formats as [`kernel32`]'s const parameter.
-    const F_Q8_0: u8 = 0;
-    const F_Q5_0: u8 = 1;
-    const F_Q4_1: u8 = 2;
+    pub(in super::super) const F_Q8_0: u8 = 0;
+    pub(in super::super) const F_Q5_0: u8 = 1;
+    pub(in super::super) const F_Q4_1: u8 = 2;
 
     /// Q8_0, Q5_0 and Q4_1 (one scale per 32 weights). Q8_0: VNNI takes the signed weights
     /// as `w + 128` and subtracts `128·Σx` per block (exact in i32); AVX2's `vpmaddubsw`
