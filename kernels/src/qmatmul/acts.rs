@@ -49,6 +49,23 @@ pub(super) struct ActRow<'a> {
     pub off16: &'a [i32],
 }
 
+impl<'a> ActRow<'a> {
+    /// Blocks `b0..b1` of this row (`block` values each, the quantization's block) as a row
+    /// of their own: what a kernel reads for that panel of `k`.
+    pub(super) fn blocks(&self, b0: usize, b1: usize, block: usize) -> ActRow<'a> {
+        let per = |v: &'a [i32], n: usize| if v.is_empty() { v } else { &v[b0 * n..b1 * n] };
+        ActRow {
+            q: &self.q[b0 * block..b1 * block],
+            d: &self.d[b0..b1],
+            sum16: &self.sum16[b0 * block / 16..b1 * block / 16],
+            xsum: &self.xsum[b0 * block / 32..b1 * block / 32],
+            sum32x2: per(self.sum32x2, block / 64),
+            sum32: &self.sum32[b0 * block / 32..b1 * block / 32],
+            off16: per(self.off16, block / 16),
+        }
+    }
+}
+
 impl Q8Acts {
     /// Quantizes `x` (`[m, k]` row-major) in blocks of `block` values (a multiple of 32 that
     /// divides `k`; callers check).

@@ -13,6 +13,11 @@ pub(crate) const TYPES: [GgmlType; 8] = [
     GgmlType::Q6_K,
 ];
 
+/// A row length the interleaved layout stores as two panels of `k` (see `panels`).
+fn long_k(ty: GgmlType) -> usize {
+    if ty.block_size() == 256 { 2560 } else { 2112 }
+}
+
 /// Byte offsets of each block's f16 scale/min fields.
 fn f16_fields(ty: GgmlType) -> &'static [usize] {
     match ty {
@@ -69,10 +74,12 @@ fn every_format_and_kernel_agrees_with_the_reference() {
         .filter(|i| i.available())
         .collect();
     for ty in TYPES {
+        // The longest rows are stored as two panels of `k` (the kernels carry the row sums
+        // from one panel to the next).
         let ks: &[usize] = if ty.block_size() == 256 {
-            &[256, 768]
+            &[256, 768, 2560]
         } else {
-            &[32, 96, 544]
+            &[32, 96, 544, 2112]
         };
         for &k in ks {
             // 59 and 43 rows: jobs of several interleaved groups, so the VNNI build's 8-row
@@ -140,12 +147,14 @@ fn x_step(acts: &Q8Acts, r: usize, e: usize) -> f32 {
 #[test]
 fn many_rows_match_one_row_at_a_time() {
     let mut rng = Rng(7);
-    for (ty, m) in TYPES
-        .into_iter()
-        .flat_map(|t| [(t, 64), (t, 7), (t, 6), (t, 5), (t, 13)])
-    {
-        // Several interleaved groups per job (pairs of them in 8-row passes), and 3 GGUF rows.
-        let (n, k) = (59, 512);
+    for (ty, m, k) in TYPES.into_iter().flat_map(|t| {
+        [(t, 64), (t, 7), (t, 6), (t, 5), (t, 13), (t, 2)]
+            .into_iter()
+            .flat_map(move |(t, m)| [(t, m, 512), (t, m, long_k(t))])
+    }) {
+        // Several interleaved groups per job (pairs of them in 8-row passes), and 3 GGUF rows;
+        // rows of one panel of `k` and of two.
+        let n = 59;
         let w = random_matrix(ty, n, k, &mut rng);
         let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
         let mut all = vec![0.0; m * n];
@@ -153,7 +162,11 @@ fn many_rows_match_one_row_at_a_time() {
         for r in 0..m {
             let mut one = vec![0.0; n];
             w.matmul(&x[r * k..(r + 1) * k], 1, &mut one).unwrap();
-            assert_eq!(&all[r * n..(r + 1) * n], &one[..], "{ty:?} row {r}");
+            assert_eq!(
+                &all[r * n..(r + 1) * n],
+                &one[..],
+                "{ty:?} k={k} row {r} of {m}"
+            );
         }
     }
 }
@@ -258,26 +271,27 @@ fn interleaved_formats_give_back_their_gguf_bytes() {
     .into_iter()
     .flat_map(|t| [(t, 8), (t, 19), (t, 3)])
     {
-        let k = 512;
-        let bytes: Vec<u8> = (0..ty.bytes_for(n * k).unwrap())
-            .map(|_| rng.next() as u8)
-            .collect();
-        let w = QuantMatrix::new(ty, n, k, bytes.clone()).unwrap();
-        assert_eq!(w.groups, n / 8, "n = {n}");
-        assert_eq!(&w.raw()[..], &bytes[..], "n = {n}");
-        let mut want = vec![0.0; n * k];
-        crate::quant::dequantize_into(ty, &bytes, &mut want).unwrap();
-        let mut row = vec![0.0; k];
-        for j in 0..n {
-            w.dequantize_row(j, &mut row).unwrap();
-            assert_eq!(
-                row.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want[j * k..(j + 1) * k]
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>(),
-                "{ty:?} row {j} of {n}"
-            );
+        for k in [512, long_k(ty)] {
+            let bytes: Vec<u8> = (0..ty.bytes_for(n * k).unwrap())
+                .map(|_| rng.next() as u8)
+                .collect();
+            let w = QuantMatrix::new(ty, n, k, bytes.clone()).unwrap();
+            assert_eq!(w.groups, n / 8, "n = {n}");
+            assert_eq!(&w.raw()[..], &bytes[..], "n = {n}");
+            let mut want = vec![0.0; n * k];
+            crate::quant::dequantize_into(ty, &bytes, &mut want).unwrap();
+            let mut row = vec![0.0; k];
+            for j in 0..n {
+                w.dequantize_row(j, &mut row).unwrap();
+                assert_eq!(
+                    row.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want[j * k..(j + 1) * k]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    "{ty:?} row {j} of {n}, k = {k}"
+                );
+            }
         }
     }
 }
@@ -285,12 +299,14 @@ fn interleaved_formats_give_back_their_gguf_bytes() {
 #[test]
 fn row_prefixes_multiply_like_the_whole_matrix() {
     let mut rng = Rng(33);
-    for (ty, n, keep) in [
-        (GgmlType::Q8_0, 37, 16),
-        (GgmlType::Q4_1, 19, 8),
-        (GgmlType::Q5_1, 11, 5),
+    for (ty, n, keep, k) in [
+        (GgmlType::Q8_0, 37, 16, 256),
+        (GgmlType::Q4_1, 19, 8, 256),
+        (GgmlType::Q5_1, 11, 5, 256),
+        // Two panels of `k`.
+        (GgmlType::Q4_K, 27, 16, long_k(GgmlType::Q4_K)),
+        (GgmlType::Q5_0, 19, 8, long_k(GgmlType::Q5_0)),
     ] {
-        let k = 256;
         let w = random_matrix(ty, n, k, &mut rng);
         let p = w.rows_prefix(keep).unwrap();
         assert_eq!((p.n(), p.k()), (keep, k));
@@ -338,9 +354,9 @@ fn requantized_rows_are_their_rows_quantized() {
 #[test]
 fn selected_rows_equal_the_full_product_bit_for_bit() {
     let mut rng = Rng(11);
-    for ty in TYPES {
+    for (ty, k) in TYPES.into_iter().flat_map(|t| [(t, 512), (t, long_k(t))]) {
         // 5 interleaved groups and 3 GGUF rows after them (where the format interleaves).
-        let (n, k) = (43, 512);
+        let n = 43;
         let w = random_matrix(ty, n, k, &mut rng);
         let x: Vec<f32> = (0..k).map(|_| rng.unit()).collect();
         let mut full = vec![0.0; n];
@@ -349,10 +365,49 @@ fn selected_rows_equal_the_full_product_bit_for_bit() {
         let mut y = vec![f32::NAN; ids.len()];
         w.matmul_rows(&x, &ids, &mut y).unwrap();
         for (&j, &v) in ids.iter().zip(&y) {
-            assert_eq!(v.to_bits(), full[j as usize].to_bits(), "{ty:?} row {j}");
+            assert_eq!(
+                v.to_bits(),
+                full[j as usize].to_bits(),
+                "{ty:?} k={k} row {j}"
+            );
         }
         assert!(w.matmul_rows(&x, &[43], &mut [0.0]).is_err());
         assert!(w.matmul_rows(&x[1..], &[0], &mut [0.0]).is_err());
         assert!(w.matmul_rows(&x, &[0, 1], &mut [0.0]).is_err());
     }
+}
+
+#[test]
+fn panels_cover_rows_evenly_within_the_budget() {
+    for ty in [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+    ] {
+        for k in (1..=80).map(|b| b * ty.block_size()) {
+            let spans: Vec<(usize, usize)> = super::panels(ty, k).collect();
+            let blocks = k / ty.block_size();
+            // Consecutive, from the first block to the last.
+            assert_eq!(spans.first().map(|s| s.0), Some(0), "{ty:?} k={k}");
+            assert_eq!(spans.last().map(|s| s.1), Some(blocks), "{ty:?} k={k}");
+            assert!(spans.windows(2).all(|w| w[0].1 == w[1].0), "{ty:?} k={k}");
+            let sizes: Vec<usize> = spans.iter().map(|(a, b)| b - a).collect();
+            // Within the budget (a block is the least a panel holds), as few as that allows,
+            // and as even as the blocks allow.
+            let most = (super::PANEL_WEIGHTS / ty.block_size()).max(1);
+            assert!(
+                sizes.iter().all(|&s| s >= 1 && s <= most),
+                "{ty:?} k={k}: {sizes:?}"
+            );
+            assert_eq!(spans.len(), blocks.div_ceil(most), "{ty:?} k={k}");
+            let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+            assert!(hi - lo <= spans.len(), "{ty:?} k={k}: {sizes:?}");
+        }
+    }
+    // The 1.5B's down projection (k = 8960) in five panels of 7 Q4_K blocks.
+    assert_eq!(
+        super::panels(GgmlType::Q4_K, 8960).collect::<Vec<_>>(),
+        [(0, 7), (7, 14), (14, 21), (21, 28), (28, 35)]
+    );
 }

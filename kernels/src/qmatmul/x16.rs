@@ -61,15 +61,16 @@ mod x86 {
         g0: &[u8],
         g1: &[u8],
         x: &[ActRow<'_>; R],
+        init: &[[f32; 16]; R],
     ) -> [[f32; 16]; R] {
         debug_assert!(pairs(ty) && g0.len() == g1.len());
         // SAFETY: forwarded from the caller.
         unsafe {
             match ty {
-                GgmlType::Q8_0 => kernel32::<Q8_0, R>(g0, g1, x),
-                GgmlType::Q5_0 => kernel32::<Q5_0, R>(g0, g1, x),
-                GgmlType::Q4_1 => kernel32::<Q4_1, R>(g0, g1, x),
-                _ => kernel6(g0, g1, x),
+                GgmlType::Q8_0 => kernel32::<Q8_0, R>(g0, g1, x, init),
+                GgmlType::Q5_0 => kernel32::<Q5_0, R>(g0, g1, x, init),
+                GgmlType::Q4_1 => kernel32::<Q4_1, R>(g0, g1, x, init),
+                _ => kernel6(g0, g1, x, init),
             }
         }
     }
@@ -133,6 +134,7 @@ mod x86 {
         g0: &[u8],
         g1: &[u8],
         x: &[ActRow<'_>; R],
+        init: &[[f32; 16]; R],
     ) -> [[f32; 16]; R] {
         // SAFETY: forwarded from the caller; every pointer below stays inside one block of
         // `g0`/`g1` or inside the rows' `k` values (32 per block).
@@ -147,7 +149,7 @@ mod x86 {
                 _mm512_set1_epi8(0x0F),
                 _mm512_set1_epi8(16),
             );
-            let mut acc = [_mm512_setzero_ps(); R];
+            let mut acc = starts(init);
             for (bi, p0, p1) in block_pairs(g0, g1, block) {
                 let d = _mm512_cvtph_ps(both16(p0, p1, 0));
                 let mut isum = [_mm512_setzero_si512(); R];
@@ -203,11 +205,16 @@ mod x86 {
     /// # Safety
     /// As [`dot16_vnni`].
     #[inline(always)]
-    unsafe fn kernel6<const R: usize>(g0: &[u8], g1: &[u8], x: &[ActRow<'_>; R]) -> [[f32; 16]; R] {
+    unsafe fn kernel6<const R: usize>(
+        g0: &[u8],
+        g1: &[u8],
+        x: &[ActRow<'_>; R],
+        init: &[[f32; 16]; R],
+    ) -> [[f32; 16]; R] {
         // SAFETY: forwarded from the caller; every pointer below stays inside one block of
         // `g0`/`g1` or inside the rows' `k` values (256 per block, 16 offsets per block).
         unsafe {
-            let mut acc = [_mm512_setzero_ps(); R];
+            let mut acc = starts(init);
             for (bi, p0, p1) in block_pairs(g0, g1, BLOCK6) {
                 let off: [&[i32]; R] = std::array::from_fn(|r| x[r].off16.get_unchecked(bi * 16..));
                 let mut isum = [_mm512_setzero_si512(); R];
@@ -235,6 +242,13 @@ mod x86 {
             let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
             _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(sums), scale))
         }
+    }
+
+    /// The running sums a kernel starts from (as `x8`'s).
+    #[inline(always)]
+    unsafe fn starts<const R: usize>(init: &[[f32; 16]; R]) -> [__m512; R] {
+        // SAFETY: the caller's build enables AVX-512F; each row holds 16 floats.
+        std::array::from_fn(|r| unsafe { _mm512_loadu_ps(init[r].as_ptr()) })
     }
 
     /// Each row's 16 lanes.

@@ -338,9 +338,10 @@ mod x86 {
         ty: GgmlType,
         g: &[u8],
         x: &[ActRow<'_>; R],
+        init: &[[f32; 8]; R],
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the caller.
-        unsafe { dispatch::<R, false>(ty, g, x) }
+        unsafe { dispatch::<R, false>(ty, g, x, init) }
     }
 
     /// [`dot8`] with AVX-512 VNNI (`vpdpbusd`).
@@ -352,9 +353,10 @@ mod x86 {
         ty: GgmlType,
         g: &[u8],
         x: &[ActRow<'_>; R],
+        init: &[[f32; 8]; R],
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the caller.
-        unsafe { dispatch::<R, true>(ty, g, x) }
+        unsafe { dispatch::<R, true>(ty, g, x, init) }
     }
 
     /// The kernel for `ty`, inlined into the build that calls it.
@@ -366,15 +368,16 @@ mod x86 {
         ty: GgmlType,
         g: &[u8],
         x: &[ActRow<'_>; R],
+        init: &[[f32; 8]; R],
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the callers.
         unsafe {
             match ty {
-                GgmlType::Q6_K => kernel6::<R, V>(g, x),
-                GgmlType::Q8_0 => kernel32::<F_Q8_0, R, V>(g, x),
-                GgmlType::Q5_0 => kernel32::<F_Q5_0, R, V>(g, x),
-                GgmlType::Q4_1 => kernel32::<F_Q4_1, R, V>(g, x),
-                _ => kernel::<R, V>(g, x),
+                GgmlType::Q6_K => kernel6::<R, V>(g, x, init),
+                GgmlType::Q8_0 => kernel32::<F_Q8_0, R, V>(g, x, init),
+                GgmlType::Q5_0 => kernel32::<F_Q5_0, R, V>(g, x, init),
+                GgmlType::Q4_1 => kernel32::<F_Q4_1, R, V>(g, x, init),
+                _ => kernel::<R, V>(g, x, init),
             }
         }
     }
@@ -396,6 +399,7 @@ mod x86 {
     unsafe fn kernel32<const F: u8, const R: usize, const V: bool>(
         g: &[u8],
         x: &[ActRow<'_>; R],
+        init: &[[f32; 8]; R],
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the callers; every pointer below stays inside one block of
         // `g` or inside the rows' `k` values (32 per block).
@@ -406,7 +410,7 @@ mod x86 {
                 F_Q5_0 => BLOCK5,
                 _ => BLOCK41,
             };
-            let mut acc = [_mm256_setzero_ps(); R];
+            let mut acc = starts(init);
             let split = if R <= 2 { 2 } else { 1 };
             for (bi, blk) in g.chunks_exact(block).enumerate() {
                 let p = blk.as_ptr();
@@ -481,12 +485,13 @@ mod x86 {
     unsafe fn kernel6<const R: usize, const V: bool>(
         g: &[u8],
         x: &[ActRow<'_>; R],
+        init: &[[f32; 8]; R],
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the callers; every pointer below stays inside one block of
         // `g` or inside the rows' `k` values (256 per block).
         unsafe {
             let low = _mm256_set1_epi8(0x0F);
-            let mut acc = [_mm256_setzero_ps(); R];
+            let mut acc = starts(init);
             for (bi, blk) in g.chunks_exact(BLOCK6).enumerate() {
                 let p = blk.as_ptr();
                 if R == 8 {
@@ -654,6 +659,15 @@ mod x86 {
         }
     }
 
+    /// The running sums a kernel starts from, `init`'s rows as vectors: zeros for a group's
+    /// first panel of `k`, the sums so far for the next (so they add up in one order however
+    /// the rows are cut).
+    #[inline(always)]
+    unsafe fn starts<const R: usize>(init: &[[f32; 8]; R]) -> [__m256; R] {
+        // SAFETY: the caller's build enables AVX2; each row holds 8 floats.
+        std::array::from_fn(|r| unsafe { _mm256_loadu_ps(init[r].as_ptr()) })
+    }
+
     /// Each row's 8 lanes.
     #[inline(always)]
     unsafe fn lanes<const R: usize>(acc: [__m256; R]) -> [[f32; 8]; R] {
@@ -707,6 +721,7 @@ mod x86 {
     unsafe fn kernel<const R: usize, const V: bool>(
         g: &[u8],
         x: &[ActRow<'_>; R],
+        init: &[[f32; 8]; R],
     ) -> [[f32; 8]; R] {
         // SAFETY: forwarded from the callers; every pointer below stays inside one block of
         // `g` or inside the rows' `k` values (256 per block).
@@ -715,7 +730,7 @@ mod x86 {
             // Row sums stay in memory between blocks and the minimums are applied once per
             // block (fewer live registers; the per-row arithmetic is the same whatever `R`
             // is: a row's result does not depend on the rows beside it).
-            let mut out = [[0.0f32; 8]; R];
+            let mut out = *init;
             for (bi, blk) in g.chunks_exact(BLOCK).enumerate() {
                 let p = blk.as_ptr();
                 if R == 8 {
