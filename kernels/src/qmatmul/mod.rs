@@ -225,15 +225,25 @@ pub fn matmul_fused_with(
     Ok(())
 }
 
+/// How a product's activation rows go over each interleaved group: `wide` of them 8 at a
+/// time (two groups at once where `pair`), the rest `rest` at a time.
+struct Passes {
+    wide: usize,
+    rest: usize,
+    pair: bool,
+}
+
 /// One job's share of a matrix: interleaved groups `g0..g1`, or whole GGUF rows.
 enum Part<'a> {
     Groups(usize, usize),
     Rows(&'a [u8]),
 }
 
-/// Weights of `k` per panel of the interleaved layout (see [`QuantMatrix`]): 8 activation
-/// rows of a panel (16 KiB as bytes) stay in the L1 data cache while the panel's weights
-/// stream past them.
+/// Weights of `k` per panel of the interleaved layout (see [`QuantMatrix`]): a few activation
+/// rows of a panel (2 KiB each as bytes) stay close while the panel's weights stream past
+/// them. Measured from memory (README, "Verification cost"): 2–4 rows of the down projections
+/// 25–35% faster than whole rows, 1 row the same, 8 rows 5–12% slower; 1 024–1 536 were as
+/// good at 4 rows and worse at 8, 3 072 gained nothing.
 const PANEL_WEIGHTS: usize = 2048;
 
 /// The panels of `k` (`(b0, b1)`: blocks `b0..b1` of each row) a matrix of `ty` with rows of
@@ -279,9 +289,10 @@ fn prefetch(data: &[u8], at: usize, len: usize) {
 /// Q4_1 matrices are held with their rows interleaved 8 at a time (`x8`; the remaining
 /// `n mod 8` rows as GGUF rows after them), and rows longer than [`PANEL_WEIGHTS`] cut into
 /// panels of `k`, panel after panel (every group's first panel, then every group's second,
-/// …): a product walks the weights in storage order, one panel at a time, while that panel's
-/// activations stay in the L1 cache (measured from memory, 4 activation rows of 40 Q4_K
-/// matrices of 1536 × 8960 as whole rows took 1.75× as long as the same bytes as 8960 × 1536).
+/// …): a product walks the weights in storage order, one panel at a time, and reads only
+/// that panel's span of the activation rows for every group (measured from memory, 4
+/// activation rows of 40 Q4_K matrices of 1536 × 8960 as whole rows had taken 1.75× as long
+/// as the same bytes as 8960 × 1536).
 /// Lossless: [`QuantMatrix::raw`] gives back the GGUF bytes.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
@@ -621,39 +632,31 @@ impl QuantMatrix {
         let pair = wide > 0 && x16::pairs(self.ty);
         #[cfg(not(target_arch = "x86_64"))]
         let pair = false;
+        let passes = Passes { wide, rest, pair };
         let mut piece = Vec::with_capacity(m);
         for span in panels(self.ty, self.k) {
             piece.clear();
             piece.extend(x.iter().map(|r| r.blocks(span.0, span.1, self.act_block())));
-            let group = |gi: usize| self.group_piece(groups.start + gi, span);
-            let more = span.0 > 0;
-            self.panel_times(
-                isa,
-                groups.len(),
-                &group,
-                &piece,
-                more,
-                (wide, rest, pair),
-                out,
-            );
+            self.panel_times(isa, &groups, span, &piece, &passes, out);
         }
     }
 
-    /// One panel of `k` of `count` interleaved groups (`group(gi)`: group `gi`'s blocks in
-    /// it) times the activation rows' same span `x`, added to the sums `out` holds from the
-    /// panels before it when `more` (the sums add up in one order, however many rows there are).
-    #[allow(clippy::too_many_arguments)]
-    fn panel_times<'g>(
+    /// Panel `span` of interleaved groups `groups` times the activation rows' same span `x`
+    /// (as [`QuantMatrix::groups_times`]), added to the sums `out` holds from the panels
+    /// before it (so the sums add up in one order, however many rows there are).
+    fn panel_times(
         &self,
         isa: Isa,
-        count: usize,
-        group: &impl Fn(usize) -> &'g [u8],
+        groups: &Range<usize>,
+        span: (usize, usize),
         x: &[ActRow<'_>],
-        more: bool,
-        (wide, rest, pair): (usize, usize, bool),
+        &Passes { wide, rest, pair }: &Passes,
         out: &mut [&mut [f32]],
     ) {
         let m = x.len();
+        let count = groups.len();
+        let group = |gi: usize| self.group_piece(groups.start + gi, span);
+        let more = span.0 > 0;
         let mut gi = 0;
         while gi < count {
             let two = pair && gi + 1 < count;
