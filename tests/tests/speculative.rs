@@ -206,3 +206,32 @@ fn speculative_sampling_keeps_the_second_token_distribution() {
         "χ² {stat:.1} ≥ {critical} (counts {counts:?}, exact {exact:?})"
     );
 }
+
+#[test]
+fn auto_calibrates_only_the_trees_it_can_build() {
+    let tok = byte_tokenizer();
+    let target = model(3, tok.vocab_size(), 5);
+    let params = GenerateParams {
+        max_tokens: 6,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    // One draft: `auto:W,D` trees hold at most 1 + W·D nodes; sizes past that are
+    // extrapolated, not measured (a tiny model's forwards cost about the same at any size, so
+    // only this bound stops the calibration short of 64 nodes).
+    for (policy, most) in [("auto:1,6", 7), ("auto:2,8", 17)] {
+        let mut engine = Engine::new(&target, &tok, policy.parse::<TreePolicy>().unwrap())
+            .with_draft(ModelDraft::new("self1", target.truncated(1).unwrap()));
+        finished(
+            engine
+                .generate(&Prompt::Text("Arbor".into()), &params)
+                .unwrap(),
+        );
+        let sizes: Vec<usize> = engine.planner().verify_cost.iter().map(|c| c.0).collect();
+        assert!(sizes.starts_with(&[1, 2]), "{policy}: {sizes:?}");
+        assert!(
+            sizes.iter().all(|&n| n <= most),
+            "{policy}: measured {sizes:?}, past {most} nodes"
+        );
+    }
+}

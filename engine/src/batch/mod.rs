@@ -474,7 +474,7 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             && let Some(s) = self.running.iter_mut().find(|s| s.ready_to_speculate())
         {
             let root = s.root();
-            match measure_verify_cost(self.target, &mut s.cache, root, max_depth) {
+            match measure_verify_cost(self.target, &mut s.cache, root, max_depth, None) {
                 Ok(costs) => self.planner.verify_cost = costs,
                 Err(e) => s.fail(e),
             }

@@ -208,11 +208,18 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
         Ok(())
     }
 
-    /// Measures the target's verify cost by tree size (once per engine, for `auto`).
-    fn calibrate(&mut self, max_depth: usize) -> Result<(), EngineError> {
+    /// Measures the target's verify cost by tree size (once per engine, for `auto`), up to the
+    /// largest tree `width × max_depth` per draft can merge into.
+    fn calibrate(&mut self, width: usize, max_depth: usize) -> Result<(), EngineError> {
         let root = *self.context.last().expect("started");
-        self.engine.planner.verify_cost =
-            measure_verify_cost(self.engine.target, &mut self.cache, root, max_depth)?;
+        let most = 1 + self.engine.drafts.len() * width * max_depth;
+        self.engine.planner.verify_cost = measure_verify_cost(
+            self.engine.target,
+            &mut self.cache,
+            root,
+            max_depth,
+            Some(most),
+        )?;
         Ok(())
     }
 
@@ -231,7 +238,7 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
                 max_depth: deepest,
             } => {
                 if !self.engine.planner.calibrated() && !self.engine.drafts.is_empty() {
-                    self.calibrate(deepest)?;
+                    self.calibrate(width, deepest)?;
                 }
                 let p = &self.engine.planner;
                 let (shape, gates) = p.plan_gated(width, deepest);

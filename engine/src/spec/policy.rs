@@ -412,17 +412,24 @@ fn track_cost(old: f64, new: f64) -> f64 {
 ///
 /// Sizes are measured upwards until one costs at least `max_depth + 1` one-node steps: a tree
 /// emits at most `max_depth + 1` tokens, so no tree that size or larger can beat plain
-/// decoding, and the planner extrapolates past it. (With quantized weights on 2 cores this
-/// stops at 16 nodes, ~3 s on Qwen-1.5B.)
+/// decoding, and the planner extrapolates past it. With `most_nodes` (the largest tree the
+/// policy builds), sizes past it are not measured either once two are (the planner
+/// extrapolates from the last two): one sequence's `auto:2,8` trees hold at most 17 nodes, and
+/// its 32- and 64-node forwards had been 1.5 s of a 2.4 s calibration of Qwen-1.5B on 2 cores.
+/// The batched engine prices whole batches of rows and measures them all.
 pub(crate) fn measure_verify_cost<B: Backend>(
     target: &Transformer<B>,
     cache: &mut KvCache<B>,
     root: u32,
     max_depth: usize,
+    most_nodes: Option<usize>,
 ) -> Result<Vec<(usize, f64)>, EngineError> {
     let room = target.max_position().saturating_sub(cache.len());
     let mut costs: Vec<(usize, f64)> = Vec::new();
     for &n in VERIFY_SIZES.iter().filter(|&&n| n <= room) {
+        if costs.len() >= 2 && most_nodes.is_some_and(|most| n > most) {
+            break;
+        }
         let best = time_verify(target, cache, root, n, 2)?;
         costs.push((n, best));
         if best >= (max_depth + 1) as f64 * costs[0].1 {
