@@ -633,11 +633,18 @@ impl QuantMatrix {
         #[cfg(not(target_arch = "x86_64"))]
         let pair = false;
         let passes = Passes { wide, rest, pair };
-        let mut piece = Vec::with_capacity(m);
+        let blocks = self.k / self.ty.block_size();
+        // Rows of one panel (every projection but the long down projections) go as they are.
+        let mut piece = Vec::new();
         for span in panels(self.ty, self.k) {
-            piece.clear();
-            piece.extend(x.iter().map(|r| r.blocks(span.0, span.1, self.act_block())));
-            self.panel_times(isa, &groups, span, &piece, &passes, out);
+            let rows = if span == (0, blocks) {
+                x
+            } else {
+                piece.clear();
+                piece.extend(x.iter().map(|r| r.blocks(span.0, span.1, self.act_block())));
+                &piece[..]
+            };
+            self.panel_times(isa, &groups, span, rows, &passes, out);
         }
     }
 
@@ -712,7 +719,6 @@ impl QuantMatrix {
     }
 
     /// Activation rows `x[wide..]` (`rest` at a time) times interleaved group `gi`.
-    #[allow(clippy::too_many_arguments)]
     fn group_rest(
         &self,
         isa: Isa,
