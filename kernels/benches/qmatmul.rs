@@ -1,7 +1,7 @@
 //! Block-quantized matmul: time against the number of rows (1 = plain decode, 2–64 = tree
 //! verification) for each GGUF format, at a Qwen2.5-1.5B MLP shape (1536 → 8960), beside the
 //! f32 panels of `matmul` for scale; where the CPU has AVX-512 VNNI, also the AVX2 build of
-//! the same kernels. `cargo bench -p arbor-kernels --bench qmatmul`.
+//! the same kernels, and where it has AMX, Q4_K on the VNNI kernels alone. `cargo bench -p arbor-kernels --bench qmatmul`.
 
 use arbor_kernels::matmul::PackedF32;
 use arbor_kernels::qmatmul::{Isa, QuantMatrix};
@@ -58,6 +58,16 @@ fn rows_curve(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(format!("{ty:?}-avx2"), m), &m, |b, &m| {
                 b.iter(|| {
                     mat.matmul_with(Isa::Avx2, &x, m, &mut y)
+                        .expect("sizes match")
+                });
+            });
+        }
+        // Q4_K without the AMX tile products (what `Isa::best` picks on CPUs without AMX).
+        if Isa::best() == Isa::Amx {
+            group.bench_with_input(BenchmarkId::new("Q4_K-vnni", m), &m, |b, &m| {
+                b.iter(|| {
+                    mats[0]
+                        .matmul_with(Isa::Avx512Vnni, &x, m, &mut y)
                         .expect("sizes match")
                 });
             });

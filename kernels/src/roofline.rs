@@ -89,7 +89,7 @@ fn macs_on_one_thread(isa: Isa, iters: u64, seed: i32) -> u64 {
     if isa != Isa::Portable {
         // SAFETY: `Isa::best` picked a kernel this CPU runs.
         return unsafe {
-            if isa == Isa::Avx512Vnni {
+            if isa.vnni() {
                 x86::vnni(iters, seed)
             } else {
                 x86::avx2(iters, seed)

@@ -30,6 +30,7 @@
 //! ```
 
 mod acts;
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod portable;
@@ -58,11 +59,44 @@ pub enum Isa {
     /// The AVX2 kernels built with AVX-512 VNNI (`vpdpbusd`, `vpdpwssd`; 256-bit lanes), and
     /// 512-bit ones over pairs of interleaved groups for many rows (AVX512F/BW).
     Avx512Vnni,
+    /// [`Isa::Avx512Vnni`], with Q4_K's products of several activation rows on the AMX tile
+    /// unit (AMX-INT8; Linux grants the tile state on first use). The same bits.
+    Amx,
 }
 
 impl Isa {
-    /// The fastest kernel this CPU runs.
+    /// The fastest kernel this CPU runs, or the one `ARBOR_KERNELS` names (`portable`,
+    /// `avx2`, `avx512vnni` or `amx`; read once per process) where this CPU runs it — to
+    /// compare kernels in one build.
     pub fn best() -> Self {
+        static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let named = std::env::var("ARBOR_KERNELS")
+                .ok()
+                .and_then(|v| Self::parse(&v));
+            named
+                .filter(|i| i.available())
+                .unwrap_or_else(Self::fastest)
+        })
+    }
+
+    /// A kernel family by name (as [`Isa::best`] reads it).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "portable" => Some(Self::Portable),
+            "avx2" => Some(Self::Avx2),
+            "avx512vnni" => Some(Self::Avx512Vnni),
+            "amx" => Some(Self::Amx),
+            _ => None,
+        }
+    }
+
+    /// The fastest kernel this CPU runs.
+    fn fastest() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if amx::available() {
+            return Self::Amx;
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2::vnni_available() {
             return Self::Avx512Vnni;
@@ -82,9 +116,17 @@ impl Isa {
             Self::Avx2 => avx2::available(),
             #[cfg(target_arch = "x86_64")]
             Self::Avx512Vnni => avx2::vnni_available(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Amx => amx::available(),
             #[cfg(not(target_arch = "x86_64"))]
-            Self::Avx2 | Self::Avx512Vnni => false,
+            Self::Avx2 | Self::Avx512Vnni | Self::Amx => false,
         }
+    }
+
+    /// Whether the kernels are the AVX-512 VNNI build (as they are under [`Isa::Amx`] for
+    /// everything but its tile products).
+    pub(crate) fn vnni(self) -> bool {
+        matches!(self, Self::Avx512Vnni | Self::Amx)
     }
 }
 
@@ -227,10 +269,13 @@ pub fn matmul_fused_with(
 
 /// How a product's activation rows go over each interleaved group: `wide` of them 8 at a
 /// time (two groups at once where `pair`), the rest `rest` at a time.
+/// Where `amx` holds the activation rows' spacing in bytes, Q4_K's pairs of groups take
+/// every row on the AMX tile unit instead, [`amx::ROWS`] at a time.
 struct Passes {
     wide: usize,
     rest: usize,
     pair: bool,
+    amx: Option<usize>,
 }
 
 /// One job's share of a matrix: interleaved groups `g0..g1`, or whole GGUF rows.
@@ -612,7 +657,7 @@ impl QuantMatrix {
         // +17% at 16; Q5_0 and Q8_0 in cache, two alternated runs: 8–20% less time at 8, 16
         // and 64 rows; Q4_1, one group at a time, mixed: −9% to +10%, but over pairs of
         // groups 8 rows from memory 58/60 → 44/44 ms). The AVX2 build stays at 4.
-        let eight = isa == Isa::Avx512Vnni
+        let eight = isa.vnni()
             && matches!(
                 self.ty,
                 GgmlType::Q4_K | GgmlType::Q6_K | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_1
@@ -632,7 +677,20 @@ impl QuantMatrix {
         let pair = wide > 0 && x16::pairs(self.ty);
         #[cfg(not(target_arch = "x86_64"))]
         let pair = false;
-        let passes = Passes { wide, rest, pair };
+        #[cfg(target_arch = "x86_64")]
+        let amx = if isa == Isa::Amx && self.ty == GgmlType::Q4_K && m >= AMX_ROWS {
+            row_stride(x)
+        } else {
+            None
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let amx = None;
+        let passes = Passes {
+            wide,
+            rest,
+            pair,
+            amx,
+        };
         let blocks = self.k / self.ty.block_size();
         // Rows of one panel (every projection but the long down projections) go as they are.
         let mut piece = Vec::new();
@@ -657,7 +715,12 @@ impl QuantMatrix {
         groups: &Range<usize>,
         span: (usize, usize),
         x: &[ActRow<'_>],
-        &Passes { wide, rest, pair }: &Passes,
+        &Passes {
+            wide,
+            rest,
+            pair,
+            amx,
+        }: &Passes,
         out: &mut [&mut [f32]],
     ) {
         let m = x.len();
@@ -666,6 +729,28 @@ impl QuantMatrix {
         let more = span.0 > 0;
         let mut gi = 0;
         while gi < count {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(stride) = amx.filter(|_| gi + 1 < count) {
+                for (a, rows) in x.chunks(amx::ROWS).enumerate() {
+                    // SAFETY: `amx` is set only where `matmul_fused_with` checked that this
+                    // CPU runs `Isa::Amx`, for Q4_K rows spaced `stride` bytes apart; the
+                    // groups hold whole blocks of the rows' span.
+                    unsafe {
+                        amx_rows(
+                            group(gi),
+                            group(gi + 1),
+                            rows,
+                            stride,
+                            (gi, a * amx::ROWS, more),
+                            out,
+                        );
+                    }
+                }
+                gi += 2;
+                continue;
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = amx;
             let two = pair && gi + 1 < count;
             let step = if two { 2 } else { 1 };
             #[cfg(target_arch = "x86_64")]
@@ -735,7 +820,7 @@ impl QuantMatrix {
                 // SAFETY: `matmul_fused_with` checked that this CPU runs `isa`; `group` holds
                 // whole blocks of the activation rows' span.
                 unsafe {
-                    let vnni = isa == Isa::Avx512Vnni;
+                    let vnni = isa.vnni();
                     macro_rules! rows {
                         ($($r:ident),+) => {{
                             let init = gather(out, gi, at, more);
@@ -784,7 +869,7 @@ impl QuantMatrix {
             // AVX512-VNNI/VL for `Avx512Vnni`); `w` is one whole stored row and the
             // activation rows are `k` long.
             unsafe {
-                let vnni = isa == Isa::Avx512Vnni;
+                let vnni = isa.vnni();
                 macro_rules! rows {
                     ($($r:ident),+) => {
                         if vnni {
@@ -809,6 +894,57 @@ impl QuantMatrix {
             *v = portable::dot(self.ty, w, row, self.act_block());
         }
     }
+}
+
+/// Activation rows from Q4_K's passes on the AMX tile unit up (see [`amx`]): fewer rows
+/// stay on the VNNI kernels, which a single row (plain decoding) reads at the speed of memory.
+const AMX_ROWS: usize = 5;
+
+/// The spacing in bytes of the quantized activation rows `x`, if it is one (rows of one
+/// [`Q8Acts`], or the same panel of each: a tile loads them with one stride).
+#[cfg(target_arch = "x86_64")]
+fn row_stride(x: &[ActRow<'_>]) -> Option<usize> {
+    let base = x.first()?.q.as_ptr() as usize;
+    let stride = x
+        .get(1)
+        .map_or(0, |r| (r.q.as_ptr() as usize).wrapping_sub(base));
+    x.iter()
+        .enumerate()
+        .all(|(r, row)| row.q.as_ptr() as usize == base.wrapping_add(r.wrapping_mul(stride)))
+        .then_some(stride)
+}
+
+/// Interleaved Q4_K groups `gi` and `gi + 1` (`g0`, `g1`: their span) times 1 to
+/// [`amx::ROWS`] activation rows `x` (rows `at..` of the product) on the AMX tile unit, into
+/// `out` as [`scatter`] writes (added to what it holds when `more`).
+///
+/// # Safety
+/// This CPU runs [`Isa::Amx`]; the rows are spaced `stride` bytes apart; both groups hold
+/// whole Q4_K blocks of the rows' span.
+#[cfg(target_arch = "x86_64")]
+unsafe fn amx_rows(
+    g0: &[u8],
+    g1: &[u8],
+    x: &[ActRow<'_>],
+    stride: usize,
+    (gi, at, more): (usize, usize, bool),
+    out: &mut [&mut [f32]],
+) {
+    macro_rules! rows {
+        ($($n:literal)+) => {
+            match x.len() {
+                $($n => {
+                    let rows: &[ActRow<'_>; $n] = x.try_into().expect("length matched");
+                    let mut sums = gather::<16, $n>(out, gi, at, more);
+                    // SAFETY: forwarded from the caller.
+                    unsafe { amx::dot16_q4k(g0, g1, rows, stride, &mut sums) };
+                    scatter(out, gi, at, &sums);
+                })+
+                _ => unreachable!("1 to amx::ROWS rows per tile product"),
+            }
+        };
+    }
+    rows!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
 }
 
 /// The sums `out` holds for interleaved group `gi` on (`L` = 8 rows of one group, or 16 of

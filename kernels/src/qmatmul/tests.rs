@@ -69,7 +69,7 @@ fn check(y: &[f32], want: &[f32], n: usize, tol: impl Fn(usize, usize) -> f32, w
 #[test]
 fn every_format_and_kernel_agrees_with_the_reference() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let isas: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni]
+    let isas: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx]
         .into_iter()
         .filter(|i| i.available())
         .collect();
@@ -116,11 +116,12 @@ fn every_format_and_kernel_agrees_with_the_reference() {
                 for &isa in &isas {
                     let mut y = vec![f32::NAN; m * n];
                     w.matmul_with(isa, &x, m, &mut y).unwrap();
-                    // The VNNI build sums the same integers: the same bits as AVX2.
+                    // The VNNI build and the tile products sum the same integers: the same
+                    // bits as AVX2.
                     match isa {
                         Isa::Avx2 => avx2 = Some(y.clone()),
-                        Isa::Avx512Vnni => {
-                            assert_eq!(Some(&y), avx2.as_ref(), "{ty:?} VNNI vs AVX2 m={m}");
+                        Isa::Avx512Vnni | Isa::Amx => {
+                            assert_eq!(Some(&y), avx2.as_ref(), "{ty:?} {isa:?} vs AVX2 m={m}");
                         }
                         Isa::Portable => {}
                     }
@@ -410,4 +411,26 @@ fn panels_cover_rows_evenly_within_the_budget() {
         super::panels(GgmlType::Q4_K, 8960).collect::<Vec<_>>(),
         [(0, 7), (7, 14), (14, 21), (21, 28), (28, 35)]
     );
+}
+
+#[test]
+fn tile_products_equal_the_vnni_kernels_bit_for_bit() {
+    if !Isa::Amx.available() {
+        eprintln!("AMX-INT8 is not available on this CPU or OS: tile products not run");
+        return;
+    }
+    let mut rng = Rng(11);
+    // 59 outputs: pairs of interleaved groups, a group alone at a job's end, and GGUF rows;
+    // past 16 rows, several tile passes; rows of one panel of `k` and of two.
+    for k in [256, 2560] {
+        let w = random_matrix(GgmlType::Q4_K, 59, k, &mut rng);
+        for m in [2, 3, 7, 8, 9, 15, 16, 17, 31, 33] {
+            let x: Vec<f32> = (0..m * k).map(|_| 3.0 * rng.unit()).collect();
+            let mut tiles = vec![f32::NAN; m * 59];
+            let mut vnni = vec![f32::NAN; m * 59];
+            w.matmul_with(Isa::Amx, &x, m, &mut tiles).unwrap();
+            w.matmul_with(Isa::Avx512Vnni, &x, m, &mut vnni).unwrap();
+            assert_eq!(tiles, vnni, "k={k} m={m}");
+        }
+    }
 }

@@ -243,7 +243,7 @@ fn unpack_row6(group: &[u8], r: usize, out: &mut Vec<u8>) {
 /// Bytes of one GGUF Q4_K super-block.
 const GGUF: usize = 144;
 /// Where the weights start in an interleaved block.
-const QS: usize = 160;
+pub(super) const QS: usize = 160;
 
 /// Eight rows of GGUF Q4_K super-blocks (`rows[r]` holds row `r`'s `nb` blocks) → `nb`
 /// interleaved blocks, appended to `out`.

@@ -1,0 +1,372 @@
+//! Q4_K times several activation rows on Intel's AMX tile unit (AMX-INT8: Sapphire Rapids and
+//! later), for tree verification and prefill; one row stays on the VNNI kernels.
+//!
+//! With VNNI, 8 activation rows of Q4_K cost one 8-lane `vpdpbusd` per row and per 4 weights
+//! of 8 outputs, plus a broadcast of the activations for each — bound by those instructions
+//! well before memory (README, "Verification cost"). A tile product (`tdpbsud`) multiplies
+//! up to 16 activation rows by 64 weights of 16 outputs in one instruction; what is left is
+//! laying the weights out as tile bytes.
+//!
+//! Per chunk of 64 weights of two interleaved groups (16 outputs, [`x8`](super::x8)'s layout
+//! as stored), the two groups' nibbles are put side by side as the rows of two weight
+//! tiles, each weight times one of two factors of its sub-block's 6-bit scale `s`
+//! (`s mod 16`, `s div 16`: `vpmullw` on byte pairs, the products stay bytes); the
+//! activations' 64-byte spans are loaded as tiles straight from the quantized rows. A
+//! super-block's four chunks sum into two tiles (`Σ x·q·s` = first + 16 · second), read back
+//! once per block. A first version kept one tile of sums per sub-block of 32 weights and
+//! scaled them with vector multiplies: a tile store of 8 rows cost as much as 1.5 products
+//! and did not overlap them, and 8 rows ran no faster than VNNI.
+//!
+//! Integers are exact, and the super-block's float arithmetic is the VNNI kernel's, lane for
+//! lane: results are bit for bit those of the other builds, whatever the number of rows.
+//! Measured (one thread, 16 outputs × 1536 in L2, ns per super-block of 16 outputs, VNNI →
+//! AMX): 1 row 55 → 127, 4 rows 133 → 141, 8 rows 253 → 177, 16 rows 507 → 251 — a fixed
+//! ~120 ns for the layout (128 `vpmullw` and 128 stores of 64 bytes) against ~31 ns per row
+//! on VNNI, so only passes of 5 rows or more come here.
+//!
+//! Linux hands out the tile state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, once per
+//! process); elsewhere, or where that is refused, [`available`] says no.
+
+#[cfg(target_arch = "x86_64")]
+pub(super) use x86::{ROWS, available, dot16_q4k};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+    use std::sync::OnceLock;
+
+    use super::super::acts::ActRow;
+    use super::super::x8::{BLOCK, QS};
+
+    /// Most activation rows per tile product.
+    pub(in super::super) const ROWS: usize = 16;
+
+    /// Whether this CPU and OS run [`dot16_q4k`] (asks the OS for the tile state the first
+    /// time).
+    pub(in super::super) fn available() -> bool {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| super::super::avx2::vnni_available() && has_amx() && request_tiles())
+    }
+
+    /// CPUID leaf 7: AMX-TILE (EDX bit 24) and AMX-INT8 (bit 25).
+    #[allow(unused_unsafe)]
+    fn has_amx() -> bool {
+        // SAFETY: CPUID exists on every x86-64 CPU.
+        let (max, edx) = unsafe { (__cpuid(0).eax, __cpuid_count(7, 0).edx) };
+        max >= 7 && edx & (1 << 24) != 0 && edx & (1 << 25) != 0
+    }
+
+    /// Asks Linux for the tile data state (XTILEDATA) for this process.
+    #[cfg(target_os = "linux")]
+    fn request_tiles() -> bool {
+        const SYS_ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let ret: i64;
+        // SAFETY: `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)` only widens which
+        // register state this process may use; the `syscall` instruction clobbers rcx and r11.
+        unsafe {
+            asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => ret,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret == 0
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn request_tiles() -> bool {
+        false
+    }
+
+    /// The tile shapes (`ldtilecfg`'s 64-byte operand, palette 1): tmm0 and tmm1 hold
+    /// `rows` × 16 i32 sums, tmm4 and tmm5 `rows` × 64 activation bytes, tmm2, tmm3, tmm6 and
+    /// tmm7 weights, 16 rows of 16 outputs × 4 bytes (even chunks in tmm4, tmm6 and tmm7, odd
+    /// ones in tmm5, tmm2 and tmm3, so that a chunk's loads need not wait for the last
+    /// chunk's products to have read their tiles).
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    impl TileConfig {
+        fn q4k(rows: usize) -> Self {
+            let mut c = Self {
+                palette: 1,
+                start_row: 0,
+                reserved: [0; 14],
+                colsb: [0; 16],
+                rows: [0; 16],
+            };
+            let rows = u8::try_from(rows).expect("at most ROWS rows");
+            let weights = [(2, 16), (3, 16), (6, 16), (7, 16)];
+            for (t, rows) in [(0, rows), (1, rows), (4, rows), (5, rows)]
+                .into_iter()
+                .chain(weights)
+            {
+                c.colsb[t] = 64;
+                c.rows[t] = rows;
+            }
+            c
+        }
+    }
+
+    /// 64-byte aligned scratch for tiles to load from and store to.
+    #[repr(C, align(64))]
+    struct Aligned<T>(T);
+
+    /// Weight tiles of one block: per chunk `c` of 64 weights, `q·(s mod 16)` then
+    /// `q·(s div 16)` (16 rows of 64 bytes each).
+    type Weights = [[[u8; 1024]; 2]; 4];
+
+    /// A block's two tiles of sums (first and second scale factors), `ROWS` rows each.
+    type Sums = [[[i32; 16]; ROWS]; 2];
+
+    /// Interleaved Q4_K groups `g0` and `g1` times the activation rows `x` (`R` ≤ [`ROWS`]),
+    /// added to `out`: `out[r][l]` += row `l` of `g0` (`l < 8`) or row `l − 8` of `g1` ·
+    /// `x[r]`, summed as the VNNI kernel sums them.
+    ///
+    /// Each 6-bit sub-block scale `s` enters the weight bytes as two factors, `s mod 16` and
+    /// `s div 16` (`q·(s mod 16)` ≤ 225 and `q·(s div 16)` ≤ 45 are bytes): a super-block's
+    /// 256 weights then sum into two tiles, `Σ x·q·s` = first + 16 · second, exact — two
+    /// tile stores per block instead of one per sub-block (a store of 8 rows had cost as
+    /// much as one and a half products, and did not overlap them).
+    ///
+    /// # Safety
+    /// [`available`]; `g0` and `g1` hold the same number of whole interleaved Q4_K blocks
+    /// covering the rows' length; row `r`'s bytes start `r · stride` bytes after row 0's.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in super::super) unsafe fn dot16_q4k<const R: usize>(
+        g0: &[u8],
+        g1: &[u8],
+        x: &[ActRow<'_>; R],
+        stride: usize,
+        out: &mut [[f32; 16]; R],
+    ) {
+        debug_assert!(R <= ROWS && g0.len() == g1.len());
+        debug_assert!(
+            (0..R).all(|r| x[r].q.as_ptr() as usize == x[0].q.as_ptr() as usize + r * stride)
+        );
+        // SAFETY: forwarded from the caller: tiles are configured before use; the tile loads
+        // read `R` rows of 64 bytes inside the activation rows (block `bi` of each) and 16
+        // rows of 64 bytes inside `w`; the stores write `R` rows of 64 bytes inside `sums`.
+        unsafe {
+            let cfg = TileConfig::q4k(R);
+            asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+            // A tile load waits for the stores it reads to reach the cache, vector loads of a
+            // tile store wait for it, and tile instructions wait long for their data: each
+            // block's products are issued chunk by chunk between the vector work of laying
+            // out the next block's weights (in the other half of `w`), and its sums are read
+            // back one block later.
+            // Scratch, written before it is read (left uninitialized: zeroing 20 KiB per call
+            // had cost more than the products of a short row).
+            let mut w = MaybeUninit::<Aligned<[Weights; 2]>>::uninit();
+            let mut sums = MaybeUninit::<Aligned<[Sums; 2]>>::uninit();
+            let wp = w.as_mut_ptr().cast::<Weights>();
+            let sp = sums.as_mut_ptr().cast::<Sums>();
+            let nb = g0.len() / BLOCK;
+            let block = |bi: usize| (g0.as_ptr().add(BLOCK * bi), g1.as_ptr().add(BLOCK * bi));
+            let x0 = x[0].q.as_ptr();
+            if nb > 0 {
+                let (p0, p1) = block(0);
+                for c in 0..4 {
+                    weight_chunk(p0, p1, c, wp.cast::<u8>().add(2048 * c));
+                }
+            }
+            for bi in 0..=nb {
+                if bi < nb {
+                    let (cur, next) = (bi % 2, 1 - bi % 2);
+                    let xa = x0.add(256 * bi);
+                    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+                    for c in 0..4 {
+                        let tiles = wp.add(cur).cast::<u8>().add(2048 * c);
+                        if c % 2 == 0 {
+                            chunk_products::<0>(xa.add(64 * c), stride, tiles);
+                        } else {
+                            chunk_products::<1>(xa.add(64 * c), stride, tiles);
+                        }
+                        if bi + 1 < nb {
+                            let (q0, q1) = block(bi + 1);
+                            weight_chunk(q0, q1, c, wp.add(next).cast::<u8>().add(2048 * c));
+                        }
+                    }
+                    asm!(
+                        "tilestored [{c} + {s}*1], tmm0",
+                        "tilestored [{c} + {s}*1 + 1024], tmm1",
+                        c = in(reg) sp.add(cur),
+                        s = in(reg) 64usize,
+                        options(nostack),
+                    );
+                }
+                if bi > 0 {
+                    let bp = bi - 1;
+                    let (p0, p1) = block(bp);
+                    block_sums(p0, p1, bp, x, &*sp.add(bp % 2), out);
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    /// Block `bi`'s tile sums (`sums`: first and second scale factors, [`chunk_products`])
+    /// with its minimums and scales, added to `out` as the VNNI kernel adds them.
+    ///
+    /// # Safety
+    /// `p0` and `p1` are whole interleaved Q4_K blocks, block `bi` of the activation rows
+    /// `x`; the build enables AVX-512 and F16C.
+    #[inline(always)]
+    unsafe fn block_sums<const R: usize>(
+        p0: *const u8,
+        p1: *const u8,
+        bi: usize,
+        x: &[ActRow<'_>; R],
+        sums: &Sums,
+        out: &mut [[f32; 16]; R],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let [s0, s1] = sums;
+            let d = halves_ps(p0, p1, 0);
+            let dmin = halves_ps(p0, p1, 16);
+            let mins: [__m512i; 4] = std::array::from_fn(|c| {
+                let m0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(p0.add(96 + 16 * c).cast()));
+                let m1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(p1.add(96 + 16 * c).cast()));
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(m0), m1)
+            });
+            for r in 0..R {
+                let isum = _mm512_add_epi32(
+                    _mm512_load_si512(s0[r].as_ptr().cast()),
+                    _mm512_slli_epi32::<4>(_mm512_load_si512(s1[r].as_ptr().cast())),
+                );
+                let mut imin = _mm512_setzero_si512();
+                for (c, m) in mins.iter().enumerate() {
+                    let pair = *x[r].sum32x2.get_unchecked(bi * 4 + c);
+                    imin = _mm512_add_epi32(imin, _mm512_madd_epi16(*m, _mm512_set1_epi32(pair)));
+                }
+                let dx = _mm512_set1_ps(*x[r].d.get_unchecked(bi));
+                let sum = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dx));
+                let min = _mm512_mul_ps(_mm512_cvtepi32_ps(imin), _mm512_mul_ps(dmin, dx));
+                let acc = _mm512_loadu_ps(out[r].as_ptr());
+                _mm512_storeu_ps(
+                    out[r].as_mut_ptr(),
+                    _mm512_add_ps(acc, _mm512_sub_ps(sum, min)),
+                );
+            }
+        }
+    }
+
+    /// Chunk `c` (64 weights) of one block of two groups (`p0`, `p1`) as its two weight
+    /// tiles ([`Weights`]): row `i` holds weights `64c + 4i..+4` (low nibbles for `i < 8`,
+    /// then the high nibbles', `64c + 32 + 4(i − 8)..`) of 16 outputs, 8 from each group,
+    /// times the first or the second factor of its sub-block's scale.
+    ///
+    /// # Safety
+    /// `p0` and `p1` are whole interleaved Q4_K blocks; the build enables AVX-512.
+    #[inline(always)]
+    unsafe fn weight_chunk(p0: *const u8, p1: *const u8, c: usize, tiles: *mut u8) {
+        // SAFETY: forwarded from the caller; every store is 64 bytes inside the 2 KiB at
+        // `tiles` (64-byte aligned: [`Aligned`]).
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            // Each output's scale in both 16-bit halves of its 4 bytes: `vpmullw` then
+            // multiplies each byte by it (products below 256 do not carry).
+            let factors = |at: usize| {
+                let s = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(
+                    _mm_loadl_epi64(p0.add(at).cast()),
+                    _mm_loadl_epi64(p1.add(at).cast()),
+                ));
+                let s = _mm512_or_si512(s, _mm512_slli_epi32::<16>(s));
+                (
+                    _mm512_and_si512(s, _mm512_set1_epi16(0x0F)),
+                    _mm512_srli_epi16::<4>(s),
+                )
+            };
+            let (lo0, lo1) = factors(32 + 16 * c);
+            let (hi0, hi1) = factors(40 + 16 * c);
+            let (t0, t1) = (tiles, tiles.add(1024));
+            for u in 0..4 {
+                let at = QS + 256 * c + 64 * u;
+                let a = _mm512_loadu_si512(p0.add(at).cast());
+                let b = _mm512_loadu_si512(p1.add(at).cast());
+                for (i, row) in [
+                    (2 * u, _mm512_shuffle_i64x2::<0x44>(a, b)),
+                    (2 * u + 1, _mm512_shuffle_i64x2::<0xEE>(a, b)),
+                ] {
+                    let ql = _mm512_and_si512(row, low);
+                    let qh = _mm512_and_si512(_mm512_srli_epi16::<4>(row), low);
+                    let (l, h) = (64 * i, 64 * (i + 8));
+                    _mm512_store_si512(t0.add(l).cast(), _mm512_mullo_epi16(ql, lo0));
+                    _mm512_store_si512(t1.add(l).cast(), _mm512_mullo_epi16(ql, lo1));
+                    _mm512_store_si512(t0.add(h).cast(), _mm512_mullo_epi16(qh, hi0));
+                    _mm512_store_si512(t1.add(h).cast(), _mm512_mullo_epi16(qh, hi1));
+                }
+            }
+        }
+    }
+
+    /// One chunk's tile products: its activations (64 bytes of each row, rows `stride`
+    /// apart from `xa`) times its two weight tiles, added to tmm0 (first factors) and tmm1
+    /// (second); `P` picks the chunk parity's tiles.
+    ///
+    /// # Safety
+    /// Tiles configured by [`TileConfig::q4k`]; `xa` starts 64 bytes inside every row.
+    #[inline(always)]
+    unsafe fn chunk_products<const P: usize>(xa: *const i8, stride: usize, w: *const u8) {
+        // SAFETY: forwarded from the caller; loads stay in the rows' chunk and in `w`.
+        unsafe {
+            if P == 0 {
+                asm!(
+                    "tileloadd tmm4, [{x} + {xs}*1]",
+                    "tileloadd tmm6, [{w0} + {s}*1]",
+                    "tileloadd tmm7, [{w1} + {s}*1]",
+                    "tdpbsud tmm0, tmm4, tmm6",
+                    "tdpbsud tmm1, tmm4, tmm7",
+                    x = in(reg) xa,
+                    xs = in(reg) stride,
+                    w0 = in(reg) w,
+                    w1 = in(reg) w.add(1024),
+                    s = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+            } else {
+                asm!(
+                    "tileloadd tmm5, [{x} + {xs}*1]",
+                    "tileloadd tmm2, [{w0} + {s}*1]",
+                    "tileloadd tmm3, [{w1} + {s}*1]",
+                    "tdpbsud tmm0, tmm5, tmm2",
+                    "tdpbsud tmm1, tmm5, tmm3",
+                    x = in(reg) xa,
+                    xs = in(reg) stride,
+                    w0 = in(reg) w,
+                    w1 = in(reg) w.add(1024),
+                    s = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+            }
+        }
+    }
+
+    /// The 8 f16 at `at` of blocks `p0` and `p1` as 16 f32.
+    #[inline(always)]
+    unsafe fn halves_ps(p0: *const u8, p1: *const u8, at: usize) -> __m512 {
+        // SAFETY: the caller's pointers are whole blocks; the build enables AVX-512 and F16C.
+        unsafe {
+            let h = _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(p0.add(at).cast())),
+                _mm_loadu_si128(p1.add(at).cast()),
+            );
+            _mm512_cvtph_ps(h)
+        }
+    }
+}
