@@ -22,7 +22,8 @@
 //! Measured (one thread, 16 outputs × 1536 in L2, ns per super-block of 16 outputs, VNNI →
 //! AMX): 1 row 55 → 127, 4 rows 133 → 141, 8 rows 253 → 177, 16 rows 507 → 251 — a fixed
 //! ~120 ns for the layout (128 `vpmullw` and 128 stores of 64 bytes) against ~31 ns per row
-//! on VNNI, so only passes of 5 rows or more come here.
+//! on VNNI; from memory, where the weights' arrival sets the pace, 3 rows or more gain
+//! (`AMX_ROWS`).
 //!
 //! Linux hands out the tile state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, once per
 //! process); elsewhere, or where that is refused, [`available`] says no.

@@ -898,7 +898,11 @@ impl QuantMatrix {
 
 /// Activation rows from Q4_K's passes on the AMX tile unit up (see [`amx`]): fewer rows
 /// stay on the VNNI kernels, which a single row (plain decoding) reads at the speed of memory.
-const AMX_ROWS: usize = 5;
+/// In the cache the tiles pay from 5 rows (their fixed cost is laying the weights out), but
+/// from memory, where the weights' arrival sets the pace, they ran 3 and 4 rows no slower;
+/// measured on the 1.5B (`arbor bench --verify-curve`, three alternated pairs, 4 nodes over
+/// 1 node): 1.72, 1.91, 1.71 from 5 rows up → 1.57, 1.56, 1.70 from 3 rows up.
+const AMX_ROWS: usize = 3;
 
 /// The spacing in bytes of the quantized activation rows `x`, if it is one (rows of one
 /// [`Q8Acts`], or the same panel of each: a tile loads them with one stride).
