@@ -1,5 +1,5 @@
-//! Q4_K times several activation rows on Intel's AMX tile unit (AMX-INT8: Sapphire Rapids and
-//! later), for tree verification and prefill; one row stays on the VNNI kernels.
+//! Q4_K and Q6_K times several activation rows on Intel's AMX tile unit (AMX-INT8: Sapphire
+//! Rapids and later), for tree verification and prefill; one row stays on the VNNI kernels.
 //!
 //! With VNNI, 8 activation rows of Q4_K cost one 8-lane `vpdpbusd` per row and per 4 weights
 //! of 8 outputs, plus a broadcast of the activations for each — bound by those instructions
@@ -23,13 +23,36 @@
 //! AMX): 1 row 55 → 127, 4 rows 133 → 141, 8 rows 253 → 177, 16 rows 507 → 251 — a fixed
 //! ~120 ns for the layout (128 `vpmullw` and 128 stores of 64 bytes) against ~31 ns per row
 //! on VNNI; from memory, where the weights' arrival sets the pace, 3 rows or more gain
-//! (`AMX_ROWS`).
+//! ([`takes`]).
+//!
+//! Q6_K the same way, its 6-bit weights and signed 8-bit scales as one signed 16-bit product
+//! per weight cut into a low (unsigned) and a high (signed) byte ([`dot16_q6k`]).
 //!
 //! Linux hands out the tile state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, once per
 //! process); elsewhere, or where that is refused, [`available`] says no.
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::{ROWS, available, dot16_q4k};
+pub(super) use x86::{ROWS, available, dot16_q4k, dot16_q6k};
+
+use crate::quant::GgmlType;
+
+/// Whether `m` activation rows of a matrix of `ty` go to the tile products: Q4_K from 3
+/// rows, Q6_K from 3 rows but 8 (the VNNI build's 8-row pass over pairs of groups is its best
+/// case). From memory (40 matrices of 8960 × 1536, 2 threads, fastest of 7, VNNI → AMX):
+/// Q4_K 5 rows 29.0 → 23.3 ms, 8: 28.1 → 25.2, 16: 44.3 → 31.0, 32: 80.7 → 50.6, 1–4 rows
+/// alike (memory-bound); Q6_K 3 rows 41.8–42.4 → 40.6–41.5, 4: 44.4–45.2 → 41.7–41.8, 6: 50.2
+/// → 41.8, 8: 40.7–41.1 → 43.1–43.8, 12: 53.2–53.3 → 45.2–46.5, 16: 59.8 → 43.8, 32: 104.1 →
+/// 66.3 (Q6_K's layout — 6-bit weights, signed 16-bit products — is the heavier of the two).
+/// In the cache Q4_K's tiles pay only from 5 rows (their fixed cost is the layout); in the
+/// 1.5B (`arbor bench --verify-curve`, three alternated pairs, 4 nodes over 1 node) Q4_K
+/// from 5 rows read 1.72, 1.91, 1.71, from 3 rows 1.57, 1.56, 1.70.
+pub(super) fn takes(ty: GgmlType, m: usize) -> bool {
+    match ty {
+        GgmlType::Q4_K => m >= 3,
+        GgmlType::Q6_K => m >= 3 && m != 8,
+        _ => false,
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -39,7 +62,8 @@ mod x86 {
     use std::sync::OnceLock;
 
     use super::super::acts::ActRow;
-    use super::super::x8::{BLOCK, QS};
+    use super::super::x8::{BLOCK, BLOCK6, QS, QS6};
+    use super::super::x16::{both, both8, weights6};
 
     /// Most activation rows per tile product.
     pub(in super::super) const ROWS: usize = 16;
@@ -134,6 +158,10 @@ mod x86 {
     /// A block's two tiles of sums (first and second scale factors), `ROWS` rows each.
     type Sums = [[[i32; 16]; ROWS]; 2];
 
+    /// The formats [`run`] takes, as its const parameter.
+    const Q4K: u8 = 0;
+    const Q6K: u8 = 1;
+
     /// Interleaved Q4_K groups `g0` and `g1` times the activation rows `x` (`R` ≤ [`ROWS`]),
     /// added to `out`: `out[r][l]` += row `l` of `g0` (`l < 8`) or row `l − 8` of `g1` ·
     /// `x[r]`, summed as the VNNI kernel sums them.
@@ -155,10 +183,59 @@ mod x86 {
         stride: usize,
         out: &mut [[f32; 16]; R],
     ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { run::<Q4K, R>(g0, g1, x, stride, out) }
+    }
+
+    /// [`dot16_q4k`] for interleaved Q6_K groups. Each weight's signed product with its
+    /// sub-block's scale, `(q − 32)·s` (|·| ≤ 4096, 16 bits from `vpmullw`), is cut into its
+    /// low byte (unsigned) and high byte (signed): a super-block sums into two tiles,
+    /// `Σ x·(q − 32)·s` = low + 256 · high (`tdpbsud` and `tdpbssd`), exact.
+    ///
+    /// # Safety
+    /// As [`dot16_q4k`], for Q6_K blocks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in super::super) unsafe fn dot16_q6k<const R: usize>(
+        g0: &[u8],
+        g1: &[u8],
+        x: &[ActRow<'_>; R],
+        stride: usize,
+        out: &mut [[f32; 16]; R],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { run::<Q6K, R>(g0, g1, x, stride, out) }
+    }
+
+    /// The tile products of format `F` ([`Q4K`], [`Q6K`]) for [`dot16_q4k`] and
+    /// [`dot16_q6k`].
+    ///
+    /// # Safety
+    /// As those, and the caller's build enables AVX-512 (BW, VL) and F16C.
+    #[inline(always)]
+    unsafe fn run<const F: u8, const R: usize>(
+        g0: &[u8],
+        g1: &[u8],
+        x: &[ActRow<'_>; R],
+        stride: usize,
+        out: &mut [[f32; 16]; R],
+    ) {
         debug_assert!(R <= ROWS && g0.len() == g1.len());
         debug_assert!(
             (0..R).all(|r| x[r].q.as_ptr() as usize == x[0].q.as_ptr() as usize + r * stride)
         );
+        let bytes = if F == Q4K { BLOCK } else { BLOCK6 };
+        // Lays out block `bi`'s weights for chunk `c` (Q6_K: both chunks of half `c / 2`, at
+        // its odd chunk) into the 2 KiB per chunk at `w`.
+        let layout = |p0: *const u8, p1: *const u8, c: usize, w: *mut u8| {
+            // SAFETY: forwarded from the caller: whole blocks, 64-byte aligned scratch.
+            unsafe {
+                if F == Q4K {
+                    weight_chunk(p0, p1, c, w.add(2048 * c));
+                } else if c % 2 == 1 {
+                    weight_half6(p0, p1, c / 2, w.add(2048 * (c - 1)));
+                }
+            }
+        };
         // SAFETY: forwarded from the caller: tiles are configured before use; the tile loads
         // read `R` rows of 64 bytes inside the activation rows (block `bi` of each) and 16
         // rows of 64 bytes inside `w`; the stores write `R` rows of 64 bytes inside `sums`.
@@ -176,13 +253,13 @@ mod x86 {
             let mut sums = MaybeUninit::<Aligned<[Sums; 2]>>::uninit();
             let wp = w.as_mut_ptr().cast::<Weights>();
             let sp = sums.as_mut_ptr().cast::<Sums>();
-            let nb = g0.len() / BLOCK;
-            let block = |bi: usize| (g0.as_ptr().add(BLOCK * bi), g1.as_ptr().add(BLOCK * bi));
+            let nb = g0.len() / bytes;
+            let block = |bi: usize| (g0.as_ptr().add(bytes * bi), g1.as_ptr().add(bytes * bi));
             let x0 = x[0].q.as_ptr();
             if nb > 0 {
                 let (p0, p1) = block(0);
                 for c in 0..4 {
-                    weight_chunk(p0, p1, c, wp.cast::<u8>().add(2048 * c));
+                    layout(p0, p1, c, wp.cast::<u8>());
                 }
             }
             for bi in 0..=nb {
@@ -192,14 +269,10 @@ mod x86 {
                     asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
                     for c in 0..4 {
                         let tiles = wp.add(cur).cast::<u8>().add(2048 * c);
-                        if c % 2 == 0 {
-                            chunk_products::<0>(xa.add(64 * c), stride, tiles);
-                        } else {
-                            chunk_products::<1>(xa.add(64 * c), stride, tiles);
-                        }
+                        chunk_products::<F>(c % 2 == 0, xa.add(64 * c), stride, tiles);
                         if bi + 1 < nb {
                             let (q0, q1) = block(bi + 1);
-                            weight_chunk(q0, q1, c, wp.add(next).cast::<u8>().add(2048 * c));
+                            layout(q0, q1, c, wp.add(next).cast::<u8>());
                         }
                     }
                     asm!(
@@ -213,7 +286,11 @@ mod x86 {
                 if bi > 0 {
                     let bp = bi - 1;
                     let (p0, p1) = block(bp);
-                    block_sums(p0, p1, bp, x, &*sp.add(bp % 2), out);
+                    if F == Q4K {
+                        block_sums(p0, p1, bp, x, &*sp.add(bp % 2), out);
+                    } else {
+                        block_sums6(p0, p1, bp, x, &*sp.add(bp % 2), out);
+                    }
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
@@ -317,42 +394,133 @@ mod x86 {
     }
 
     /// One chunk's tile products: its activations (64 bytes of each row, rows `stride`
-    /// apart from `xa`) times its two weight tiles, added to tmm0 (first factors) and tmm1
-    /// (second); `P` picks the chunk parity's tiles.
+    /// apart from `xa`) times its two weight tiles, added to tmm0 (first tile, unsigned
+    /// bytes) and tmm1 (second; unsigned for [`Q4K`], signed for [`Q6K`]). Even chunks use
+    /// tmm4, tmm6 and tmm7, odd ones tmm5, tmm2 and tmm3.
     ///
     /// # Safety
-    /// Tiles configured by [`TileConfig::q4k`]; `xa` starts 64 bytes inside every row.
+    /// Tiles configured by [`TileConfig::q4k`]; `xa` starts 64 bytes inside every row; `w`
+    /// holds the chunk's two 1 KiB tiles.
     #[inline(always)]
-    unsafe fn chunk_products<const P: usize>(xa: *const i8, stride: usize, w: *const u8) {
+    unsafe fn chunk_products<const F: u8>(even: bool, xa: *const i8, stride: usize, w: *const u8) {
+        macro_rules! products {
+            ($a:literal, $w0:literal, $w1:literal, $second:literal) => {
+                asm!(
+                    concat!("tileloadd ", $a, ", [{x} + {xs}*1]"),
+                    concat!("tileloadd ", $w0, ", [{w0} + {s}*1]"),
+                    concat!("tileloadd ", $w1, ", [{w1} + {s}*1]"),
+                    concat!("tdpbsud tmm0, ", $a, ", ", $w0),
+                    concat!($second, " tmm1, ", $a, ", ", $w1),
+                    x = in(reg) xa,
+                    xs = in(reg) stride,
+                    w0 = in(reg) w,
+                    w1 = in(reg) w.add(1024),
+                    s = in(reg) 64usize,
+                    options(nostack, readonly),
+                )
+            };
+        }
         // SAFETY: forwarded from the caller; loads stay in the rows' chunk and in `w`.
         unsafe {
-            if P == 0 {
-                asm!(
-                    "tileloadd tmm4, [{x} + {xs}*1]",
-                    "tileloadd tmm6, [{w0} + {s}*1]",
-                    "tileloadd tmm7, [{w1} + {s}*1]",
-                    "tdpbsud tmm0, tmm4, tmm6",
-                    "tdpbsud tmm1, tmm4, tmm7",
-                    x = in(reg) xa,
-                    xs = in(reg) stride,
-                    w0 = in(reg) w,
-                    w1 = in(reg) w.add(1024),
-                    s = in(reg) 64usize,
-                    options(nostack, readonly),
+            match (F == Q4K, even) {
+                (true, true) => products!("tmm4", "tmm6", "tmm7", "tdpbsud"),
+                (true, false) => products!("tmm5", "tmm2", "tmm3", "tdpbsud"),
+                (false, true) => products!("tmm4", "tmm6", "tmm7", "tdpbssd"),
+                (false, false) => products!("tmm5", "tmm2", "tmm3", "tdpbssd"),
+            }
+        }
+    }
+
+    /// Half `h` (128 weights: chunks `2h` and `2h + 1`) of one Q6_K block of two groups
+    /// (`p0`, `p1`) as its weight tiles at `w` (2 KiB per chunk): row `i` of chunk `2h + c`
+    /// holds weights `64(2h + c) + 4i..+4` of 16 outputs, 8 from each group, as the low
+    /// bytes (first tile) and high bytes (second) of `(q − 32)·s`.
+    ///
+    /// # Safety
+    /// `p0` and `p1` are whole interleaved Q6_K blocks; `w` is 4 KiB, 64-byte aligned; the
+    /// build enables AVX-512 (BW).
+    #[inline(always)]
+    unsafe fn weight_half6(p0: *const u8, p1: *const u8, h: usize, w: *mut u8) {
+        // SAFETY: forwarded from the caller; every store is 64 bytes inside `w`.
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            let bias = _mm512_set1_epi8(32);
+            let (lo_bytes, hi_bytes) = (_mm512_set1_epi16(0x00FF), _mm512_set1_epi16(-256));
+            for gq in 0..2 {
+                // Sub-block `8h + 2S + gq`'s scales of the 16 outputs, in both 16-bit halves
+                // of each output's 4 bytes.
+                let scales: [__m512i; 4] = std::array::from_fn(|s| {
+                    let v = _mm512_cvtepi8_epi32(both8(p0, p1, 16 + 8 * (8 * h + 2 * s + gq)));
+                    _mm512_mask_blend_epi16(0xAAAA_AAAA, v, _mm512_slli_epi32::<16>(v))
+                });
+                for g in 4 * gq..4 * gq + 4 {
+                    let at = QS6 + (h * 8 + g) * 96;
+                    let (qa, qb, qh) = (
+                        both(p0, p1, at),
+                        both(p0, p1, at + 32),
+                        both(p0, p1, at + 64),
+                    );
+                    let q = [
+                        weights6::<0>(qa, qb, qh, low),
+                        weights6::<1>(qa, qb, qh, low),
+                        weights6::<2>(qa, qb, qh, low),
+                        weights6::<3>(qa, qb, qh, low),
+                    ];
+                    for (s, (q, sc)) in q.into_iter().zip(scales).enumerate() {
+                        // Signed weights, each byte of a 16-bit pair sign-extended on its own.
+                        let q = _mm512_sub_epi8(q, bias);
+                        let even = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(q));
+                        let odd = _mm512_srai_epi16::<8>(q);
+                        let pe = _mm512_mullo_epi16(even, sc);
+                        let po = _mm512_mullo_epi16(odd, sc);
+                        // (a & c) | b: low bytes in place, then the high bytes.
+                        let lo = _mm512_ternarylogic_epi32::<0xEC>(
+                            pe,
+                            _mm512_slli_epi16::<8>(po),
+                            lo_bytes,
+                        );
+                        let hi = _mm512_ternarylogic_epi32::<0xEC>(
+                            po,
+                            _mm512_srli_epi16::<8>(pe),
+                            hi_bytes,
+                        );
+                        let row = w.add(2048 * (s / 2) + 64 * (8 * (s % 2) + g));
+                        _mm512_store_si512(row.cast(), lo);
+                        _mm512_store_si512(row.add(1024).cast(), hi);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Block `bi`'s Q6_K tile sums (`sums`: low and high bytes) with its scales, added to
+    /// `out` as the VNNI kernel adds them.
+    ///
+    /// # Safety
+    /// As [`block_sums`], for Q6_K blocks.
+    #[inline(always)]
+    unsafe fn block_sums6<const R: usize>(
+        p0: *const u8,
+        p1: *const u8,
+        bi: usize,
+        x: &[ActRow<'_>; R],
+        sums: &Sums,
+        out: &mut [[f32; 16]; R],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let [lo, hi] = sums;
+            let d = halves_ps(p0, p1, 0);
+            for r in 0..R {
+                let isum = _mm512_add_epi32(
+                    _mm512_load_si512(lo[r].as_ptr().cast()),
+                    _mm512_slli_epi32::<8>(_mm512_load_si512(hi[r].as_ptr().cast())),
                 );
-            } else {
-                asm!(
-                    "tileloadd tmm5, [{x} + {xs}*1]",
-                    "tileloadd tmm2, [{w0} + {s}*1]",
-                    "tileloadd tmm3, [{w1} + {s}*1]",
-                    "tdpbsud tmm0, tmm5, tmm2",
-                    "tdpbsud tmm1, tmm5, tmm3",
-                    x = in(reg) xa,
-                    xs = in(reg) stride,
-                    w0 = in(reg) w,
-                    w1 = in(reg) w.add(1024),
-                    s = in(reg) 64usize,
-                    options(nostack, readonly),
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x[r].d.get_unchecked(bi)));
+                let acc = _mm512_loadu_ps(out[r].as_ptr());
+                _mm512_storeu_ps(
+                    out[r].as_mut_ptr(),
+                    _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale)),
                 );
             }
         }

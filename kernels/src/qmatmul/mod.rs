@@ -678,7 +678,7 @@ impl QuantMatrix {
         #[cfg(not(target_arch = "x86_64"))]
         let pair = false;
         #[cfg(target_arch = "x86_64")]
-        let amx = if isa == Isa::Amx && self.ty == GgmlType::Q4_K && m >= AMX_ROWS {
+        let amx = if isa == Isa::Amx && amx::takes(self.ty, m) {
             row_stride(x)
         } else {
             None
@@ -737,6 +737,7 @@ impl QuantMatrix {
                     // groups hold whole blocks of the rows' span.
                     unsafe {
                         amx_rows(
+                            self.ty,
                             group(gi),
                             group(gi + 1),
                             rows,
@@ -896,14 +897,6 @@ impl QuantMatrix {
     }
 }
 
-/// Activation rows from Q4_K's passes on the AMX tile unit up (see [`amx`]): fewer rows
-/// stay on the VNNI kernels, which a single row (plain decoding) reads at the speed of memory.
-/// In the cache the tiles pay from 5 rows (their fixed cost is laying the weights out), but
-/// from memory, where the weights' arrival sets the pace, they ran 3 and 4 rows no slower;
-/// measured on the 1.5B (`arbor bench --verify-curve`, three alternated pairs, 4 nodes over
-/// 1 node): 1.72, 1.91, 1.71 from 5 rows up → 1.57, 1.56, 1.70 from 3 rows up.
-const AMX_ROWS: usize = 3;
-
 /// The spacing in bytes of the quantized activation rows `x`, if it is one (rows of one
 /// [`Q8Acts`], or the same panel of each: a tile loads them with one stride).
 #[cfg(target_arch = "x86_64")]
@@ -918,7 +911,7 @@ fn row_stride(x: &[ActRow<'_>]) -> Option<usize> {
         .then_some(stride)
 }
 
-/// Interleaved Q4_K groups `gi` and `gi + 1` (`g0`, `g1`: their span) times 1 to
+/// Interleaved groups `gi` and `gi + 1` of `ty` (Q4_K or Q6_K; `g0`, `g1`: their span) times 1 to
 /// [`amx::ROWS`] activation rows `x` (rows `at..` of the product) on the AMX tile unit, into
 /// `out` as [`scatter`] writes (added to what it holds when `more`).
 ///
@@ -927,6 +920,7 @@ fn row_stride(x: &[ActRow<'_>]) -> Option<usize> {
 /// whole Q4_K blocks of the rows' span.
 #[cfg(target_arch = "x86_64")]
 unsafe fn amx_rows(
+    ty: GgmlType,
     g0: &[u8],
     g1: &[u8],
     x: &[ActRow<'_>],
@@ -941,7 +935,13 @@ unsafe fn amx_rows(
                     let rows: &[ActRow<'_>; $n] = x.try_into().expect("length matched");
                     let mut sums = gather::<16, $n>(out, gi, at, more);
                     // SAFETY: forwarded from the caller.
-                    unsafe { amx::dot16_q4k(g0, g1, rows, stride, &mut sums) };
+                    unsafe {
+                        if ty == GgmlType::Q4_K {
+                            amx::dot16_q4k(g0, g1, rows, stride, &mut sums);
+                        } else {
+                            amx::dot16_q6k(g0, g1, rows, stride, &mut sums);
+                        }
+                    }
                     scatter(out, gi, at, &sums);
                 })+
                 _ => unreachable!("1 to amx::ROWS rows per tile product"),

@@ -422,15 +422,18 @@ fn tile_products_equal_the_vnni_kernels_bit_for_bit() {
     let mut rng = Rng(11);
     // 59 outputs: pairs of interleaved groups, a group alone at a job's end, and GGUF rows;
     // past 16 rows, several tile passes; rows of one panel of `k` and of two.
-    for k in [256, 2560] {
-        let w = random_matrix(GgmlType::Q4_K, 59, k, &mut rng);
+    for (ty, k) in [GgmlType::Q4_K, GgmlType::Q6_K]
+        .into_iter()
+        .flat_map(|t| [(t, 256), (t, 2560)])
+    {
+        let w = random_matrix(ty, 59, k, &mut rng);
         for m in [2, 3, 7, 8, 9, 15, 16, 17, 31, 33] {
             let x: Vec<f32> = (0..m * k).map(|_| 3.0 * rng.unit()).collect();
             let mut tiles = vec![f32::NAN; m * 59];
             let mut vnni = vec![f32::NAN; m * 59];
             w.matmul_with(Isa::Amx, &x, m, &mut tiles).unwrap();
             w.matmul_with(Isa::Avx512Vnni, &x, m, &mut vnni).unwrap();
-            assert_eq!(tiles, vnni, "k={k} m={m}");
+            assert_eq!(tiles, vnni, "{ty:?} k={k} m={m}");
         }
     }
 }

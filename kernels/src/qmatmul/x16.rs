@@ -27,7 +27,7 @@
 //! "Verification cost").
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::{dot16_vnni, pairs};
+pub(super) use x86::{both, both8, dot16_vnni, pairs, weights as weights6};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -89,7 +89,7 @@ mod x86 {
 
     /// 32 bytes at `at` of blocks `p0` and `p1`, as the low and high halves.
     #[inline(always)]
-    unsafe fn both(p0: *const u8, p1: *const u8, at: usize) -> __m512i {
+    pub(in super::super) unsafe fn both(p0: *const u8, p1: *const u8, at: usize) -> __m512i {
         // SAFETY: the callers' pointers stay inside their blocks.
         unsafe {
             let lo = _mm256_loadu_si256(p0.add(at).cast());
@@ -100,7 +100,7 @@ mod x86 {
 
     /// 8 bytes at `at` of blocks `p0` and `p1`, side by side.
     #[inline(always)]
-    unsafe fn both8(p0: *const u8, p1: *const u8, at: usize) -> __m128i {
+    pub(in super::super) unsafe fn both8(p0: *const u8, p1: *const u8, at: usize) -> __m128i {
         // SAFETY: the callers' pointers stay inside their blocks.
         unsafe {
             _mm_unpacklo_epi64(
@@ -322,7 +322,7 @@ mod x86 {
 
     /// Q6_K's 6-bit weights at sub-block position `S` of 16 rows (as the 8-row `weights6`).
     #[inline(always)]
-    unsafe fn weights<const S: usize>(
+    pub(in super::super) unsafe fn weights<const S: usize>(
         qa: __m512i,
         qb: __m512i,
         qh: __m512i,
