@@ -34,6 +34,7 @@
 #[cfg(target_arch = "x86_64")]
 pub(super) use x86::{ROWS, available, dot16_q4k, dot16_q6k};
 
+#[cfg(target_arch = "x86_64")]
 use crate::quant::GgmlType;
 
 /// Whether `m` activation rows of a matrix of `ty` go to the tile products: Q4_K from 3
@@ -46,6 +47,7 @@ use crate::quant::GgmlType;
 /// In the cache Q4_K's tiles pay only from 5 rows (their fixed cost is the layout); in the
 /// 1.5B (`arbor bench --verify-curve`, three alternated pairs, 4 nodes over 1 node) Q4_K
 /// from 5 rows read 1.72, 1.91, 1.71, from 3 rows 1.57, 1.56, 1.70.
+#[cfg(target_arch = "x86_64")]
 pub(super) fn takes(ty: GgmlType, m: usize) -> bool {
     match ty {
         GgmlType::Q4_K => m >= 3,
@@ -68,8 +70,8 @@ mod x86 {
     /// Most activation rows per tile product.
     pub(in super::super) const ROWS: usize = 16;
 
-    /// Whether this CPU and OS run [`dot16_q4k`] (asks the OS for the tile state the first
-    /// time).
+    /// Whether this CPU and OS run the tile products (asks the OS for the tile state the
+    /// first time).
     pub(in super::super) fn available() -> bool {
         static OK: OnceLock<bool> = OnceLock::new();
         *OK.get_or_init(|| super::super::avx2::vnni_available() && has_amx() && request_tiles())
@@ -126,7 +128,7 @@ mod x86 {
     }
 
     impl TileConfig {
-        fn q4k(rows: usize) -> Self {
+        fn new(rows: usize) -> Self {
             let mut c = Self {
                 palette: 1,
                 start_row: 0,
@@ -240,7 +242,7 @@ mod x86 {
         // read `R` rows of 64 bytes inside the activation rows (block `bi` of each) and 16
         // rows of 64 bytes inside `w`; the stores write `R` rows of 64 bytes inside `sums`.
         unsafe {
-            let cfg = TileConfig::q4k(R);
+            let cfg = TileConfig::new(R);
             asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
             // A tile load waits for the stores it reads to reach the cache, vector loads of a
             // tile store wait for it, and tile instructions wait long for their data: each
@@ -286,25 +288,22 @@ mod x86 {
                 if bi > 0 {
                     let bp = bi - 1;
                     let (p0, p1) = block(bp);
-                    if F == Q4K {
-                        block_sums(p0, p1, bp, x, &*sp.add(bp % 2), out);
-                    } else {
-                        block_sums6(p0, p1, bp, x, &*sp.add(bp % 2), out);
-                    }
+                    block_sums::<F, R>(p0, p1, bp, x, &*sp.add(bp % 2), out);
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
         }
     }
 
-    /// Block `bi`'s tile sums (`sums`: first and second scale factors, [`chunk_products`])
-    /// with its minimums and scales, added to `out` as the VNNI kernel adds them.
+    /// Block `bi`'s tile sums (`sums`, [`chunk_products`]: Q4_K's first and second scale
+    /// factors, Q6_K's low and high bytes) with its scales (and Q4_K's minimums), added to
+    /// `out` as the VNNI kernels add them.
     ///
     /// # Safety
-    /// `p0` and `p1` are whole interleaved Q4_K blocks, block `bi` of the activation rows
-    /// `x`; the build enables AVX-512 and F16C.
+    /// `p0` and `p1` are whole interleaved blocks of format `F`, block `bi` of the activation
+    /// rows `x`; the build enables AVX-512 and F16C.
     #[inline(always)]
-    unsafe fn block_sums<const R: usize>(
+    unsafe fn block_sums<const F: u8, const R: usize>(
         p0: *const u8,
         p1: *const u8,
         bi: usize,
@@ -316,6 +315,21 @@ mod x86 {
         unsafe {
             let [s0, s1] = sums;
             let d = halves_ps(p0, p1, 0);
+            if F == Q6K {
+                for r in 0..R {
+                    let isum = _mm512_add_epi32(
+                        _mm512_load_si512(s0[r].as_ptr().cast()),
+                        _mm512_slli_epi32::<8>(_mm512_load_si512(s1[r].as_ptr().cast())),
+                    );
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x[r].d.get_unchecked(bi)));
+                    let acc = _mm512_loadu_ps(out[r].as_ptr());
+                    _mm512_storeu_ps(
+                        out[r].as_mut_ptr(),
+                        _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale)),
+                    );
+                }
+                return;
+            }
             let dmin = halves_ps(p0, p1, 16);
             let mins: [__m512i; 4] = std::array::from_fn(|c| {
                 let m0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(p0.add(96 + 16 * c).cast()));
@@ -399,7 +413,7 @@ mod x86 {
     /// tmm4, tmm6 and tmm7, odd ones tmm5, tmm2 and tmm3.
     ///
     /// # Safety
-    /// Tiles configured by [`TileConfig::q4k`]; `xa` starts 64 bytes inside every row; `w`
+    /// Tiles configured by [`TileConfig::new`]; `xa` starts 64 bytes inside every row; `w`
     /// holds the chunk's two 1 KiB tiles.
     #[inline(always)]
     unsafe fn chunk_products<const F: u8>(even: bool, xa: *const i8, stride: usize, w: *const u8) {
@@ -489,39 +503,6 @@ mod x86 {
                         _mm512_store_si512(row.add(1024).cast(), hi);
                     }
                 }
-            }
-        }
-    }
-
-    /// Block `bi`'s Q6_K tile sums (`sums`: low and high bytes) with its scales, added to
-    /// `out` as the VNNI kernel adds them.
-    ///
-    /// # Safety
-    /// As [`block_sums`], for Q6_K blocks.
-    #[inline(always)]
-    unsafe fn block_sums6<const R: usize>(
-        p0: *const u8,
-        p1: *const u8,
-        bi: usize,
-        x: &[ActRow<'_>; R],
-        sums: &Sums,
-        out: &mut [[f32; 16]; R],
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            let [lo, hi] = sums;
-            let d = halves_ps(p0, p1, 0);
-            for r in 0..R {
-                let isum = _mm512_add_epi32(
-                    _mm512_load_si512(lo[r].as_ptr().cast()),
-                    _mm512_slli_epi32::<8>(_mm512_load_si512(hi[r].as_ptr().cast())),
-                );
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x[r].d.get_unchecked(bi)));
-                let acc = _mm512_loadu_ps(out[r].as_ptr());
-                _mm512_storeu_ps(
-                    out[r].as_mut_ptr(),
-                    _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), scale)),
-                );
             }
         }
     }
