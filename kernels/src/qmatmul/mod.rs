@@ -59,8 +59,8 @@ pub enum Isa {
     /// The AVX2 kernels built with AVX-512 VNNI (`vpdpbusd`, `vpdpwssd`; 256-bit lanes), and
     /// 512-bit ones over pairs of interleaved groups for many rows (AVX512F/BW).
     Avx512Vnni,
-    /// [`Isa::Avx512Vnni`], with Q4_K's products of several activation rows on the AMX tile
-    /// unit (AMX-INT8; Linux grants the tile state on first use). The same bits.
+    /// [`Isa::Avx512Vnni`], with Q4_K's and Q6_K's products of several activation rows on
+    /// the AMX tile unit (AMX-INT8; Linux grants the tile state on first use). The same bits.
     Amx,
 }
 
@@ -269,8 +269,9 @@ pub fn matmul_fused_with(
 
 /// How a product's activation rows go over each interleaved group: `wide` of them 8 at a
 /// time (two groups at once where `pair`), the rest `rest` at a time.
-/// Where `amx` holds the activation rows' spacing in bytes, Q4_K's pairs of groups take
-/// every row on the AMX tile unit instead, [`amx::ROWS`] at a time.
+/// Where `amx` holds the activation rows' spacing in bytes (Q4_K and Q6_K, as
+/// `amx::takes` says), pairs of groups take every row on the AMX tile unit instead,
+/// [`amx::ROWS`] at a time.
 struct Passes {
     wide: usize,
     rest: usize,
@@ -733,7 +734,7 @@ impl QuantMatrix {
             if let Some(stride) = amx.filter(|_| gi + 1 < count) {
                 for (a, rows) in x.chunks(amx::ROWS).enumerate() {
                     // SAFETY: `amx` is set only where `matmul_fused_with` checked that this
-                    // CPU runs `Isa::Amx`, for Q4_K rows spaced `stride` bytes apart; the
+                    // CPU runs `Isa::Amx`, for Q4_K or Q6_K rows spaced `stride` bytes apart; the
                     // groups hold whole blocks of the rows' span.
                     unsafe {
                         amx_rows(
