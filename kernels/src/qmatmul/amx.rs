@@ -26,13 +26,13 @@
 //! ([`takes`]).
 //!
 //! Q6_K the same way, its 6-bit weights and signed 8-bit scales as one signed 16-bit product
-//! per weight cut into a low (unsigned) and a high (signed) byte ([`dot16_q6k`]).
+//! per weight cut into a low (unsigned) and a high (signed) byte ([`dot16`]).
 //!
 //! Linux hands out the tile state on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, once per
 //! process); elsewhere, or where that is refused, [`available`] says no.
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::{ROWS, available, dot16_q4k, dot16_q6k};
+pub(super) use x86::{ROWS, available, dot16};
 
 #[cfg(target_arch = "x86_64")]
 use crate::quant::GgmlType;
@@ -66,6 +66,7 @@ mod x86 {
     use super::super::acts::ActRow;
     use super::super::x8::{BLOCK, BLOCK6, QS, QS6};
     use super::super::x16::{both, both8, weights6};
+    use crate::quant::GgmlType;
 
     /// Most activation rows per tile product.
     pub(in super::super) const ROWS: usize = 16;
@@ -164,55 +165,47 @@ mod x86 {
     const Q4K: u8 = 0;
     const Q6K: u8 = 1;
 
-    /// Interleaved Q4_K groups `g0` and `g1` times the activation rows `x` (`R` ≤ [`ROWS`]),
-    /// added to `out`: `out[r][l]` += row `l` of `g0` (`l < 8`) or row `l − 8` of `g1` ·
-    /// `x[r]`, summed as the VNNI kernel sums them.
+    /// Interleaved groups `g0` and `g1` of `ty` (Q4_K or Q6_K, see [`takes`](super::takes))
+    /// times the activation rows `x` (`R` ≤ [`ROWS`]), added to `out`: `out[r][l]` += row
+    /// `l` of `g0` (`l < 8`) or row `l − 8` of `g1` · `x[r]`, summed as the VNNI kernels sum
+    /// them.
     ///
-    /// Each 6-bit sub-block scale `s` enters the weight bytes as two factors, `s mod 16` and
-    /// `s div 16` (`q·(s mod 16)` ≤ 225 and `q·(s div 16)` ≤ 45 are bytes): a super-block's
-    /// 256 weights then sum into two tiles, `Σ x·q·s` = first + 16 · second, exact — two
-    /// tile stores per block instead of one per sub-block (a store of 8 rows had cost as
-    /// much as one and a half products, and did not overlap them).
+    /// Q4_K: each 6-bit sub-block scale `s` enters the weight bytes as two factors, `s mod 16`
+    /// and `s div 16` (`q·(s mod 16)` ≤ 225 and `q·(s div 16)` ≤ 45 are bytes): a
+    /// super-block's 256 weights then sum into two tiles, `Σ x·q·s` = first + 16 · second,
+    /// exact — two tile stores per block instead of one per sub-block (a store of 8 rows had
+    /// cost as much as one and a half products, and did not overlap them). Q6_K: each
+    /// weight's signed product with its sub-block's scale, `(q − 32)·s` (|·| ≤ 4096, 16 bits
+    /// from `vpmullw`), is cut into its low byte (unsigned) and high byte (signed): two tiles
+    /// again, `Σ x·(q − 32)·s` = low + 256 · high (`tdpbsud` and `tdpbssd`), exact.
     ///
     /// # Safety
-    /// [`available`]; `g0` and `g1` hold the same number of whole interleaved Q4_K blocks
+    /// [`available`]; `g0` and `g1` hold the same number of whole interleaved blocks of `ty`
     /// covering the rows' length; row `r`'s bytes start `r · stride` bytes after row 0's.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(in super::super) unsafe fn dot16_q4k<const R: usize>(
+    pub(in super::super) unsafe fn dot16<const R: usize>(
+        ty: GgmlType,
         g0: &[u8],
         g1: &[u8],
         x: &[ActRow<'_>; R],
         stride: usize,
         out: &mut [[f32; 16]; R],
     ) {
+        debug_assert!(matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K));
         // SAFETY: forwarded from the caller.
-        unsafe { run::<Q4K, R>(g0, g1, x, stride, out) }
+        unsafe {
+            if ty == GgmlType::Q4_K {
+                run::<Q4K, R>(g0, g1, x, stride, out);
+            } else {
+                run::<Q6K, R>(g0, g1, x, stride, out);
+            }
+        }
     }
 
-    /// [`dot16_q4k`] for interleaved Q6_K groups. Each weight's signed product with its
-    /// sub-block's scale, `(q − 32)·s` (|·| ≤ 4096, 16 bits from `vpmullw`), is cut into its
-    /// low byte (unsigned) and high byte (signed): a super-block sums into two tiles,
-    /// `Σ x·(q − 32)·s` = low + 256 · high (`tdpbsud` and `tdpbssd`), exact.
+    /// The tile products of format `F` ([`Q4K`], [`Q6K`]) for [`dot16`].
     ///
     /// # Safety
-    /// As [`dot16_q4k`], for Q6_K blocks.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(in super::super) unsafe fn dot16_q6k<const R: usize>(
-        g0: &[u8],
-        g1: &[u8],
-        x: &[ActRow<'_>; R],
-        stride: usize,
-        out: &mut [[f32; 16]; R],
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe { run::<Q6K, R>(g0, g1, x, stride, out) }
-    }
-
-    /// The tile products of format `F` ([`Q4K`], [`Q6K`]) for [`dot16_q4k`] and
-    /// [`dot16_q6k`].
-    ///
-    /// # Safety
-    /// As those, and the caller's build enables AVX-512 (BW, VL) and F16C.
+    /// As [`dot16`], and the caller's build enables AVX-512 (BW, VL) and F16C.
     #[inline(always)]
     unsafe fn run<const F: u8, const R: usize>(
         g0: &[u8],

@@ -936,13 +936,7 @@ unsafe fn amx_rows(
                     let rows: &[ActRow<'_>; $n] = x.try_into().expect("length matched");
                     let mut sums = gather::<16, $n>(out, gi, at, more);
                     // SAFETY: forwarded from the caller.
-                    unsafe {
-                        if ty == GgmlType::Q4_K {
-                            amx::dot16_q4k(g0, g1, rows, stride, &mut sums);
-                        } else {
-                            amx::dot16_q6k(g0, g1, rows, stride, &mut sums);
-                        }
-                    }
+                    unsafe { amx::dot16(ty, g0, g1, rows, stride, &mut sums) };
                     scatter(out, gi, at, &sums);
                 })+
                 _ => unreachable!("1 to amx::ROWS rows per tile product"),
