@@ -235,3 +235,36 @@ fn auto_calibrates_only_the_trees_it_can_build() {
         );
     }
 }
+
+#[test]
+fn auto_times_again_the_tree_sizes_its_steps_no_longer_reach() {
+    let tok = byte_tokenizer();
+    let target = model(3, tok.vocab_size(), 5);
+    let other = model(2, tok.vocab_size(), 9);
+    let params = GenerateParams {
+        max_tokens: 48,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let prompt = Prompt::Text(PROMPTS[1].into());
+    let (want, _) = finished(
+        Generator::new(&target, &tok)
+            .generate(&prompt, &params)
+            .unwrap(),
+    );
+    // A draft that rarely agrees: trees stay small or speculation stops, so the larger
+    // measured sizes go stale and are timed again on the live cache.
+    let mut engine = Engine::new(&target, &tok, TreePolicy::default())
+        .with_draft(ModelDraft::new("other", other));
+    let (got, steps) = finished(engine.generate(&prompt, &params).unwrap());
+    assert!(steps > 16, "too few steps to go stale: {steps}");
+    assert!(
+        engine.planner().refreshes > 0,
+        "no size was timed again in {steps} steps: {:?}",
+        engine.planner().verify_cost
+    );
+    assert_eq!(
+        got.tokens, want.tokens,
+        "a re-timing must leave the cache as it was"
+    );
+}

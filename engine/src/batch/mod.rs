@@ -58,7 +58,7 @@ use burn::tensor::backend::Backend;
 pub use scheduler::{Scheduler, SchedulerConfig, SeqLoad, StepPlan, Work};
 
 use crate::output::{Event, Output, check_prompt, prompt_tokens};
-use crate::spec::{check_model_draft, measure_verify_cost};
+use crate::spec::{check_model_draft, measure_verify_cost, time_verify};
 use crate::{DraftStats, EngineError, GenerateParams, Prompt};
 use crate::{Planner, TreePolicy};
 use sequence::Sequence;
@@ -475,13 +475,14 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         {
             let root = s.root();
             match measure_verify_cost(self.target, &mut s.cache, root, max_depth, None) {
-                Ok(costs) => self.planner.verify_cost = costs,
+                Ok(costs) => self.planner.set_verify_cost(costs),
                 Err(e) => s.fail(e),
             }
         }
         if !self.planner.calibrated() {
             return None;
         }
+        self.refresh_verify_cost();
         let seqs = self
             .running
             .iter()
@@ -507,6 +508,26 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
             return None;
         }
         Some((shape, gates))
+    }
+
+    /// Times the verify cost of a row count no step has measured for a while, if one is due
+    /// ([`Planner::refresh_due`]), on a sequence ready to speculate (as the calibration did).
+    fn refresh_verify_cost(&mut self) {
+        let max_pos = self.target.max_position();
+        let Some(s) = self.running.iter_mut().find(|s| s.ready_to_speculate()) else {
+            return;
+        };
+        let Some(n) = self
+            .planner
+            .refresh_due(max_pos.saturating_sub(s.cache.len()))
+        else {
+            return;
+        };
+        let root = s.root();
+        match time_verify(self.target, &mut s.cache, root, n, 1) {
+            Ok(secs) => self.planner.observe_refresh(n, secs),
+            Err(e) => s.fail(e),
+        }
     }
 
     /// The batched target forward over every prepared sequence, and each one's commit.

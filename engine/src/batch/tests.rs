@@ -130,6 +130,28 @@ fn batched_greedy_equals_plain_greedy_alone() {
     }
 }
 
+/// `auto` in a batch times row counts no step had for a while again, on a live sequence's
+/// cache, which it leaves as it was.
+#[test]
+fn auto_times_again_row_counts_its_steps_no_longer_reach() {
+    let (m, tok) = model();
+    let mut e = BatchEngine::new(&m, &tok, SchedulerConfig::default())
+        .unwrap()
+        .with_draft(|| Box::new(NgramDraft::default()))
+        .with_tree_policy("auto".parse().unwrap());
+    let texts = prompts(2);
+    let rxs: Vec<Rx> = texts
+        .iter()
+        .map(|t| submit(&mut e, t, params(40), true))
+        .collect();
+    run(&mut e);
+    for (t, rx) in texts.iter().zip(&rxs) {
+        assert_eq!(finished(rx).1.tokens, plain(&m, &tok, t, &params(40)));
+    }
+    let p = e.planner();
+    assert!(p.refreshes > 0, "{:?}", p.verify_cost);
+}
+
 /// Speculation really runs in a batch: trees are verified, and some nodes accepted on a
 /// repetitive prompt (prompt lookup), while the output stays the plain greedy one.
 #[test]

@@ -213,13 +213,31 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
     fn calibrate(&mut self, width: usize, max_depth: usize) -> Result<(), EngineError> {
         let root = *self.context.last().expect("started");
         let most = 1 + self.engine.drafts.len() * width * max_depth;
-        self.engine.planner.verify_cost = measure_verify_cost(
+        let costs = measure_verify_cost(
             self.engine.target,
             &mut self.cache,
             root,
             max_depth,
             Some(most),
         )?;
+        self.engine.planner.set_verify_cost(costs);
+        Ok(())
+    }
+
+    /// Times the verify cost of a size no step has measured for a while, if one is due
+    /// ([`Planner::refresh_due`]); its time is booked as decoding time.
+    fn refresh_verify_cost(&mut self) -> Result<(), EngineError> {
+        let target = self.engine.target;
+        let room = target.max_position().saturating_sub(self.cache.len());
+        let Some(n) = self.engine.planner.refresh_due(room) else {
+            return Ok(());
+        };
+        let t0 = Instant::now();
+        let root = *self.context.last().expect("started");
+        let secs = time_verify(target, &mut self.cache, root, n, 1)?;
+        self.engine.planner.observe_refresh(n, secs);
+        self.output.add_time(t0.elapsed());
+        tracing::debug!(nodes = n, secs, "verify cost re-timed");
         Ok(())
     }
 
@@ -240,6 +258,7 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
                 if !self.engine.planner.calibrated() && !self.engine.drafts.is_empty() {
                     self.calibrate(width, deepest)?;
                 }
+                self.refresh_verify_cost()?;
                 let p = &self.engine.planner;
                 let (shape, gates) = p.plan_gated(width, deepest);
                 tracing::debug!(
