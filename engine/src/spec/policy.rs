@@ -92,6 +92,9 @@ const REFRESH_AGE: usize = 16;
 /// Share of the observed verification time that re-timings may spend (about 1% of a
 /// speculative step, whose other half is drafting).
 const REFRESH_SHARE: f64 = 0.02;
+/// A re-timing below this fraction of its size's cost found the curve wrong and is not charged
+/// to the credit ([`Planner::observe_refresh`]).
+const REPRICED: f64 = 0.8;
 
 /// The cost model behind `auto`: verify time by tree size (measured once on the target),
 /// time per draft level forward (running average per draft), per-step overhead, and
@@ -407,9 +410,9 @@ impl Planner {
 
     /// The measured size to time again before the next step, if one is due: the smallest
     /// that no verification has had for [`REFRESH_AGE`] observed steps (above the largest
-    /// that one has, if any), once earlier
-    /// re-timings are paid off (the first is taken on credit; after that they spend at most
-    /// [`REFRESH_SHARE`] of the verification time). Without it, sizes the growth gates stop
+    /// that one has, if any), once earlier re-timings are paid off (the first is taken on
+    /// credit; after that they spend at most [`REFRESH_SHARE`] of the verification time,
+    /// except those that found the curve wrong, [`Planner::observe_refresh`]). Without it, sizes the growth gates stop
     /// reaching were never measured again: a calibration on a busy moment (Qwen2.5-1.5B: 4
     /// nodes at 50.8 ms, 8 at 86, against ~41 and ~75 alone) priced deeper trees too high,
     /// the gates kept trees at 2–3 nodes, and nothing corrected it for a whole run (τ 1.94
@@ -435,9 +438,16 @@ impl Planner {
     }
 
     /// Folds a re-timing of `nodes` (a measured size, [`Planner::refresh_due`]) in, as a
-    /// step's verification would be, and pays for it out of the credit.
+    /// step's verification would be, and pays for it out of the credit — unless it found the
+    /// size [`REPRICED`] too dear: then the curve was measured on a busy moment, the sizes
+    /// above are likely priced as wrongly, and the next stale one is timed at the next step
+    /// instead of after the credit is paid back (each such re-timing lowers a cost that only
+    /// steps of that size raise again, a tenth at a time, so they cannot recur without end).
     pub fn observe_refresh(&mut self, nodes: usize, secs: f64) {
-        self.refresh_credit -= secs;
+        let old = self.verify_cost.iter().find(|c| c.0 == nodes).map(|c| c.1);
+        if old.is_none_or(|old| secs >= REPRICED * old) {
+            self.refresh_credit -= secs;
+        }
         self.refreshes += 1;
         self.fold_verify(nodes, secs);
     }
@@ -768,17 +778,23 @@ mod tests {
 
     #[test]
     fn sizes_steps_no_longer_reach_are_timed_again_out_of_a_share_of_the_time() {
-        // A calibration on a busy moment: 4 and 8 nodes priced too high, so gated trees stay
-        // at 2 nodes and never measure them.
+        // A calibration on a busy moment: 4, 8 and 16 nodes priced too high, so gated trees
+        // stay at 2 nodes and never measure them.
         let mut p = Planner::default();
-        p.set_verify_cost(vec![(1, 0.030), (2, 0.033), (4, 0.051), (8, 0.086)]);
+        p.set_verify_cost(vec![
+            (1, 0.030),
+            (2, 0.033),
+            (4, 0.060),
+            (8, 0.100),
+            (16, 0.180),
+        ]);
         for _ in 1..REFRESH_AGE {
             p.observe_verify(2, 0.033);
             assert_eq!(p.refresh_due(usize::MAX), None, "nothing is stale yet");
         }
         p.observe_verify(2, 0.033);
-        // 1, 4 and 8 are stale; 1 is capped by the 2-node cost steps keep measuring, 4 is
-        // the next size a tree would grow into.
+        // 1, 4, 8 and 16 are stale; 1 is capped by the 2-node cost steps keep measuring, 4
+        // is the next size a tree would grow into.
         assert_eq!(p.refresh_due(usize::MAX), Some(4));
         assert!(p.refresh_due(3).is_none_or(|n| n <= 3), "past the room");
         p.observe_refresh(4, 0.041);
@@ -788,17 +804,28 @@ mod tests {
             "a quieter timing is taken at once"
         );
         assert_eq!(p.refreshes, 1);
-        // The first re-timing was on credit; the next waits until 2% of the verification
-        // time observed since has paid for it.
+        // It found the curve wrong: the size above is timed at once, free as well.
+        assert_eq!(p.refresh_due(usize::MAX), Some(8));
+        p.observe_refresh(8, 0.075);
+        assert_eq!(p.refresh_due(usize::MAX), Some(16));
+        // A re-timing that confirms its cost is charged: the next one waits until 2% of the
+        // verification time observed since has paid for it.
+        p.observe_refresh(16, 0.170);
+        assert_eq!(p.verify_cost[4], (16, 0.170));
+        let credit = REFRESH_SHARE * 0.033 * REFRESH_AGE as f64 - 0.170;
         let mut steps = 0;
         while p.refresh_due(usize::MAX).is_none() {
             p.observe_verify(2, 0.033);
             steps += 1;
             assert!(steps < 1000, "never due again");
         }
-        let paid = REFRESH_SHARE * 0.033 * (REFRESH_AGE + steps) as f64;
-        assert!(paid >= 0.041 && paid < 0.041 + REFRESH_SHARE * 0.033 + 1e-12);
-        // Trees now reach 4 nodes: 8 is the size above them.
+        let paid = credit + REFRESH_SHARE * 0.033 * steps as f64;
+        assert!(
+            (0.0..REFRESH_SHARE * 0.033 + 1e-12).contains(&paid),
+            "{paid}"
+        );
+        // Trees at 2 nodes still: 4 is again the size above them; once they reach 4, 8 is.
+        assert_eq!(p.refresh_due(usize::MAX), Some(4));
         p.observe_verify(4, 0.041);
         assert_eq!(p.refresh_due(usize::MAX), Some(8));
         // No sizes, or every size just measured: nothing to do.
