@@ -3,7 +3,7 @@
 //! output keeps the target's distribution, and bad drafts are refused.
 
 use arbor_engine::{
-    Engine, EngineError, Event, Finished, GenerateParams, Generator, Prompt, TreePolicy,
+    Engine, EngineError, Event, Finished, GenerateParams, Generator, Planner, Prompt, TreePolicy,
 };
 use arbor_model::{
     Architecture, ModelConfig, RandomWeights, SamplingParams, Transformer, device::Cpu,
@@ -237,12 +237,16 @@ fn auto_calibrates_only_the_trees_it_can_build() {
 }
 
 #[test]
-fn auto_times_again_the_tree_sizes_its_steps_no_longer_reach() {
+fn auto_times_again_a_verify_curve_measured_on_a_busy_moment() {
     let tok = byte_tokenizer();
     let target = model(3, tok.vocab_size(), 5);
-    let other = model(2, tok.vocab_size(), 9);
+    let engine = |planner: Planner| {
+        Engine::new(&target, &tok, TreePolicy::default())
+            .with_draft(ModelDraft::new("self1", target.truncated(1).unwrap()))
+            .with_planner(planner)
+    };
     let params = GenerateParams {
-        max_tokens: 48,
+        max_tokens: 40,
         ignore_eos: true,
         ..GenerateParams::default()
     };
@@ -252,19 +256,26 @@ fn auto_times_again_the_tree_sizes_its_steps_no_longer_reach() {
             .generate(&prompt, &params)
             .unwrap(),
     );
-    // A draft that rarely agrees: trees stay small or speculation stops, so the larger
-    // measured sizes go stale and are timed again on the live cache.
-    let mut engine = Engine::new(&target, &tok, TreePolicy::default())
-        .with_draft(ModelDraft::new("other", other));
-    let (got, steps) = finished(engine.generate(&prompt, &params).unwrap());
-    assert!(steps > 16, "too few steps to go stale: {steps}");
-    assert!(
-        engine.planner().refreshes > 0,
-        "no size was timed again in {steps} steps: {:?}",
-        engine.planner().verify_cost
-    );
+    let mut first = engine(Planner::default());
+    finished(first.generate(&prompt, &params).unwrap());
+    let quiet = first.planner().verify_cost.clone();
+    // The same curve as if both calibration rounds had met a busy neighbour: every size 100×
+    // dearer, its two rounds far apart.
+    let mut busy = Planner::default();
+    let timings: Vec<_> = quiet
+        .iter()
+        .map(|&(n, s)| (n, 100.0 * s, 150.0 * s))
+        .collect();
+    busy.set_calibration(&timings);
+    let mut second = engine(busy);
+    let (got, steps) = finished(second.generate(&prompt, &params).unwrap());
     assert_eq!(
         got.tokens, want.tokens,
-        "a re-timing must leave the cache as it was"
+        "re-timings must leave the cache as it was"
     );
+    let p = second.planner();
+    assert!(p.refreshes > 0, "nothing timed again in {steps} steps");
+    for (&(n, now), &(_, q)) in p.verify_cost.iter().zip(&quiet) {
+        assert!(now < 50.0 * q, "{n} nodes still at {now} s (quiet {q} s)");
+    }
 }

@@ -243,6 +243,15 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         &self.planner
     }
 
+    /// Starts `auto` from a cost model measured before (e.g. another engine's
+    /// [`planner`](Self::planner) on the same target and machine): a calibrated one is not
+    /// measured again, only kept up to date as steps run.
+    #[must_use]
+    pub fn with_planner(mut self, planner: Planner) -> Self {
+        self.planner = planner;
+        self
+    }
+
     /// Compresses every sequence's KV cache with `policy` (quantization, Quest, H2O; CPU
     /// backend). Build and check it for [`Transformer::kv_layout`] with this engine's page
     /// size. Trees are cut to the depth the policy allows ([`KvPolicy::max_tree_depth`]).
@@ -475,7 +484,7 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         {
             let root = s.root();
             match measure_verify_cost(self.target, &mut s.cache, root, max_depth, None) {
-                Ok(costs) => self.planner.set_verify_cost(costs),
+                Ok(timings) => self.planner.set_calibration(&timings),
                 Err(e) => s.fail(e),
             }
         }

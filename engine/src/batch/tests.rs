@@ -130,26 +130,44 @@ fn batched_greedy_equals_plain_greedy_alone() {
     }
 }
 
-/// `auto` in a batch times row counts no step had for a while again, on a live sequence's
-/// cache, which it leaves as it was.
+/// `auto` in a batch times again a verify curve measured on a busy moment, row count by row
+/// count, on a live sequence's cache, which it leaves as it was.
 #[test]
-fn auto_times_again_row_counts_its_steps_no_longer_reach() {
+fn auto_times_again_a_verify_curve_measured_on_a_busy_moment() {
     let (m, tok) = model();
-    let mut e = BatchEngine::new(&m, &tok, SchedulerConfig::default())
-        .unwrap()
-        .with_draft(|| Box::new(NgramDraft::default()))
-        .with_tree_policy("auto".parse().unwrap());
     let texts = prompts(2);
-    let rxs: Vec<Rx> = texts
+    let run_with = |planner: Planner| {
+        let mut e = BatchEngine::new(&m, &tok, SchedulerConfig::default())
+            .unwrap()
+            .with_draft(|| Box::new(NgramDraft::default()))
+            .with_tree_policy("auto".parse().unwrap())
+            .with_planner(planner);
+        let rxs: Vec<Rx> = texts
+            .iter()
+            .map(|t| submit(&mut e, t, params(40), true))
+            .collect();
+        run(&mut e);
+        for (t, rx) in texts.iter().zip(&rxs) {
+            assert_eq!(finished(rx).1.tokens, plain(&m, &tok, t, &params(40)));
+        }
+        e.planner().clone()
+    };
+    let quiet = run_with(Planner::default()).verify_cost;
+    let mut busy = Planner::default();
+    let timings: Vec<_> = quiet
         .iter()
-        .map(|t| submit(&mut e, t, params(40), true))
+        .map(|&(n, s)| (n, 100.0 * s, 150.0 * s))
         .collect();
-    run(&mut e);
-    for (t, rx) in texts.iter().zip(&rxs) {
-        assert_eq!(finished(rx).1.tokens, plain(&m, &tok, t, &params(40)));
-    }
-    let p = e.planner();
+    busy.set_calibration(&timings);
+    let p = run_with(busy);
     assert!(p.refreshes > 0, "{:?}", p.verify_cost);
+    // Row counts past what a step can hold stay as they were; the rest came back down.
+    let timed = p
+        .verify_cost
+        .iter()
+        .zip(&quiet)
+        .filter(|(c, q)| c.1 < 50.0 * q.1);
+    assert!(timed.count() >= 3, "{:?} vs quiet {quiet:?}", p.verify_cost);
 }
 
 /// Speculation really runs in a batch: trees are verified, and some nodes accepted on a

@@ -111,6 +111,15 @@ impl<'m, B: Backend> Engine<'m, B> {
         &self.planner
     }
 
+    /// Starts `auto` from a cost model measured before (e.g. another engine's
+    /// [`planner`](Self::planner) on the same target and machine): a calibrated one is not
+    /// measured again, only kept up to date as steps run.
+    #[must_use]
+    pub fn with_planner(mut self, planner: Planner) -> Self {
+        self.planner = planner;
+        self
+    }
+
     /// Starts a speculative generation. Work happens as the returned iterator is advanced;
     /// besides text it yields an [`Event::Step`] per verification step.
     ///
@@ -213,14 +222,14 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
     fn calibrate(&mut self, width: usize, max_depth: usize) -> Result<(), EngineError> {
         let root = *self.context.last().expect("started");
         let most = 1 + self.engine.drafts.len() * width * max_depth;
-        let costs = measure_verify_cost(
+        let timings = measure_verify_cost(
             self.engine.target,
             &mut self.cache,
             root,
             max_depth,
             Some(most),
         )?;
-        self.engine.planner.set_verify_cost(costs);
+        self.engine.planner.set_calibration(&timings);
         Ok(())
     }
 

@@ -86,14 +86,15 @@ const DECAY: f64 = 0.97;
 const STALE: f64 = 2.0;
 /// Node counts at which the verify cost is measured.
 pub const VERIFY_SIZES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
-/// Verifications after which a measured size that none of them had is due to be timed again
+/// Verifications after which a measured size that none of them had may be timed again
 /// ([`Planner::refresh_due`]).
 const REFRESH_AGE: usize = 16;
-/// Share of the observed verification time that re-timings may spend (about 1% of a
-/// speculative step, whose other half is drafting).
-const REFRESH_SHARE: f64 = 0.02;
-/// A re-timing below this fraction of its size's cost found the curve wrong and is not charged
-/// to the credit ([`Planner::observe_refresh`]).
+/// Share of the observed verification time that re-timings of sizes nobody suspects may
+/// spend: a slow check of a curve that looked right.
+const REFRESH_SHARE: f64 = 0.005;
+/// A timing below this fraction of another of the same size says one of them was taken on a
+/// busy moment: two calibration rounds that far apart, or a step or re-timing that far below
+/// its size's cost, make the sizes concerned suspect ([`Planner::refresh_due`]).
 const REPRICED: f64 = 0.8;
 
 /// The cost model behind `auto`: verify time by tree size (measured once on the target),
@@ -132,8 +133,12 @@ pub struct Planner {
     /// that size, the calibration or a re-timing); missing entries read 0.
     #[serde(skip)]
     verify_age: Vec<usize>,
+    /// Sizes whose cost may have been measured on a busy moment (parallel to `verify_cost`):
+    /// timed again as soon as they are stale, free of the credit.
+    #[serde(skip)]
+    suspect: Vec<bool>,
     /// Seconds of re-timing the observed verifications have paid for ([`REFRESH_SHARE`] of
-    /// each); below zero while the last re-timing is being paid off.
+    /// each), spent on sizes nobody suspects.
     #[serde(skip)]
     refresh_credit: f64,
 }
@@ -145,10 +150,26 @@ impl Planner {
     }
 
     /// Takes a measured verify curve (`(nodes, seconds)`, increasing in nodes), every size
-    /// just timed.
+    /// just timed and trusted.
     pub fn set_verify_cost(&mut self, costs: Vec<(usize, f64)>) {
         self.verify_age = vec![0; costs.len()];
+        self.suspect = vec![false; costs.len()];
         self.verify_cost = costs;
+    }
+
+    /// Takes a calibration: `(nodes, first, second)` timings of each size, increasing in
+    /// nodes, a round apart. Each size costs its faster timing (a bigger tree never less than
+    /// a smaller one); a size whose two timings are far apart is suspect.
+    pub fn set_calibration(&mut self, timings: &[(usize, f64, f64)]) {
+        let mut costs: Vec<(usize, f64)> = timings.iter().map(|&(n, a, b)| (n, a.min(b))).collect();
+        for i in (0..costs.len().saturating_sub(1)).rev() {
+            costs[i].1 = costs[i].1.min(costs[i + 1].1);
+        }
+        self.set_verify_cost(costs);
+        self.suspect = timings
+            .iter()
+            .map(|&(_, a, b)| a.min(b) < REPRICED * a.max(b))
+            .collect();
     }
 
     /// Verify seconds for `n` nodes (linear between measured sizes, and beyond the last).
@@ -398,7 +419,8 @@ impl Planner {
     /// plain decoding) wrongly for the whole run. Lower timings are taken at once, higher
     /// ones a tenth at a time ([`track_cost`]); a bigger tree is kept at least as dear as a
     /// smaller one. Every observation ages the other sizes and pays [`REFRESH_SHARE`] of its
-    /// time towards re-timing them ([`Planner::refresh_due`]).
+    /// time towards re-timing them; one [`REPRICED`] below its size's cost makes the sizes
+    /// above it suspect ([`Planner::refresh_due`]).
     pub fn observe_verify(&mut self, nodes: usize, secs: f64) {
         self.verify_age.resize(self.verify_cost.len(), 0);
         for age in &mut self.verify_age {
@@ -408,56 +430,61 @@ impl Planner {
         self.fold_verify(nodes, secs);
     }
 
-    /// The measured size to time again before the next step, if one is due: the smallest
-    /// that no verification has had for [`REFRESH_AGE`] observed steps (above the largest
-    /// that one has, if any), once earlier re-timings are paid off (the first is taken on
-    /// credit; after that they spend at most [`REFRESH_SHARE`] of the verification time,
-    /// except those that found the curve wrong, [`Planner::observe_refresh`]). Without it, sizes the growth gates stop
-    /// reaching were never measured again: a calibration on a busy moment (Qwen2.5-1.5B: 4
-    /// nodes at 50.8 ms, 8 at 86, against ~41 and ~75 alone) priced deeper trees too high,
-    /// the gates kept trees at 2–3 nodes, and nothing corrected it for a whole run (τ 1.94
-    /// instead of ~4).
+    /// The measured size to time again before the next step, if one is due: a suspect size
+    /// (two calibration rounds far apart, or a step or re-timing of a smaller size far below
+    /// its cost) not timed at the last step, or one no verification has had for
+    /// [`REFRESH_AGE`] observed steps whose cost the credit covers ([`REFRESH_SHARE`] of the
+    /// verification time) — the smallest above the largest size steps have, if any. Without it, sizes the growth
+    /// gates stop reaching were never measured again: a calibration on a busy moment
+    /// (Qwen2.5-1.5B: 4 nodes at 50.8 ms, 8 at 86, against ~41 and ~75 alone) priced deeper
+    /// trees too high, the gates kept trees at 2–3 nodes, and nothing corrected it for a
+    /// whole run (τ 1.94 instead of ~4).
     ///
     /// `room`: the most nodes the sequence to time it on can still take.
     pub fn refresh_due(&self, room: usize) -> Option<usize> {
-        if self.refresh_credit < 0.0 {
-            return None;
-        }
         let ages = &self.verify_age;
-        let stale = |&i: &usize| ages[i] >= REFRESH_AGE && self.verify_cost[i].0 <= room;
+        let suspect = |i: usize| self.suspect.get(i) == Some(&true);
         // Sizes below one that steps reach are capped by its cost (a bigger tree is kept at
         // least as dear), so the ones that matter first are those just above it.
         let above = ages
             .iter()
             .rposition(|&a| a < REFRESH_AGE)
             .map_or(0, |i| i + 1);
-        (above..ages.len())
+        let mut order = (above..ages.len())
             .chain(0..above)
-            .find(stale)
-            .map(|i| self.verify_cost[i].0)
+            .filter(|&i| self.verify_cost[i].0 <= room);
+        if let Some(i) = order.clone().find(|&i| suspect(i) && ages[i] > 0) {
+            return Some(self.verify_cost[i].0);
+        }
+        let (n, cost) = self.verify_cost[order.find(|&i| ages[i] >= REFRESH_AGE)?];
+        (self.refresh_credit >= cost).then_some(n)
     }
 
     /// Folds a re-timing of `nodes` (a measured size, [`Planner::refresh_due`]) in, as a
-    /// step's verification would be, and pays for it out of the credit — unless it found the
-    /// size [`REPRICED`] too dear: then the curve was measured on a busy moment, the sizes
-    /// above are likely priced as wrongly, and the next stale one is timed at the next step
-    /// instead of after the credit is paid back (each such re-timing lowers a cost that only
-    /// steps of that size raise again, a tenth at a time, so they cannot recur without end).
+    /// step's verification would be; one of a size nobody suspected is paid for out of the
+    /// credit.
     pub fn observe_refresh(&mut self, nodes: usize, secs: f64) {
-        let old = self.verify_cost.iter().find(|c| c.0 == nodes).map(|c| c.1);
-        if old.is_none_or(|old| secs >= REPRICED * old) {
+        if let Some(i) = self.verify_cost.iter().position(|c| c.0 == nodes)
+            && self.suspect.get(i) != Some(&true)
+        {
             self.refresh_credit -= secs;
         }
         self.refreshes += 1;
         self.fold_verify(nodes, secs);
     }
 
-    /// [`Planner::observe_verify`]'s curve update: `secs` for `nodes` (ignored unless a
-    /// measured size), which counts as just timed.
+    /// The curve update of a verification of `nodes` (ignored unless a measured size), which
+    /// counts as just timed and no longer suspect: `secs` [`REPRICED`] below its cost makes
+    /// every larger size suspect — measured on the same busy moment, likely as wrong.
     fn fold_verify(&mut self, nodes: usize, secs: f64) {
         let Some(i) = self.verify_cost.iter().position(|&(n, _)| n == nodes) else {
             return;
         };
+        self.suspect.resize(self.verify_cost.len(), false);
+        if secs < REPRICED * self.verify_cost[i].1 {
+            self.suspect[i + 1..].fill(true);
+        }
+        self.suspect[i] = false;
         if let Some(age) = self.verify_age.get_mut(i) {
             *age = 0;
         }
@@ -503,14 +530,15 @@ fn track_cost(old: f64, new: f64) -> f64 {
 /// extrapolates from the last two): one sequence's `auto:2,8` trees hold at most 17 nodes, and
 /// its 32- and 64-node forwards had been 1.5 s of a 2.4 s calibration of Qwen-1.5B on 2 cores.
 /// The batched engine prices whole batches of rows and measures them all. Each size is timed
-/// twice, in two rounds over the sizes, and keeps its faster timing.
+/// twice, in two rounds over the sizes: `(nodes, first, second)` for
+/// [`Planner::set_calibration`].
 pub(crate) fn measure_verify_cost<B: Backend>(
     target: &Transformer<B>,
     cache: &mut KvCache<B>,
     root: u32,
     max_depth: usize,
     most_nodes: Option<usize>,
-) -> Result<Vec<(usize, f64)>, EngineError> {
+) -> Result<Vec<(usize, f64, f64)>, EngineError> {
     let room = target.max_position().saturating_sub(cache.len());
     let mut costs: Vec<(usize, f64)> = Vec::new();
     for &n in VERIFY_SIZES.iter().filter(|&&n| n <= room) {
@@ -523,19 +551,16 @@ pub(crate) fn measure_verify_cost<B: Backend>(
             break;
         }
     }
-    // A second round over every size, keeping the faster timing: a size's two timings are a
-    // round apart (~0.35 s for Qwen2.5-1.5B), so a short busy moment on the shared host
-    // inflates one of them, where two timings back to back had both priced that size too
+    // A second round over every size: a size's two timings are a round apart (~0.35 s for
+    // Qwen2.5-1.5B), so a short busy moment on the shared host inflates one of them (and
+    // shows as their spread), where two timings back to back had both priced that size too
     // high.
-    for c in &mut costs {
-        c.1 = c.1.min(time_verify(target, cache, root, c.0, 1)?);
+    let mut timings = Vec::with_capacity(costs.len());
+    for (n, first) in costs {
+        timings.push((n, first, time_verify(target, cache, root, n, 1)?));
     }
-    // A bigger tree never costs less: smooth timing noise away from the right.
-    for i in (0..costs.len().saturating_sub(1)).rev() {
-        costs[i].1 = costs[i].1.min(costs[i + 1].1);
-    }
-    tracing::debug!(?costs, "verify cost by tree size");
-    Ok(costs)
+    tracing::debug!(?timings, "verify cost by tree size");
+    Ok(timings)
 }
 
 /// Seconds of the fastest of `repeats` verification forwards of an `n`-node tree (a chain
@@ -777,57 +802,48 @@ mod tests {
     }
 
     #[test]
-    fn sizes_steps_no_longer_reach_are_timed_again_out_of_a_share_of_the_time() {
-        // A calibration on a busy moment: 4, 8 and 16 nodes priced too high, so gated trees
-        // stay at 2 nodes and never measure them.
+    fn suspect_sizes_are_timed_again_at_once_others_out_of_a_share_of_the_time() {
+        // A calibration whose 4-node rounds disagree: 4 is suspect, the others trusted.
         let mut p = Planner::default();
-        p.set_verify_cost(vec![
-            (1, 0.030),
-            (2, 0.033),
-            (4, 0.060),
-            (8, 0.100),
-            (16, 0.180),
+        p.set_calibration(&[
+            (1, 0.030, 0.031),
+            (2, 0.034, 0.033),
+            (4, 0.060, 0.045),
+            (8, 0.075, 0.078),
         ]);
-        for _ in 1..REFRESH_AGE {
-            p.observe_verify(2, 0.033);
-            assert_eq!(p.refresh_due(usize::MAX), None, "nothing is stale yet");
-        }
-        p.observe_verify(2, 0.033);
-        // 1, 4, 8 and 16 are stale; 1 is capped by the 2-node cost steps keep measuring, 4
-        // is the next size a tree would grow into.
-        assert_eq!(p.refresh_due(usize::MAX), Some(4));
-        assert!(p.refresh_due(3).is_none_or(|n| n <= 3), "past the room");
-        p.observe_refresh(4, 0.041);
         assert_eq!(
-            p.verify_cost[2],
-            (4, 0.041),
-            "a quieter timing is taken at once"
+            p.verify_cost,
+            vec![(1, 0.030), (2, 0.033), (4, 0.045), (8, 0.075)]
         );
+        assert_eq!(p.refresh_due(usize::MAX), None, "just timed");
+        p.observe_verify(2, 0.033);
+        assert_eq!(p.refresh_due(usize::MAX), Some(4));
+        assert_eq!(p.refresh_due(3), None, "past the room");
+        p.observe_refresh(4, 0.044);
+        assert_eq!(p.verify_cost[2], (4, 0.044));
         assert_eq!(p.refreshes, 1);
-        // It found the curve wrong: the size above is timed at once, free as well.
-        assert_eq!(p.refresh_due(usize::MAX), Some(8));
-        p.observe_refresh(8, 0.075);
-        assert_eq!(p.refresh_due(usize::MAX), Some(16));
-        // A re-timing that confirms its cost is charged: the next one waits until 2% of the
-        // verification time observed since has paid for it.
-        p.observe_refresh(16, 0.170);
-        assert_eq!(p.verify_cost[4], (16, 0.170));
-        let credit = REFRESH_SHARE * 0.033 * REFRESH_AGE as f64 - 0.170;
-        let mut steps = 0;
+        // Trusted sizes wait until stale and paid for (0.5% of the verification time):
+        // trees at 2 nodes leave 1, 4 and 8 unmeasured for good.
+        let mut steps = 1;
         while p.refresh_due(usize::MAX).is_none() {
             p.observe_verify(2, 0.033);
             steps += 1;
-            assert!(steps < 1000, "never due again");
+            assert!(steps < 10_000, "never due");
         }
-        let paid = credit + REFRESH_SHARE * 0.033 * steps as f64;
+        // 4 (the size above the ones steps reach) is due once 0.5% of the steps' 33 ms pay
+        // its 44.
+        assert_eq!(p.refresh_due(usize::MAX), Some(4));
+        let paid = REFRESH_SHARE * 0.033 * steps as f64;
         assert!(
-            (0.0..REFRESH_SHARE * 0.033 + 1e-12).contains(&paid),
+            (0.044..0.044 + REFRESH_SHARE * 0.033 + 1e-12).contains(&paid),
             "{paid}"
         );
-        // Trees at 2 nodes still: 4 is again the size above them; once they reach 4, 8 is.
-        assert_eq!(p.refresh_due(usize::MAX), Some(4));
-        p.observe_verify(4, 0.041);
-        assert_eq!(p.refresh_due(usize::MAX), Some(8));
+        p.observe_refresh(4, 0.045);
+        assert_eq!(
+            p.refresh_due(usize::MAX),
+            None,
+            "charged: the credit is spent"
+        );
         // No sizes, or every size just measured: nothing to do.
         assert_eq!(Planner::default().refresh_due(usize::MAX), None);
         let mut q = Planner::default();
@@ -837,6 +853,46 @@ mod tests {
             q.observe_verify(2, 0.033);
         }
         assert_eq!(q.refresh_due(usize::MAX), None);
+    }
+
+    #[test]
+    fn a_curve_measured_on_a_busy_moment_is_timed_again_size_by_size() {
+        // Both calibration rounds on a busy moment: every size ~2× its cost, consistently.
+        let mut p = Planner::default();
+        p.set_calibration(&[
+            (1, 0.062, 0.065),
+            (2, 0.066, 0.068),
+            (4, 0.085, 0.090),
+            (8, 0.150, 0.155),
+            (16, 0.270, 0.260),
+        ]);
+        p.observe_verify(2, 0.066);
+        assert_eq!(
+            p.refresh_due(usize::MAX),
+            None,
+            "nothing suspect, nothing paid"
+        );
+        // A quiet 2-node step at half the cost: the sizes above are as wrong.
+        p.observe_verify(2, 0.033);
+        assert_eq!(p.verify_cost[1], (2, 0.033));
+        assert_eq!(p.refresh_due(usize::MAX), Some(4));
+        p.observe_refresh(4, 0.042);
+        // Each one free and at the next step, smallest first.
+        for (n, secs) in [(8, 0.075), (16, 0.130)] {
+            p.observe_verify(2, 0.033);
+            assert_eq!(p.refresh_due(usize::MAX), Some(n));
+            p.observe_refresh(n, secs);
+        }
+        assert_eq!(
+            p.verify_cost[2..],
+            [(4, 0.042), (8, 0.075), (16, 0.130)],
+            "the curve is the quiet one"
+        );
+        assert_eq!(p.refreshes, 3);
+        p.observe_verify(2, 0.033);
+        assert_eq!(p.refresh_due(usize::MAX), None, "nothing suspect is left");
+        // 1 node (below the steps' size) was capped by their cost, not re-timed.
+        assert_eq!(p.verify_cost[0], (1, 0.033));
     }
 
     #[test]
