@@ -519,8 +519,9 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
         Some((shape, gates))
     }
 
-    /// Times the verify cost of a row count no step has measured for a while, if one is due
-    /// ([`Planner::refresh_due`]), on a sequence ready to speculate (as the calibration did).
+    /// Times the verify cost of a row count again if the planner asks for it (a suspect one,
+    /// or one no step has had for a while: [`Planner::refresh_due`]), on a sequence ready to
+    /// speculate (as the calibration did).
     fn refresh_verify_cost(&mut self) {
         let max_pos = self.target.max_position();
         let Some(s) = self.running.iter_mut().find(|s| s.ready_to_speculate()) else {

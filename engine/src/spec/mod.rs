@@ -233,8 +233,9 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
         Ok(())
     }
 
-    /// Times the verify cost of a size no step has measured for a while, if one is due
-    /// ([`Planner::refresh_due`]); its time is booked as decoding time.
+    /// Times the verify cost of a size again if the planner asks for it (a suspect size, or
+    /// one no step has had for a while: [`Planner::refresh_due`]); its time is booked as
+    /// decoding time.
     fn refresh_verify_cost(&mut self) -> Result<(), EngineError> {
         let target = self.engine.target;
         let room = target.max_position().saturating_sub(self.cache.len());

@@ -90,8 +90,8 @@ pub const VERIFY_SIZES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 /// ([`Planner::refresh_due`]).
 const REFRESH_AGE: usize = 16;
 /// Share of the observed verification time that re-timings of sizes nobody suspects may
-/// spend: a slow check of a curve that looked right.
-const REFRESH_SHARE: f64 = 0.005;
+/// spend (about 1% of a speculative step, whose other half is drafting).
+const REFRESH_SHARE: f64 = 0.02;
 /// A timing below this fraction of another of the same size says one of them was taken on a
 /// busy moment: two calibration rounds that far apart, or a step or re-timing that far below
 /// its size's cost, make the sizes concerned suspect ([`Planner::refresh_due`]).
@@ -126,19 +126,19 @@ pub struct Planner {
     /// `(tokens, seconds)` of speculative steps, decayed per step like the acceptance
     /// counts: their ratio is the rate growth gates are priced at.
     pub spec_steps: (f64, f64),
-    /// Measured sizes timed again because no step had verified that many nodes for a while
-    /// ([`Planner::refresh_due`]).
+    /// Measured sizes timed again on their own, outside the steps ([`Planner::refresh_due`]).
     pub refreshes: usize,
     /// Verifications observed since each `verify_cost` size was last timed (by a step of
     /// that size, the calibration or a re-timing); missing entries read 0.
     #[serde(skip)]
     verify_age: Vec<usize>,
     /// Sizes whose cost may have been measured on a busy moment (parallel to `verify_cost`):
-    /// timed again as soon as they are stale, free of the credit.
+    /// timed again at the next step that does not verify that many nodes, free of the
+    /// credit.
     #[serde(skip)]
     suspect: Vec<bool>,
     /// Seconds of re-timing the observed verifications have paid for ([`REFRESH_SHARE`] of
-    /// each), spent on sizes nobody suspects.
+    /// each), spent on sizes nobody suspects; below zero while one is being paid off.
     #[serde(skip)]
     refresh_credit: f64,
 }
@@ -432,13 +432,15 @@ impl Planner {
 
     /// The measured size to time again before the next step, if one is due: a suspect size
     /// (two calibration rounds far apart, or a step or re-timing of a smaller size far below
-    /// its cost) not timed at the last step, or one no verification has had for
-    /// [`REFRESH_AGE`] observed steps whose cost the credit covers ([`REFRESH_SHARE`] of the
-    /// verification time) — the smallest above the largest size steps have, if any. Without it, sizes the growth
-    /// gates stop reaching were never measured again: a calibration on a busy moment
-    /// (Qwen2.5-1.5B: 4 nodes at 50.8 ms, 8 at 86, against ~41 and ~75 alone) priced deeper
-    /// trees too high, the gates kept trees at 2–3 nodes, and nothing corrected it for a
-    /// whole run (τ 1.94 instead of ~4).
+    /// its cost) not timed at the last step, the smallest above the largest size steps have
+    /// first; else the smallest size above those that no verification has had for
+    /// [`REFRESH_AGE`] observed steps, once earlier re-timings are paid off (the first is
+    /// taken on credit; after that they spend [`REFRESH_SHARE`] of the verification time).
+    ///
+    /// Without it, sizes the growth gates stop reaching were never measured again: a
+    /// calibration on a busy moment (Qwen2.5-1.5B: 4 nodes at 50.8 ms, 8 at 86, against ~41
+    /// and ~75 alone) priced deeper trees too high, the gates kept trees at 2–3 nodes, and
+    /// nothing corrected it for a whole run (τ 1.94 instead of ~4).
     ///
     /// `room`: the most nodes the sequence to time it on can still take.
     pub fn refresh_due(&self, room: usize) -> Option<usize> {
@@ -450,14 +452,17 @@ impl Planner {
             .iter()
             .rposition(|&a| a < REFRESH_AGE)
             .map_or(0, |i| i + 1);
-        let mut order = (above..ages.len())
+        let fits = |&i: &usize| self.verify_cost[i].0 <= room;
+        let i = (above..ages.len())
             .chain(0..above)
-            .filter(|&i| self.verify_cost[i].0 <= room);
-        if let Some(i) = order.clone().find(|&i| suspect(i) && ages[i] > 0) {
-            return Some(self.verify_cost[i].0);
-        }
-        let (n, cost) = self.verify_cost[order.find(|&i| ages[i] >= REFRESH_AGE)?];
-        (self.refresh_credit >= cost).then_some(n)
+            .filter(fits)
+            .find(|&i| suspect(i) && ages[i] > 0)
+            .or_else(|| {
+                (above..ages.len())
+                    .filter(fits)
+                    .find(|&i| ages[i] >= REFRESH_AGE && self.refresh_credit >= 0.0)
+            })?;
+        Some(self.verify_cost[i].0)
     }
 
     /// Folds a re-timing of `nodes` (a measured size, [`Planner::refresh_due`]) in, as a
@@ -810,10 +815,11 @@ mod tests {
             (2, 0.034, 0.033),
             (4, 0.060, 0.045),
             (8, 0.075, 0.078),
+            (16, 0.130, 0.135),
         ]);
         assert_eq!(
             p.verify_cost,
-            vec![(1, 0.030), (2, 0.033), (4, 0.045), (8, 0.075)]
+            vec![(1, 0.030), (2, 0.033), (4, 0.045), (8, 0.075), (16, 0.130)]
         );
         assert_eq!(p.refresh_due(usize::MAX), None, "just timed");
         p.observe_verify(2, 0.033);
@@ -822,28 +828,36 @@ mod tests {
         p.observe_refresh(4, 0.044);
         assert_eq!(p.verify_cost[2], (4, 0.044));
         assert_eq!(p.refreshes, 1);
-        // Trusted sizes wait until stale and paid for (0.5% of the verification time):
-        // trees at 2 nodes leave 1, 4 and 8 unmeasured for good.
-        let mut steps = 1;
+        // Trusted sizes no step has had for a while: the first on credit, the smallest
+        // above the steps' size (1 is capped by their cost anyway).
+        for _ in 2..REFRESH_AGE {
+            p.observe_verify(2, 0.033);
+            assert_eq!(p.refresh_due(usize::MAX), None, "not stale yet");
+        }
+        p.observe_verify(2, 0.033);
+        assert_eq!(
+            p.refresh_due(usize::MAX),
+            Some(8),
+            "{REFRESH_AGE} steps without 8"
+        );
+        p.observe_refresh(8, 0.076);
+        // The next once 2% of the verification time observed since has paid for it.
+        let mut steps = 0;
         while p.refresh_due(usize::MAX).is_none() {
             p.observe_verify(2, 0.033);
             steps += 1;
             assert!(steps < 10_000, "never due");
         }
-        // 4 (the size above the ones steps reach) is due once 0.5% of the steps' 33 ms pay
-        // its 44.
-        assert_eq!(p.refresh_due(usize::MAX), Some(4));
-        let paid = REFRESH_SHARE * 0.033 * steps as f64;
+        let credit = REFRESH_SHARE * 0.033 * (REFRESH_AGE + steps) as f64 - 0.076;
         assert!(
-            (0.044..0.044 + REFRESH_SHARE * 0.033 + 1e-12).contains(&paid),
-            "{paid}"
+            (0.0..REFRESH_SHARE * 0.033 + 1e-12).contains(&credit),
+            "{credit}"
         );
-        p.observe_refresh(4, 0.045);
-        assert_eq!(
-            p.refresh_due(usize::MAX),
-            None,
-            "charged: the credit is spent"
-        );
+        assert_eq!(p.refresh_due(usize::MAX), Some(4));
+        // Trees that reach 8 nodes leave only 16 above them.
+        p.observe_verify(8, 0.075);
+        assert_eq!(p.refresh_due(usize::MAX), Some(16));
+        assert_eq!(p.refresh_due(15), None, "nothing above fits");
         // No sizes, or every size just measured: nothing to do.
         assert_eq!(Planner::default().refresh_due(usize::MAX), None);
         let mut q = Planner::default();
