@@ -90,8 +90,8 @@ pub const VERIFY_SIZES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 /// ([`Planner::refresh_due`]).
 const REFRESH_AGE: usize = 16;
 /// Share of the observed verification time that re-timings of sizes nobody suspects may
-/// spend (about 1% of a speculative step, whose other half is drafting).
-const REFRESH_SHARE: f64 = 0.02;
+/// spend (about 0.5% of a speculative step, whose other half is drafting).
+const REFRESH_SHARE: f64 = 0.01;
 /// A timing below this fraction of another of the same size says one of them was taken on a
 /// busy moment: two calibration rounds that far apart, or a step or re-timing that far below
 /// its size's cost, make the sizes concerned suspect ([`Planner::refresh_due`]).
@@ -841,7 +841,7 @@ mod tests {
             "{REFRESH_AGE} steps without 8"
         );
         p.observe_refresh(8, 0.076);
-        // The next once 2% of the verification time observed since has paid for it.
+        // The next once 1% of the verification time observed since has paid for it.
         let mut steps = 0;
         while p.refresh_due(usize::MAX).is_none() {
             p.observe_verify(2, 0.033);
