@@ -431,8 +431,8 @@ impl Planner {
     }
 
     /// The measured size to time again before the next step, if one is due: a suspect size
-    /// (two calibration rounds far apart, or a step or re-timing of the size below far below
-    /// its cost) not timed at the last step, the smallest above the largest size steps have
+    /// (its two calibration rounds a fifth apart, or a step or re-timing of the size below a
+    /// fifth under that one's cost) not timed at the last step, the smallest above the largest size steps have
     /// first; else the smallest size above those that no verification has had for
     /// [`REFRESH_AGE`] observed steps, once earlier re-timings are paid off (the first is
     /// taken on credit; after that they spend [`REFRESH_SHARE`] of the verification time).
@@ -458,9 +458,10 @@ impl Planner {
             .filter(fits)
             .find(|&i| suspect(i) && ages[i] > 0)
             .or_else(|| {
-                (above..ages.len())
+                let stale = (above..ages.len())
                     .filter(fits)
-                    .find(|&i| ages[i] >= REFRESH_AGE && self.refresh_credit >= 0.0)
+                    .find(|&i| ages[i] >= REFRESH_AGE);
+                stale.filter(|_| self.refresh_credit >= 0.0)
             })?;
         Some(self.verify_cost[i].0)
     }
