@@ -58,7 +58,7 @@ use burn::tensor::backend::Backend;
 pub use scheduler::{Scheduler, SchedulerConfig, SeqLoad, StepPlan, Work};
 
 use crate::output::{Event, Output, check_prompt, prompt_tokens};
-use crate::spec::{check_model_draft, measure_verify_cost, time_verify};
+use crate::spec::{check_model_draft, measure_verify_cost, refresh_verify_cost};
 use crate::{DraftStats, EngineError, GenerateParams, Prompt};
 use crate::{Planner, TreePolicy};
 use sequence::Sequence;
@@ -523,20 +523,12 @@ impl<'m, B: Backend> BatchEngine<'m, B> {
     /// or one no step has had for a while: [`Planner::refresh_due`]), on a sequence ready to
     /// speculate (as the calibration did).
     fn refresh_verify_cost(&mut self) {
-        let max_pos = self.target.max_position();
         let Some(s) = self.running.iter_mut().find(|s| s.ready_to_speculate()) else {
             return;
         };
-        let Some(n) = self
-            .planner
-            .refresh_due(max_pos.saturating_sub(s.cache.len()))
-        else {
-            return;
-        };
         let root = s.root();
-        match time_verify(self.target, &mut s.cache, root, n, 1) {
-            Ok(secs) => self.planner.observe_refresh(n, secs),
-            Err(e) => s.fail(e),
+        if let Err(e) = refresh_verify_cost(&mut self.planner, self.target, &mut s.cache, root) {
+            s.fail(e);
         }
     }
 

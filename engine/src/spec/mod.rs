@@ -14,8 +14,8 @@ use arbor_model::{KV_PAGE_SIZE, Sampler, Tokenizer, Transformer};
 use arbor_speculators::{Draft, ModelDraft};
 use burn::tensor::backend::Backend;
 
-pub(crate) use policy::measure_verify_cost;
 pub use policy::{Planner, TreePolicy, VERIFY_SIZES, time_verify};
+pub(crate) use policy::{measure_verify_cost, refresh_verify_cost};
 pub use stats::{DepthStats, DraftStats, SpecStats, StepStats};
 pub(crate) use vocab::check_model_draft;
 pub use vocab::check_same_tokenizer;
@@ -237,17 +237,11 @@ impl<B: Backend> SpecGeneration<'_, '_, B> {
     /// one no step has had for a while: [`Planner::refresh_due`]); its time is booked as
     /// decoding time.
     fn refresh_verify_cost(&mut self) -> Result<(), EngineError> {
-        let target = self.engine.target;
-        let room = target.max_position().saturating_sub(self.cache.len());
-        let Some(n) = self.engine.planner.refresh_due(room) else {
-            return Ok(());
-        };
         let t0 = Instant::now();
         let root = *self.context.last().expect("started");
-        let secs = time_verify(target, &mut self.cache, root, n, 1)?;
-        self.engine.planner.observe_refresh(n, secs);
+        let e = &mut *self.engine;
+        refresh_verify_cost(&mut e.planner, e.target, &mut self.cache, root)?;
         self.output.add_time(t0.elapsed());
-        tracing::debug!(nodes = n, secs, "verify cost re-timed");
         Ok(())
     }
 

@@ -574,6 +574,25 @@ pub(crate) fn measure_verify_cost<B: Backend>(
     Ok(timings)
 }
 
+/// Times the size [`Planner::refresh_due`] asks for, if any, on `cache` (left as it was, with
+/// `root` as every node's token, as [`measure_verify_cost`] does) and folds it in
+/// ([`Planner::observe_refresh`]); returns the size timed.
+pub(crate) fn refresh_verify_cost<B: Backend>(
+    planner: &mut Planner,
+    target: &Transformer<B>,
+    cache: &mut KvCache<B>,
+    root: u32,
+) -> Result<Option<usize>, EngineError> {
+    let room = target.max_position().saturating_sub(cache.len());
+    let Some(n) = planner.refresh_due(room) else {
+        return Ok(None);
+    };
+    let secs = time_verify(target, cache, root, n, 1)?;
+    planner.observe_refresh(n, secs);
+    tracing::debug!(nodes = n, secs, "verify cost re-timed");
+    Ok(Some(n))
+}
+
 /// Seconds of the fastest of `repeats` verification forwards of an `n`-node tree (a chain
 /// below `root`, every node's logits copied to the host, as a speculative step does) on top
 /// of what `cache` holds; the cache is left as it was.
