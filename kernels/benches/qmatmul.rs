@@ -104,6 +104,7 @@ fn from_memory(c: &mut Criterion) {
         (GgmlType::Q4_K, 80usize),
         (GgmlType::Q6_K, 56),
         (GgmlType::Q8_0, 40),
+        (GgmlType::Q5_0, 64),
         (GgmlType::Q4_1, 72),
     ] {
         let mats: Vec<QuantMatrix> = (0..copies).map(|_| matrix(ty, n, k)).collect();
