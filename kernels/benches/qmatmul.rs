@@ -89,7 +89,7 @@ fn rows_curve(c: &mut Criterion) {
 }
 
 /// A decode step's worth of weights streamed from memory (~600 MB of 1536 × 8960 matrices
-/// per format — far past the last-level cache, as a model's layers are) at 1, 4 and 8 rows,
+/// per format — far past the last-level cache, as a model's layers are) at 1, 2, 4, 6 and 8 rows,
 /// beside a plain two-thread read of as many bytes: the kernels against this machine's memory
 /// roofline.
 fn from_memory(c: &mut Criterion) {
@@ -110,8 +110,9 @@ fn from_memory(c: &mut Criterion) {
         let mats: Vec<QuantMatrix> = (0..copies).map(|_| matrix(ty, n, k)).collect();
         bytes = mats.iter().map(QuantMatrix::bytes).sum();
         group.throughput(Throughput::Bytes(bytes as u64));
-        // One row (plain decode), four and eight (trees' verification).
-        for rows in [1usize, 4, 6, 8] {
+        // One row (plain decode), two (a draft level after an accepted chain, the smallest
+        // tree), four to eight (trees' verification).
+        for rows in [1usize, 2, 4, 6, 8] {
             group.bench_function(format!("{ty:?}-{rows}row"), |b| {
                 b.iter(|| {
                     for m in &mats {
