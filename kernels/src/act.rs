@@ -18,6 +18,26 @@
 /// If the slices differ in length (a caller's bug).
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     assert_eq!(g.len(), u.len(), "gate and up of different widths");
+    // Many rows (a tree's verification, prefill) split over rayon's threads; one row's few
+    // thousand values are done before a hand-off would pay.
+    if g.len() >= PARALLEL_FROM {
+        use rayon::prelude::*;
+        let part = g
+            .len()
+            .div_ceil(rayon::current_num_threads())
+            .next_multiple_of(64);
+        g.par_chunks_mut(part)
+            .zip(u.par_chunks(part))
+            .for_each(|(g, u)| silu_mul_serial(g, u));
+        return;
+    }
+    silu_mul_serial(g, u);
+}
+
+/// Values from which [`silu_mul`] splits the work over threads.
+const PARALLEL_FROM: usize = 1 << 15;
+
+fn silu_mul_serial(g: &mut [f32], u: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA (checked above).
@@ -41,16 +61,17 @@ fn silu_mul_body(g: &mut [f32], u: &[f32]) {
 }
 
 /// `eˣ` for `x` in f32 range, branch-free (saturates to 0 below −87.3 and to a large finite
-/// value above 88; SiLU needs no more).
+/// value above 88; SiLU and softmax need no more).
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Rounds to nearest (ties to even) by the float adder: exact for |v| < 2²².
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let v = x * LOG2E + ROUND;
+    let n = v - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // eʳ = 1 + r + r²/2! + … + r⁷/7!, Horner.
     let mut p = 1.0 / 5040.0;
@@ -61,7 +82,11 @@ fn exp(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `n` as an integer, read from `v`'s low mantissa bits (integer lanes; `n as i32` is a
+    // saturating conversion the compiler cannot keep in SIMD lanes: it had made each value
+    // a scalar convert, two compares and two moves).
+    let ni = (v.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
     p * scale
 }
 
@@ -95,6 +120,21 @@ mod tests {
                 "{o} vs {want}"
             );
         }
+        // Many values (split over threads) give the values one thread gives, bit for bit.
+        let n = 3 * PARALLEL_FROM + 40;
+        let g: Vec<f32> = (0..n)
+            .map(|i| ((i * 37) % 1001) as f32 / 50.0 - 10.0)
+            .collect();
+        let u: Vec<f32> = (0..n).map(|i| ((i * 11) % 17) as f32 - 8.0).collect();
+        let (mut split, mut one) = (g.clone(), g);
+        silu_mul(&mut split, &u);
+        silu_mul_serial(&mut one, &u);
+        assert!(
+            split
+                .iter()
+                .zip(&one)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
         // Large negative gates go to zero, not NaN.
         let mut g = vec![-1000.0f32];
         silu_mul(&mut g, &[1.0]);

@@ -66,6 +66,46 @@ impl<'a> ActRow<'a> {
     }
 }
 
+/// Whether this CPU runs [`quantize_block_avx2`].
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`quantize_block`] compiled for AVX2 (the same operations in the same order, in 256-bit
+/// lanes: the same bytes).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_block_avx2(job: BlockJob<'_>) {
+    quantize_block(job);
+}
+
+/// One block: its scale `max|x| / 127`, its values rounded to nearest (ties to even) in units
+/// of it, and their sums per 16.
+#[inline(always)]
+fn quantize_block((((xb, qb), db), s16): BlockJob<'_>) {
+    let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    for (qv, &v) in qb.iter_mut().zip(xb) {
+        // |v·inv| ≤ 127. Rounded to nearest, ties to even (as llama.cpp's SIMD quantizers
+        // do), by the float adder: exact below 2²², free of a libm call per value, and the
+        // integer is read from the sum's low mantissa bits — integer lanes, where a
+        // saturating `as` from f32 is a scalar convert and compares per value.
+        let bits = (v * inv + ROUND).to_bits() as i32;
+        *qv = bits.wrapping_sub(ROUND.to_bits() as i32) as i8;
+    }
+    *db = scale;
+    for (s, chunk) in s16.iter_mut().zip(qb.chunks_exact(16)) {
+        *s = chunk.iter().map(|&v| i16::from(v)).sum();
+    }
+}
+
 impl Q8Acts {
     /// Quantizes `x` (`[m, k]` row-major) in blocks of `block` values (a multiple of 32 that
     /// divides `k`; callers check).
@@ -74,20 +114,16 @@ impl Q8Acts {
         let mut q = vec![0i8; m * k];
         let mut d = vec![0.0f32; m * k / block];
         let mut sum16 = vec![0i16; m * k / 16];
-        let work = |(((xb, qb), db), s16): BlockJob<'_>| {
-            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            for (qv, &v) in qb.iter_mut().zip(xb) {
-                // |v·inv| ≤ 127, so the cast cannot saturate. Rounded to nearest, ties to
-                // even (as llama.cpp's SIMD quantizers do), by the float adder: exact below
-                // 2²² and free of a libm call per value, so the loop vectorizes.
-                *qv = ((v * inv + ROUND) - ROUND) as i8;
+        let avx2 = avx2();
+        let work = |job: BlockJob<'_>| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU supports AVX2 (checked by `avx2`).
+                unsafe { quantize_block_avx2(job) };
+                return;
             }
-            *db = scale;
-            for (s, chunk) in s16.iter_mut().zip(qb.chunks_exact(16)) {
-                *s = chunk.iter().map(|&v| i16::from(v)).sum();
-            }
+            let _ = avx2;
+            quantize_block(job);
         };
         if m * k >= 1 << 15 {
             x.par_chunks_exact(block)
@@ -208,6 +244,33 @@ mod tests {
             assert_eq!(i32::from(r.sum16[0] + r.sum16[1]), s);
             assert!((r.xsum[0] - r.d[0] * s as f32).abs() < 1e-3);
         }
+    }
+
+    #[test]
+    fn values_round_to_nearest_ties_to_even_on_every_path() {
+        // Halves (ties) and values beside them, at both signs, and a block's extreme.
+        let x: Vec<f32> = (0..4 * 256)
+            .map(|i| match i % 256 {
+                0 => 127.0,
+                j => (j as f32 - 128.0) / 2.0 + if i % 3 == 0 { 0.0 } else { 0.01 },
+            })
+            .collect();
+        let want: Vec<i8> = x.iter().map(|&v| v.round_ties_even() as i8).collect();
+        let a = Q8Acts::quantize(&x, 4, 256, 256);
+        assert_eq!(a.q, want, "scale 1: every value its own rounding");
+        // The portable body gives the same bytes as the dispatched (AVX2) one.
+        let mut q = vec![0i8; 256];
+        let (mut d, mut s16) = (0.0f32, vec![0i16; 16]);
+        quantize_block((((&x[..256], &mut q[..]), &mut d), &mut s16[..]));
+        assert_eq!(q, a.q[..256]);
+        assert_eq!((d.to_bits(), &s16[..]), (a.d[0].to_bits(), &a.sum16[..16]));
+        // Many rows (split over threads) quantize as each row alone.
+        let big: Vec<f32> = (0..64 * 1024)
+            .map(|i| ((i * 7919) % 2001) as f32 / 7.0 - 140.0)
+            .collect();
+        let all = Q8Acts::quantize(&big, 64, 1024, 32);
+        let one = Q8Acts::quantize(&big[5 * 1024..6 * 1024], 1, 1024, 32);
+        assert_eq!(all.row(5).q, one.row(0).q);
     }
 
     #[test]
