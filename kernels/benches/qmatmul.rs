@@ -1,10 +1,12 @@
 //! Block-quantized matmul: time against the number of rows (1 = plain decode, 2–64 = tree
 //! verification) for each GGUF format, at a Qwen2.5-1.5B MLP shape (1536 → 8960), beside the
 //! f32 panels of `matmul` for scale; where the CPU has AVX-512 VNNI, also the AVX2 build of
-//! the same kernels, and where it has AMX, Q4_K on the VNNI kernels alone. `cargo bench -p arbor-kernels --bench qmatmul`.
+//! the same kernels, and where it has AMX, Q4_K on the VNNI kernels alone; and the work between
+//! the products (activation quantization, the MLP's gating) at the 1.5B's widest row.
+//! `cargo bench -p arbor-kernels --bench qmatmul`.
 
 use arbor_kernels::matmul::PackedF32;
-use arbor_kernels::qmatmul::{Isa, QuantMatrix};
+use arbor_kernels::qmatmul::{Isa, Q8Acts, QuantMatrix};
 use arbor_kernels::quant::GgmlType;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -135,5 +137,28 @@ fn from_memory(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, rows_curve, from_memory);
+/// What runs between a layer's products, on rows of 8 960 (the 1.5B's MLP width): the
+/// activations' 8-bit quantization (k-quant blocks; every product starts with it) and
+/// `silu(g) · u`.
+fn between_products(c: &mut Criterion) {
+    let k = 8960usize;
+    let mut group = c.benchmark_group("between_products");
+    for m in [1usize, 4, 8] {
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 97) as f32 / 19.0 - 2.5).collect();
+        group.bench_with_input(BenchmarkId::new("quantize", m), &m, |b, &m| {
+            b.iter(|| Q8Acts::quantize(&x, m, k, 256));
+        });
+        let u: Vec<f32> = x.iter().rev().copied().collect();
+        let mut g = x.clone();
+        group.bench_with_input(BenchmarkId::new("silu_mul", m), &m, |b, _| {
+            b.iter(|| {
+                g.copy_from_slice(&x);
+                arbor_kernels::act::silu_mul(&mut g, &u);
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, rows_curve, from_memory, between_products);
 criterion_main!(benches);
