@@ -113,15 +113,29 @@ impl SamplingParams {
     }
 }
 
-/// Index of the largest logit (the first one on ties).
+/// Index of the largest logit (the first one on ties; NaNs are never picked unless first).
+///
+/// The largest value is found in eight lanes (one `vmaxps` per eight logits: a scan with a
+/// branch per value had cost ~0.1 ms over a 152k vocabulary, per decoded token and per tree
+/// node verified), then the first index holding it.
 pub fn argmax(logits: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
+    let Some(&first) = logits.first() else {
+        return 0;
+    };
+    let mut lanes = [first; 8];
+    let (chunks, rest) = logits.as_chunks::<8>();
+    for c in chunks {
+        for l in 0..8 {
+            if c[l] > lanes[l] {
+                lanes[l] = c[l];
+            }
         }
     }
-    best
+    let top = lanes
+        .iter()
+        .chain(rest)
+        .fold(first, |m, &x| if x > m { x } else { m });
+    logits.iter().position(|&x| x == top).unwrap_or(0)
 }
 
 /// Draws tokens with a seeded generator.
@@ -182,6 +196,43 @@ pub fn sample_from<T: Copy + Into<f64>>(p: &[T], rng: &mut impl Rng) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn argmax_is_the_first_largest_as_a_scan_finds_it() {
+        let scan = |v: &[f32]| {
+            let mut best = 0;
+            for (i, &x) in v.iter().enumerate() {
+                if x > v[best] {
+                    best = i;
+                }
+            }
+            best
+        };
+        let mut v: Vec<f32> = (0..1003)
+            .map(|i| ((i * 7919) % 499) as f32 - 300.0)
+            .collect();
+        let cases: Vec<Vec<f32>> = vec![
+            v.clone(),
+            {
+                v[600] = 1e9;
+                v[900] = 1e9;
+                v.clone()
+            },
+            {
+                v[3] = f32::NAN;
+                v[1001] = 2e9;
+                v.clone()
+            },
+            [f32::NAN, 1.0, 5.0].to_vec(),
+            [-0.0, -1.0, 0.0, -0.0].to_vec(),
+            vec![f32::NEG_INFINITY; 20],
+            vec![3.0],
+            Vec::new(),
+        ];
+        for c in cases {
+            assert_eq!(super::argmax(&c), scan(&c), "{:?}", &c[..c.len().min(5)]);
+        }
+    }
+
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplingParams {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rand::rngs::StdRng;
 
-use crate::choose::{sample, softmax, top_k};
+use crate::choose::{sample, top_k, top_k_probs};
 use crate::{DraftRequest, DrawKind, SpecError, TokenTree, TreeShape};
 
 /// Grows `req.shape` below `root` (whose draft logits are `root_logits`) to at most `depth`
@@ -59,12 +59,7 @@ pub fn expand(
                 break;
             }
             let (kind, q, picks) = if req.sampling.is_greedy() {
-                let p = softmax(logits);
-                let picks: Vec<(u32, f32)> = top_k(logits, k)
-                    .into_iter()
-                    .map(|i| (i as u32, p[i]))
-                    .collect();
-                (DrawKind::Deterministic, None, picks)
+                (DrawKind::Deterministic, None, top_k_probs(logits, k))
             } else if draw == DrawKind::Deterministic {
                 let q = req.sampling.distribution(logits);
                 let picks: Vec<(u32, f32)> = top_k(&q, k)
