@@ -311,6 +311,14 @@ impl<B: Backend> Proj<B> {
         }
     }
 
+    /// Outputs of [`Proj::forward_host`]'s rows (`None` off the CPU fast path).
+    pub(crate) fn host_outputs(&self) -> Option<usize> {
+        self.packed
+            .as_ref()
+            .filter(|_| self.gpu.is_none())
+            .map(Packed::n)
+    }
+
     /// Whether [`Proj::forward_host`] runs (the CPU fast path).
     pub fn has_host_path(&self) -> bool {
         self.packed.is_some() && self.gpu.is_none()
