@@ -86,15 +86,6 @@ pub fn top_k_probs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
         .collect()
 }
 
-/// Softmax at temperature 1.
-pub fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut p: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
-    let z: f32 = p.iter().sum();
-    p.iter_mut().for_each(|x| *x /= z);
-    p
-}
-
 /// Draws `k` tokens from the normalized distribution `q` as `kind` says and returns each with
 /// its probability under `q`. Without replacement stops early when `q`'s support runs out.
 ///
