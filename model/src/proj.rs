@@ -321,7 +321,7 @@ impl<B: Backend> Proj<B> {
 
     /// Whether [`Proj::forward_host`] runs (the CPU fast path).
     pub fn has_host_path(&self) -> bool {
-        self.packed.is_some() && self.gpu.is_none()
+        self.host_outputs().is_some()
     }
 
     /// Host rows through the projection on the CPU fast path, bias added (`None` on other
