@@ -179,7 +179,7 @@ struct Scratch {
 /// the visible keys in order, softmax, weighted sum — so grouping heads or rows changes speed,
 /// not results. Rows whose heads select their own keys take [`per_head`].
 #[inline(always)]
-fn block_body<S: KvSource>(
+fn block_body<S: KvSource, const V: bool>(
     c: &RowCtx<'_, S>,
     s: &mut Scratch,
     (b, g): (usize, usize),
@@ -207,7 +207,7 @@ fn block_body<S: KvSource>(
             s.votes.resize(s.keys.len(), 0.0);
         }
         if c.kv.select(b, g, pos, &s.queries, &s.keys, &mut s.heads) {
-            per_head(c, s, pos, b, g);
+            per_head::<S, V>(c, s, pos, b, g);
             out.push(TaskOut::take(s, i, c.votes));
             continue;
         }
@@ -218,6 +218,8 @@ fn block_body<S: KvSource>(
             nk,
             queries: s.queries.clone(),
             scores: vec![0.0; gs * nk],
+            stage: Vec::with_capacity(STAGE * hd),
+            staged_from: 0,
             out: TaskOut {
                 i,
                 rows: vec![0.0; gs * hd],
@@ -227,7 +229,7 @@ fn block_body<S: KvSource>(
         });
     }
     if !shared.is_empty() {
-        shared_rows(c, s, (b, g), &mut shared);
+        shared_rows::<S, V>(c, s, (b, g), &mut shared);
         out.extend(shared.into_iter().map(|w| w.out));
     }
 }
@@ -242,23 +244,53 @@ struct RowWork<'m> {
     queries: Vec<f32>,
     /// `[group][visible keys]` scores, then probabilities.
     scores: Vec<f32>,
+    /// Up to [`STAGE`] value rows read but not yet added into `out.rows`, `[key][head_dim]`.
+    stage: Vec<f32>,
+    /// The visible-key index of the first staged row.
+    staged_from: usize,
     out: TaskOut,
+}
+
+/// Value rows a row's heads add into their sums at once ([`add_values`]): each head's sums
+/// are loaded and stored once per this many keys instead of once per key (each sum still adds
+/// its terms one key at a time, in key order — the same operations as one key at a time).
+const STAGE: usize = 8;
+
+impl RowWork<'_> {
+    /// Adds the staged value rows, weighted by each head's probabilities, into the heads'
+    /// sums, and empties the stage.
+    #[inline(always)]
+    fn flush<const V: bool>(&mut self, hd: usize) {
+        let n = self.stage.len() / hd.max(1);
+        if n == 0 {
+            return;
+        }
+        let t0 = self.staged_from;
+        for (r, acc) in self.out.rows.chunks_exact_mut(hd).enumerate() {
+            let p = &self.scores[r * self.nk + t0..r * self.nk + t0 + n];
+            add_values::<V>(acc, p, &self.stage);
+        }
+        self.staged_from += n;
+        self.stage.clear();
+    }
 }
 
 /// The rows of [`block_body`] that read every visible key with every head: each key (and
 /// value) is fetched once per run of rows that read it the same way, and each row's heads
 /// do what a lone row's would.
 #[inline(always)]
-fn shared_rows<S: KvSource>(
+fn shared_rows<S: KvSource, const V: bool>(
     c: &RowCtx<'_, S>,
     s: &mut Scratch,
     (b, g): (usize, usize),
     work: &mut [RowWork<'_>],
 ) {
     let hd = c.d.head_dim;
-    walk(c, &mut s.buf, (b, g), work, false, |w, t, kj| {
+    // The callbacks are inlined into the AVX2 build (a closure is compiled for the baseline
+    // target unless it is inlined into its caller: the scores had run in 128-bit lanes).
+    walk(c, &mut s.buf, (b, g), work, false, #[inline(always)] |w, t, kj| {
         for (r, qr) in w.queries.chunks_exact(hd).enumerate() {
-            w.scores[r * w.nk + t] = dot(qr, kj) * c.scale;
+            w.scores[r * w.nk + t] = dot::<V>(qr, kj) * c.scale;
         }
     });
     let sums: Vec<Vec<f32>> = work
@@ -270,14 +302,16 @@ fn shared_rows<S: KvSource>(
                 .collect()
         })
         .collect();
-    walk(c, &mut s.buf, (b, g), work, true, |w, t, vj| {
-        for (r, acc) in w.out.rows.chunks_exact_mut(hd).enumerate() {
-            let p = w.scores[r * w.nk + t];
-            for (a, &x) in acc.iter_mut().zip(vj) {
-                *a += p * x;
-            }
+    walk(c, &mut s.buf, (b, g), work, true, #[inline(always)] |w, t, vj| {
+        debug_assert_eq!(t, w.staged_from + w.stage.len() / hd.max(1));
+        w.stage.extend_from_slice(vj);
+        if w.stage.len() == STAGE * hd {
+            w.flush::<V>(hd);
         }
     });
+    for w in work.iter_mut() {
+        w.flush::<V>(hd);
+    }
     for (w, sums) in work.iter_mut().zip(&sums) {
         for (acc, &sum) in w.out.rows.chunks_exact_mut(hd).zip(sums) {
             let inv = 1.0 / sum;
@@ -336,7 +370,13 @@ fn walk<S: KvSource>(
 /// the shared path's for those keys alone — same order, same operations — while each key (and
 /// value) any head reads is fetched once for all of them (a quantized page unpacked once).
 #[inline(always)]
-fn per_head<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, pos: usize, b: usize, g: usize) {
+fn per_head<S: KvSource, const V: bool>(
+    c: &RowCtx<'_, S>,
+    s: &mut Scratch,
+    pos: usize,
+    b: usize,
+    g: usize,
+) {
     let hd = c.d.head_dim;
     let gs = c.group;
     // Head r's scores live at `s.scores[start[r]..start[r + 1]]`.
@@ -355,7 +395,8 @@ fn per_head<S: KvSource>(c: &RowCtx<'_, S>, s: &mut Scratch, pos: usize, b: usiz
         let kj = c.kv.key(b, g, j, pos, &mut s.buf);
         for (r, (h, at)) in s.heads.iter().zip(cur.iter_mut()).enumerate() {
             if h.get(*at) == Some(&j) {
-                s.scores[start[r] + *at] = dot(&s.queries[r * hd..(r + 1) * hd], kj) * c.scale;
+                s.scores[start[r] + *at] =
+                    dot::<V>(&s.queries[r * hd..(r + 1) * hd], kj) * c.scale;
                 *at += 1;
             }
         }
@@ -441,17 +482,36 @@ unsafe fn block_avx2<S: KvSource>(
     rows: std::ops::Range<usize>,
     out: &mut Vec<TaskOut>,
 ) {
-    block_body(c, s, bg, rows, out);
+    block_body::<S, true>(c, s, bg, rows, out);
 }
 
-/// Dot product with eight fixed lanes (vectorizable, same order for every call). Plain
-/// multiply-then-add: `mul_add` is a libm call unless the build targets FMA, and Rust never
-/// contracts `a * b + c` on its own, so the result is the same on every machine.
+/// Dot product in 32 fixed lanes (four 8-wide vectors: a 128-channel head's multiply-adds
+/// form four chains of four instead of one chain of sixteen, whose add latency had bound the
+/// scores), folded to 8 lanes and those summed in one fixed order. Plain multiply-then-add:
+/// `mul_add` is a libm call unless the build targets FMA, and Rust never contracts
+/// `a * b + c` on its own. `V`: the caller is the AVX2 build, which takes [`dot_avx2`] — the
+/// same operations in the same order written as 256-bit intrinsics (the compiler had turned
+/// the lane arrays into shuffles), so every build gives the same bits.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, ra) = a.as_chunks::<8>();
-    let (cb, rb) = b.as_chunks::<8>();
+fn dot<const V: bool>(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if V {
+        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 was detected.
+        return unsafe { dot_avx2(a, b) };
+    }
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 32];
+    let (ca, ra) = a.as_chunks::<32>();
+    let (cb, rb) = b.as_chunks::<32>();
+    for (x, y) in ca.iter().zip(cb) {
+        for l in 0..32 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    // Whole 8s past the last 32 continue the first vector; single channels go to `tail`.
+    let (ca, ra) = ra.as_chunks::<8>();
+    let (cb, rb) = rb.as_chunks::<8>();
     for (x, y) in ca.iter().zip(cb) {
         for l in 0..8 {
             acc[l] += x[l] * y[l];
@@ -461,7 +521,125 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ra.iter().zip(rb) {
         tail += x * y;
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    let s: [f32; 8] = std::array::from_fn(|l| (acc[l] + acc[l + 8]) + (acc[l + 16] + acc[l + 24]));
+    ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + tail
+}
+
+/// [`dot`] in AVX2 intrinsics: vector `i` holds lanes `8i..8i + 8`.
+///
+/// # Safety
+/// The CPU must support AVX2 (the caller is compiled for it).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    // SAFETY: every load reads 8 floats below `n` of both slices; AVX2 per the caller.
+    unsafe {
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mul = |i: usize| _mm256_mul_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, mul(i + 8 * v));
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_add_ps(acc[0], mul(i));
+            i += 8;
+        }
+        let mut tail = 0.0f32;
+        while i < n {
+            tail += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        // (s0 + s4, s1 + s5, s2 + s6, s3 + s7), then its pairs, then the pairs' sum.
+        let t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let h = _mm_hadd_ps(t, t);
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) + tail
+    }
+}
+
+/// `acc[e] += p[i] · rows[i][e]` for each staged row `i` in order (`rows`: `p.len()` rows of
+/// `acc.len()` values): per value the same multiply-then-add sequence as adding one key at a
+/// time, with the sums held in registers across the rows. `V`: the AVX2 build
+/// ([`add_values_avx2`], the same operations).
+#[inline(always)]
+fn add_values<const V: bool>(acc: &mut [f32], p: &[f32], rows: &[f32]) {
+    let hd = acc.len();
+    debug_assert_eq!(rows.len(), p.len() * hd);
+    #[cfg(target_arch = "x86_64")]
+    if V {
+        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 was detected.
+        unsafe { add_values_avx2(acc, p, rows) };
+        return;
+    }
+    let (chunks, _) = acc.as_chunks_mut::<8>();
+    for (ci, a) in chunks.iter_mut().enumerate() {
+        let mut x = *a;
+        for (i, &pi) in p.iter().enumerate() {
+            let v = &rows[i * hd + 8 * ci..i * hd + 8 * ci + 8];
+            for l in 0..8 {
+                x[l] += pi * v[l];
+            }
+        }
+        *a = x;
+    }
+    for e in hd / 8 * 8..hd {
+        for (i, &pi) in p.iter().enumerate() {
+            acc[e] += pi * rows[i * hd + e];
+        }
+    }
+}
+
+/// [`add_values`] in AVX2 intrinsics, 32 values at a time (four independent chains).
+///
+/// # Safety
+/// The CPU must support AVX2 (the caller is compiled for it); `rows` holds `p.len()` rows of
+/// `acc.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn add_values_avx2(acc: &mut [f32], p: &[f32], rows: &[f32]) {
+    use std::arch::x86_64::*;
+    let hd = acc.len();
+    assert!(rows.len() >= p.len() * hd, "staged rows cover the probabilities");
+    // SAFETY: every access is below `hd` in `acc` and below `p.len() · hd` in `rows`.
+    unsafe {
+        let (pa, pr) = (acc.as_mut_ptr(), rows.as_ptr());
+        let mut e = 0;
+        while e + 32 <= hd {
+            let mut x: [__m256; 4] = std::array::from_fn(|v| _mm256_loadu_ps(pa.add(e + 8 * v)));
+            for (i, &pi) in p.iter().enumerate() {
+                let w = _mm256_set1_ps(pi);
+                for (v, x) in x.iter_mut().enumerate() {
+                    let r = _mm256_loadu_ps(pr.add(i * hd + e + 8 * v));
+                    *x = _mm256_add_ps(*x, _mm256_mul_ps(w, r));
+                }
+            }
+            for (v, x) in x.iter().enumerate() {
+                _mm256_storeu_ps(pa.add(e + 8 * v), *x);
+            }
+            e += 32;
+        }
+        while e + 8 <= hd {
+            let mut x = _mm256_loadu_ps(pa.add(e));
+            for (i, &pi) in p.iter().enumerate() {
+                let r = _mm256_loadu_ps(pr.add(i * hd + e));
+                x = _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(pi), r));
+            }
+            _mm256_storeu_ps(pa.add(e), x);
+            e += 8;
+        }
+        while e < hd {
+            for (i, &pi) in p.iter().enumerate() {
+                *pa.add(e) += pi * *pr.add(i * hd + e);
+            }
+            e += 1;
+        }
+    }
 }
 
 /// Masked grouped-query attention, one task per query row; same contract as
@@ -591,7 +769,7 @@ fn attention_impl<S: KvSource>(
             return outs;
         }
         let _ = avx2;
-        block_body(&ctx, s, (b, g), rows, &mut outs);
+        block_body::<S, false>(&ctx, s, (b, g), rows, &mut outs);
         outs
     };
     let scratch = || Scratch {
@@ -716,6 +894,37 @@ mod tests {
             .into_data()
             .to_vec()
             .unwrap()
+    }
+
+    /// The AVX2 build's dot products and value sums are bitwise the portable build's, for
+    /// head sizes with and without whole vectors and staged runs of every length.
+    #[test]
+    fn avx2_and_portable_builds_agree_bitwise() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let mut rng = StdRng::seed_from_u64(11);
+            for hd in [1usize, 7, 8, 24, 32, 40, 64, 80, 100, 128, 256] {
+                let (a, b) = (random(&mut rng, hd), random(&mut rng, hd));
+                assert_eq!(dot::<false>(&a, &b).to_bits(), dot::<true>(&a, &b).to_bits(), "{hd}");
+                for n in 1..=STAGE {
+                    let p = random(&mut rng, n);
+                    let rows = random(&mut rng, n * hd);
+                    let start = random(&mut rng, hd);
+                    let (mut x, mut y, mut one) = (start.clone(), start.clone(), start);
+                    add_values::<false>(&mut x, &p, &rows);
+                    add_values::<true>(&mut y, &p, &rows);
+                    // And both as adding one key at a time.
+                    for (i, &pi) in p.iter().enumerate() {
+                        for (a, &v) in one.iter_mut().zip(&rows[i * hd..(i + 1) * hd]) {
+                            *a += pi * v;
+                        }
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&x), bits(&y), "hd {hd}, {n} rows");
+                    assert_eq!(bits(&x), bits(&one), "hd {hd}, {n} rows");
+                }
+            }
+        }
     }
 
     #[test]
