@@ -218,7 +218,8 @@ fn block_body<S: KvSource, const V: bool>(
             nk,
             queries: s.queries.clone(),
             scores: vec![0.0; gs * nk],
-            stage: Vec::with_capacity(STAGE * hd),
+            stage: Vec::with_capacity(STAGE),
+            copies: vec![0.0; STAGE * hd],
             staged_from: 0,
             out: TaskOut {
                 i,
@@ -244,8 +245,12 @@ struct RowWork<'m> {
     queries: Vec<f32>,
     /// `[group][visible keys]` scores, then probabilities.
     scores: Vec<f32>,
-    /// Up to [`STAGE`] value rows read but not yet added into `out.rows`, `[key][head_dim]`.
-    stage: Vec<f32>,
+    /// Up to [`STAGE`] value rows read but not yet added into `out.rows`: where each starts
+    /// (`head_dim` values) — in the source's storage, which the call borrows throughout, or
+    /// in `copies` for a row the source wrote into the shared buffer (dequantized codes).
+    stage: Vec<*const f32>,
+    /// `[STAGE][head_dim]` copies of staged rows that were in the shared buffer.
+    copies: Vec<f32>,
     /// The visible-key index of the first staged row.
     staged_from: usize,
     out: TaskOut,
@@ -261,14 +266,16 @@ impl RowWork<'_> {
     /// sums, and empties the stage.
     #[inline(always)]
     fn flush<const V: bool>(&mut self, hd: usize) {
-        let n = self.stage.len() / hd.max(1);
+        let n = self.stage.len();
         if n == 0 {
             return;
         }
         let t0 = self.staged_from;
         for (r, acc) in self.out.rows.chunks_exact_mut(hd).enumerate() {
             let p = &self.scores[r * self.nk + t0..r * self.nk + t0 + n];
-            add_values::<V>(acc, p, &self.stage);
+            // SAFETY: each staged pointer starts `hd` values the source returned during this
+            // call (its storage is borrowed, unchanged, for the whole call) or in `copies`.
+            unsafe { add_values::<V>(acc, p, &self.stage) };
         }
         self.staged_from += n;
         self.stage.clear();
@@ -293,19 +300,29 @@ fn shared_rows<S: KvSource, const V: bool>(
             w.scores[r * w.nk + t] = dot::<V>(qr, kj) * c.scale;
         }
     });
-    let sums: Vec<Vec<f32>> = work
-        .iter_mut()
-        .map(|w| {
-            w.scores
-                .chunks_exact_mut(w.nk.max(1))
-                .map(exp_sum)
-                .collect()
-        })
-        .collect();
+    // Plain loops: an iterator adapter's `fold` is a function of its own, compiled for the
+    // baseline target (the softmax had run in 128-bit lanes outside the AVX2 build).
+    let mut sums: Vec<Vec<f32>> = Vec::with_capacity(work.len());
+    for w in work.iter_mut() {
+        let mut row = Vec::with_capacity(c.group);
+        for scores in w.scores.chunks_exact_mut(w.nk.max(1)) {
+            row.push(exp_sum(scores));
+        }
+        sums.push(row);
+    }
+    // A value row in the shared buffer is overwritten by the next read: those are copied.
+    let shared_buf = s.buf.as_ptr_range();
     walk(c, &mut s.buf, (b, g), work, true, #[inline(always)] |w, t, vj| {
-        debug_assert_eq!(t, w.staged_from + w.stage.len() / hd.max(1));
-        w.stage.extend_from_slice(vj);
-        if w.stage.len() == STAGE * hd {
+        debug_assert_eq!(t, w.staged_from + w.stage.len());
+        let at = if shared_buf.contains(&vj.as_ptr()) {
+            let slot = &mut w.copies[w.stage.len() * hd..(w.stage.len() + 1) * hd];
+            slot.copy_from_slice(vj);
+            slot.as_ptr()
+        } else {
+            vj.as_ptr()
+        };
+        w.stage.push(at);
+        if w.stage.len() == STAGE {
             w.flush::<V>(hd);
         }
     });
@@ -401,9 +418,10 @@ fn per_head<S: KvSource, const V: bool>(
             }
         }
     }
-    let sums: Vec<f32> = (0..gs)
-        .map(|r| exp_sum(&mut s.scores[start[r]..start[r + 1]]))
-        .collect();
+    let mut sums = Vec::with_capacity(gs);
+    for r in 0..gs {
+        sums.push(exp_sum(&mut s.scores[start[r]..start[r + 1]]));
+    }
     s.acc.clear();
     s.acc.resize(gs * hd, 0.0);
     cur.fill(0);
@@ -563,25 +581,30 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// `acc[e] += p[i] · rows[i][e]` for each staged row `i` in order (`rows`: `p.len()` rows of
-/// `acc.len()` values): per value the same multiply-then-add sequence as adding one key at a
-/// time, with the sums held in registers across the rows. `V`: the AVX2 build
-/// ([`add_values_avx2`], the same operations).
+/// `acc[e] += p[i] · rows[i][e]` for each staged row `i` in order: per value the same
+/// multiply-then-add sequence as adding one key at a time, with the sums held in registers
+/// across the rows. `V`: the AVX2 build ([`add_values_avx2`], the same operations).
+///
+/// # Safety
+/// `rows` has one entry per probability, each pointing at `acc.len()` readable values.
 #[inline(always)]
-fn add_values<const V: bool>(acc: &mut [f32], p: &[f32], rows: &[f32]) {
+unsafe fn add_values<const V: bool>(acc: &mut [f32], p: &[f32], rows: &[*const f32]) {
     let hd = acc.len();
-    debug_assert_eq!(rows.len(), p.len() * hd);
+    assert_eq!(rows.len(), p.len(), "one staged row per probability");
     #[cfg(target_arch = "x86_64")]
     if V {
-        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 was detected.
+        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 was detected;
+        // the rows as the caller promises.
         unsafe { add_values_avx2(acc, p, rows) };
         return;
     }
+    // SAFETY: as the caller promises.
+    let row = |i: usize| unsafe { std::slice::from_raw_parts(rows[i], hd) };
     let (chunks, _) = acc.as_chunks_mut::<8>();
     for (ci, a) in chunks.iter_mut().enumerate() {
         let mut x = *a;
         for (i, &pi) in p.iter().enumerate() {
-            let v = &rows[i * hd + 8 * ci..i * hd + 8 * ci + 8];
+            let v = &row(i)[8 * ci..8 * ci + 8];
             for l in 0..8 {
                 x[l] += pi * v[l];
             }
@@ -590,7 +613,7 @@ fn add_values<const V: bool>(acc: &mut [f32], p: &[f32], rows: &[f32]) {
     }
     for e in hd / 8 * 8..hd {
         for (i, &pi) in p.iter().enumerate() {
-            acc[e] += pi * rows[i * hd + e];
+            acc[e] += pi * row(i)[e];
         }
     }
 }
@@ -598,24 +621,22 @@ fn add_values<const V: bool>(acc: &mut [f32], p: &[f32], rows: &[f32]) {
 /// [`add_values`] in AVX2 intrinsics, 32 values at a time (four independent chains).
 ///
 /// # Safety
-/// The CPU must support AVX2 (the caller is compiled for it); `rows` holds `p.len()` rows of
-/// `acc.len()` values.
+/// The CPU must support AVX2 (the caller is compiled for it); the rows as [`add_values`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn add_values_avx2(acc: &mut [f32], p: &[f32], rows: &[f32]) {
+unsafe fn add_values_avx2(acc: &mut [f32], p: &[f32], rows: &[*const f32]) {
     use std::arch::x86_64::*;
     let hd = acc.len();
-    assert!(rows.len() >= p.len() * hd, "staged rows cover the probabilities");
-    // SAFETY: every access is below `hd` in `acc` and below `p.len() · hd` in `rows`.
+    // SAFETY: every access is below `hd` in `acc` and in each row.
     unsafe {
-        let (pa, pr) = (acc.as_mut_ptr(), rows.as_ptr());
+        let pa = acc.as_mut_ptr();
         let mut e = 0;
         while e + 32 <= hd {
             let mut x: [__m256; 4] = std::array::from_fn(|v| _mm256_loadu_ps(pa.add(e + 8 * v)));
             for (i, &pi) in p.iter().enumerate() {
                 let w = _mm256_set1_ps(pi);
                 for (v, x) in x.iter_mut().enumerate() {
-                    let r = _mm256_loadu_ps(pr.add(i * hd + e + 8 * v));
+                    let r = _mm256_loadu_ps(rows[i].add(e + 8 * v));
                     *x = _mm256_add_ps(*x, _mm256_mul_ps(w, r));
                 }
             }
@@ -627,7 +648,7 @@ unsafe fn add_values_avx2(acc: &mut [f32], p: &[f32], rows: &[f32]) {
         while e + 8 <= hd {
             let mut x = _mm256_loadu_ps(pa.add(e));
             for (i, &pi) in p.iter().enumerate() {
-                let r = _mm256_loadu_ps(pr.add(i * hd + e));
+                let r = _mm256_loadu_ps(rows[i].add(e));
                 x = _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(pi), r));
             }
             _mm256_storeu_ps(pa.add(e), x);
@@ -635,7 +656,7 @@ unsafe fn add_values_avx2(acc: &mut [f32], p: &[f32], rows: &[f32]) {
         }
         while e < hd {
             for (i, &pi) in p.iter().enumerate() {
-                *pa.add(e) += pi * *pr.add(i * hd + e);
+                *pa.add(e) += pi * *rows[i].add(e);
             }
             e += 1;
         }
@@ -911,8 +932,12 @@ mod tests {
                     let rows = random(&mut rng, n * hd);
                     let start = random(&mut rng, hd);
                     let (mut x, mut y, mut one) = (start.clone(), start.clone(), start);
-                    add_values::<false>(&mut x, &p, &rows);
-                    add_values::<true>(&mut y, &p, &rows);
+                    let at: Vec<*const f32> = rows.chunks_exact(hd).map(|r| r.as_ptr()).collect();
+                    // SAFETY: each pointer starts `hd` values of `rows`.
+                    unsafe {
+                        add_values::<false>(&mut x, &p, &at);
+                        add_values::<true>(&mut y, &p, &at);
+                    }
                     // And both as adding one key at a time.
                     for (i, &pi) in p.iter().enumerate() {
                         for (a, &v) in one.iter_mut().zip(&rows[i * hd..(i + 1) * hd]) {
