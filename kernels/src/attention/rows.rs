@@ -295,11 +295,19 @@ fn shared_rows<S: KvSource, const V: bool>(
     let hd = c.d.head_dim;
     // The callbacks are inlined into the AVX2 build (a closure is compiled for the baseline
     // target unless it is inlined into its caller: the scores had run in 128-bit lanes).
-    walk(c, &mut s.buf, (b, g), work, false, #[inline(always)] |w, t, kj| {
-        for (r, qr) in w.queries.chunks_exact(hd).enumerate() {
-            w.scores[r * w.nk + t] = dot::<V>(qr, kj) * c.scale;
-        }
-    });
+    walk(
+        c,
+        &mut s.buf,
+        (b, g),
+        work,
+        false,
+        #[inline(always)]
+        |w, t, kj| {
+            for (r, qr) in w.queries.chunks_exact(hd).enumerate() {
+                w.scores[r * w.nk + t] = dot::<V>(qr, kj) * c.scale;
+            }
+        },
+    );
     // Plain loops: an iterator adapter's `fold` is a function of its own, compiled for the
     // baseline target (the softmax had run in 128-bit lanes outside the AVX2 build).
     let mut sums: Vec<Vec<f32>> = Vec::with_capacity(work.len());
@@ -312,20 +320,28 @@ fn shared_rows<S: KvSource, const V: bool>(
     }
     // A value row in the shared buffer is overwritten by the next read: those are copied.
     let shared_buf = s.buf.as_ptr_range();
-    walk(c, &mut s.buf, (b, g), work, true, #[inline(always)] |w, t, vj| {
-        debug_assert_eq!(t, w.staged_from + w.stage.len());
-        let at = if shared_buf.contains(&vj.as_ptr()) {
-            let slot = &mut w.copies[w.stage.len() * hd..(w.stage.len() + 1) * hd];
-            slot.copy_from_slice(vj);
-            slot.as_ptr()
-        } else {
-            vj.as_ptr()
-        };
-        w.stage.push(at);
-        if w.stage.len() == STAGE {
-            w.flush::<V>(hd);
-        }
-    });
+    walk(
+        c,
+        &mut s.buf,
+        (b, g),
+        work,
+        true,
+        #[inline(always)]
+        |w, t, vj| {
+            debug_assert_eq!(t, w.staged_from + w.stage.len());
+            let at = if shared_buf.contains(&vj.as_ptr()) {
+                let slot = &mut w.copies[w.stage.len() * hd..(w.stage.len() + 1) * hd];
+                slot.copy_from_slice(vj);
+                slot.as_ptr()
+            } else {
+                vj.as_ptr()
+            };
+            w.stage.push(at);
+            if w.stage.len() == STAGE {
+                w.flush::<V>(hd);
+            }
+        },
+    );
     for w in work.iter_mut() {
         w.flush::<V>(hd);
     }
@@ -412,8 +428,7 @@ fn per_head<S: KvSource, const V: bool>(
         let kj = c.kv.key(b, g, j, pos, &mut s.buf);
         for (r, (h, at)) in s.heads.iter().zip(cur.iter_mut()).enumerate() {
             if h.get(*at) == Some(&j) {
-                s.scores[start[r] + *at] =
-                    dot::<V>(&s.queries[r * hd..(r + 1) * hd], kj) * c.scale;
+                s.scores[start[r] + *at] = dot::<V>(&s.queries[r * hd..(r + 1) * hd], kj) * c.scale;
                 *at += 1;
             }
         }
@@ -611,9 +626,9 @@ unsafe fn add_values<const V: bool>(acc: &mut [f32], p: &[f32], rows: &[*const f
         }
         *a = x;
     }
-    for e in hd / 8 * 8..hd {
+    for (e, a) in acc.iter_mut().enumerate().skip(hd / 8 * 8) {
         for (i, &pi) in p.iter().enumerate() {
-            acc[e] += pi * row(i)[e];
+            *a += pi * row(i)[e];
         }
     }
 }
@@ -926,7 +941,11 @@ mod tests {
             let mut rng = StdRng::seed_from_u64(11);
             for hd in [1usize, 7, 8, 24, 32, 40, 64, 80, 100, 128, 256] {
                 let (a, b) = (random(&mut rng, hd), random(&mut rng, hd));
-                assert_eq!(dot::<false>(&a, &b).to_bits(), dot::<true>(&a, &b).to_bits(), "{hd}");
+                assert_eq!(
+                    dot::<false>(&a, &b).to_bits(),
+                    dot::<true>(&a, &b).to_bits(),
+                    "{hd}"
+                );
                 for n in 1..=STAGE {
                     let p = random(&mut rng, n);
                     let rows = random(&mut rng, n * hd);
