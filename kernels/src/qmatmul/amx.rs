@@ -37,7 +37,9 @@ pub(super) use x86::{ROWS, available, dot16};
 #[cfg(target_arch = "x86_64")]
 use crate::quant::GgmlType;
 
-/// Whether `m` activation rows of a matrix of `ty` go to the tile products: Q4_K from 3
+/// Whether `m` activation rows of a matrix of `ty` go to the tile products under
+/// [`Isa::Amx`](super::Isa::Amx), and which family `matmul_fused` tries first before it
+/// has timed both (see `choice`; a later host read quite other figures): Q4_K from 3
 /// rows, Q6_K from 3 rows but 8 (the VNNI build's 8-row pass over pairs of groups is its best
 /// case). From memory (40 matrices of 8960 × 1536, 2 threads, fastest of 7, VNNI → AMX):
 /// Q4_K 5 rows 29.0 → 23.3 ms, 8: 28.1 → 25.2, 16: 44.3 → 31.0, 32: 80.7 → 50.6, 1–4 rows

@@ -33,6 +33,7 @@ mod acts;
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod choice;
 mod portable;
 mod x16;
 mod x8;
@@ -69,14 +70,24 @@ impl Isa {
     /// `avx2`, `avx512vnni` or `amx`; read once per process) where this CPU runs it — to
     /// compare kernels in one build.
     pub fn best() -> Self {
-        static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        Self::chosen().0
+    }
+
+    /// Whether `ARBOR_KERNELS` named [`Isa::best`] (then products of several rows run it as
+    /// named, not as [`choice`] measures).
+    fn named() -> bool {
+        Self::chosen().1
+    }
+
+    /// [`Isa::best`], and whether `ARBOR_KERNELS` named it.
+    fn chosen() -> (Self, bool) {
+        static CHOSEN: std::sync::OnceLock<(Isa, bool)> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {
             let named = std::env::var("ARBOR_KERNELS")
                 .ok()
-                .and_then(|v| Self::parse(&v));
-            named
-                .filter(|i| i.available())
-                .unwrap_or_else(Self::fastest)
+                .and_then(|v| Self::parse(&v))
+                .filter(|i| i.available());
+            (named.unwrap_or_else(Self::fastest), named.is_some())
         })
     }
 
@@ -134,6 +145,11 @@ impl Isa {
 /// `ys[i]` is `[m, nᵢ]`) — a layer's Q, K and V projections, or its gate and up projections —
 /// with the fastest kernel this CPU runs.
 ///
+/// On CPUs with AMX (unless `ARBOR_KERNELS` names a family), products of 3 or more rows
+/// run on the tile unit or on the VNNI kernels, whichever this set's first matrix has
+/// measured faster at that row count so far (the tiles' speed depends on what else the
+/// physical core runs; the two give the same bits), re-timing the slower one every 16th call.
+///
 /// The same sums as one [`QuantMatrix::matmul`] per matrix, bit for bit, at less cost: the
 /// activations are quantized once per block size, and the output rows of all matrices are
 /// spread over the cores in one parallel pass (a decode step of a 28-layer model issues ~110
@@ -160,7 +176,21 @@ pub fn matmul_fused(
     m: usize,
     ys: &mut [&mut [f32]],
 ) -> Result<(), KernelError> {
-    matmul_fused_with(Isa::best(), mats, x, m, ys)
+    let isa = Isa::best();
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx && !Isa::named() && m >= 3 {
+        let tiles = |m| mats.iter().any(|w| amx::takes(w.ty, m));
+        // Where some matrix has tile products at some row count (Q4_K, Q6_K).
+        if let Some(lead) = mats.first().filter(|_| tiles(amx::ROWS)) {
+            let chosen = lead.measured.pick(m, tiles(m));
+            let start = std::time::Instant::now();
+            matmul_fused_with(chosen, mats, x, m, ys)?;
+            let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            lead.measured.record(m, chosen, ns);
+            return Ok(());
+        }
+    }
+    matmul_fused_with(isa, mats, x, m, ys)
 }
 
 /// As [`matmul_fused`] with a chosen kernel.
@@ -348,6 +378,9 @@ pub struct QuantMatrix {
     /// Interleaved groups of 8 rows at the start of `data`.
     groups: usize,
     data: Vec<u8>,
+    /// Running times of the tile and VNNI kernels per row count, where both could run
+    /// ([`choice`]; boxed: ~200 bytes of counters, kept out of every holder's size).
+    measured: Box<choice::Measured>,
 }
 
 impl QuantMatrix {
@@ -383,6 +416,7 @@ impl QuantMatrix {
                 k,
                 groups: 0,
                 data,
+                measured: Box::default(),
             });
         }
         let groups = n / 8;
@@ -406,6 +440,7 @@ impl QuantMatrix {
             k,
             groups,
             data: packed,
+            measured: Box::default(),
         })
     }
 
@@ -463,6 +498,7 @@ impl QuantMatrix {
             k: self.k,
             groups,
             data,
+            measured: Box::default(),
         })
     }
 
@@ -552,12 +588,12 @@ impl QuantMatrix {
     }
 
     /// `y = x·Wᵀ` for `m` rows: `x` is `[m, k]`, `y` is `[m, n]`, both row-major, with the
-    /// fastest kernel this CPU runs.
+    /// fastest kernel this CPU runs (as [`matmul_fused`] chooses it).
     ///
     /// # Errors
     /// [`KernelError::Shape`] if the slice lengths disagree with `m`, `k`, `n`.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), KernelError> {
-        self.matmul_with(Isa::best(), x, m, y)
+        matmul_fused(&[self], x, m, &mut [y])
     }
 
     /// As [`QuantMatrix::matmul`] with a chosen kernel.

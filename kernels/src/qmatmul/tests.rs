@@ -437,3 +437,32 @@ fn tile_products_equal_the_vnni_kernels_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn measured_choice_gives_the_vnni_bits_and_measures_both_families() {
+    let mut rng = Rng(12);
+    let (ty, k) = (GgmlType::Q4_K, 512);
+    let w = random_matrix(ty, 40, k, &mut rng);
+    let x: Vec<f32> = (0..4 * k).map(|_| 3.0 * rng.unit()).collect();
+    let mut want = vec![f32::NAN; 4 * 40];
+    let reference = if Isa::Avx512Vnni.available() {
+        Isa::Avx512Vnni
+    } else {
+        Isa::best()
+    };
+    w.matmul_with(reference, &x, 4, &mut want).unwrap();
+    // Enough calls for the first two measurements and a retry of the slower family.
+    for call in 0..2 * super::choice::RETRY {
+        let mut y = vec![f32::NAN; 4 * 40];
+        w.matmul(&x, 4, &mut y).unwrap();
+        assert_eq!(y, want, "call {call}");
+    }
+    // Where the tiles run and `ARBOR_KERNELS` does not name a family, both were timed.
+    let measuring = Isa::best() == Isa::Amx && !Isa::named();
+    assert_eq!(w.measured.both_measured(4), measuring);
+    // A product that names its family is not measured.
+    let v = random_matrix(ty, 40, k, &mut rng);
+    let mut y = vec![0.0; 4 * 40];
+    v.matmul_with(Isa::best(), &x, 4, &mut y).unwrap();
+    assert!(!v.measured.both_measured(4));
+}
