@@ -1,7 +1,9 @@
 //! Block-quantized matmul: time against the number of rows (1 = plain decode, 2–64 = tree
 //! verification) for each GGUF format, at a Qwen2.5-1.5B MLP shape (1536 → 8960), beside the
 //! f32 panels of `matmul` for scale; where the CPU has AVX-512 VNNI, also the AVX2 build of
-//! the same kernels, and where it has AMX, Q4_K on the VNNI kernels alone; and the work between
+//! the same kernels, and where it has AMX, Q4_K on the VNNI kernels alone (`matmul` there
+//! runs whichever of the tiles and VNNI it has measured faster; `ARBOR_KERNELS=amx` pins the
+//! fixed rule); and the work between
 //! the products (activation quantization, the MLP's gating) at the 1.5B's widest row.
 //! `cargo bench -p arbor-kernels --bench qmatmul`.
 
