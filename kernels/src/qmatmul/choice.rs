@@ -4,7 +4,7 @@
 //! The two families give the same bits (tested), so the choice is about time only — and
 //! which is faster is not a property of the CPU alone. On one 2-core Intel guest (Emerald
 //! Rapids, CPUID model 207), the same binary and matrices alternated within one process
-//! (40 Q4_K matrices of 1536 × 8960 from memory, fastest of 9–11 passes): at one hour the
+//! (40 Q4_K matrices of 1536 × 8960 from memory, fastest of 9–11 passes): in one spell the
 //! tiles took 3 rows in 1.27–1.30× VNNI's time and 8 rows in 1.14×; twenty minutes later
 //! 0.78–0.83× at 3–6 rows. A tile product of 8 × 64 × 16 ran at 6 ns in the first spell and
 //! ~3 ns in earlier sessions on a Sapphire Rapids guest — the tile unit is shared with
@@ -21,10 +21,13 @@
 //! qwen2.5-coder-0.5b --limit 4`, HumanEval prompts; this choice, `ARBOR_KERNELS=avx512vnni`
 //! and `ARBOR_KERNELS=amx` — the fixed rule — alternated, five rounds): median speculative
 //! rate 22.4 tok/s against 21.4 (VNNI) and 19.7 (fixed rule), spec / plain 1.70× against
-//! 1.62× and 1.57×; above the fixed rule in four rounds of five. Short runs see little of it: its first two products at each row count
-//! time one family each, so `--verify-curve`'s fastest of 5 read it between the two
-//! fixed families; single timings on a host drifting ±30% make any one choice a coin toss,
-//! and only many calls average that out. Only [`super::matmul_fused`] and
+//! 1.62× and 1.57×; above the fixed rule in four rounds of five. Short runs see little of
+//! it: its first two products at each row count time one family each, so
+//! `--verify-curve`'s fastest of 5 read it between the two fixed families; single timings
+//! on a host drifting ±30% make any one choice a coin toss, and only many calls average
+//! that out.
+//!
+//! Only [`super::matmul_fused`] and
 //! [`QuantMatrix::matmul`](super::QuantMatrix::matmul) choose this way, and only where
 //! [`Isa::best`] is [`Isa::Amx`] without `ARBOR_KERNELS` naming it; `…_with` calls run
 //! the family they are given.
