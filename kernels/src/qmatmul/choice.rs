@@ -11,11 +11,15 @@
 //! whatever else runs on the physical core. A fixed row threshold ([`super::amx::takes`])
 //! is then wrong half the time, and 3–8 rows are what tree verification uses most.
 //!
-//! So each matrix (the first of a fused set) keeps, per row count, a running time of each
-//! family ([`Measured`]): the first call runs the fixed rule's choice, the second the other
-//! one, then the faster of the two runs, and every [`RETRY`]th call runs the slower again
-//! so that a change of the host's state is noticed. Running times are exponential averages
-//! (weight ¼ for the newest call).
+//! So each matrix (the first of a fused set) compares, per row count, the two families on
+//! adjacent calls ([`Measured`]): the first call runs the fixed rule's choice, the second
+//! the other one, then the faster by the running ratio of their times, and every
+//! [`RETRY`]th call runs the slower again — its time against the calls just before and just
+//! after it (two pairs) enters the running log ratio (weight ¼ for each newest pair). A
+//! pair's two calls are a decode step or two apart, so a drift of the whole host (both
+//! families slower or faster alike) cancels out of the ratio; a first version kept one
+//! running time per family instead, and a host slowing down between the slower family's
+//! retries read as that family having become the faster.
 //!
 //! Measured on that host (`arbor bench --model qwen2.5-coder-1.5b --draft
 //! qwen2.5-coder-0.5b --limit 4`, HumanEval prompts; this choice, `ARBOR_KERNELS=avx512vnni`
@@ -32,26 +36,44 @@
 //! [`Isa::best`] is [`Isa::Amx`] without `ARBOR_KERNELS` naming it; `…_with` calls run
 //! the family they are given.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::Isa;
 
-/// Row counts with their own running times; more rows share the last slot (passes of
+/// Row counts with their own comparison; more rows share the last slot (passes of
 /// [`super::amx::ROWS`] rows cost alike per row).
 const SLOTS: usize = 17;
 
 /// Every `RETRY`th call at a row count runs the slower family again.
 pub(super) const RETRY: u32 = 16;
 
-/// The two families measured against each other, as indices into [`Measured`]'s times.
+/// The two families measured against each other, as indices into [`FAMILIES`].
 const FAMILIES: [Isa; 2] = [Isa::Amx, Isa::Avx512Vnni];
 
-/// Running times (ns, 0 = not yet measured) of each family per row count, and the calls seen
-/// per row count, for one matrix.
-#[derive(Default)]
+/// `Measured::ratio` before any pair has been timed (an f32 NaN's bits).
+const NO_RATIO: u32 = 0x7fc0_0000;
+
+/// Weight of the newest pair in the running log ratio.
+const NEWEST: f32 = 0.25;
+
+/// Per row count of one matrix: the calls seen, the last call's family and time, and the
+/// running log ratio of the two families' times over adjacent calls.
 pub(super) struct Measured {
-    ns: [[AtomicU32; 2]; SLOTS],
     calls: [AtomicU32; SLOTS],
+    /// `0` = none yet; else `(family + 1) << 32 | ns`.
+    last: [AtomicU64; SLOTS],
+    /// f32 bits of the running `ln(tiles' time / VNNI's time)`; [`NO_RATIO`] until a pair.
+    ratio: [AtomicU32; SLOTS],
+}
+
+impl Default for Measured {
+    fn default() -> Self {
+        Self {
+            calls: Default::default(),
+            last: Default::default(),
+            ratio: std::array::from_fn(|_| AtomicU32::new(NO_RATIO)),
+        }
+    }
 }
 
 impl Measured {
@@ -60,32 +82,50 @@ impl Measured {
     pub(super) fn pick(&self, m: usize, fixed_amx: bool) -> Isa {
         let slot = m.min(SLOTS - 1);
         let call = self.calls[slot].fetch_add(1, Ordering::Relaxed);
-        let ns = [0, 1].map(|f| self.ns[slot][f].load(Ordering::Relaxed));
-        FAMILIES[decide(ns, call, usize::from(!fixed_amx))]
+        let last = unpack(self.last[slot].load(Ordering::Relaxed)).map(|(f, _)| f);
+        let ratio = f32::from_bits(self.ratio[slot].load(Ordering::Relaxed));
+        let ratio = (!ratio.is_nan()).then_some(ratio);
+        FAMILIES[decide(ratio, last, call, usize::from(!fixed_amx))]
     }
 
-    /// Folds the time a product of `m` rows took on `isa` into its running time.
+    /// Records that a product of `m` rows took `ns` on `isa`; where the call before it at
+    /// `m` rows ran the other family, the pair's log ratio enters the running one.
     pub(super) fn record(&self, m: usize, isa: Isa, ns: u64) {
         let Some(f) = FAMILIES.iter().position(|&i| i == isa) else {
             return;
         };
+        let slot = m.min(SLOTS - 1);
         let ns = u32::try_from(ns).unwrap_or(u32::MAX).max(1);
-        let cell = &self.ns[m.min(SLOTS - 1)][f];
-        let old = cell.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            ns
-        } else {
-            ((3 * u64::from(old) + u64::from(ns)) / 4) as u32
+        let packed = (f as u64 + 1) << 32 | u64::from(ns);
+        let Some((g, before)) = unpack(self.last[slot].swap(packed, Ordering::Relaxed)) else {
+            return;
         };
-        cell.store(new.max(1), Ordering::Relaxed);
+        if g == f {
+            return;
+        }
+        let (amx, vnni) = if f == 0 { (ns, before) } else { (before, ns) };
+        let sample = (f64::from(amx) / f64::from(vnni)).ln() as f32;
+        let cell = &self.ratio[slot];
+        let old = f32::from_bits(cell.load(Ordering::Relaxed));
+        let new = if old.is_nan() {
+            sample
+        } else {
+            old + NEWEST * (sample - old)
+        };
+        cell.store(new.to_bits(), Ordering::Relaxed);
     }
 
-    /// Whether both families have a running time at `m` rows (for tests).
+    /// Whether a pair of the two families has been timed at `m` rows (for tests).
     #[cfg(test)]
-    pub(super) fn both_measured(&self, m: usize) -> bool {
-        let slot = m.min(SLOTS - 1);
-        (0..2).all(|f| self.ns[slot][f].load(Ordering::Relaxed) > 0)
+    pub(super) fn compared(&self, m: usize) -> bool {
+        self.ratio[m.min(SLOTS - 1)].load(Ordering::Relaxed) != NO_RATIO
     }
+}
+
+/// `(family, ns)` of a packed last call, if any.
+fn unpack(packed: u64) -> Option<(usize, u32)> {
+    let family = (packed >> 32) as usize;
+    (family > 0).then(|| (family - 1, packed as u32))
 }
 
 /// A fresh matrix's copy starts measuring anew (its times belong to where it runs).
@@ -101,19 +141,16 @@ impl std::fmt::Debug for Measured {
     }
 }
 
-/// Which of the two families (index into `ns`) the `call`th product runs on, given their
-/// running times `ns` (0 = none yet) and the fixed rule's choice `fixed`: the fixed choice
-/// until it has a time, then the other until it has one, then the faster — but the slower on
-/// every [`RETRY`]th call.
-fn decide(ns: [u32; 2], call: u32, fixed: usize) -> usize {
-    let other = 1 - fixed;
-    if ns[fixed] == 0 {
-        return fixed;
-    }
-    if ns[other] == 0 {
-        return other;
-    }
-    let faster = if ns[0] <= ns[1] { 0 } else { 1 };
+/// Which of the two families (index into [`FAMILIES`]) the `call`th product runs on, given
+/// the running log ratio of their times (tiles over VNNI; `None` before any pair), the
+/// family the last call ran (`None` before any) and the fixed rule's choice `fixed`: the
+/// fixed choice first, then the other family until a pair has been timed, then the faster
+/// by the ratio — but the slower on every [`RETRY`]th call.
+fn decide(ratio: Option<f32>, last: Option<usize>, call: u32, fixed: usize) -> usize {
+    let Some(ratio) = ratio else {
+        return last.map_or(fixed, |l| 1 - l);
+    };
+    let faster = usize::from(ratio > 0.0);
     if call % RETRY == RETRY - 1 {
         1 - faster
     } else {
@@ -127,42 +164,60 @@ mod tests {
 
     #[test]
     fn fixed_choice_first_then_the_other_then_the_faster_with_retries() {
-        // Nothing measured: the fixed rule's choice, whichever it is.
-        assert_eq!(decide([0, 0], 0, 0), 0);
-        assert_eq!(decide([0, 0], 0, 1), 1);
-        // The fixed choice measured: the other once.
-        assert_eq!(decide([500, 0], 1, 0), 1);
-        assert_eq!(decide([0, 500], 1, 1), 0);
-        // Both measured: the faster, except every RETRY-th call.
+        // Nothing timed: the fixed rule's choice, whichever it is.
+        assert_eq!(decide(None, None, 0, 0), 0);
+        assert_eq!(decide(None, None, 0, 1), 1);
+        // No pair yet: the family the last call did not run.
+        assert_eq!(decide(None, Some(0), 1, 0), 1);
+        assert_eq!(decide(None, Some(1), 1, 1), 0);
+        // A ratio: the faster (tiles below 0), except every RETRY-th call.
         for call in 2..4 * RETRY {
             let retry = call % RETRY == RETRY - 1;
-            assert_eq!(decide([300, 500], call, 0), usize::from(retry));
-            assert_eq!(decide([500, 300], call, 0), usize::from(!retry));
+            assert_eq!(decide(Some(-0.2), Some(0), call, 1), usize::from(retry));
+            assert_eq!(decide(Some(0.2), Some(1), call, 0), usize::from(!retry));
         }
     }
 
+    /// Runs one product of `m` rows as `matmul_fused` does, the tiles taking `amx` ns and
+    /// VNNI `vnni`; returns the family it ran.
+    fn call(c: &Measured, m: usize, amx: u64, vnni: u64) -> Isa {
+        let isa = c.pick(m, true);
+        c.record(m, isa, if isa == Isa::Amx { amx } else { vnni });
+        isa
+    }
+
     #[test]
-    fn running_times_follow_the_host() {
-        let m = Measured::default();
-        let amx = true;
-        assert_eq!(m.pick(4, amx), Isa::Amx);
-        m.record(4, Isa::Amx, 1_000);
-        assert_eq!(m.pick(4, amx), Isa::Avx512Vnni);
-        m.record(4, Isa::Avx512Vnni, 600);
-        assert!(m.both_measured(4));
-        // VNNI is faster now; the tiles get a retry within RETRY calls.
-        let picks: Vec<Isa> = (0..RETRY).map(|_| m.pick(4, amx)).collect();
-        assert_eq!(picks.iter().filter(|&&i| i == Isa::Amx).count(), 1);
-        // The tiles speed up (the host's other load left): a few calls move the choice.
-        for _ in 0..4 {
-            m.record(4, Isa::Amx, 200);
+    fn pairs_of_adjacent_calls_follow_the_host() {
+        let c = Measured::default();
+        // The fixed rule's family, then the other: one pair, VNNI faster.
+        assert_eq!(call(&c, 4, 1_000, 600), Isa::Amx);
+        assert!(!c.compared(4));
+        assert_eq!(call(&c, 4, 1_000, 600), Isa::Avx512Vnni);
+        assert!(c.compared(4));
+        // VNNI from then on, the tiles once per RETRY calls.
+        let runs: Vec<Isa> = (0..RETRY).map(|_| call(&c, 4, 1_000, 600)).collect();
+        assert_eq!(runs.iter().filter(|&&i| i == Isa::Amx).count(), 1);
+        // The whole host slows down (both families alike): VNNI's calls alone, however
+        // slow, form no pair and do not hand the choice to the tiles' older time (calls
+        // 18 to 30; 31 is the next retry).
+        for _ in 18..31 {
+            assert_eq!(call(&c, 4, 2_000, 1_200), Isa::Avx512Vnni);
         }
-        assert_eq!(m.pick(4, amx), Isa::Amx);
-        // Row counts are measured apart, and a copy starts afresh.
-        assert!(!m.both_measured(8));
-        assert!(!m.clone().both_measured(4));
-        // Other families are not measured here.
-        m.record(4, Isa::Avx2, 1);
-        assert_eq!(m.ns[4][1].load(Ordering::Relaxed), 600);
+        // The tiles speed up (the physical core's other load left): the two pairs around
+        // the retry (call 31, the tiles, beside two VNNI calls) move the choice, and from
+        // then on VNNI runs only on retries.
+        let runs: Vec<Isa> = (31..31 + 4 * RETRY).map(|_| call(&c, 4, 300, 1_200)).collect();
+        assert_eq!(runs[..2], [Isa::Amx, Isa::Avx512Vnni]);
+        for (i, &isa) in runs.iter().enumerate().skip(2) {
+            let retry = (31 + i as u32) % RETRY == RETRY - 1;
+            assert_eq!(isa == Isa::Avx512Vnni, retry, "call {}", 31 + i);
+        }
+        // Row counts are compared apart, and a copy starts afresh.
+        assert!(!c.compared(8));
+        assert!(!c.clone().compared(4));
+        // Other families are not measured: no pair, nothing changes.
+        let before = c.ratio[4].load(Ordering::Relaxed);
+        c.record(4, Isa::Avx2, 1);
+        assert_eq!(c.ratio[4].load(Ordering::Relaxed), before);
     }
 }

@@ -148,7 +148,8 @@ impl Isa {
 /// On CPUs with AMX (unless `ARBOR_KERNELS` names a family), products of 3 or more rows
 /// run on the tile unit or on the VNNI kernels, whichever this set's first matrix has
 /// measured faster at that row count so far (the tiles' speed depends on what else the
-/// physical core runs; the two give the same bits), re-timing the slower one every 16th call.
+/// physical core runs; the two give the same bits), comparing the two on adjacent calls
+/// every 16th call.
 ///
 /// The same sums as one [`QuantMatrix::matmul`] per matrix, bit for bit, at less cost: the
 /// activations are quantized once per block size, and the output rows of all matrices are
