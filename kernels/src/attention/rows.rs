@@ -170,6 +170,12 @@ struct Scratch {
     /// `[group][head_dim]` accumulators, then the task's output rows.
     acc: Vec<f32>,
     buf: Vec<f32>,
+    /// The group's query rows as [`score_keys`] reads them ([`transpose_queries`]).
+    qt: Vec<f32>,
+    /// Per head, the scores of the keys being scored together.
+    block: Vec<[f32; SCORE_KEYS]>,
+    /// Copies of staged key rows that were in `buf`, `[SCORE_KEYS][head_dim]`.
+    copies: Vec<f32>,
 }
 
 /// One task: queries `rows` of sequence `b` for every head of KV group `g` (GQA heads share
@@ -216,7 +222,11 @@ fn block_body<S: KvSource, const V: bool>(
             pos,
             mask: m,
             nk,
-            queries: s.queries.clone(),
+            qt: {
+                transpose_queries(&s.queries, hd, &mut s.qt);
+                s.qt.clone()
+            },
+            block: vec![[0.0; SCORE_KEYS]; gs],
             scores: vec![0.0; gs * nk],
             stage: Vec::with_capacity(STAGE),
             copies: vec![0.0; STAGE * hd],
@@ -241,13 +251,16 @@ struct RowWork<'m> {
     mask: &'m [bool],
     /// Visible keys.
     nk: usize,
-    /// `[group][head_dim]`.
-    queries: Vec<f32>,
+    /// The group's query rows as [`score_keys`] reads them.
+    qt: Vec<f32>,
+    /// Per head, the scores of the staged keys.
+    block: Vec<[f32; SCORE_KEYS]>,
     /// `[group][visible keys]` scores, then probabilities.
     scores: Vec<f32>,
-    /// Up to [`STAGE`] value rows read but not yet added into `out.rows`: where each starts
-    /// (`head_dim` values) — in the source's storage, which the call borrows throughout, or
-    /// in `copies` for a row the source wrote into the shared buffer (dequantized codes).
+    /// Up to [`STAGE`] key rows not yet scored (then value rows not yet added into
+    /// `out.rows`): where each starts (`head_dim` values) — in the source's storage, which
+    /// the call borrows throughout, or in `copies` for a row the source wrote into the shared
+    /// buffer (dequantized codes).
     stage: Vec<*const f32>,
     /// `[STAGE][head_dim]` copies of staged rows that were in the shared buffer.
     copies: Vec<f32>,
@@ -262,6 +275,40 @@ struct RowWork<'m> {
 const STAGE: usize = 8;
 
 impl RowWork<'_> {
+    /// Stages the row at `x` (`head_dim` values), copying it where it lies in the call's
+    /// shared buffer (`shared`), which the next read overwrites.
+    #[inline(always)]
+    fn stage_row(&mut self, x: &[f32], shared: &std::ops::Range<*const f32>) {
+        let hd = x.len();
+        let at = if shared.contains(&x.as_ptr()) {
+            let slot = &mut self.copies[self.stage.len() * hd..(self.stage.len() + 1) * hd];
+            slot.copy_from_slice(x);
+            slot.as_ptr()
+        } else {
+            x.as_ptr()
+        };
+        self.stage.push(at);
+    }
+
+    /// Scores the staged key rows for every head (into `scores`), and empties the stage.
+    #[inline(always)]
+    fn flush_scores<const V: bool>(&mut self, hd: usize, scale: f32) {
+        let n = self.stage.len();
+        if n == 0 {
+            return;
+        }
+        let t0 = self.staged_from;
+        let heads = self.block.len();
+        // SAFETY: each staged pointer starts `hd` values the source returned during this
+        // call (its storage is borrowed, unchanged, for the whole call) or in `copies`.
+        unsafe { score_keys::<V>(&self.qt, heads, &self.stage, hd, scale, &mut self.block) };
+        for (r, row) in self.block.iter().enumerate() {
+            self.scores[r * self.nk + t0..r * self.nk + t0 + n].copy_from_slice(&row[..n]);
+        }
+        self.staged_from += n;
+        self.stage.clear();
+    }
+
     /// Adds the staged value rows, weighted by each head's probabilities, into the heads'
     /// sums, and empties the stage.
     #[inline(always)]
@@ -293,6 +340,8 @@ fn shared_rows<S: KvSource, const V: bool>(
     work: &mut [RowWork<'_>],
 ) {
     let hd = c.d.head_dim;
+    // A row in the shared buffer is overwritten by the next read: staged ones are copied.
+    let shared_buf = s.buf.as_ptr_range();
     // The callbacks are inlined into the AVX2 build (a closure is compiled for the baseline
     // target unless it is inlined into its caller: the scores had run in 128-bit lanes).
     walk(
@@ -303,11 +352,17 @@ fn shared_rows<S: KvSource, const V: bool>(
         false,
         #[inline(always)]
         |w, t, kj| {
-            for (r, qr) in w.queries.chunks_exact(hd).enumerate() {
-                w.scores[r * w.nk + t] = dot::<V>(qr, kj) * c.scale;
+            debug_assert_eq!(t, w.staged_from + w.stage.len());
+            w.stage_row(kj, &shared_buf);
+            if w.stage.len() == SCORE_KEYS {
+                w.flush_scores::<V>(hd, c.scale);
             }
         },
     );
+    for w in work.iter_mut() {
+        w.flush_scores::<V>(hd, c.scale);
+        w.staged_from = 0;
+    }
     // Plain loops: an iterator adapter's `fold` is a function of its own, compiled for the
     // baseline target (the softmax had run in 128-bit lanes outside the AVX2 build).
     let mut sums: Vec<Vec<f32>> = Vec::with_capacity(work.len());
@@ -318,8 +373,6 @@ fn shared_rows<S: KvSource, const V: bool>(
         }
         sums.push(row);
     }
-    // A value row in the shared buffer is overwritten by the next read: those are copied.
-    let shared_buf = s.buf.as_ptr_range();
     walk(
         c,
         &mut s.buf,
@@ -329,14 +382,7 @@ fn shared_rows<S: KvSource, const V: bool>(
         #[inline(always)]
         |w, t, vj| {
             debug_assert_eq!(t, w.staged_from + w.stage.len());
-            let at = if shared_buf.contains(&vj.as_ptr()) {
-                let slot = &mut w.copies[w.stage.len() * hd..(w.stage.len() + 1) * hd];
-                slot.copy_from_slice(vj);
-                slot.as_ptr()
-            } else {
-                vj.as_ptr()
-            };
-            w.stage.push(at);
+            w.stage_row(vj, &shared_buf);
             if w.stage.len() == STAGE {
                 w.flush::<V>(hd);
             }
@@ -420,19 +466,56 @@ fn per_head<S: KvSource, const V: bool>(
     }
     s.scores.clear();
     s.scores.resize(start[gs], 0.0);
+    transpose_queries(&s.queries, hd, &mut s.qt);
     let mut cur = vec![0usize; gs];
-    for &j in &s.keys {
-        if !wanted(&s.heads, &cur, j) {
+    // Keys some head reads, scored together (every head, as the shared path does) in runs
+    // of up to SCORE_KEYS; each head keeps its own keys' scores.
+    let mut staged: Vec<(usize, *const f32)> = Vec::with_capacity(SCORE_KEYS);
+    let flush = |s: &mut Scratch, staged: &mut Vec<(usize, *const f32)>, cur: &mut [usize]| {
+        let mut ptrs = [std::ptr::null::<f32>(); SCORE_KEYS];
+        for (p, &(_, at)) in ptrs.iter_mut().zip(staged.iter()) {
+            *p = at;
+        }
+        let ptrs = &ptrs[..staged.len()];
+        // SAFETY: each pointer starts `hd` values of the source's storage (borrowed for the
+        // call) or of `s.copies`, untouched since it was staged.
+        unsafe { score_keys::<V>(&s.qt, gs, ptrs, hd, c.scale, &mut s.block) };
+        for (i, &(j, _)) in staged.iter().enumerate() {
+            for (r, (h, at)) in s.heads.iter().zip(cur.iter_mut()).enumerate() {
+                if h.get(*at) == Some(&j) {
+                    s.scores[start[r] + *at] = s.block[r][i];
+                    *at += 1;
+                }
+            }
+        }
+        staged.clear();
+    };
+    let mut seen = cur.clone();
+    let shared = s.buf.as_ptr_range();
+    for ki in 0..s.keys.len() {
+        let j = s.keys[ki];
+        if !wanted(&s.heads, &seen, j) {
             continue;
         }
-        let kj = c.kv.key(b, g, j, pos, &mut s.buf);
-        for (r, (h, at)) in s.heads.iter().zip(cur.iter_mut()).enumerate() {
+        for (h, at) in s.heads.iter().zip(seen.iter_mut()) {
             if h.get(*at) == Some(&j) {
-                s.scores[start[r] + *at] = dot::<V>(&s.queries[r * hd..(r + 1) * hd], kj) * c.scale;
                 *at += 1;
             }
         }
+        let kj = c.kv.key(b, g, j, pos, &mut s.buf);
+        let at = if shared.contains(&kj.as_ptr()) {
+            let slot = &mut s.copies[staged.len() * hd..(staged.len() + 1) * hd];
+            slot.copy_from_slice(kj);
+            slot.as_ptr()
+        } else {
+            kj.as_ptr()
+        };
+        staged.push((j, at));
+        if staged.len() == SCORE_KEYS {
+            flush(s, &mut staged, &mut cur);
+        }
     }
+    flush(s, &mut staged, &mut cur);
     let mut sums = Vec::with_capacity(gs);
     for r in 0..gs {
         sums.push(exp_sum(&mut s.scores[start[r]..start[r + 1]]));
@@ -518,81 +601,142 @@ unsafe fn block_avx2<S: KvSource>(
     block_body::<S, true>(c, s, bg, rows, out);
 }
 
-/// Dot product in 32 fixed lanes (four 8-wide vectors: a 128-channel head's multiply-adds
-/// form four chains of four instead of one chain of sixteen, whose add latency had bound the
-/// scores), folded to 8 lanes and those summed in one fixed order. Plain multiply-then-add:
-/// `mul_add` is a libm call unless the build targets FMA, and Rust never contracts
-/// `a * b + c` on its own. `V`: the caller is the AVX2 build, which takes [`dot_avx2`] — the
-/// same operations in the same order written as 256-bit intrinsics (the compiler had turned
-/// the lane arrays into shuffles), so every build gives the same bits.
-#[inline(always)]
-fn dot<const V: bool>(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if V {
-        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 was detected.
-        return unsafe { dot_avx2(a, b) };
-    }
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 32];
-    let (ca, ra) = a.as_chunks::<32>();
-    let (cb, rb) = b.as_chunks::<32>();
-    for (x, y) in ca.iter().zip(cb) {
-        for l in 0..32 {
-            acc[l] += x[l] * y[l];
+/// Keys scored together for every head of a group ([`score_keys`]); as many as the value
+/// rows staged at once, whose buffers the key rows share.
+const SCORE_KEYS: usize = 8;
+const _: () = assert!(SCORE_KEYS == STAGE);
+
+/// The query rows of a group (`[heads][head_dim]`) as [`score_keys`] reads them: per run of
+/// 8 heads, `[head_dim][8]` (lane `r` is head `8·run + r`; lanes past the last head zero).
+fn transpose_queries(queries: &[f32], hd: usize, out: &mut Vec<f32>) {
+    let heads = queries.len() / hd.max(1);
+    out.clear();
+    out.resize(heads.div_ceil(8) * hd * 8, 0.0);
+    for (r, q) in queries.chunks_exact(hd.max(1)).enumerate() {
+        let run = &mut out[(r / 8) * hd * 8..(r / 8 + 1) * hd * 8];
+        for (c, &x) in q.iter().enumerate() {
+            run[c * 8 + r % 8] = x;
         }
     }
-    // Whole 8s past the last 32 continue the first vector; single channels go to `tail`.
-    let (ca, ra) = ra.as_chunks::<8>();
-    let (cb, rb) = rb.as_chunks::<8>();
-    for (x, y) in ca.iter().zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = 0.0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    let s: [f32; 8] = std::array::from_fn(|l| (acc[l] + acc[l + 8]) + (acc[l + 16] + acc[l + 24]));
-    ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])) + tail
 }
 
-/// [`dot`] in AVX2 intrinsics: vector `i` holds lanes `8i..8i + 8`.
+/// `out[r][i] = (Σ_c q_r[c] · k_i[c]) · scale` for the `heads` query rows of `qt`
+/// ([`transpose_queries`]) and the key rows `keys` (≤ [`SCORE_KEYS`], `hd` values each): one
+/// running sum per head and key, channel by channel, multiply then add (no fused
+/// multiply-add: `mul_add` is a libm call unless the build targets FMA, and Rust never
+/// contracts `a * b + c`), so that every build, and every grouping of heads, keys and rows,
+/// gives the same bits. `V`: the caller is the AVX2 build, which takes [`score_keys_avx2`]:
+/// 8 heads in the lanes of a vector, 8 keys side by side, a broadcast channel of a key
+/// times a channel of 8 heads — no horizontal sums. The first version summed each score in
+/// 32 lanes and folded them to one float per head and key (an extract, a horizontal add, a
+/// shuffle and three scalar adds per score). Measured against it, calls alternated within
+/// one process (medians of 100 each): the kernel alone over 2 048 keys, one row 0.77–0.79×
+/// (Qwen2.5-0.5B's heads, 7 per KV head of 64 channels) and 0.85–0.91× (1.5B's, 6 of 128),
+/// 8 tree rows 0.83–0.87×, 64 prefill rows over 1 024 keys 0.67–0.73×; groups of 4 heads
+/// (Llama 3's) 0.98× one row and 0.91× 8 rows; groups of 3 (SmolLM2) 1.01–1.03× (3 of 4
+/// lanes used, one multiply and add per 3 products); in the 0.5B, layer calls alternated,
+/// decode at 2 100–2 340 keys 0.83–0.91× and prefill chunks of 512 at 512–2 048 keys
+/// 0.74–0.83×.
 ///
 /// # Safety
-/// The CPU must support AVX2 (the caller is compiled for it).
+/// Each of `keys` points at `hd` readable values; `out` has `heads` entries.
+#[inline(always)]
+unsafe fn score_keys<const V: bool>(
+    qt: &[f32],
+    heads: usize,
+    keys: &[*const f32],
+    hd: usize,
+    scale: f32,
+    out: &mut [[f32; SCORE_KEYS]],
+) {
+    debug_assert!(keys.len() <= SCORE_KEYS && out.len() >= heads);
+    debug_assert_eq!(qt.len(), heads.div_ceil(8) * hd * 8);
+    if keys.is_empty() {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if V {
+        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 was detected;
+        // the keys as the caller promises.
+        unsafe { score_keys_avx2(qt, heads, keys, hd, scale, out) };
+        return;
+    }
+    for (r, o) in out.iter_mut().enumerate().take(heads) {
+        let q = &qt[(r / 8) * hd * 8..];
+        for (i, &k) in keys.iter().enumerate() {
+            // SAFETY: as the caller promises.
+            let k = unsafe { std::slice::from_raw_parts(k, hd) };
+            let mut sum = 0.0f32;
+            for (c, &kc) in k.iter().enumerate() {
+                sum += q[c * 8 + r % 8] * kc;
+            }
+            o[i] = sum * scale;
+        }
+    }
+}
+
+/// [`score_keys`] in AVX2 intrinsics: per run of 8 heads, 8 running sums (one per key, a
+/// head per lane), each channel's 8 query values times the key's channel broadcast. Fewer
+/// keys than 8 repeat the last one (its extra sums are dropped).
+///
+/// # Safety
+/// The CPU must support AVX2 (the caller is compiled for it); the keys and `out` as
+/// [`score_keys`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn score_keys_avx2(
+    qt: &[f32],
+    heads: usize,
+    keys: &[*const f32],
+    hd: usize,
+    scale: f32,
+    out: &mut [[f32; SCORE_KEYS]],
+) {
     use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    // SAFETY: every load reads 8 floats below `n` of both slices; AVX2 per the caller.
+    let n = keys.len();
+    let k: [*const f32; SCORE_KEYS] = std::array::from_fn(|i| keys[i.min(n - 1)]);
+    // SAFETY: the query loads read 8 floats of run `run` of `qt` (`hd · 8` per run), the
+    // broadcasts one value below `hd` of a key; AVX2 per the caller.
     unsafe {
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mul = |i: usize| _mm256_mul_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)));
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (v, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_add_ps(*a, mul(i + 8 * v));
+        let sc = _mm256_set1_ps(scale);
+        for run in 0..heads.div_ceil(8) {
+            let q = qt.as_ptr().add(run * hd * 8);
+            let lanes = (heads - 8 * run).min(8);
+            if lanes <= 4 {
+                // A run of up to 4 heads (SmolLM2's groups of 3): the same sums in 128-bit
+                // lanes, half the work of 8 mostly empty ones.
+                let sc = _mm_set1_ps(scale);
+                let mut acc = [_mm_setzero_ps(); SCORE_KEYS];
+                for c in 0..hd {
+                    let qc = _mm_loadu_ps(q.add(8 * c));
+                    for (a, &ki) in acc.iter_mut().zip(&k) {
+                        *a = _mm_add_ps(*a, _mm_mul_ps(qc, _mm_set1_ps(*ki.add(c))));
+                    }
+                }
+                for (i, a) in acc.iter().enumerate().take(n) {
+                    let mut l = [0.0f32; 4];
+                    _mm_storeu_ps(l.as_mut_ptr(), _mm_mul_ps(*a, sc));
+                    for (r, &x) in l.iter().enumerate().take(lanes) {
+                        out[8 * run + r][i] = x;
+                    }
+                }
+                continue;
             }
-            i += 32;
+            let mut acc = [_mm256_setzero_ps(); SCORE_KEYS];
+            for c in 0..hd {
+                let qc = _mm256_loadu_ps(q.add(8 * c));
+                for (a, &ki) in acc.iter_mut().zip(&k) {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, _mm256_set1_ps(*ki.add(c))));
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(n) {
+                let mut l = [0.0f32; 8];
+                _mm256_storeu_ps(l.as_mut_ptr(), _mm256_mul_ps(*a, sc));
+                for (r, &x) in l.iter().enumerate().take(lanes) {
+                    out[8 * run + r][i] = x;
+                }
+            }
         }
-        while i + 8 <= n {
-            acc[0] = _mm256_add_ps(acc[0], mul(i));
-            i += 8;
-        }
-        let mut tail = 0.0f32;
-        while i < n {
-            tail += *pa.add(i) * *pb.add(i);
-            i += 1;
-        }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        // (s0 + s4, s1 + s5, s2 + s6, s3 + s7), then its pairs, then the pairs' sum.
-        let t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-        let h = _mm_hadd_ps(t, t);
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) + tail
     }
 }
 
@@ -816,6 +960,9 @@ fn attention_impl<S: KvSource>(
         scores: Vec::new(),
         acc: Vec::new(),
         buf: vec![0.0f32; hd],
+        qt: Vec::new(),
+        block: vec![[0.0; SCORE_KEYS]; ctx.group],
+        copies: vec![0.0; SCORE_KEYS * hd],
     };
     let tasks = d.batch * d.n_kv_heads * blocks;
     // Tiny calls cost less than waking the pool; either way each row is computed by the same
@@ -932,20 +1079,54 @@ mod tests {
             .unwrap()
     }
 
-    /// The AVX2 build's dot products and value sums are bitwise the portable build's, for
-    /// head sizes with and without whole vectors and staged runs of every length.
+    /// The AVX2 build's scores and value sums are bitwise the portable build's, for head sizes
+    /// with and without whole vectors, every number of heads and keys scored together, and
+    /// staged runs of every length.
     #[test]
     fn avx2_and_portable_builds_agree_bitwise() {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             let mut rng = StdRng::seed_from_u64(11);
             for hd in [1usize, 7, 8, 24, 32, 40, 64, 80, 100, 128, 256] {
-                let (a, b) = (random(&mut rng, hd), random(&mut rng, hd));
-                assert_eq!(
-                    dot::<false>(&a, &b).to_bits(),
-                    dot::<true>(&a, &b).to_bits(),
-                    "{hd}"
-                );
+                // Scores of 1–17 heads (runs of 8 and partial ones) for 1–8 keys at once.
+                let keys = random(&mut rng, SCORE_KEYS * hd);
+                for heads in [1usize, 2, 6, 7, 8, 9, 12, 17] {
+                    let queries = random(&mut rng, heads * hd);
+                    let mut qt = Vec::new();
+                    transpose_queries(&queries, hd, &mut qt);
+                    for n in 1..=SCORE_KEYS {
+                        let ptrs: Vec<*const f32> =
+                            keys.chunks_exact(hd).take(n).map(<[f32]>::as_ptr).collect();
+                        let (mut x, mut y) = (
+                            vec![[0.0; SCORE_KEYS]; heads],
+                            vec![[0.0; SCORE_KEYS]; heads],
+                        );
+                        // SAFETY: each pointer starts `hd` values of `keys`.
+                        unsafe {
+                            score_keys::<false>(&qt, heads, &ptrs, hd, 0.125, &mut x);
+                            score_keys::<true>(&qt, heads, &ptrs, hd, 0.125, &mut y);
+                        }
+                        for r in 0..heads {
+                            for i in 0..n {
+                                // Both as one running sum in channel order.
+                                let k = &keys[i * hd..(i + 1) * hd];
+                                let q = &queries[r * hd..(r + 1) * hd];
+                                let one =
+                                    q.iter().zip(k).fold(0.0f32, |s, (a, b)| s + a * b) * 0.125;
+                                assert_eq!(
+                                    x[r][i].to_bits(),
+                                    y[r][i].to_bits(),
+                                    "hd {hd}, {heads} heads, {n} keys"
+                                );
+                                assert_eq!(
+                                    x[r][i].to_bits(),
+                                    one.to_bits(),
+                                    "hd {hd}, {heads} heads, {n} keys"
+                                );
+                            }
+                        }
+                    }
+                }
                 for n in 1..=STAGE {
                     let p = random(&mut rng, n);
                     let rows = random(&mut rng, n * hd);

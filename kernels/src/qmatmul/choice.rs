@@ -206,7 +206,9 @@ mod tests {
         // The tiles speed up (the physical core's other load left): the two pairs around
         // the retry (call 31, the tiles, beside two VNNI calls) move the choice, and from
         // then on VNNI runs only on retries.
-        let runs: Vec<Isa> = (31..31 + 4 * RETRY).map(|_| call(&c, 4, 300, 1_200)).collect();
+        let runs: Vec<Isa> = (31..31 + 4 * RETRY)
+            .map(|_| call(&c, 4, 300, 1_200))
+            .collect();
         assert_eq!(runs[..2], [Isa::Amx, Isa::Avx512Vnni]);
         for (i, &isa) in runs.iter().enumerate().skip(2) {
             let retry = (31 + i as u32) % RETRY == RETRY - 1;
