@@ -538,7 +538,7 @@ fn per_head<S: KvSource, const V: bool>(
             if h.get(*at) == Some(&j) {
                 let p = s.scores[start[r] + *at];
                 for (a, &x) in acc.iter_mut().zip(vj) {
-                    *a += p * x;
+                    *a = p.mul_add(x, *a);
                 }
                 if c.votes {
                     s.votes[t] += p / sums[r];
@@ -583,14 +583,14 @@ fn exp_sum(scores: &mut [f32]) -> f32 {
     acc.iter().chain(rest).fold(0.0, |s, &x| s + x)
 }
 
-/// [`block_body`] compiled for AVX2 (256-bit lanes for the same operations in the same
-/// order: separate multiplies and adds, no FMA, so results equal the portable build bit for
-/// bit).
+/// [`block_body`] compiled for AVX2 and FMA (256-bit lanes for the same operations in the
+/// same order: the fused multiply-adds are `f32::mul_add` in the portable build, one rounding
+/// each in both, so results equal the portable build bit for bit).
 ///
 /// # Safety
-/// The CPU must support AVX2.
+/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2<S: KvSource>(
     c: &RowCtx<'_, S>,
     s: &mut Scratch,
@@ -622,10 +622,10 @@ fn transpose_queries(queries: &[f32], hd: usize, out: &mut Vec<f32>) {
 
 /// `out[r][i] = (Σ_c q_r[c] · k_i[c]) · scale` for the `heads` query rows of `qt`
 /// ([`transpose_queries`]) and the key rows `keys` (≤ [`SCORE_KEYS`], `hd` values each): one
-/// running sum per head and key, channel by channel, multiply then add (no fused
-/// multiply-add: `mul_add` is a libm call unless the build targets FMA, and Rust never
-/// contracts `a * b + c`), so that every build, and every grouping of heads, keys and rows,
-/// gives the same bits. `V`: the caller is the AVX2 build, which takes [`score_keys_avx2`]:
+/// running sum per head and key, channel by channel, each term a fused multiply-add
+/// (`f32::mul_add`: one rounding, as `vfmadd` — a libm call where the build has no FMA, the
+/// portable build on old x86 only), so that every build, and every grouping of heads, keys
+/// and rows, gives the same bits. `V`: the caller is the AVX2 build, which takes [`score_keys_avx2`]:
 /// 8 heads in the lanes of a vector, 8 keys side by side, a broadcast channel of a key
 /// times a channel of 8 heads — no horizontal sums. The first version summed each score in
 /// 32 lanes and folded them to one float per head and key (an extract, a horizontal add, a
@@ -636,7 +636,8 @@ fn transpose_queries(queries: &[f32], hd: usize, out: &mut Vec<f32>) {
 /// (Llama 3's) 0.98× one row and 0.91× 8 rows; groups of 3 (SmolLM2) 1.01–1.03× (3 of 4
 /// lanes used, one multiply and add per 3 products); in the 0.5B, layer calls alternated,
 /// decode at 2 100–2 340 keys 0.83–0.91× and prefill chunks of 512 at 512–2 048 keys
-/// 0.74–0.83×.
+/// 0.74–0.83×. Fused multiply-adds (then) against separate ones: 0.89–0.95× at 6–7 heads,
+/// ~1.0× at 3–4.
 ///
 /// # Safety
 /// Each of `keys` points at `hd` readable values; `out` has `heads` entries.
@@ -668,7 +669,7 @@ unsafe fn score_keys<const V: bool>(
             let k = unsafe { std::slice::from_raw_parts(k, hd) };
             let mut sum = 0.0f32;
             for (c, &kc) in k.iter().enumerate() {
-                sum += q[c * 8 + r % 8] * kc;
+                sum = q[c * 8 + r % 8].mul_add(kc, sum);
             }
             o[i] = sum * scale;
         }
@@ -710,7 +711,7 @@ unsafe fn score_keys_avx2(
                 for c in 0..hd {
                     let qc = _mm_loadu_ps(q.add(8 * c));
                     for (a, &ki) in acc.iter_mut().zip(&k) {
-                        *a = _mm_add_ps(*a, _mm_mul_ps(qc, _mm_set1_ps(*ki.add(c))));
+                        *a = _mm_fmadd_ps(qc, _mm_set1_ps(*ki.add(c)), *a);
                     }
                 }
                 for (i, a) in acc.iter().enumerate().take(n) {
@@ -726,7 +727,7 @@ unsafe fn score_keys_avx2(
             for c in 0..hd {
                 let qc = _mm256_loadu_ps(q.add(8 * c));
                 for (a, &ki) in acc.iter_mut().zip(&k) {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, _mm256_set1_ps(*ki.add(c))));
+                    *a = _mm256_fmadd_ps(qc, _mm256_set1_ps(*ki.add(c)), *a);
                 }
             }
             for (i, a) in acc.iter().enumerate().take(n) {
@@ -741,7 +742,7 @@ unsafe fn score_keys_avx2(
 }
 
 /// `acc[e] += p[i] · rows[i][e]` for each staged row `i` in order: per value the same
-/// multiply-then-add sequence as adding one key at a time, with the sums held in registers
+/// fused multiply-adds as adding one key at a time, with the sums held in registers
 /// across the rows. `V`: the AVX2 build ([`add_values_avx2`], the same operations).
 ///
 /// # Safety
@@ -765,14 +766,14 @@ unsafe fn add_values<const V: bool>(acc: &mut [f32], p: &[f32], rows: &[*const f
         for (i, &pi) in p.iter().enumerate() {
             let v = &row(i)[8 * ci..8 * ci + 8];
             for l in 0..8 {
-                x[l] += pi * v[l];
+                x[l] = pi.mul_add(v[l], x[l]);
             }
         }
         *a = x;
     }
     for (e, a) in acc.iter_mut().enumerate().skip(hd / 8 * 8) {
         for (i, &pi) in p.iter().enumerate() {
-            *a += pi * row(i)[e];
+            *a = pi.mul_add(row(i)[e], *a);
         }
     }
 }
@@ -796,7 +797,7 @@ unsafe fn add_values_avx2(acc: &mut [f32], p: &[f32], rows: &[*const f32]) {
                 let w = _mm256_set1_ps(pi);
                 for (v, x) in x.iter_mut().enumerate() {
                     let r = _mm256_loadu_ps(rows[i].add(e + 8 * v));
-                    *x = _mm256_add_ps(*x, _mm256_mul_ps(w, r));
+                    *x = _mm256_fmadd_ps(w, r, *x);
                 }
             }
             for (v, x) in x.iter().enumerate() {
@@ -808,14 +809,14 @@ unsafe fn add_values_avx2(acc: &mut [f32], p: &[f32], rows: &[*const f32]) {
             let mut x = _mm256_loadu_ps(pa.add(e));
             for (i, &pi) in p.iter().enumerate() {
                 let r = _mm256_loadu_ps(rows[i].add(e));
-                x = _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(pi), r));
+                x = _mm256_fmadd_ps(_mm256_set1_ps(pi), r, x);
             }
             _mm256_storeu_ps(pa.add(e), x);
             e += 8;
         }
         while e < hd {
             for (i, &pi) in p.iter().enumerate() {
-                *pa.add(e) += pi * *rows[i].add(e);
+                *pa.add(e) = pi.mul_add(*rows[i].add(e), *pa.add(e));
             }
             e += 1;
         }
@@ -929,7 +930,8 @@ fn attention_impl<S: KvSource>(
     };
     let mut out = vec![0.0f32; nq];
     #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    let avx2 =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
     let avx2 = false;
     // Rows per task: enough tasks for every thread, at most 8 rows sharing each key read.
@@ -1085,7 +1087,8 @@ mod tests {
     #[test]
     fn avx2_and_portable_builds_agree_bitwise() {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             let mut rng = StdRng::seed_from_u64(11);
             for hd in [1usize, 7, 8, 24, 32, 40, 64, 80, 100, 128, 256] {
                 // Scores of 1–17 heads (runs of 8 and partial ones) for 1–8 keys at once.
@@ -1112,7 +1115,8 @@ mod tests {
                                 let k = &keys[i * hd..(i + 1) * hd];
                                 let q = &queries[r * hd..(r + 1) * hd];
                                 let one =
-                                    q.iter().zip(k).fold(0.0f32, |s, (a, b)| s + a * b) * 0.125;
+                                    q.iter().zip(k).fold(0.0f32, |s, (a, b)| a.mul_add(*b, s))
+                                        * 0.125;
                                 assert_eq!(
                                     x[r][i].to_bits(),
                                     y[r][i].to_bits(),
@@ -1141,7 +1145,7 @@ mod tests {
                     // And both as adding one key at a time.
                     for (i, &pi) in p.iter().enumerate() {
                         for (a, &v) in one.iter_mut().zip(&rows[i * hd..(i + 1) * hd]) {
-                            *a += pi * v;
+                            *a = pi.mul_add(v, *a);
                         }
                     }
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
