@@ -657,8 +657,8 @@ unsafe fn score_keys<const V: bool>(
     }
     #[cfg(target_arch = "x86_64")]
     if V {
-        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 was detected;
-        // the keys as the caller promises.
+        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 and FMA were
+        // detected; the keys as the caller promises.
         unsafe { score_keys_avx2(qt, heads, keys, hd, scale, out) };
         return;
     }
@@ -681,8 +681,8 @@ unsafe fn score_keys<const V: bool>(
 /// keys than 8 repeat the last one (its extra sums are dropped).
 ///
 /// # Safety
-/// The CPU must support AVX2 (the caller is compiled for it); the keys and `out` as
-/// [`score_keys`].
+/// The CPU must support AVX2 and FMA (the caller is compiled for them); the keys and `out`
+/// as [`score_keys`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn score_keys_avx2(
@@ -699,45 +699,54 @@ unsafe fn score_keys_avx2(
     // SAFETY: the query loads read 8 floats of run `run` of `qt` (`hd · 8` per run), the
     // broadcasts one value below `hd` of a key; AVX2 per the caller.
     unsafe {
-        let sc = _mm256_set1_ps(scale);
-        for run in 0..heads.div_ceil(8) {
-            let q = qt.as_ptr().add(run * hd * 8);
-            let lanes = (heads - 8 * run).min(8);
-            if lanes <= 4 {
-                // A run of up to 4 heads (SmolLM2's groups of 3): the same sums in 128-bit
-                // lanes, half the work of 8 mostly empty ones.
-                let sc = _mm_set1_ps(scale);
-                let mut acc = [_mm_setzero_ps(); SCORE_KEYS];
-                for c in 0..hd {
-                    let qc = _mm_loadu_ps(q.add(8 * c));
-                    for (a, &ki) in acc.iter_mut().zip(&k) {
-                        *a = _mm_fmadd_ps(qc, _mm_set1_ps(*ki.add(c)), *a);
+        // One run of heads in vectors of `$w` lanes: 8 running sums (one per key), then the
+        // lanes that are heads, scaled, into `out`.
+        macro_rules! run_of_heads {
+            ($w:literal, $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $mul:ident, $store:ident) => {
+                for run in 0..heads.div_ceil(8) {
+                    let q = qt.as_ptr().add(run * hd * 8);
+                    let lanes = (heads - 8 * run).min(8);
+                    if (lanes <= 4) != ($w == 4) {
+                        continue;
+                    }
+                    let sc = $set1(scale);
+                    let mut acc = [$zero(); SCORE_KEYS];
+                    for c in 0..hd {
+                        let qc = $load(q.add(8 * c));
+                        for (a, &ki) in acc.iter_mut().zip(&k) {
+                            *a = $fmadd(qc, $set1(*ki.add(c)), *a);
+                        }
+                    }
+                    for (i, a) in acc.iter().enumerate().take(n) {
+                        let mut l = [0.0f32; $w];
+                        $store(l.as_mut_ptr(), $mul(*a, sc));
+                        for (r, &x) in l.iter().enumerate().take(lanes) {
+                            out[8 * run + r][i] = x;
+                        }
                     }
                 }
-                for (i, a) in acc.iter().enumerate().take(n) {
-                    let mut l = [0.0f32; 4];
-                    _mm_storeu_ps(l.as_mut_ptr(), _mm_mul_ps(*a, sc));
-                    for (r, &x) in l.iter().enumerate().take(lanes) {
-                        out[8 * run + r][i] = x;
-                    }
-                }
-                continue;
-            }
-            let mut acc = [_mm256_setzero_ps(); SCORE_KEYS];
-            for c in 0..hd {
-                let qc = _mm256_loadu_ps(q.add(8 * c));
-                for (a, &ki) in acc.iter_mut().zip(&k) {
-                    *a = _mm256_fmadd_ps(qc, _mm256_set1_ps(*ki.add(c)), *a);
-                }
-            }
-            for (i, a) in acc.iter().enumerate().take(n) {
-                let mut l = [0.0f32; 8];
-                _mm256_storeu_ps(l.as_mut_ptr(), _mm256_mul_ps(*a, sc));
-                for (r, &x) in l.iter().enumerate().take(lanes) {
-                    out[8 * run + r][i] = x;
-                }
-            }
+            };
         }
+        // Full runs in 256-bit lanes; a run of up to 4 heads (SmolLM2's groups of 3) in
+        // 128-bit ones, the same sums at half the work of 8 mostly empty lanes.
+        run_of_heads!(
+            8,
+            _mm256_setzero_ps,
+            _mm256_loadu_ps,
+            _mm256_set1_ps,
+            _mm256_fmadd_ps,
+            _mm256_mul_ps,
+            _mm256_storeu_ps
+        );
+        run_of_heads!(
+            4,
+            _mm_setzero_ps,
+            _mm_loadu_ps,
+            _mm_set1_ps,
+            _mm_fmadd_ps,
+            _mm_mul_ps,
+            _mm_storeu_ps
+        );
     }
 }
 
@@ -753,7 +762,7 @@ unsafe fn add_values<const V: bool>(acc: &mut [f32], p: &[f32], rows: &[*const f
     assert_eq!(rows.len(), p.len(), "one staged row per probability");
     #[cfg(target_arch = "x86_64")]
     if V {
-        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 was detected;
+        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 and FMA were detected;
         // the rows as the caller promises.
         unsafe { add_values_avx2(acc, p, rows) };
         return;
@@ -781,7 +790,8 @@ unsafe fn add_values<const V: bool>(acc: &mut [f32], p: &[f32], rows: &[*const f
 /// [`add_values`] in AVX2 intrinsics, 32 values at a time (four independent chains).
 ///
 /// # Safety
-/// The CPU must support AVX2 (the caller is compiled for it); the rows as [`add_values`].
+/// The CPU must support AVX2 and FMA (the caller is compiled for them); the rows as
+/// [`add_values`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn add_values_avx2(acc: &mut [f32], p: &[f32], rows: &[*const f32]) {
@@ -946,7 +956,7 @@ fn attention_impl<S: KvSource>(
         let mut outs = Vec::with_capacity(rows.len());
         #[cfg(target_arch = "x86_64")]
         if avx2 {
-            // SAFETY: AVX2 was detected at run time just above.
+            // SAFETY: AVX2 and FMA were detected at run time just above.
             unsafe { block_avx2(&ctx, s, (b, g), rows, &mut outs) };
             return outs;
         }
