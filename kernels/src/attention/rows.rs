@@ -762,8 +762,8 @@ unsafe fn add_values<const V: bool>(acc: &mut [f32], p: &[f32], rows: &[*const f
     assert_eq!(rows.len(), p.len(), "one staged row per probability");
     #[cfg(target_arch = "x86_64")]
     if V {
-        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 and FMA were detected;
-        // the rows as the caller promises.
+        // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 and FMA were
+        // detected; the rows as the caller promises.
         unsafe { add_values_avx2(acc, p, rows) };
         return;
     }
