@@ -625,9 +625,9 @@ fn transpose_queries(queries: &[f32], hd: usize, out: &mut Vec<f32>) {
 /// running sum per head and key, channel by channel, each term a fused multiply-add
 /// (`f32::mul_add`: one rounding, as `vfmadd` — a libm call where the build has no FMA, the
 /// portable build on old x86 only), so that every build, and every grouping of heads, keys
-/// and rows, gives the same bits. `V`: the caller is the AVX2 build, which takes [`score_keys_avx2`]:
-/// 8 heads in the lanes of a vector, 8 keys side by side, a broadcast channel of a key
-/// times a channel of 8 heads — no horizontal sums. The first version summed each score in
+/// and rows, gives the same bits. `V`: the caller is the AVX2 build, which takes
+/// [`score_keys_avx2`]: 8 heads in the lanes of a vector, 8 keys side by side, a broadcast
+/// channel of a key times a channel of 8 heads — no horizontal sums. The first version summed each score in
 /// 32 lanes and folded them to one float per head and key (an extract, a horizontal add, a
 /// shuffle and three scalar adds per score). Measured against it, calls alternated within
 /// one process (medians of 100 each): the kernel alone over 2 048 keys, one row 0.77–0.79×
@@ -702,7 +702,15 @@ unsafe fn score_keys_avx2(
         // One run of heads in vectors of `$w` lanes: 8 running sums (one per key), then the
         // lanes that are heads, scaled, into `out`.
         macro_rules! run_of_heads {
-            ($w:literal, $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $mul:ident, $store:ident) => {
+            (
+                $w:literal,
+                $zero:ident,
+                $load:ident,
+                $set1:ident,
+                $fmadd:ident,
+                $mul:ident,
+                $store:ident
+            ) => {
                 for run in 0..heads.div_ceil(8) {
                     let q = qt.as_ptr().add(run * hd * 8);
                     let lanes = (heads - 8 * run).min(8);
