@@ -625,18 +625,19 @@ fn transpose_queries(queries: &[f32], hd: usize, out: &mut Vec<f32>) {
 /// running sum per head and key, channel by channel, each term a fused multiply-add
 /// (`f32::mul_add`: one rounding, as `vfmadd` — a libm call where the build has no FMA, the
 /// portable build on old x86 only), so that every build, and every grouping of heads, keys and
-/// rows, gives the same bits. `V`: the caller is the AVX2 build, which takes [`score_keys_avx2`]: 8
-/// heads in the lanes of a vector, 8 keys side by side, a broadcast channel of a key times a
-/// channel of 8 heads — no horizontal sums. The first version summed each score in 32 lanes and
-/// folded them to one float per head and key (an extract, a horizontal add, a shuffle and three
-/// scalar adds per score). Measured against it, calls alternated within one process (medians of 100
-/// each): the kernel alone over 2 048 keys, one row 0.77–0.79× (Qwen2.5-0.5B's heads, 7 per KV head
-/// of 64 channels) and 0.85–0.91× (1.5B's, 6 of 128), 8 tree rows 0.83–0.87×, 64 prefill rows over
-/// 1 024 keys 0.67–0.73×; groups of 4 heads (Llama 3's) 0.98× one row and 0.91× 8 rows; groups of 3
-/// (SmolLM2) 1.01–1.03× (3 of 4 lanes used, one multiply and add per 3 products); in the 0.5B,
-/// layer calls alternated, decode at 2 100–2 340 keys 0.83–0.91× and prefill chunks of 512 at 512–2
-/// 048 keys 0.74–0.83×. Fused multiply-adds (then) against separate ones: 0.89–0.95× at 6–7 heads,
-/// ~1.0× at 3–4.
+/// rows, gives the same bits. `V`: the caller is the AVX2 build, which takes
+/// [`score_keys_avx2`]: 8 heads in the lanes of a vector, 8 keys side by side, a broadcast
+/// channel of a key times a channel of 8 heads — no horizontal sums. The first version summed
+/// each score in 32 lanes and folded them to one float per head and key (an extract, a
+/// horizontal add, a shuffle and three scalar adds per score). Measured against it, calls
+/// alternated within one process (medians of 100 each): the kernel alone over 2 048 keys, one
+/// row 0.77–0.79× (Qwen2.5-0.5B's heads, 7 per KV head of 64 channels) and 0.85–0.91× (1.5B's,
+/// 6 of 128), 8 tree rows 0.83–0.87×, 64 prefill rows over 1 024 keys 0.67–0.73×; groups of 4
+/// heads (Llama 3's) 0.98× one row and 0.91× 8 rows; groups of 3 (SmolLM2) 1.01–1.03× (3 of 4
+/// lanes used, one multiply and add per 3 products); in the 0.5B, layer calls alternated,
+/// decode at 2 100–2 340 keys 0.83–0.91× and prefill chunks of 512 at 512–2 048 keys
+/// 0.74–0.83×. Fused multiply-adds (then) against separate ones: 0.89–0.95× at 6–7 heads, ~1.0×
+/// at 3–4.
 ///
 /// # Safety
 /// Each of `keys` points at `hd` readable values; `out` has `heads` entries.
