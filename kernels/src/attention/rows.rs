@@ -223,8 +223,9 @@ fn block_body<S: KvSource, const V: bool>(
             mask: m,
             nk,
             qt: {
-                transpose_queries(&s.queries, hd, &mut s.qt);
-                s.qt.clone()
+                let mut qt = Vec::new();
+                transpose_queries(&s.queries, hd, &mut qt);
+                qt
             },
             block: vec![[0.0; SCORE_KEYS]; gs],
             scores: vec![0.0; gs * nk],
@@ -269,24 +270,35 @@ struct RowWork<'m> {
     out: TaskOut,
 }
 
+/// Where a staged row is read from later: `x` itself, or — where `x` lies in the call's
+/// shared buffer (`shared`), which the next read overwrites — its copy in slot `slot` of
+/// `copies` (`[slots][x.len()]`).
+#[inline(always)]
+fn staged_at(
+    x: &[f32],
+    shared: &std::ops::Range<*const f32>,
+    copies: &mut [f32],
+    slot: usize,
+) -> *const f32 {
+    if shared.contains(&x.as_ptr()) {
+        let copy = &mut copies[slot * x.len()..(slot + 1) * x.len()];
+        copy.copy_from_slice(x);
+        copy.as_ptr()
+    } else {
+        x.as_ptr()
+    }
+}
+
 /// Value rows a row's heads add into their sums at once ([`add_values`]): each head's sums
 /// are loaded and stored once per this many keys instead of once per key (each sum still adds
 /// its terms one key at a time, in key order — the same operations as one key at a time).
 const STAGE: usize = 8;
 
 impl RowWork<'_> {
-    /// Stages the row at `x` (`head_dim` values), copying it where it lies in the call's
-    /// shared buffer (`shared`), which the next read overwrites.
+    /// Stages the row at `x` (`head_dim` values) ([`staged_at`]).
     #[inline(always)]
     fn stage_row(&mut self, x: &[f32], shared: &std::ops::Range<*const f32>) {
-        let hd = x.len();
-        let at = if shared.contains(&x.as_ptr()) {
-            let slot = &mut self.copies[self.stage.len() * hd..(self.stage.len() + 1) * hd];
-            slot.copy_from_slice(x);
-            slot.as_ptr()
-        } else {
-            x.as_ptr()
-        };
+        let at = staged_at(x, shared, &mut self.copies, self.stage.len());
         self.stage.push(at);
     }
 
@@ -503,14 +515,7 @@ fn per_head<S: KvSource, const V: bool>(
             }
         }
         let kj = c.kv.key(b, g, j, pos, &mut s.buf);
-        let at = if shared.contains(&kj.as_ptr()) {
-            let slot = &mut s.copies[staged.len() * hd..(staged.len() + 1) * hd];
-            slot.copy_from_slice(kj);
-            slot.as_ptr()
-        } else {
-            kj.as_ptr()
-        };
-        staged.push((j, at));
+        staged.push((j, staged_at(kj, &shared, &mut s.copies, staged.len())));
         if staged.len() == SCORE_KEYS {
             flush(s, &mut staged, &mut cur);
         }
