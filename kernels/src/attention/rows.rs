@@ -310,10 +310,9 @@ impl RowWork<'_> {
             return;
         }
         let t0 = self.staged_from;
-        let heads = self.block.len();
         // SAFETY: each staged pointer starts `hd` values the source returned during this
         // call (its storage is borrowed, unchanged, for the whole call) or in `copies`.
-        unsafe { score_keys::<V>(&self.qt, heads, &self.stage, hd, scale, &mut self.block) };
+        unsafe { score_keys::<V>(&self.qt, &self.stage, hd, scale, &mut self.block) };
         for (r, row) in self.block.iter().enumerate() {
             self.scores[r * self.nk + t0..r * self.nk + t0 + n].copy_from_slice(&row[..n]);
         }
@@ -482,17 +481,19 @@ fn per_head<S: KvSource, const V: bool>(
     let mut cur = vec![0usize; gs];
     // Keys some head reads, scored together (every head, as the shared path does) in runs
     // of up to SCORE_KEYS; each head keeps its own keys' scores.
-    let mut staged: Vec<(usize, *const f32)> = Vec::with_capacity(SCORE_KEYS);
-    let flush = |s: &mut Scratch, staged: &mut Vec<(usize, *const f32)>, cur: &mut [usize]| {
-        let mut ptrs = [std::ptr::null::<f32>(); SCORE_KEYS];
-        for (p, &(_, at)) in ptrs.iter_mut().zip(staged.iter()) {
-            *p = at;
-        }
-        let ptrs = &ptrs[..staged.len()];
+    let (mut staged, mut ptrs) = (
+        Vec::with_capacity(SCORE_KEYS),
+        Vec::with_capacity(SCORE_KEYS),
+    );
+    let flush = |s: &mut Scratch,
+                 staged: &mut Vec<usize>,
+                 ptrs: &mut Vec<*const f32>,
+                 cur: &mut [usize]| {
         // SAFETY: each pointer starts `hd` values of the source's storage (borrowed for the
         // call) or of `s.copies`, untouched since it was staged.
-        unsafe { score_keys::<V>(&s.qt, gs, ptrs, hd, c.scale, &mut s.block) };
-        for (i, &(j, _)) in staged.iter().enumerate() {
+        unsafe { score_keys::<V>(&s.qt, ptrs, hd, c.scale, &mut s.block) };
+        ptrs.clear();
+        for (i, &j) in staged.iter().enumerate() {
             for (r, (h, at)) in s.heads.iter().zip(cur.iter_mut()).enumerate() {
                 if h.get(*at) == Some(&j) {
                     s.scores[start[r] + *at] = s.block[r][i];
@@ -515,12 +516,13 @@ fn per_head<S: KvSource, const V: bool>(
             }
         }
         let kj = c.kv.key(b, g, j, pos, &mut s.buf);
-        staged.push((j, staged_at(kj, &shared, &mut s.copies, staged.len())));
+        ptrs.push(staged_at(kj, &shared, &mut s.copies, staged.len()));
+        staged.push(j);
         if staged.len() == SCORE_KEYS {
-            flush(s, &mut staged, &mut cur);
+            flush(s, &mut staged, &mut ptrs, &mut cur);
         }
     }
-    flush(s, &mut staged, &mut cur);
+    flush(s, &mut staged, &mut ptrs, &mut cur);
     let mut sums = Vec::with_capacity(gs);
     for r in 0..gs {
         sums.push(exp_sum(&mut s.scores[start[r]..start[r + 1]]));
@@ -625,7 +627,7 @@ fn transpose_queries(queries: &[f32], hd: usize, out: &mut Vec<f32>) {
     }
 }
 
-/// `out[r][i] = (Σ_c q_r[c] · k_i[c]) · scale` for the `heads` query rows of `qt`
+/// `out[r][i] = (Σ_c q_r[c] · k_i[c]) · scale` for the query rows of `qt` (one per entry of `out`)
 /// ([`transpose_queries`]) and the key rows `keys` (≤ [`SCORE_KEYS`], `hd` values each): one
 /// running sum per head and key, channel by channel, each term a fused multiply-add
 /// (`f32::mul_add`: one rounding, as `vfmadd` — a libm call where the build has no FMA, the
@@ -645,18 +647,17 @@ fn transpose_queries(queries: &[f32], hd: usize, out: &mut Vec<f32>) {
 /// at 3–4.
 ///
 /// # Safety
-/// Each of `keys` points at `hd` readable values; `out` has `heads` entries.
+/// Each of `keys` points at `hd` readable values.
 #[inline(always)]
 unsafe fn score_keys<const V: bool>(
     qt: &[f32],
-    heads: usize,
     keys: &[*const f32],
     hd: usize,
     scale: f32,
     out: &mut [[f32; SCORE_KEYS]],
 ) {
-    debug_assert!(keys.len() <= SCORE_KEYS && out.len() >= heads);
-    debug_assert_eq!(qt.len(), heads.div_ceil(8) * hd * 8);
+    debug_assert!(keys.len() <= SCORE_KEYS);
+    debug_assert_eq!(qt.len(), out.len().div_ceil(8) * hd * 8);
     if keys.is_empty() {
         return;
     }
@@ -664,10 +665,10 @@ unsafe fn score_keys<const V: bool>(
     if V {
         // SAFETY: `V` is set only inside `block_avx2`, which runs where AVX2 and FMA were
         // detected; the keys as the caller promises.
-        unsafe { score_keys_avx2(qt, heads, keys, hd, scale, out) };
+        unsafe { score_keys_avx2(qt, keys, hd, scale, out) };
         return;
     }
-    for (r, o) in out.iter_mut().enumerate().take(heads) {
+    for (r, o) in out.iter_mut().enumerate() {
         let q = &qt[(r / 8) * hd * 8..];
         for (i, &k) in keys.iter().enumerate() {
             // SAFETY: as the caller promises.
@@ -692,14 +693,13 @@ unsafe fn score_keys<const V: bool>(
 #[inline(always)]
 unsafe fn score_keys_avx2(
     qt: &[f32],
-    heads: usize,
     keys: &[*const f32],
     hd: usize,
     scale: f32,
     out: &mut [[f32; SCORE_KEYS]],
 ) {
     use std::arch::x86_64::*;
-    let n = keys.len();
+    let (n, heads) = (keys.len(), out.len());
     let k: [*const f32; SCORE_KEYS] = std::array::from_fn(|i| keys[i.min(n - 1)]);
     // SAFETY: the query loads read 8 floats of run `run` of `qt` (`hd · 8` per run), the
     // broadcasts one value below `hd` of a key; AVX2 per the caller.
@@ -1129,8 +1129,8 @@ mod tests {
                         );
                         // SAFETY: each pointer starts `hd` values of `keys`.
                         unsafe {
-                            score_keys::<false>(&qt, heads, &ptrs, hd, 0.125, &mut x);
-                            score_keys::<true>(&qt, heads, &ptrs, hd, 0.125, &mut y);
+                            score_keys::<false>(&qt, &ptrs, hd, 0.125, &mut x);
+                            score_keys::<true>(&qt, &ptrs, hd, 0.125, &mut y);
                         }
                         for r in 0..heads {
                             for i in 0..n {

@@ -379,8 +379,8 @@ pub struct QuantMatrix {
     /// Interleaved groups of 8 rows at the start of `data`.
     groups: usize,
     data: Vec<u8>,
-    /// Running times of the tile and VNNI kernels per row count, where both could run
-    /// ([`choice`]; boxed: ~200 bytes of counters, kept out of every holder's size).
+    /// The tile and VNNI kernels compared per row count, where both could run ([`choice`];
+    /// boxed: a few hundred bytes of counters, kept out of every holder's size).
     measured: Box<choice::Measured>,
 }
 
