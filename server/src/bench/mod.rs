@@ -30,8 +30,10 @@ pub struct BenchArgs {
     /// Plain decoding only (no drafts): prefill and decode tokens/s.
     #[arg(long, conflicts_with_all = ["drafts", "prompts"])]
     pub plain: bool,
-    /// Verification cost by tree size (1 to 64 nodes, after `--prompt-tokens`, fastest of
-    /// `--repeats`) beside this machine's memory and int8 roofline.
+    /// Verification cost by tree size (1 to 64 nodes, after `--prompt-tokens`; `--repeats`
+    /// rounds, each timing every size once: the fastest of each size, and the median over
+    /// rounds of its time over the first size's in the same round) beside this machine's
+    /// memory and int8 roofline.
     #[arg(long, conflicts_with_all = ["drafts", "prompts", "plain"])]
     pub verify_curve: bool,
     /// `--verify-curve` at these tree sizes only (comma-separated; default 1,2,4,…,64). The
@@ -72,7 +74,8 @@ pub struct BenchArgs {
     /// Plain mode: tokens to generate per run (EOS ignored).
     #[arg(long, default_value_t = 64)]
     pub gen_tokens: usize,
-    /// Plain mode: runs to average (after one warm-up run).
+    /// Plain mode: runs to average (after one warm-up run); `--verify-curve`: rounds over the
+    /// sizes (after one warm-up round).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Write every figure as JSON to this file (fields: README, "`arbor bench` JSON").

@@ -3,6 +3,14 @@
 //! same run — memory (`weight bytes / read bandwidth`) and int8 compute (`nodes · MACs per
 //! token / peak`). The ratio to one node says how big a tree pays before the verifier's cost
 //! grows with it (the planner of `--tree auto` measures the same curve for itself).
+//!
+//! The sizes are timed in rounds, one forward of each size per round, so that every size is
+//! timed across the same stretch of time: on a shared host whose speed drifts over minutes,
+//! timing all of one size before the next had priced sizes under different loads (a
+//! 4-node forward read dearer than an 8-node one in one such run). Besides each size's
+//! fastest forward, the median over rounds of its time over the first size's time in the
+//! same round is reported: a ratio of neighbours in time, from which the host's drift
+//! cancels.
 
 use anyhow::{Result, bail};
 use arbor_engine::{VERIFY_SIZES, time_verify};
@@ -23,8 +31,10 @@ struct Point {
     nodes: usize,
     /// Fastest of `--repeats` verification forwards.
     secs: f64,
-    /// `secs` over the one-node (plain decode step) time.
+    /// `secs` over the first size's (the one-node plain decode step's) `secs`.
     ratio_to_one: f64,
+    /// Median over rounds of this size's time over the first size's time in the same round.
+    paired_ratio: f64,
     /// Seconds to stream the weights once at the measured bandwidth.
     memory_floor_secs: f64,
     /// Seconds for `nodes · macs_per_token` int8 multiply-adds at the measured peak.
@@ -63,24 +73,37 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let root = *prompt.last().expect("at least one prompt token");
         let roof = Roofline::measure(BANDWIDTH_PROBE_BYTES);
         let (bytes, macs) = (model.weight_bytes(), model.macs_per_token());
-        let bar = indicatif::ProgressBar::new(sizes.len() as u64);
+        let bar = indicatif::ProgressBar::new(args.repeats as u64);
         bar.set_style(indicatif::ProgressStyle::with_template(
-            "verify {bar:30} {pos}/{len} sizes {msg}",
+            "verify {bar:30} {pos}/{len} rounds {msg}",
         )?);
-        let mut points: Vec<Point> = Vec::new();
+        // One untimed round first (first-touch page faults, each size's buffers).
         for &n in &sizes {
-            bar.set_message(format!("{n} nodes"));
-            let secs = time_verify(model, &mut cache, root, n, args.repeats)?;
-            let one = points.first().map_or(secs, |p| p.secs);
-            points.push(Point {
-                nodes: n,
-                secs,
-                ratio_to_one: secs / one,
-                memory_floor_secs: roof.memory_secs(bytes as f64),
-                compute_floor_secs: roof.compute_secs((n * macs) as f64),
-            });
+            time_verify(model, &mut cache, root, n, 1)?;
+        }
+        // times[i][r]: size i's forward in round r.
+        let mut times = vec![Vec::with_capacity(args.repeats); sizes.len()];
+        for _ in 0..args.repeats {
+            for (i, &n) in sizes.iter().enumerate() {
+                bar.set_message(format!("{n} nodes"));
+                times[i].push(time_verify(model, &mut cache, root, n, 1)?);
+            }
             bar.inc(1);
         }
+        let fastest = |t: &[f64]| t.iter().copied().fold(f64::INFINITY, f64::min);
+        let one = fastest(&times[0]);
+        let points = sizes
+            .iter()
+            .zip(&times)
+            .map(|(&n, t)| Point {
+                nodes: n,
+                secs: fastest(t),
+                ratio_to_one: fastest(t) / one,
+                paired_ratio: median(t.iter().zip(&times[0]).map(|(a, b)| a / b).collect()),
+                memory_floor_secs: roof.memory_secs(bytes as f64),
+                compute_floor_secs: roof.compute_secs((n * macs) as f64),
+            })
+            .collect();
         bar.finish_and_clear();
         let r = VerifyCurve {
             model: loaded.name.clone(),
@@ -111,18 +134,44 @@ fn print_table(r: &VerifyCurve) {
         r.read_bytes_per_sec / 1e9,
         r.int8_macs_per_sec / 1e9
     );
-    println!("| nodes | verify ms | × 1 node | memory floor ms | compute floor ms | × roofline |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| nodes | verify ms | × 1 node | × 1 node, paired | memory floor ms | compute floor ms \
+         | × roofline |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for p in &r.points {
         let roof = p.memory_floor_secs.max(p.compute_floor_secs);
         println!(
-            "| {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} |",
+            "| {} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} |",
             p.nodes,
             p.secs * 1e3,
             p.ratio_to_one,
+            p.paired_ratio,
             p.memory_floor_secs * 1e3,
             p.compute_floor_secs * 1e3,
             p.secs / roof
         );
+    }
+}
+
+/// The median of `v` (the mean of the middle two for an even count; NaN if empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
     }
 }
