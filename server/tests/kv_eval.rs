@@ -10,26 +10,17 @@ fn kv_eval_reports_exact_and_every_policy() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("kv.json");
     let text = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http/validate.rs");
-    let out = Command::new(env!("CARGO_BIN_EXE_arbor"))
-        .args(["kv-eval", "--no-fetch", "--tokens", "240", "--chunk", "64"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arbor"));
+    cmd.args(["kv-eval", "--no-fetch", "--tokens", "240", "--chunk", "64"])
         .args(["--decode-tokens", "12", "--calibration-tokens", "128"])
         .args([
             "--settings",
             "8:32,2:32:4:32+tok+cal,quest=120,h2o=128,4:32+quest=120+h2o=160,8:32+cal",
         ])
         .args(["--text", text, "--model"])
-        .arg(common::smollm2())
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        .arg(common::smollm2());
+    let (_, rows) = common::json_report(&mut cmd, &json);
+    let rows = rows.as_array().unwrap();
     let names: Vec<&str> = rows
         .iter()
         .map(|r| r["setting"].as_str().unwrap())

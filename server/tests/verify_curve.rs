@@ -9,27 +9,17 @@ use std::process::Command;
 fn verify_curve_times_each_size_in_rounds() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("curve.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_arbor"))
-        .args([
-            "bench",
-            "--verify-curve",
-            "--no-fetch",
-            "--prompt-tokens",
-            "16",
-        ])
-        .args(["--verify-nodes", "1,4,2", "--repeats", "3", "--model"])
-        .arg(common::smollm2())
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let curve: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arbor"));
+    cmd.args([
+        "bench",
+        "--verify-curve",
+        "--no-fetch",
+        "--prompt-tokens",
+        "16",
+    ])
+    .args(["--verify-nodes", "1,4,2", "--repeats", "3", "--model"])
+    .arg(common::smollm2());
+    let (table, curve) = common::json_report(&mut cmd, &json);
     assert_eq!(curve["prompt_tokens"], 16);
     let points = curve["points"].as_array().unwrap();
     let nodes: Vec<u64> = points
@@ -53,7 +43,6 @@ fn verify_curve_times_each_size_in_rounds() {
             "{p}"
         );
     }
-    let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("× 1 node, paired"), "{table}");
 }
 

@@ -193,3 +193,16 @@ pub fn sse_data(body: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// Runs `cmd` (an `arbor` command that writes a JSON report to `json`), asserts that it
+/// succeeded (showing its stderr otherwise), and returns its stdout and the parsed report.
+pub fn json_report(cmd: &mut std::process::Command, json: &std::path::Path) -> (String, Value) {
+    let out = cmd.arg("--json").arg(json).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), report)
+}
