@@ -556,7 +556,7 @@ pub(crate) fn measure_verify_cost<B: Backend>(
         if costs.len() >= 2 && most_nodes.is_some_and(|most| n > most) {
             break;
         }
-        let secs = time_verify(target, cache, root, n, 1)?;
+        let secs = time_verify(target, cache, root, n)?;
         costs.push((n, secs));
         if secs >= (max_depth + 1) as f64 * costs[0].1 {
             break;
@@ -568,7 +568,7 @@ pub(crate) fn measure_verify_cost<B: Backend>(
     // high.
     let mut timings = Vec::with_capacity(costs.len());
     for (n, first) in costs {
-        timings.push((n, first, time_verify(target, cache, root, n, 1)?));
+        timings.push((n, first, time_verify(target, cache, root, n)?));
     }
     tracing::debug!(?timings, "verify cost by tree size");
     Ok(timings)
@@ -587,15 +587,17 @@ pub(crate) fn refresh_verify_cost<B: Backend>(
     let Some(n) = planner.refresh_due(room) else {
         return Ok(None);
     };
-    let secs = time_verify(target, cache, root, n, 1)?;
+    let secs = time_verify(target, cache, root, n)?;
     planner.observe_refresh(n, secs);
     tracing::debug!(nodes = n, secs, "verify cost re-timed");
     Ok(Some(n))
 }
 
-/// Seconds of the fastest of `repeats` verification forwards of an `n`-node tree (a chain
-/// below `root`, every node's logits copied to the host, as a speculative step does) on top
-/// of what `cache` holds; the cache is left as it was.
+/// Seconds of one verification forward of an `n`-node tree (a chain below `root`, every
+/// node's logits copied to the host, as a speculative step does) on top of what `cache`
+/// holds; the cache is left as it was. Callers that want several timings interleave sizes
+/// between them (a shared host's speed drifts: `arbor bench --verify-curve`, the planner's
+/// two rounds).
 ///
 /// # Errors
 /// [`EngineError`] if the model refuses the input (e.g. past its context).
@@ -604,24 +606,19 @@ pub fn time_verify<B: Backend>(
     cache: &mut KvCache<B>,
     root: u32,
     n: usize,
-    repeats: usize,
 ) -> Result<f64, EngineError> {
     let cached = cache.len();
-    let mut best = f64::INFINITY;
-    for _ in 0..repeats.max(1) {
-        let mut tree = TokenTree::new(root);
-        let mut node = 0;
-        for _ in 1..n {
-            node = tree.push(node, root, 0)?;
-        }
-        let t0 = Instant::now();
-        let out = target.forward_all_logits(&tree.forward_input(cached), cache);
-        let secs = t0.elapsed().as_secs_f64();
-        cache.truncate(cached);
-        out?;
-        best = best.min(secs);
+    let mut tree = TokenTree::new(root);
+    let mut node = 0;
+    for _ in 1..n {
+        node = tree.push(node, root, 0)?;
     }
-    Ok(best)
+    let t0 = Instant::now();
+    let out = target.forward_all_logits(&tree.forward_input(cached), cache);
+    let secs = t0.elapsed().as_secs_f64();
+    cache.truncate(cached);
+    out?;
+    Ok(secs)
 }
 
 #[cfg(test)]

@@ -79,14 +79,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         )?);
         // One untimed round first (first-touch page faults, each size's buffers).
         for &n in &sizes {
-            time_verify(model, &mut cache, root, n, 1)?;
+            time_verify(model, &mut cache, root, n)?;
         }
         // times[i][r]: size i's forward in round r.
         let mut times = vec![Vec::with_capacity(args.repeats); sizes.len()];
         for _ in 0..args.repeats {
             for (i, &n) in sizes.iter().enumerate() {
                 bar.set_message(format!("{n} nodes"));
-                times[i].push(time_verify(model, &mut cache, root, n, 1)?);
+                times[i].push(time_verify(model, &mut cache, root, n)?);
             }
             bar.inc(1);
         }
