@@ -95,13 +95,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let points = sizes
             .iter()
             .zip(&times)
-            .map(|(&n, t)| Point {
-                nodes: n,
-                secs: fastest(t),
-                ratio_to_one: fastest(t) / one,
-                paired_ratio: median(t.iter().zip(&times[0]).map(|(a, b)| a / b).collect()),
-                memory_floor_secs: roof.memory_secs(bytes as f64),
-                compute_floor_secs: roof.compute_secs((n * macs) as f64),
+            .map(|(&n, t)| {
+                let secs = fastest(t);
+                Point {
+                    nodes: n,
+                    secs,
+                    ratio_to_one: secs / one,
+                    paired_ratio: median(t.iter().zip(&times[0]).map(|(a, b)| a / b).collect()),
+                    memory_floor_secs: roof.memory_secs(bytes as f64),
+                    compute_floor_secs: roof.compute_secs((n * macs) as f64),
+                }
             })
             .collect();
         bar.finish_and_clear();
