@@ -35,6 +35,7 @@ mod amx;
 mod avx2;
 mod choice;
 mod portable;
+mod tuning;
 mod x16;
 mod x8;
 
@@ -708,11 +709,17 @@ impl QuantMatrix {
             _ if eight => (m - m % 8, 4),
             _ => (0, 4),
         };
-        // Where the type has a 512-bit kernel (not Q4_K), 8-row passes take two
-        // groups at a time (16 rows per `vpdpbusd`; see `x16` for what that gains and where
-        // it does not).
+        // Where the type has a 512-bit kernel, 8-row passes take two groups at a time (16
+        // rows per `vpdpbusd`; see `x16` for what that gains and where it does not), and the
+        // 4–7 rows after them; where 512-bit units run at full width (`tuning`), Q4_K too,
+        // and from 4 rows.
         #[cfg(target_arch = "x86_64")]
-        let pair = wide > 0 && x16::pairs(self.ty);
+        let pair = x16::pairs(self.ty)
+            && if tuning::full_width_pairs() {
+                isa.vnni() && m >= 4
+            } else {
+                wide > 0 && self.ty != GgmlType::Q4_K
+            };
         #[cfg(not(target_arch = "x86_64"))]
         let pair = false;
         #[cfg(target_arch = "x86_64")]

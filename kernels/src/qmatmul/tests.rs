@@ -466,3 +466,40 @@ fn measured_choice_gives_the_vnni_bits_and_measures_both_families() {
     v.matmul_with(Isa::best(), &x, 4, &mut y).unwrap();
     assert!(!v.measured.compared(4));
 }
+
+#[test]
+fn both_vendor_tunings_give_the_same_bits() {
+    if !Isa::Avx512Vnni.available() {
+        eprintln!("AVX-512 VNNI is not available on this CPU: pairs of groups not run");
+        return;
+    }
+    use super::tuning::AS_INTEL;
+    use std::sync::atomic::Ordering;
+    let mut rng = Rng(13);
+    // 59 outputs: pairs of interleaved groups, a group alone, and GGUF rows; 4–7 rows (pairs
+    // only as Intel), 8 and 12 (8-row passes and a tail), 3 and 1 (never pairs); one panel of
+    // `k` and two.
+    for ty in [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_1,
+    ] {
+        for k in [512, long_k(ty)] {
+            let w = random_matrix(ty, 59, k, &mut rng);
+            for m in [1, 3, 4, 5, 7, 8, 12] {
+                let x: Vec<f32> = (0..m * k).map(|_| 3.0 * rng.unit()).collect();
+                let mut want = vec![f32::NAN; m * 59];
+                w.matmul_with(Isa::Avx2, &x, m, &mut want).unwrap();
+                for (as_intel, name) in [(1, "Intel"), (2, "other")] {
+                    AS_INTEL.store(as_intel, Ordering::Relaxed);
+                    let mut y = vec![f32::NAN; m * 59];
+                    w.matmul_with(Isa::Avx512Vnni, &x, m, &mut y).unwrap();
+                    AS_INTEL.store(0, Ordering::Relaxed);
+                    assert_eq!(y, want, "{ty:?} k={k} m={m} tuned as {name}");
+                }
+            }
+        }
+    }
+}

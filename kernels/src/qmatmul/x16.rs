@@ -1,6 +1,7 @@
 //! Two interleaved groups of 8 rows side by side in 512-bit registers: 16 rows per
 //! `vpdpbusd`, for the 8-row passes of many activation rows with AVX-512 VNNI (Q6_K, Q8_0,
-//! Q5_0, Q4_1).
+//! Q5_0, Q4_1), and where 512-bit units run at full width (Intel; see
+//! [`tuning`](super::tuning)) Q4_K too and every pass of 4 rows or more.
 //!
 //! The blocks are the [`x8`](super::x8) layout as stored; a 512-bit weight vector is a group's
 //! 32 bytes in its low half and the next group's 32 bytes in its high half, so each broadcast
@@ -23,8 +24,10 @@
 //! alternated pairs). Q4_1 (SmolLM2's format), which had stayed at 4-row passes, takes 8
 //! over pairs: `qmatmul` bench 8 rows 494–545 → 413–456 µs, 64 rows 3.89–3.97 → 3.07–3.14
 //! ms, from memory 8 rows 58–60 → 44 ms; SmolLM2's prefill of 512 tokens 481–543 → 538–634
-//! tok/s (three pairs). Q4_K over pairs was tried as well and not kept (README,
-//! "Verification cost").
+//! tok/s (three pairs). Q4_K over pairs, tried on Zen 4, was no faster there (README,
+//! "Verification cost"); on an Intel Xeon (Emerald Rapids), where `vpdpbusd zmm` issues two
+//! per cycle, with each group's weights asked for 8 KiB ahead, from memory 8 rows took
+//! 0.73–0.87× the time of one group at a time and in the last-level cache 0.67×.
 
 #[cfg(target_arch = "x86_64")]
 pub(super) use x86::{both, both8, dot16_vnni, pairs, weights as weights6};
@@ -34,17 +37,19 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::acts::ActRow;
+    use super::super::tuning::prefetch_every_row;
     use super::super::x8::{
-        BLOCK5, BLOCK6, BLOCK8, BLOCK41, F_Q4_1 as Q4_1, F_Q5_0 as Q5_0, F_Q8_0 as Q8_0, QS6,
+        BLOCK, BLOCK5, BLOCK6, BLOCK8, BLOCK41, F_Q4_1 as Q4_1, F_Q5_0 as Q5_0, F_Q8_0 as Q8_0, QS,
+        QS6,
     };
     use crate::quant::GgmlType;
 
-    /// Whether [`dot16_vnni`] has a kernel for `ty` (not Q4_K: the pair gained nothing there,
-    /// 158–162 vs 159–168 G MAC/s at 8 rows in L2).
+    /// Whether [`dot16_vnni`] has a kernel for `ty` (Q4_K's is taken only where
+    /// [`full_width_pairs`](super::super::tuning::full_width_pairs)).
     pub(in super::super) fn pairs(ty: GgmlType) -> bool {
         matches!(
             ty,
-            GgmlType::Q6_K | GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_1
+            GgmlType::Q4_K | GgmlType::Q6_K | GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_1
         )
     }
 
@@ -70,6 +75,7 @@ mod x86 {
                 GgmlType::Q8_0 => kernel32::<Q8_0, R>(g0, g1, x, init),
                 GgmlType::Q5_0 => kernel32::<Q5_0, R>(g0, g1, x, init),
                 GgmlType::Q4_1 => kernel32::<Q4_1, R>(g0, g1, x, init),
+                GgmlType::Q4_K => kernel4(g0, g1, x, init),
                 _ => kernel6(g0, g1, x, init),
             }
         }
@@ -85,6 +91,27 @@ mod x86 {
             .zip(g1.chunks_exact(block))
             .enumerate()
             .map(|(bi, (b0, b1))| (bi, b0.as_ptr(), b1.as_ptr()))
+    }
+
+    /// How far ahead of the blocks being multiplied each group's weights are asked for,
+    /// where [`prefetch_every_row`] (two streams; Q4_K 8 rows from memory: 8 KiB ahead 0.73–0.87×
+    /// the time of none, 4 KiB 0.79–1.00×, 12–32 KiB as 8).
+    const AHEAD: usize = 8192;
+
+    /// Asks for the `len` bytes [`AHEAD`] past `p0` and past `p1` to be brought into the cache
+    /// (past the end of the data too: a prefetch has no architectural effect, and the address
+    /// is only computed, never dereferenced).
+    #[inline(always)]
+    unsafe fn prefetch_pair(p0: *const u8, p1: *const u8, len: usize) {
+        let mut i = 0;
+        while i < len {
+            // SAFETY: prefetching any address is architecturally invisible on x86.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(p0.wrapping_add(AHEAD + i).cast());
+                _mm_prefetch::<_MM_HINT_T0>(p1.wrapping_add(AHEAD + i).cast());
+            }
+            i += 64;
+        }
     }
 
     /// 32 bytes at `at` of blocks `p0` and `p1`, as the low and high halves.
@@ -150,7 +177,11 @@ mod x86 {
                 _mm512_set1_epi8(16),
             );
             let mut acc = starts(init);
+            let ahead = prefetch_every_row();
             for (bi, p0, p1) in block_pairs(g0, g1, block) {
+                if ahead {
+                    prefetch_pair(p0, p1, block);
+                }
                 let d = _mm512_cvtph_ps(both16(p0, p1, 0));
                 let mut isum = [_mm512_setzero_si512(); R];
                 for i in 0..8 {
@@ -199,6 +230,83 @@ mod x86 {
         }
     }
 
+    /// Q4_K as [`super::super::x8`]'s 8-row kernel does it with VNNI (high nibbles taken in
+    /// place as 16× their value and divided out per chunk; each chunk's sums times its
+    /// sub-block scales, the minimums once per block), 16 rows wide.
+    ///
+    /// # Safety
+    /// As [`dot16_vnni`].
+    #[inline(always)]
+    unsafe fn kernel4<const R: usize>(
+        g0: &[u8],
+        g1: &[u8],
+        x: &[ActRow<'_>; R],
+        init: &[[f32; 16]; R],
+    ) -> [[f32; 16]; R] {
+        // SAFETY: forwarded from the caller; every pointer below stays inside one block of
+        // `g0`/`g1` or inside the rows' `k` values (256 per block).
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            // The row sums stay in memory between blocks (as the 8-row kernel's).
+            let mut out = *init;
+            let ahead = prefetch_every_row();
+            for (bi, p0, p1) in block_pairs(g0, g1, BLOCK) {
+                if ahead {
+                    prefetch_pair(p0, p1, BLOCK);
+                }
+                let mut isum = [_mm512_setzero_si512(); R];
+                for c in 0..4 {
+                    let mut alo = [_mm512_setzero_si512(); R];
+                    let mut ahi = [_mm512_setzero_si512(); R];
+                    for gi in 0..8 {
+                        let q = both(p0, p1, QS + (c * 8 + gi) * 32);
+                        let lo = _mm512_and_si512(q, low);
+                        let hi = _mm512_andnot_si512(low, q);
+                        for r in 0..R {
+                            let xp = x[r].q.as_ptr().add(bi * 256 + 64 * c + 4 * gi);
+                            let xl = _mm512_set1_epi32(xp.cast::<i32>().read_unaligned());
+                            let xh = _mm512_set1_epi32(xp.add(32).cast::<i32>().read_unaligned());
+                            alo[r] = _mm512_dpbusd_epi32(alo[r], lo, xl);
+                            ahi[r] = _mm512_dpbusd_epi32(ahi[r], hi, xh);
+                        }
+                    }
+                    let s_lo = _mm512_cvtepu8_epi32(both8(p0, p1, 32 + 16 * c));
+                    let s_hi = _mm512_cvtepu8_epi32(both8(p0, p1, 32 + 16 * c + 8));
+                    for r in 0..R {
+                        let hi = _mm512_srai_epi32::<4>(ahi[r]);
+                        let s = _mm512_add_epi32(
+                            _mm512_mullo_epi32(alo[r], s_lo),
+                            _mm512_mullo_epi32(hi, s_hi),
+                        );
+                        isum[r] = _mm512_add_epi32(isum[r], s);
+                    }
+                }
+                let d = _mm512_cvtph_ps(both16(p0, p1, 0));
+                let dmin = _mm512_cvtph_ps(both16(p0, p1, 16));
+                for r in 0..R {
+                    let mut imin = _mm512_setzero_si512();
+                    for c in 0..4 {
+                        let mins = _mm512_cvtepu8_epi16(both16(p0, p1, 96 + 16 * c));
+                        let pair = *x[r].sum32x2.get_unchecked(bi * 4 + c);
+                        imin = _mm512_add_epi32(
+                            imin,
+                            _mm512_madd_epi16(mins, _mm512_set1_epi32(pair)),
+                        );
+                    }
+                    let dx = _mm512_set1_ps(*x[r].d.get_unchecked(bi));
+                    let sum = _mm512_mul_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(d, dx));
+                    let min = _mm512_mul_ps(_mm512_cvtepi32_ps(imin), _mm512_mul_ps(dmin, dx));
+                    let acc = _mm512_loadu_ps(out[r].as_ptr());
+                    _mm512_storeu_ps(
+                        out[r].as_mut_ptr(),
+                        _mm512_add_ps(acc, _mm512_sub_ps(sum, min)),
+                    );
+                }
+            }
+            out
+        }
+    }
+
     /// Q6_K as [`super::super::x8`]'s 8-row kernel does it (two sub-block positions at a time,
     /// the storage offset as each sub-block sum's starting value), 16 rows wide.
     ///
@@ -215,7 +323,11 @@ mod x86 {
         // `g0`/`g1` or inside the rows' `k` values (256 per block, 16 offsets per block).
         unsafe {
             let mut acc = starts(init);
+            let ahead = prefetch_every_row();
             for (bi, p0, p1) in block_pairs(g0, g1, BLOCK6) {
+                if ahead {
+                    prefetch_pair(p0, p1, BLOCK6);
+                }
                 let off: [&[i32]; R] = std::array::from_fn(|r| x[r].off16.get_unchecked(bi * 16..));
                 let mut isum = [_mm512_setzero_si512(); R];
                 for h in 0..2 {

@@ -325,6 +325,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::avx2::fifth_bits;
+    use super::super::tuning::prefetch_every_row;
     use super::{ActRow, BLOCK, BLOCK5, BLOCK6, BLOCK8, BLOCK41, GgmlType, QS, QS6};
 
     /// The 8 rows of one interleaved group of `ty` (`g`: its blocks) times activation rows
@@ -412,8 +413,12 @@ mod x86 {
             };
             let mut acc = starts(init);
             let split = if R <= 2 { 2 } else { 1 };
+            let ahead = prefetch_every_row();
             for (bi, blk) in g.chunks_exact(block).enumerate() {
                 let p = blk.as_ptr();
+                if ahead {
+                    prefetch_ahead(p, block);
+                }
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
                 let mut isum = [[_mm256_setzero_si256(); 2]; R];
                 for i in 0..8 {
@@ -497,9 +502,10 @@ mod x86 {
         unsafe {
             let low = _mm256_set1_epi8(0x0F);
             let mut acc = starts(init);
+            let ahead = R == 8 || prefetch_every_row();
             for (bi, blk) in g.chunks_exact(BLOCK6).enumerate() {
                 let p = blk.as_ptr();
-                if R == 8 {
+                if ahead {
                     prefetch_ahead(p, BLOCK6);
                 }
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
@@ -684,11 +690,13 @@ mod x86 {
         out
     }
 
-    /// How far ahead of the block being multiplied the 8-row Q4_K and Q6_K kernels ask for
-    /// weights: with that much arithmetic per byte the hardware prefetcher alone leaves them
-    /// waiting on memory (measured from memory, 8 rows of 80 × 1536 × 8960 Q4_K: 50 → 41 ms;
-    /// of 56 × 1536 × 8960 Q6_K: 58 → 46–51 ms, 2–8 KiB ahead alike; at 4 rows Q6_K lost
-    /// 25 → 31 ms, and fewer rows of Q4_K gained nothing or lost a little).
+    /// How far ahead of the block being multiplied the kernels ask for weights: in 8-row
+    /// passes with that much arithmetic per byte the hardware prefetcher alone leaves them
+    /// waiting on memory (measured on Zen 4 from memory, 8 rows of 80 × 1536 × 8960 Q4_K:
+    /// 50 → 41 ms; of 56 × 1536 × 8960 Q6_K: 58 → 46–51 ms, 2–8 KiB ahead alike; at 4 rows
+    /// Q6_K lost 25 → 31 ms, and fewer rows of Q4_K gained nothing or lost a little). Where
+    /// [`prefetch_every_row`] (Intel), at every row count and for every format: there 1 row
+    /// of Q4_K from memory took 0.72× the time, 4 KiB ahead as good as 8 or 16.
     const AHEAD: usize = 4096;
 
     /// Asks for the `len` bytes `AHEAD` past `p` to be brought into the cache (past the end
@@ -736,9 +744,10 @@ mod x86 {
             // block (fewer live registers; the per-row arithmetic is the same whatever `R`
             // is: a row's result does not depend on the rows beside it).
             let mut out = *init;
+            let ahead = R == 8 || prefetch_every_row();
             for (bi, blk) in g.chunks_exact(BLOCK).enumerate() {
                 let p = blk.as_ptr();
-                if R == 8 {
+                if ahead {
                     prefetch_ahead(p, BLOCK);
                 }
                 let mut isum = [_mm256_setzero_si256(); R];
