@@ -24,7 +24,9 @@
 #[cfg(test)]
 pub(super) static AS_INTEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Whether this CPU is Intel's (CPUID vendor string "GenuineIntel"; read once).
+/// Whether the kernels take Intel's tuning: as `ARBOR_TUNING` says (`intel` or `other`; read
+/// once per process — to compare the two in one build on a new host), else whether this CPU
+/// is Intel's (CPUID vendor string "GenuineIntel").
 pub(super) fn intel() -> bool {
     #[cfg(test)]
     match AS_INTEL.load(std::sync::atomic::Ordering::Relaxed) {
@@ -32,15 +34,25 @@ pub(super) fn intel() -> bool {
         2 => return false,
         _ => {}
     }
+    static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *INTEL.get_or_init(|| {
+        match std::env::var("ARBOR_TUNING").ok().as_deref() {
+            Some("intel") => return true,
+            Some("other") => return false,
+            _ => {}
+        }
+        vendor_is_intel()
+    })
+}
+
+/// Whether CPUID names Intel as this CPU's maker.
+fn vendor_is_intel() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *INTEL.get_or_init(|| {
-            // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
-            #[allow(unused_unsafe)]
-            let id = unsafe { std::arch::x86_64::__cpuid(0) };
-            (id.ebx, id.edx, id.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)
-        })
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        #[allow(unused_unsafe)]
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
+        (id.ebx, id.edx, id.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -72,9 +84,9 @@ mod tests {
         {
             let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
             if cpuinfo.contains("GenuineIntel") {
-                assert!(super::intel());
+                assert!(super::vendor_is_intel());
             } else if cpuinfo.contains("AuthenticAMD") {
-                assert!(!super::intel());
+                assert!(!super::vendor_is_intel());
             }
         }
     }
