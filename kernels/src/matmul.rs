@@ -276,13 +276,19 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m128i, __m256, _mm_loadu_si128, _mm256_add_ps, _mm256_broadcast_ss, _mm256_cvtph_ps,
-        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+        __m128i, __m256, _MM_HINT_T0, _mm_loadu_si128, _mm_prefetch, _mm256_add_ps,
+        _mm256_broadcast_ss, _mm256_cvtph_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps,
     };
 
     use half::f16;
 
     use super::PANEL;
+
+    /// How far ahead of the weights being multiplied the one-row kernels ask for them, where
+    /// the quantized kernels do too (`qmatmul::tuning`: Intel's L2 streamer stops at each
+    /// 4 KiB page).
+    const PREFETCH_AHEAD: usize = 4096;
 
     /// Defines the 4-row and 1-row micro-kernels for one weight element type; `$load` turns
     /// a pointer to 8 weights into 8 f32 lanes.
@@ -329,8 +335,18 @@ mod avx2 {
                 let load: unsafe fn(*const $elem) -> __m256 = $load;
                 let (x, w) = (row.as_ptr(), panel.as_ptr());
                 let mut acc = [_mm256_setzero_ps(); 4];
+                // Bytes of weights per `kk`, and every how many `kk` a new cache line starts.
+                let step = PANEL * std::mem::size_of::<$elem>();
+                let every = (64 / step).max(1);
+                let ahead = crate::qmatmul::prefetch_every_row();
                 for kk in 0..k {
                     let lane = 2 * (kk & 1);
+                    if ahead && kk % every == 0 {
+                        // A prefetch has no architectural effect; the address is only
+                        // computed (past the panel too), never dereferenced.
+                        let p = w.cast::<u8>().wrapping_add(kk * step + PREFETCH_AHEAD);
+                        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                    }
                     // SAFETY: kk < k keeps every offset inside the checked slices.
                     unsafe {
                         let a = _mm256_broadcast_ss(&*x.add(kk));

@@ -40,6 +40,7 @@ mod x16;
 mod x8;
 
 pub use acts::Q8Acts;
+pub(crate) use tuning::prefetch_every_row;
 
 use acts::ActRow;
 
