@@ -285,10 +285,23 @@ mod avx2 {
 
     use super::PANEL;
 
-    /// How far ahead of the weights being multiplied the one-row kernels ask for them, where
-    /// the quantized kernels do too (`qmatmul::tuning`: Intel's L2 streamer stops at each
-    /// 4 KiB page).
+    /// How far ahead of the weights being multiplied the kernels ask for them, where the
+    /// quantized kernels do too (`qmatmul::tuning`: Intel's L2 streamer stops at each 4 KiB
+    /// page).
     const PREFETCH_AHEAD: usize = 4096;
+
+    /// Asks for the cache line [`PREFETCH_AHEAD`] bytes past row `kk` of panel `w` where row
+    /// `kk` starts a new line (a panel row: [`PANEL`] weights of `E`).
+    #[inline(always)]
+    fn ask_ahead<E>(w: *const E, kk: usize) {
+        let step = PANEL * std::mem::size_of::<E>();
+        if (kk * step) % 64 < step {
+            let p = w.cast::<u8>().wrapping_add(kk * step + PREFETCH_AHEAD);
+            // SAFETY: SSE is part of x86-64; a prefetch has no architectural effect (the
+            // address is only computed, past the panel too, never dereferenced).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+        }
+    }
 
     /// Defines the 4-row and 1-row micro-kernels for one weight element type; `$load` turns
     /// a pointer to 8 weights into 8 f32 lanes.
@@ -306,7 +319,11 @@ mod avx2 {
                 let load: unsafe fn(*const $elem) -> __m256 = $load;
                 let (x, w) = (rows.as_ptr(), panel.as_ptr());
                 let mut acc: [__m256; 8] = [_mm256_setzero_ps(); 8];
+                let ahead = crate::qmatmul::prefetch_every_row();
                 for kk in 0..k {
+                    if ahead {
+                        ask_ahead(w, kk);
+                    }
                     // SAFETY: kk < k keeps every offset inside the slices checked above.
                     unsafe {
                         let w0 = load(w.add(kk * PANEL));
@@ -335,17 +352,11 @@ mod avx2 {
                 let load: unsafe fn(*const $elem) -> __m256 = $load;
                 let (x, w) = (row.as_ptr(), panel.as_ptr());
                 let mut acc = [_mm256_setzero_ps(); 4];
-                // Bytes of weights per `kk`, and every how many `kk` a new cache line starts.
-                let step = PANEL * std::mem::size_of::<$elem>();
-                let every = (64 / step).max(1);
                 let ahead = crate::qmatmul::prefetch_every_row();
                 for kk in 0..k {
                     let lane = 2 * (kk & 1);
-                    if ahead && kk % every == 0 {
-                        // A prefetch has no architectural effect; the address is only
-                        // computed (past the panel too), never dereferenced.
-                        let p = w.cast::<u8>().wrapping_add(kk * step + PREFETCH_AHEAD);
-                        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                    if ahead {
+                        ask_ahead(w, kk);
                     }
                     // SAFETY: kk < k keeps every offset inside the checked slices.
                     unsafe {

@@ -9,9 +9,9 @@
 //!   asked ahead (Q4_K), Q6_K 0.72×, Q8_0 0.83×, Q5_0 0.86×, Q4_1 0.69×, and 4 rows 0.67–0.84×;
 //!   a 1.5B decode step 76–82 → 55–58 ms. On Zen 4, prefetching 1–8 KiB ahead with any hint
 //!   lost at 1–4 rows and gained only at 8 (README, "Verification cost"), so there the kernels
-//!   ask ahead only in 8-row passes over one group. The f32/f16 panels' one-row kernel
-//!   (`matmul`) follows the same choice: the 0.5B with f32 weights (2 GB a token) decoded at
-//!   7.45, 7.92, 5.21 tok/s without and 10.31, 9.30, 8.29 with (alternated).
+//!   ask ahead only in 8-row passes over one group. The f32/f16 panels' kernels (`matmul`)
+//!   follow the same choice: the 0.5B with f32 weights (2 GB a token) decoded at 5.2–7.9
+//!   tok/s without and 8.3–10.3 with (five alternated pairs).
 //! - Pairs of interleaved groups in 512-bit registers ([`x16`](super::x16)) for Q4_K and from 4
 //!   activation rows. Intel's server cores run `vpdpbusd zmm` two per cycle, as many as the
 //!   256-bit form (measured here: 0.20 ns per instruction either width), so a 512-bit one does
