@@ -35,11 +35,14 @@ mod amx;
 mod avx2;
 mod choice;
 mod portable;
+// The choices are read by the x86-64 kernels only.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod tuning;
 mod x16;
 mod x8;
 
 pub use acts::Q8Acts;
+#[cfg(target_arch = "x86_64")]
 pub(crate) use tuning::prefetch_every_row;
 
 use acts::ActRow;
