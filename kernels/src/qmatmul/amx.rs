@@ -48,7 +48,11 @@ use crate::quant::GgmlType;
 /// 66.3 (Q6_K's layout — 6-bit weights, signed 16-bit products — is the heavier of the two).
 /// In the cache Q4_K's tiles pay only from 5 rows (their fixed cost is the layout); in the
 /// 1.5B (`arbor bench --verify-curve`, three alternated pairs, 4 nodes over 1 node) Q4_K
-/// from 5 rows read 1.72, 1.91, 1.71, from 3 rows 1.57, 1.56, 1.70.
+/// from 5 rows read 1.72, 1.91, 1.71, from 3 rows 1.57, 1.56, 1.70. Since the VNNI kernels
+/// prefetch at every row count and take Q4_K over pairs of groups on Intel
+/// ([`tuning`](super::tuning)), they beat the tiles from memory at 4 and 8 rows (in one
+/// process, against the VNNI kernels before: 0.65× and 0.74× the time, the tiles 1.19× and
+/// 0.96×); which runs is then the measured choice's call, matrix by matrix.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn takes(ty: GgmlType, m: usize) -> bool {
     match ty {
