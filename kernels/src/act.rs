@@ -62,7 +62,7 @@ fn silu_mul_body(g: &mut [f32], u: &[f32]) {
 }
 
 /// `Σ exp(xᵢ − max)` over `x`: a softmax's normalizer when `max` is `x`'s largest value,
-/// without writing the exponentials anywhere ([`exp`] in SIMD lanes, eight running sums added
+/// without writing the exponentials anywhere (the crate's `exp` in SIMD lanes, eight running sums added
 /// in order at the end: the same order for every call). `−∞` entries add (next to) nothing.
 ///
 /// ```

@@ -369,7 +369,7 @@ fn prefetch(data: &[u8], at: usize, len: usize) {
 /// A weight matrix `[n, k]` (outputs × inputs, the checkpoint layout of a linear layer) held
 /// as GGUF blocks: row `j` is `k / block_size` consecutive blocks. Q4_K, Q6_K, Q8_0, Q5_0 and
 /// Q4_1 matrices are held with their rows interleaved 8 at a time (`x8`; the remaining
-/// `n mod 8` rows as GGUF rows after them), and rows longer than [`PANEL_WEIGHTS`] cut into
+/// `n mod 8` rows as GGUF rows after them), and rows longer than `PANEL_WEIGHTS` (2 048) cut into
 /// panels of `k`, panel after panel (every group's first panel, then every group's second,
 /// …): a product walks the weights in storage order, one panel at a time, and reads only
 /// that panel's span of the activation rows for every group (measured from memory, 4
