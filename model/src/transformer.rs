@@ -313,7 +313,7 @@ impl<B: Backend> Transformer<B> {
         self.lm_head.weight_bytes()
     }
 
-    /// The same model with its output head re-encoded as `ty` ([`Proj::requantized`]): for a
+    /// The same model with its output head re-encoded as `ty` (`Proj::requantized`): for a
     /// draft whose head dominates its bytes (Qwen2.5-0.5B's Q8_0 head is over a third of
     /// what a token reads), fewer bytes per draft token at some cost in acceptance.
     ///
@@ -328,7 +328,7 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// The same model with every projection (output head included) re-encoded as `ty`
-    /// ([`Proj::requantized`]): a Q8_0 draft re-encoded as Q4_1 reads ~40% fewer bytes per
+    /// (`Proj::requantized`): a Q8_0 draft re-encoded as Q4_1 reads ~40% fewer bytes per
     /// token, at some cost in acceptance (never in correctness: the target verifies).
     ///
     /// # Errors

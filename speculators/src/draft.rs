@@ -42,7 +42,7 @@ pub struct DraftCost {
     pub forwards: usize,
     /// Tokens those forwards processed (catch-up tokens included).
     pub tokens: usize,
-    /// Seconds spent in level forwards that fed at most [`LEVEL_TOKENS`] tokens (a catch-up
+    /// Seconds spent in level forwards that fed at most `LEVEL_TOKENS` tokens (a catch-up
     /// after plain steps excluded): what one more tree level costs, for the tree planner.
     pub level_secs: f64,
     /// How many forwards `level_secs` covers.

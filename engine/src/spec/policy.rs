@@ -137,7 +137,7 @@ pub struct Planner {
     /// credit.
     #[serde(skip)]
     suspect: Vec<bool>,
-    /// Seconds of re-timing the observed verifications have paid for ([`REFRESH_SHARE`] of
+    /// Seconds of re-timing the observed verifications have paid for (`REFRESH_SHARE` of
     /// each), spent on sizes nobody suspects; below zero while one is being paid off.
     #[serde(skip)]
     refresh_credit: f64,
@@ -417,9 +417,9 @@ impl Planner {
     /// Folds one step's verification time in where its node count is a measured size (plain
     /// steps are 1 node): a calibration slowed by a busy neighbour must not price trees (or
     /// plain decoding) wrongly for the whole run. Lower timings are taken at once, higher
-    /// ones a tenth at a time ([`track_cost`]); a bigger tree is kept at least as dear as a
-    /// smaller one. Every observation ages the other sizes and pays [`REFRESH_SHARE`] of its
-    /// time towards re-timing them; one [`REPRICED`] below its size's cost makes the next
+    /// ones a tenth at a time (`track_cost`); a bigger tree is kept at least as dear as a
+    /// smaller one. Every observation ages the other sizes and pays `REFRESH_SHARE` of its
+    /// time towards re-timing them; one `REPRICED` below its size's cost makes the next
     /// size suspect ([`Planner::refresh_due`]).
     pub fn observe_verify(&mut self, nodes: usize, secs: f64) {
         self.verify_age.resize(self.verify_cost.len(), 0);
@@ -434,8 +434,8 @@ impl Planner {
     /// (its two calibration rounds a fifth apart, or a step or re-timing of the size below a
     /// fifth under that one's cost) not timed at the last step, the smallest above the largest size steps have
     /// first; else the smallest size above those that no verification has had for
-    /// [`REFRESH_AGE`] observed steps, once earlier re-timings are paid off (the first is
-    /// taken on credit; after that they spend [`REFRESH_SHARE`] of the verification time).
+    /// `REFRESH_AGE` observed steps, once earlier re-timings are paid off (the first is
+    /// taken on credit; after that they spend `REFRESH_SHARE` of the verification time).
     ///
     /// Without it, sizes the growth gates stop reaching were never measured again: a
     /// calibration on a busy moment (Qwen2.5-1.5B: 4 nodes at 50.8 ms, 8 at 86, against ~41
@@ -480,7 +480,7 @@ impl Planner {
     }
 
     /// The curve update of a verification of `nodes` (ignored unless a measured size), which
-    /// counts as just timed and no longer suspect: `secs` [`REPRICED`] below its cost makes
+    /// counts as just timed and no longer suspect: `secs` `REPRICED` below its cost makes
     /// the next larger size suspect — likely measured on the same busy moment; its re-timing
     /// passes the suspicion on if it finds the same. (Every larger size at once had cost a
     /// 2-, 4-, 8- and 16-node re-timing, 0.3 s, each time a one-node step of Qwen2.5-1.5B read
