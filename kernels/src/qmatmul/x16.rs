@@ -40,7 +40,7 @@ mod x86 {
     use super::super::tuning::prefetch_every_row;
     use super::super::x8::{
         BLOCK, BLOCK5, BLOCK6, BLOCK8, BLOCK41, F_Q4_1 as Q4_1, F_Q5_0 as Q5_0, F_Q8_0 as Q8_0, QS,
-        QS6,
+        QS6, prefetch_ahead,
     };
     use crate::quant::GgmlType;
 
@@ -98,19 +98,13 @@ mod x86 {
     /// the time of none, 4 KiB 0.79–1.00×, 12–32 KiB as 8).
     const AHEAD: usize = 8192;
 
-    /// Asks for the `len` bytes [`AHEAD`] past `p0` and past `p1` to be brought into the cache
-    /// (past the end of the data too: a prefetch has no architectural effect, and the address
-    /// is only computed, never dereferenced).
+    /// Asks for the `len` bytes [`AHEAD`] past `p0` and past `p1` to be brought into the cache.
     #[inline(always)]
     unsafe fn prefetch_pair(p0: *const u8, p1: *const u8, len: usize) {
-        let mut i = 0;
-        while i < len {
-            // SAFETY: prefetching any address is architecturally invisible on x86.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(p0.wrapping_add(AHEAD + i).cast());
-                _mm_prefetch::<_MM_HINT_T0>(p1.wrapping_add(AHEAD + i).cast());
-            }
-            i += 64;
+        // SAFETY: prefetching any address is architecturally invisible on x86.
+        unsafe {
+            prefetch_ahead(p0, AHEAD, len);
+            prefetch_ahead(p1, AHEAD, len);
         }
     }
 

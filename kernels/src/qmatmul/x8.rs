@@ -318,7 +318,7 @@ fn unpack_row(group: &[u8], r: usize, out: &mut Vec<u8>) {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::{F_Q4_1, F_Q5_0, F_Q8_0, dot8, dot8_vnni};
+pub(super) use x86::{F_Q4_1, F_Q5_0, F_Q8_0, dot8, dot8_vnni, prefetch_ahead};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -417,7 +417,7 @@ mod x86 {
             for (bi, blk) in g.chunks_exact(block).enumerate() {
                 let p = blk.as_ptr();
                 if ahead {
-                    prefetch_ahead(p, block);
+                    prefetch_ahead(p, AHEAD, block);
                 }
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
                 let mut isum = [[_mm256_setzero_si256(); 2]; R];
@@ -506,7 +506,7 @@ mod x86 {
             for (bi, blk) in g.chunks_exact(BLOCK6).enumerate() {
                 let p = blk.as_ptr();
                 if ahead {
-                    prefetch_ahead(p, BLOCK6);
+                    prefetch_ahead(p, AHEAD, BLOCK6);
                 }
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
                 // −32·Σx over each 16 activations of this block, per row (computed once with
@@ -699,15 +699,15 @@ mod x86 {
     /// of Q4_K from memory took 0.72× the time, 4 KiB ahead as good as 8 or 16.
     const AHEAD: usize = 4096;
 
-    /// Asks for the `len` bytes `AHEAD` past `p` to be brought into the cache (past the end
-    /// of the data too: a prefetch has no architectural effect, and the address is only
+    /// Asks for the `len` bytes `ahead` bytes past `p` to be brought into the cache (past the
+    /// end of the data too: a prefetch has no architectural effect, and the address is only
     /// computed, never dereferenced).
     #[inline(always)]
-    unsafe fn prefetch_ahead(p: *const u8, len: usize) {
+    pub(in super::super) unsafe fn prefetch_ahead(p: *const u8, ahead: usize, len: usize) {
         let mut i = 0;
         while i < len {
             // SAFETY: prefetching any address is architecturally invisible on x86.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD + i).cast()) };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + i).cast()) };
             i += 64;
         }
     }
@@ -748,7 +748,7 @@ mod x86 {
             for (bi, blk) in g.chunks_exact(BLOCK).enumerate() {
                 let p = blk.as_ptr();
                 if ahead {
-                    prefetch_ahead(p, BLOCK);
+                    prefetch_ahead(p, AHEAD, BLOCK);
                 }
                 let mut isum = [_mm256_setzero_si256(); R];
                 for c in 0..4 {
