@@ -339,6 +339,27 @@ impl<B: Backend> Proj<B> {
         Some(y)
     }
 
+    /// As [`Proj::forward_host`], each row its own vector. GGUF blocks write every row
+    /// straight into its own buffer; other weights are cut out of one product.
+    ///
+    /// # Panics
+    /// As [`Proj::forward_host`].
+    pub fn forward_host_rows(&self, x: &[f32], rows: usize) -> Option<Vec<Vec<f32>>> {
+        let packed = self.packed.as_ref().filter(|_| self.gpu.is_none())?;
+        let Packed::Blocks(q) = packed else {
+            let y = self.forward_host(x, rows)?;
+            return Some(y.chunks(packed.n()).map(<[f32]>::to_vec).collect());
+        };
+        let mut ys: Vec<Vec<f32>> = (0..rows).map(|_| vec![0.0f32; q.n()]).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
+        q.matmul_into_rows(x, &mut outs)
+            .unwrap_or_else(|e| panic!("projection of {rows} rows: {e}"));
+        for y in &mut ys {
+            self.add_bias_host(y);
+        }
+        Some(ys)
+    }
+
     /// Adds the bias to every row of `y` (as the tensor add does, value by value).
     fn add_bias_host(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {

@@ -628,16 +628,24 @@ impl<B: Backend> Transformer<B> {
 
     /// The logits of `hidden`'s rows on the host, one `Vec` per row. On the CPU fast path
     /// (a coarse head, or a whole head of packed weights) straight from the product: no
-    /// tensor round trip, and a lone row is the product's own buffer (a 152k vocabulary's
-    /// rows are 0.6 MB, each copy of them ~0.1 ms).
+    /// tensor round trip, and each row the product's own buffer where the head holds GGUF
+    /// blocks (a 152k vocabulary's rows are 0.6 MB, each copy of them ~0.1 ms).
     fn host_logits(&self, hidden: Tensor<B, 3>) -> Result<Vec<Vec<f32>>> {
         let [batch, n, _] = hidden.dims();
         let rows = batch * n;
         let flat = if let Some(coarse) = &self.coarse_head {
             coarse.logits(&host_values(hidden), rows)?
         } else if self.lm_head.host_outputs() == Some(self.vocab_size) {
+            let x = host_values(hidden);
+            if rows > 1 {
+                // Each node's row written where it stays (a 64-node tree's logits are 39 MB).
+                return Ok(self
+                    .lm_head
+                    .forward_host_rows(&x, rows)
+                    .expect("the host path was checked"));
+            }
             self.lm_head
-                .forward_host(&host_values(hidden), rows)
+                .forward_host(&x, rows)
                 .expect("the host path was checked")
         } else {
             self.logits(hidden)

@@ -182,6 +182,18 @@ pub fn matmul_fused(
     m: usize,
     ys: &mut [&mut [f32]],
 ) -> Result<(), KernelError> {
+    let rows = split_rows(mats, x, m, ys)?;
+    fused_rows(mats, x, m, rows)
+}
+
+/// As [`matmul_fused`] over outputs given row by row (`rows[i][r]`: row `r` of matrix `i`'s
+/// product, `nᵢ` values; checked by the callers), choosing the kernel family as it does.
+fn fused_rows(
+    mats: &[&QuantMatrix],
+    x: &[f32],
+    m: usize,
+    rows: Vec<Vec<&mut [f32]>>,
+) -> Result<(), KernelError> {
     let isa = Isa::best();
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Amx && !Isa::named() && m >= 3 {
@@ -190,13 +202,13 @@ pub fn matmul_fused(
         if let Some(lead) = mats.first().filter(|_| tiles(amx::ROWS)) {
             let chosen = lead.measured.pick(m, tiles(m));
             let start = std::time::Instant::now();
-            matmul_fused_with(chosen, mats, x, m, ys)?;
+            fused_rows_with(chosen, mats, x, m, rows)?;
             let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
             lead.measured.record(m, chosen, ns);
             return Ok(());
         }
     }
-    matmul_fused_with(isa, mats, x, m, ys)
+    fused_rows_with(isa, mats, x, m, rows)
 }
 
 /// As [`matmul_fused`] with a chosen kernel.
@@ -210,6 +222,17 @@ pub fn matmul_fused_with(
     m: usize,
     ys: &mut [&mut [f32]],
 ) -> Result<(), KernelError> {
+    let rows = split_rows(mats, x, m, ys)?;
+    fused_rows_with(isa, mats, x, m, rows)
+}
+
+/// Checks [`matmul_fused`]'s operands and cuts each output into its `m` rows.
+fn split_rows<'y>(
+    mats: &[&QuantMatrix],
+    x: &[f32],
+    m: usize,
+    ys: &'y mut [&mut [f32]],
+) -> Result<Vec<Vec<&'y mut [f32]>>, KernelError> {
     if mats.len() != ys.len() {
         return Err(KernelError::Shape(format!(
             "{} matrices and {} outputs",
@@ -217,10 +240,9 @@ pub fn matmul_fused_with(
             ys.len()
         )));
     }
-    let Some(k) = mats.first().map(|w| w.k) else {
-        return Ok(());
-    };
-    for (w, y) in mats.iter().zip(ys.iter()) {
+    let k = mats.first().map_or(0, |w| w.k);
+    let mut rows = Vec::with_capacity(mats.len());
+    for (w, y) in mats.iter().zip(ys.iter_mut()) {
         if w.k != k {
             return Err(KernelError::Shape(format!(
                 "fused matrices take {k} and {} inputs",
@@ -228,7 +250,22 @@ pub fn matmul_fused_with(
             )));
         }
         crate::matmul::check_operands(x, y, m, k, w.n)?;
+        rows.push(y.chunks_exact_mut(w.n.max(1)).take(m).collect());
     }
+    Ok(rows)
+}
+
+/// [`matmul_fused_with`] over checked outputs given row by row (as [`fused_rows`]).
+fn fused_rows_with(
+    isa: Isa,
+    mats: &[&QuantMatrix],
+    x: &[f32],
+    m: usize,
+    rows_out: Vec<Vec<&mut [f32]>>,
+) -> Result<(), KernelError> {
+    let Some(k) = mats.first().map(|w| w.k) else {
+        return Ok(());
+    };
     if !isa.available() {
         return Err(KernelError::UnsupportedType(format!(
             "{isa:?} kernels on this CPU"
@@ -262,7 +299,7 @@ pub fn matmul_fused_with(
     let total: usize = mats.iter().map(|w| w.n).sum();
     let chunk = total.div_ceil(3 * rayon::current_num_threads()).max(8);
     let mut jobs = Vec::new();
-    for (w, y) in mats.iter().zip(ys.iter_mut()) {
+    for (w, y) in mats.iter().zip(rows_out) {
         let acts = rows_of(w);
         // Interleaved groups of 8 rows first (chunks of whole groups), then GGUF rows.
         let grouped = 8 * w.groups;
@@ -278,7 +315,7 @@ pub fn matmul_fused_with(
                 .map(|j| (j, (j + chunk).min(w.n), false)),
         );
         let mut outs: Vec<Vec<&mut [f32]>> = bounds.iter().map(|_| Vec::with_capacity(m)).collect();
-        for mut row in y.chunks_exact_mut(w.n) {
+        for mut row in y {
             for (out, &(j0, j1, _)) in outs.iter_mut().zip(&bounds) {
                 let (cols, rest) = row.split_at_mut(j1 - j0);
                 out.push(cols);
@@ -615,6 +652,31 @@ impl QuantMatrix {
         y: &mut [f32],
     ) -> Result<(), KernelError> {
         matmul_fused_with(isa, &[self], x, m, &mut [y])
+    }
+
+    /// As [`QuantMatrix::matmul`] with each output row its own slice (`ys[r]`: row `r`, `n`
+    /// values; `x` is `[ys.len(), k]`): a caller that keeps rows apart — a tree's logits,
+    /// one vector per node — gets them without a copy (a 152k vocabulary's row is 0.6 MB).
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] if `x` is not `ys.len()` rows of `k` or a row is not `n` long.
+    pub fn matmul_into_rows(&self, x: &[f32], ys: &mut [&mut [f32]]) -> Result<(), KernelError> {
+        let m = ys.len();
+        if x.len() != m * self.k || ys.iter().any(|y| y.len() != self.n) {
+            return Err(KernelError::Shape(format!(
+                "x has {} values and rows of {:?} values for m={m}, k={}, n={}",
+                x.len(),
+                ys.iter().map(|y| y.len()).collect::<Vec<_>>(),
+                self.k,
+                self.n
+            )));
+        }
+        fused_rows(
+            &[self],
+            x,
+            m,
+            vec![ys.iter_mut().map(|y| &mut **y).collect()],
+        )
     }
 
     /// `y[i] = x·W[ids[i]]ᵀ` for one activation row `x` (`k` values) and a few output rows

@@ -236,6 +236,39 @@ fn fused_products_equal_one_product_each() {
 }
 
 #[test]
+fn rows_apart_equal_the_contiguous_product() {
+    let mut rng = Rng(17);
+    let k = 512;
+    // A k-quant with the tile products (from 3 rows) and a 32-weight format; 37 outputs:
+    // interleaved groups and GGUF rows after them.
+    for ty in [GgmlType::Q6_K, GgmlType::Q4_K, GgmlType::Q8_0] {
+        let w = random_matrix(ty, 37, k, &mut rng);
+        for m in [1, 3, 8, 17] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
+            let mut want = vec![0.0; m * 37];
+            w.matmul(&x, m, &mut want).unwrap();
+            // Rows in buffers of their own, filled with garbage first.
+            let mut rows: Vec<Vec<f32>> = (0..m).map(|_| vec![f32::NAN; 37]).collect();
+            let mut outs: Vec<&mut [f32]> = rows.iter_mut().map(Vec::as_mut_slice).collect();
+            w.matmul_into_rows(&x, &mut outs).unwrap();
+            assert_eq!(rows.concat(), want, "{ty:?}, {m} rows");
+        }
+        // A row of the wrong length, or activations for another row count.
+        let x = vec![0.5; 2 * k];
+        let (mut a, mut b) = (vec![0.0; 37], vec![0.0; 36]);
+        assert!(matches!(
+            w.matmul_into_rows(&x, &mut [&mut a, &mut b]),
+            Err(KernelError::Shape(_))
+        ));
+        assert!(matches!(
+            w.matmul_into_rows(&x, &mut [&mut a]),
+            Err(KernelError::Shape(_))
+        ));
+        assert!(w.matmul_into_rows(&[], &mut []).is_ok());
+    }
+}
+
+#[test]
 fn fused_products_reject_bad_operands() {
     let mut rng = Rng(5);
     let a = random_matrix(GgmlType::Q8_0, 2, 64, &mut rng);
