@@ -8,7 +8,10 @@
 //!   alternating, median of 6 paired rounds), 1 activation row took 0.72× the time with 4 KiB
 //!   asked ahead (Q4_K), Q6_K 0.72×, Q8_0 0.83×, Q5_0 0.86×, Q4_1 0.69×, and 4 rows 0.67–0.84×;
 //!   a 1.5B decode step 78–84 → 60–65 ms (`arbor bench --verify-curve`, 1 node, three
-//!   alternated pairs). On Zen 4, prefetching 1–8 KiB ahead with any hint
+//!   alternated pairs). The requests were later spread over each block's work and doubled
+//!   by a second, farther one into the second-level cache (`x8::ask_step`): 1 row of Q4_K
+//!   0.82–0.88× the time again, 8 rows of Q4_K 0.82–0.88×, of Q6_K 0.73–0.86×.
+//!   On Zen 4, prefetching 1–8 KiB ahead with any hint
 //!   lost at 1–4 rows and gained only at 8 (README, "Verification cost"), so there the kernels
 //!   ask ahead only in 8-row passes over one group. The f32/f16 panels' kernels (`matmul`)
 //!   follow the same choice: the 0.5B with f32 weights (2 GB a token) decoded at 5.2–7.9

@@ -40,7 +40,7 @@ mod x86 {
     use super::super::tuning::prefetch_every_row;
     use super::super::x8::{
         BLOCK, BLOCK5, BLOCK6, BLOCK8, BLOCK41, F_Q4_1 as Q4_1, F_Q5_0 as Q5_0, F_Q8_0 as Q8_0, QS,
-        QS6, prefetch_ahead,
+        QS6, ask_step,
     };
     use crate::quant::GgmlType;
 
@@ -93,18 +93,15 @@ mod x86 {
             .map(|(bi, (b0, b1))| (bi, b0.as_ptr(), b1.as_ptr()))
     }
 
-    /// How far ahead of the blocks being multiplied each group's weights are asked for,
-    /// where [`prefetch_every_row`] (two streams; Q4_K 8 rows from memory: 8 KiB ahead 0.73–0.87×
-    /// the time of none, 4 KiB 0.79–1.00×, 12–32 KiB as 8).
-    const AHEAD: usize = 8192;
-
-    /// Asks for the `len` bytes [`AHEAD`] past `p0` and past `p1` to be brought into the cache.
+    /// Step `step` of `steps` over blocks `p0` and `p1` (`len` bytes each) asks for its share
+    /// of both blocks' lines ahead ([`ask_step`]; before it, a burst per block pair 8 KiB
+    /// ahead: 8 rows from memory took 0.82–0.88× that time for Q4_K and 0.73–0.86× for Q6_K).
     #[inline(always)]
-    unsafe fn prefetch_pair(p0: *const u8, p1: *const u8, len: usize) {
+    unsafe fn ask_both(p0: *const u8, p1: *const u8, len: usize, step: usize, steps: usize) {
         // SAFETY: prefetching any address is architecturally invisible on x86.
         unsafe {
-            prefetch_ahead(p0, AHEAD, len);
-            prefetch_ahead(p1, AHEAD, len);
+            ask_step(p0, len, step, steps);
+            ask_step(p1, len, step, steps);
         }
     }
 
@@ -173,12 +170,12 @@ mod x86 {
             let mut acc = starts(init);
             let ahead = prefetch_every_row();
             for (bi, p0, p1) in block_pairs(g0, g1, block) {
-                if ahead {
-                    prefetch_pair(p0, p1, block);
-                }
                 let d = _mm512_cvtph_ps(both16(p0, p1, 0));
                 let mut isum = [_mm512_setzero_si512(); R];
                 for i in 0..8 {
+                    if ahead {
+                        ask_both(p0, p1, block, i, 8);
+                    }
                     // 16 rows × 4 weights, and where their activations start in the block.
                     let (w, at) = if F == Q8_0 {
                         (_mm512_xor_si512(both(p0, p1, 16 + 32 * i), flip), 4 * i)
@@ -245,14 +242,14 @@ mod x86 {
             let mut out = *init;
             let ahead = prefetch_every_row();
             for (bi, p0, p1) in block_pairs(g0, g1, BLOCK) {
-                if ahead {
-                    prefetch_pair(p0, p1, BLOCK);
-                }
                 let mut isum = [_mm512_setzero_si512(); R];
                 for c in 0..4 {
                     let mut alo = [_mm512_setzero_si512(); R];
                     let mut ahi = [_mm512_setzero_si512(); R];
                     for gi in 0..8 {
+                        if ahead {
+                            ask_both(p0, p1, BLOCK, c * 8 + gi, 32);
+                        }
                         let q = both(p0, p1, QS + (c * 8 + gi) * 32);
                         let lo = _mm512_and_si512(q, low);
                         let hi = _mm512_andnot_si512(low, q);
@@ -319,15 +316,15 @@ mod x86 {
             let mut acc = starts(init);
             let ahead = prefetch_every_row();
             for (bi, p0, p1) in block_pairs(g0, g1, BLOCK6) {
-                if ahead {
-                    prefetch_pair(p0, p1, BLOCK6);
-                }
                 let off: [&[i32]; R] = std::array::from_fn(|r| x[r].off16.get_unchecked(bi * 16..));
                 let mut isum = [_mm512_setzero_si512(); R];
                 for h in 0..2 {
                     for half in 0..2 {
-                        pair6::<R, 0>(p0, p1, x, bi, h, half, &off, &mut isum);
-                        pair6::<R, 1>(p0, p1, x, bi, h, half, &off, &mut isum);
+                        // Steps 0..32 of the block pair, 4 per call (spread requests).
+                        let ask = ahead.then_some((h * 2 + half) * 8);
+                        pair6::<R, 0>((p0, p1), x, bi, (h, half), &off, &mut isum, ask);
+                        let ask = ask.map(|s| s + 4);
+                        pair6::<R, 1>((p0, p1), x, bi, (h, half), &off, &mut isum, ask);
                     }
                 }
                 let d = _mm512_cvtph_ps(both16(p0, p1, 0));
@@ -373,17 +370,17 @@ mod x86 {
     ///
     /// # Safety
     /// As [`kernel6`]: `p0`, `p1` are whole blocks, block `bi` of every row of `x`.
+    /// `ask`: this call's first step of the block pair's 32, where the weights are asked for
+    /// ahead ([`ask_both`]).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn pair6<const R: usize, const SP: usize>(
-        p0: *const u8,
-        p1: *const u8,
+        (p0, p1): (*const u8, *const u8),
         x: &[ActRow<'_>; R],
         bi: usize,
-        h: usize,
-        half: usize,
+        (h, half): (usize, usize),
         off: &[&[i32]; R],
         isum: &mut [__m512i; R],
+        ask: Option<usize>,
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
@@ -397,6 +394,9 @@ mod x86 {
                 a1[r] = _mm512_set1_epi32(*off[r].get_unchecked(j1));
             }
             for gq in 4 * half..4 * half + 4 {
+                if let Some(step) = ask {
+                    ask_both(p0, p1, BLOCK6, step + gq - 4 * half, 32);
+                }
                 let at = QS6 + (h * 8 + gq) * 96;
                 let qa = both(p0, p1, at);
                 let qb = both(p0, p1, at + 32);

@@ -318,7 +318,7 @@ fn unpack_row(group: &[u8], r: usize, out: &mut Vec<u8>) {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::{F_Q4_1, F_Q5_0, F_Q8_0, dot8, dot8_vnni, prefetch_ahead};
+pub(super) use x86::{F_Q4_1, F_Q5_0, F_Q8_0, ask_step, dot8, dot8_vnni};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -413,15 +413,15 @@ mod x86 {
             };
             let mut acc = starts(init);
             let split = if R <= 2 { 2 } else { 1 };
-            let ahead = prefetch_every_row();
+            let spread = prefetch_every_row();
             for (bi, blk) in g.chunks_exact(block).enumerate() {
                 let p = blk.as_ptr();
-                if ahead {
-                    prefetch_ahead(p, AHEAD, block);
-                }
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
                 let mut isum = [[_mm256_setzero_si256(); 2]; R];
                 for i in 0..8 {
+                    if spread {
+                        ask_step(p, block, i, 8);
+                    }
                     // 8 rows × 4 weights, and where their activations start in the block.
                     let (w, at) = if F == F_Q8_0 {
                         (_mm256_loadu_si256(p.add(16 + 32 * i).cast()), 4 * i)
@@ -502,10 +502,11 @@ mod x86 {
         unsafe {
             let low = _mm256_set1_epi8(0x0F);
             let mut acc = starts(init);
-            let ahead = R == 8 || prefetch_every_row();
+            let spread = prefetch_every_row();
+            let burst = R == 8 && !spread;
             for (bi, blk) in g.chunks_exact(BLOCK6).enumerate() {
                 let p = blk.as_ptr();
-                if ahead {
+                if burst {
                     prefetch_ahead(p, AHEAD, BLOCK6);
                 }
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
@@ -520,8 +521,11 @@ mod x86 {
                     // branches and address arithmetic inside the loop).
                     for h in 0..2 {
                         for half in 0..2 {
-                            q6_pair::<R, V, 0>(p, x, bi, h, half, &off, &mut isum);
-                            q6_pair::<R, V, 1>(p, x, bi, h, half, &off, &mut isum);
+                            // Steps 0..32 of the block, 4 per call (spread requests).
+                            let ask = spread.then_some((h * 2 + half) * 8);
+                            q6_pair::<R, V, 0>(p, x, bi, (h, half), &off, &mut isum, ask);
+                            let ask = ask.map(|s| s + 4);
+                            q6_pair::<R, V, 1>(p, x, bi, (h, half), &off, &mut isum, ask);
                         }
                     }
                 } else {
@@ -534,6 +538,9 @@ mod x86 {
                                 })
                             });
                             for gq in 4 * half..4 * half + 4 {
+                                if spread {
+                                    ask_step(p, BLOCK6, (h * 2 + half) * 4 + gq - 4 * half, 16);
+                                }
                                 let at = p.add(QS6 + (h * 8 + gq) * 96);
                                 let qa = _mm256_loadu_si256(at.cast());
                                 let qb = _mm256_loadu_si256(at.add(32).cast());
@@ -576,18 +583,20 @@ mod x86 {
     /// Sub-blocks `8h + 4·SP + half` and `8h + 4·SP + half + 2` of one Q6_K block (weights
     /// `128h + 64·SP + …` and `+ 32`) for `R` rows, scaled and added into `isum`.
     ///
+    /// `ask`: this call's first step of the block's 32, where the weights are asked for
+    /// ahead ([`ask_step`]).
+    ///
     /// # Safety
     /// As [`kernel6`]: `p` is a whole interleaved block, block `bi` of every row of `x`.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn q6_pair<const R: usize, const V: bool, const SP: usize>(
         p: *const u8,
         x: &[ActRow<'_>; R],
         bi: usize,
-        h: usize,
-        half: usize,
+        (h, half): (usize, usize),
         off: &[&[i32]; R],
         isum: &mut [__m256i; R],
+        ask: Option<usize>,
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
@@ -599,6 +608,9 @@ mod x86 {
             let mut a1: [__m256i; R] =
                 std::array::from_fn(|r| _mm256_set1_epi32(*off[r].get_unchecked(j1)));
             for gq in 4 * half..4 * half + 4 {
+                if let Some(step) = ask {
+                    ask_step(p, BLOCK6, step + gq - 4 * half, 32);
+                }
                 let at = p.add(QS6 + (h * 8 + gq) * 96);
                 let qa = _mm256_loadu_si256(at.cast());
                 let qb = _mm256_loadu_si256(at.add(32).cast());
@@ -690,25 +702,59 @@ mod x86 {
         out
     }
 
-    /// How far ahead of the block being multiplied the kernels ask for weights: in 8-row
-    /// passes with that much arithmetic per byte the hardware prefetcher alone leaves them
-    /// waiting on memory (measured on Zen 4 from memory, 8 rows of 80 × 1536 × 8960 Q4_K:
-    /// 50 → 41 ms; of 56 × 1536 × 8960 Q6_K: 58 → 46–51 ms, 2–8 KiB ahead alike; at 4 rows
-    /// Q6_K lost 25 → 31 ms, and fewer rows of Q4_K gained nothing or lost a little). Where
-    /// [`prefetch_every_row`] (Intel), at every row count and for every format: there 1 row
-    /// of Q4_K from memory took 0.72× the time, 4 KiB ahead as good as 8 or 16.
+    /// How far ahead of the block being multiplied the kernels ask for weights in one burst
+    /// per block where they do not spread their requests ([`ask_step`]): in 8-row passes
+    /// with that much arithmetic per byte the hardware prefetcher alone leaves them waiting on
+    /// memory (measured on Zen 4 from memory, 8 rows of 80 × 1536 × 8960 Q4_K: 50 → 41 ms; of
+    /// 56 × 1536 × 8960 Q6_K: 58 → 46–51 ms, 2–8 KiB ahead alike; at 4 rows Q6_K lost 25 → 31
+    /// ms, and fewer rows of Q4_K gained nothing or lost a little).
     const AHEAD: usize = 4096;
+
+    /// How far ahead [`ask_step`] asks for each line into the first-level cache.
+    const NEAR: usize = 4096;
+
+    /// How far ahead [`ask_step`] asks for each line into the second-level cache.
+    const FAR: usize = 16384;
 
     /// Asks for the `len` bytes `ahead` bytes past `p` to be brought into the cache (past the
     /// end of the data too: a prefetch has no architectural effect, and the address is only
     /// computed, never dereferenced).
     #[inline(always)]
-    pub(in super::super) unsafe fn prefetch_ahead(p: *const u8, ahead: usize, len: usize) {
+    unsafe fn prefetch_ahead(p: *const u8, ahead: usize, len: usize) {
         let mut i = 0;
         while i < len {
             // SAFETY: prefetching any address is architecturally invisible on x86.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + i).cast()) };
             i += 64;
+        }
+    }
+
+    /// Where [`prefetch_every_row`] (Intel): step `step` of the `steps` a kernel's inner loop
+    /// takes over a block of `len` bytes at `p` asks for its share of the block's cache lines,
+    /// [`NEAR`] bytes ahead into the first-level cache and [`FAR`] bytes ahead into the
+    /// second — spread over the block's work rather than all at its start (a burst of 18–27
+    /// requests per block held the arithmetic behind it up once the core's line-fill buffers
+    /// were full), and with the far requests keeping more lines on the way (the second-level
+    /// cache tracks more misses than the first). Past the end of the data too, as
+    /// `prefetch_ahead`.
+    ///
+    /// Measured from memory on the Xeon (2 threads, 64–80 matrices of 1536 × 8960, the same
+    /// binary alternating, median of 9–11 paired rounds), against a burst 4 KiB (one group)
+    /// or 8 KiB (two) ahead per block into the first-level cache: 1 row of Q4_K 0.82–0.88×
+    /// the time, 8 rows of Q4_K 0.82–0.88×, of Q6_K 0.73–0.86×; the far requests alone
+    /// (16–64 KiB) did as well at 8 rows and less well at 1 (0.86–0.89×).
+    #[inline(always)]
+    pub(in super::super) unsafe fn ask_step(p: *const u8, len: usize, step: usize, steps: usize) {
+        let per = len.div_ceil(64).div_ceil(steps);
+        for l in 0..per {
+            let line = (step * per + l) * 64;
+            if line < len {
+                // SAFETY: prefetching any address is architecturally invisible on x86.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(NEAR + line).cast());
+                    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(FAR + line).cast());
+                }
+            }
         }
     }
 
@@ -744,10 +790,11 @@ mod x86 {
             // block (fewer live registers; the per-row arithmetic is the same whatever `R`
             // is: a row's result does not depend on the rows beside it).
             let mut out = *init;
-            let ahead = R == 8 || prefetch_every_row();
+            let spread = prefetch_every_row();
+            let burst = R == 8 && !spread;
             for (bi, blk) in g.chunks_exact(BLOCK).enumerate() {
                 let p = blk.as_ptr();
-                if ahead {
+                if burst {
                     prefetch_ahead(p, AHEAD, BLOCK);
                 }
                 let mut isum = [_mm256_setzero_si256(); R];
@@ -759,6 +806,9 @@ mod x86 {
                     let mut alo = [[_mm256_setzero_si256(); 2]; R];
                     let mut ahi = [[_mm256_setzero_si256(); 2]; R];
                     for gi in 0..8 {
+                        if spread {
+                            ask_step(p, BLOCK, c * 8 + gi, 32);
+                        }
                         let q = _mm256_loadu_si256(p.add(QS + (c * 8 + gi) * 32).cast());
                         let lo = _mm256_and_si256(q, low);
                         // VNNI takes the high nibbles in place (16× their value, exact in
