@@ -732,9 +732,9 @@ mod x86 {
     /// Where [`prefetch_every_row`] (Intel): step `step` of the `steps` a kernel's inner loop
     /// takes over a block of `len` bytes at `p` asks for its share of the block's cache lines,
     /// [`NEAR`] bytes ahead into the first-level cache and [`FAR`] bytes ahead into the
-    /// second — spread over the block's work rather than all at its start (a burst of 18–27
-    /// requests per block held the arithmetic behind it up once the core's line-fill buffers
-    /// were full), and with the far requests keeping more lines on the way (the second-level
+    /// second — spread over the block's work rather than all at its start (likely: a burst of
+    /// 18–27 requests per block fills the core's line-fill buffers and holds the loads behind
+    /// it up), and with the far requests keeping more lines on the way (the second-level
     /// cache tracks more misses than the first). Past the end of the data too, as
     /// `prefetch_ahead`.
     ///
