@@ -368,10 +368,11 @@ mod x86 {
     /// Sub-blocks `8h + 4·SP + half` and `+ 2` of one Q6_K block pair for `R` rows, scaled and
     /// added into `isum` (as the 8-row kernel's `q6_pair`).
     ///
-    /// # Safety
-    /// As [`kernel6`]: `p0`, `p1` are whole blocks, block `bi` of every row of `x`.
     /// `ask`: this call's first step of the block pair's 32, where the weights are asked for
     /// ahead ([`ask_both`]).
+    ///
+    /// # Safety
+    /// As [`kernel6`]: `p0`, `p1` are whole blocks, block `bi` of every row of `x`.
     #[inline(always)]
     unsafe fn pair6<const R: usize, const SP: usize>(
         (p0, p1): (*const u8, *const u8),
