@@ -31,6 +31,7 @@ pub mod cube;
 mod error;
 pub mod kvquant;
 pub mod matmul;
+mod prefetch;
 pub mod qmatmul;
 pub mod quant;
 pub mod roofline;

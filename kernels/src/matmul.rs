@@ -276,40 +276,26 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m128i, __m256, _MM_HINT_T0, _MM_HINT_T1, _mm_loadu_si128, _mm_prefetch, _mm256_add_ps,
-        _mm256_broadcast_ss, _mm256_cvtph_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
-        _mm256_storeu_ps,
+        __m128i, __m256, _mm_loadu_si128, _mm256_add_ps, _mm256_broadcast_ss, _mm256_cvtph_ps,
+        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
     };
 
     use half::f16;
 
     use super::PANEL;
 
-    /// How far ahead of the weights being multiplied the kernels ask for them, where the
-    /// quantized kernels do too (`qmatmul::tuning`: Intel's L2 streamer stops at each 4 KiB
-    /// page).
-    const PREFETCH_AHEAD: usize = 4096;
-
-    /// How far ahead they ask for them into the second-level cache as well (as the
-    /// quantized kernels' `x8::ask_step`): from memory (16 f32 and 24 f16 panels of 1536 ×
-    /// 8960, 2 threads, four alternated pairs of builds) 1 row of f32 took 0.82× the time, of
-    /// f16 0.86×, 4 rows of f32 0.85–0.91×, of f16 0.88–1.17×.
-    const PREFETCH_FAR: usize = 16384;
-
-    /// Asks for the cache line [`PREFETCH_AHEAD`] bytes past row `kk` of panel `w` where row
-    /// `kk` starts a new line (a panel row: [`PANEL`] weights of `E`), and the one
-    /// [`PREFETCH_FAR`] bytes past it into the second-level cache.
+    /// Where row `kk` of panel `w` starts a new cache line (a panel row: [`PANEL`] weights of
+    /// `E`), asks for the lines ahead of it as the quantized kernels do
+    /// ([`crate::prefetch::ask_line`]), where they do (`qmatmul::tuning`: Intel's L2 streamer
+    /// stops at each 4 KiB page). The far request into the second-level cache, from memory
+    /// (16 f32 and 24 f16 panels of 1536 × 8960, 2 threads, four alternated pairs of builds):
+    /// 1 row of f32 took 0.82× the time, of f16 0.86×, 4 rows of f32 0.85–0.91×, of f16
+    /// 0.88–1.17×.
     #[inline(always)]
     fn ask_ahead<E>(w: *const E, kk: usize) {
         let step = PANEL * std::mem::size_of::<E>();
         if (kk * step) % 64 < step {
-            let p = w.cast::<u8>().wrapping_add(kk * step);
-            // SAFETY: SSE is part of x86-64; a prefetch has no architectural effect (the
-            // address is only computed, past the panel too, never dereferenced).
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD).cast());
-                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(PREFETCH_FAR).cast());
-            }
+            crate::prefetch::ask_line(w.cast::<u8>().wrapping_add(kk * step));
         }
     }
 

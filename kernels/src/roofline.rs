@@ -52,7 +52,7 @@ impl Roofline {
 
 /// Bytes per second of a parallel read of `bytes` (best of three, after touching the pages;
 /// on x86-64 the better of a plain read and one that asks for each line ahead as the
-/// quantized kernels do — 4 KiB into the first-level cache and 16 KiB into the second — which
+/// quantized kernels do, [`crate::prefetch::ask_line`] — which
 /// on the Xeon read 23–26 GB/s against 13–15 plain: the plain read alone had put the one-row
 /// step below its "floor").
 fn read_bandwidth(bytes: usize) -> f64 {
@@ -66,7 +66,7 @@ fn read_bandwidth(bytes: usize) -> f64 {
                 .map(|c| {
                     c.chunks(8).fold(0u64, |a, line| {
                         if ahead {
-                            ask_ahead(line.as_ptr().cast());
+                            crate::prefetch::ask_line(line.as_ptr().cast());
                         }
                         line.iter().fold(a, |a, &w| a ^ w)
                     })
@@ -77,23 +77,6 @@ fn read_bandwidth(bytes: usize) -> f64 {
         }
     }
     (words.len() * 8) as f64 / best
-}
-
-/// Asks for the lines 4 KiB and 16 KiB past `p` (into the first- and second-level caches).
-#[inline(always)]
-fn ask_ahead(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
-        // SAFETY: SSE is part of x86-64; a prefetch has no architectural effect (the address
-        // is only computed, past the buffer too, never dereferenced).
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4096).cast());
-            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(16384).cast());
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 /// int8 multiply-adds per second on every thread at once (best of three; with VNNI, the

@@ -710,12 +710,6 @@ mod x86 {
     /// ms, and fewer rows of Q4_K gained nothing or lost a little).
     const AHEAD: usize = 4096;
 
-    /// How far ahead [`ask_step`] asks for each line into the first-level cache.
-    const NEAR: usize = 4096;
-
-    /// How far ahead [`ask_step`] asks for each line into the second-level cache.
-    const FAR: usize = 16384;
-
     /// Asks for the `len` bytes `ahead` bytes past `p` to be brought into the cache (past the
     /// end of the data too: a prefetch has no architectural effect, and the address is only
     /// computed, never dereferenced).
@@ -730,9 +724,9 @@ mod x86 {
     }
 
     /// Where [`prefetch_every_row`] (Intel): step `step` of the `steps` a kernel's inner loop
-    /// takes over a block of `len` bytes at `p` asks for its share of the block's cache lines,
-    /// [`NEAR`] bytes ahead into the first-level cache and [`FAR`] bytes ahead into the
-    /// second — spread over the block's work rather than all at its start (likely: a burst of
+    /// takes over a block of `len` bytes at `p` asks for its share of the block's cache lines
+    /// ([`crate::prefetch::ask_line`]: 4 KiB ahead into the first-level cache and 16 KiB into
+    /// the second) — spread over the block's work rather than all at its start (likely: a burst of
     /// 18–27 requests per block fills the core's line-fill buffers and holds the loads behind
     /// it up), and with the far requests keeping more lines on the way (the second-level
     /// cache tracks more misses than the first). Past the end of the data too, as
@@ -749,11 +743,7 @@ mod x86 {
         for l in 0..per {
             let line = (step * per + l) * 64;
             if line < len {
-                // SAFETY: prefetching any address is architecturally invisible on x86.
-                unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(NEAR + line).cast());
-                    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(FAR + line).cast());
-                }
+                crate::prefetch::ask_line(p.wrapping_add(line));
             }
         }
     }
