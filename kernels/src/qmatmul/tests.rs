@@ -536,3 +536,74 @@ fn both_vendor_tunings_give_the_same_bits() {
         }
     }
 }
+
+#[test]
+fn extreme_blocks_sum_exactly_at_every_row_count() {
+    // Q4_K blocks at the bounds the float scaling of the 16-row kernel relies on (every
+    // nibble 15, every 6-bit scale and minimum 63: all bytes 0xFF but the f16 fields) or
+    // mixed with empty bytes, or with one 14 per sub-block, against activations that quantize to ±127 throughout: the
+    // largest integer sums the kernels meet. Every build and row count must give the AVX2
+    // build's bits (integer sums converted once).
+    if !Isa::Avx512Vnni.available() {
+        eprintln!("AVX-512 VNNI is not available on this CPU: pairs of groups not run");
+        return;
+    }
+    use super::tuning::AS_INTEL;
+    use std::sync::atomic::Ordering;
+    let ty = GgmlType::Q4_K;
+    // Enough outputs that every job holds pairs of groups (jobs are whole groups, a few per
+    // core), and one group alone at the end.
+    let (n, k) = (8 * 41, 512);
+    let mut rng = Rng(17);
+    for fill in ["full", "odd", "mixed"] {
+        let bytes = ty.bytes_for(n * k).unwrap();
+        let mut data: Vec<u8> = (0..bytes)
+            .map(|_| match fill {
+                "mixed" => [0x00, 0xFF, 0xF0, 0x0F][(rng.next() % 4) as usize],
+                _ => 0xFF,
+            })
+            .collect();
+        for (i, block) in data.chunks_exact_mut(ty.block_bytes()).enumerate() {
+            for at in [0, 2] {
+                block[at..at + 2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+            }
+            if fill == "odd" && i % 2 == 0 {
+                // In each row's first block, one weight of 14 per sub-block (the first byte
+                // of each 32-byte chunk of nibbles): every sub-block's sum against ±127 is
+                // odd, so a running float total past 2²⁴ would round — as one sum over the
+                // block's 8 sub-blocks (3.1·10⁷) would. Against a second block of all 15s
+                // with the opposite sign (exact in any order), the two nearly cancel and
+                // leave such a rounding visible.
+                for c in 0..4 {
+                    block[16 + 32 * c] = 0xEE;
+                }
+            }
+        }
+        let w = QuantMatrix::new(ty, n, k, data).unwrap();
+        for m in [1, 4, 8, 12] {
+            // Rows of all +1, +1 then −1 by block, all −1, and ±1 by 32-weight sub-block.
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| match (i / k) % 4 {
+                    0 => 1.0,
+                    1 => [1.0, -1.0][(i % k) / 256],
+                    2 => -1.0,
+                    _ => [1.0, -1.0][(i / 32) % 2],
+                })
+                .collect();
+            let mut want = vec![f32::NAN; m * n];
+            w.matmul_with(Isa::Avx2, &x, m, &mut want).unwrap();
+            for as_intel in [1, 2] {
+                AS_INTEL.store(as_intel, Ordering::Relaxed);
+                let mut y = vec![f32::NAN; m * n];
+                w.matmul_with(Isa::Avx512Vnni, &x, m, &mut y).unwrap();
+                AS_INTEL.store(0, Ordering::Relaxed);
+                assert_eq!(y, want, "{fill} m={m} tuning {as_intel}");
+            }
+            if Isa::Amx.available() {
+                let mut y = vec![f32::NAN; m * n];
+                w.matmul_with(Isa::Amx, &x, m, &mut y).unwrap();
+                assert_eq!(y, want, "{fill} m={m} tiles");
+            }
+        }
+    }
+}
