@@ -55,6 +55,18 @@ pub(crate) fn random_matrix(ty: GgmlType, n: usize, k: usize, rng: &mut Rng) -> 
     QuantMatrix::new(ty, n, k, data).unwrap()
 }
 
+/// Runs `f` on a pool of two threads: a product's jobs are a few whole groups per thread, so
+/// with two threads the matrices of these tests (59 outputs and up: 7+ groups) give jobs of
+/// two groups or more — pairs of groups (`x16`, the tile products) and a group alone —
+/// where on a machine of many cores each job would hold one group and never a pair.
+fn on_two_threads(f: impl FnOnce() + Send) {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a pool of two threads")
+        .install(f);
+}
+
 /// Checks `y` against the f64 reference over `w` with per-entry tolerance `tol(r, c)`.
 fn check(y: &[f32], want: &[f32], n: usize, tol: impl Fn(usize, usize) -> f32, what: &str) {
     for (i, (&a, &b)) in y.iter().zip(want).enumerate() {
@@ -147,29 +159,31 @@ fn x_step(acts: &Q8Acts, r: usize, e: usize) -> f32 {
 
 #[test]
 fn many_rows_match_one_row_at_a_time() {
-    let mut rng = Rng(7);
-    for (ty, m, k) in TYPES.into_iter().flat_map(|t| {
-        [(t, 64), (t, 7), (t, 6), (t, 5), (t, 13), (t, 2)]
-            .into_iter()
-            .flat_map(move |(t, m)| [(t, m, 512), (t, m, long_k(t))])
-    }) {
-        // Several interleaved groups per job (pairs of them in 8-row passes), and 3 GGUF rows;
-        // rows of one panel of `k` and of two.
-        let n = 59;
-        let w = random_matrix(ty, n, k, &mut rng);
-        let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
-        let mut all = vec![0.0; m * n];
-        w.matmul(&x, m, &mut all).unwrap();
-        for r in 0..m {
-            let mut one = vec![0.0; n];
-            w.matmul(&x[r * k..(r + 1) * k], 1, &mut one).unwrap();
-            assert_eq!(
-                &all[r * n..(r + 1) * n],
-                &one[..],
-                "{ty:?} k={k} row {r} of {m}"
-            );
+    on_two_threads(|| {
+        let mut rng = Rng(7);
+        for (ty, m, k) in TYPES.into_iter().flat_map(|t| {
+            [(t, 64), (t, 7), (t, 6), (t, 5), (t, 13), (t, 2)]
+                .into_iter()
+                .flat_map(move |(t, m)| [(t, m, 512), (t, m, long_k(t))])
+        }) {
+            // Several interleaved groups per job (pairs of them in 8-row passes), and 3 GGUF rows;
+            // rows of one panel of `k` and of two.
+            let n = 59;
+            let w = random_matrix(ty, n, k, &mut rng);
+            let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
+            let mut all = vec![0.0; m * n];
+            w.matmul(&x, m, &mut all).unwrap();
+            for r in 0..m {
+                let mut one = vec![0.0; n];
+                w.matmul(&x[r * k..(r + 1) * k], 1, &mut one).unwrap();
+                assert_eq!(
+                    &all[r * n..(r + 1) * n],
+                    &one[..],
+                    "{ty:?} k={k} row {r} of {m}"
+                );
+            }
         }
-    }
+    });
 }
 
 #[test]
@@ -448,27 +462,29 @@ fn panels_cover_rows_evenly_within_the_budget() {
 
 #[test]
 fn tile_products_equal_the_vnni_kernels_bit_for_bit() {
-    if !Isa::Amx.available() {
-        eprintln!("AMX-INT8 is not available on this CPU or OS: tile products not run");
-        return;
-    }
-    let mut rng = Rng(11);
-    // 59 outputs: pairs of interleaved groups, a group alone at a job's end, and GGUF rows;
-    // past 16 rows, several tile passes; rows of one panel of `k` and of two.
-    for (ty, k) in [GgmlType::Q4_K, GgmlType::Q6_K]
-        .into_iter()
-        .flat_map(|t| [(t, 256), (t, 2560)])
-    {
-        let w = random_matrix(ty, 59, k, &mut rng);
-        for m in [2, 3, 7, 8, 9, 15, 16, 17, 31, 33] {
-            let x: Vec<f32> = (0..m * k).map(|_| 3.0 * rng.unit()).collect();
-            let mut tiles = vec![f32::NAN; m * 59];
-            let mut vnni = vec![f32::NAN; m * 59];
-            w.matmul_with(Isa::Amx, &x, m, &mut tiles).unwrap();
-            w.matmul_with(Isa::Avx512Vnni, &x, m, &mut vnni).unwrap();
-            assert_eq!(tiles, vnni, "{ty:?} k={k} m={m}");
+    on_two_threads(|| {
+        if !Isa::Amx.available() {
+            eprintln!("AMX-INT8 is not available on this CPU or OS: tile products not run");
+            return;
         }
-    }
+        let mut rng = Rng(11);
+        // 59 outputs: pairs of interleaved groups, a group alone at a job's end, and GGUF rows;
+        // past 16 rows, several tile passes; rows of one panel of `k` and of two.
+        for (ty, k) in [GgmlType::Q4_K, GgmlType::Q6_K]
+            .into_iter()
+            .flat_map(|t| [(t, 256), (t, 2560)])
+        {
+            let w = random_matrix(ty, 59, k, &mut rng);
+            for m in [2, 3, 7, 8, 9, 15, 16, 17, 31, 33] {
+                let x: Vec<f32> = (0..m * k).map(|_| 3.0 * rng.unit()).collect();
+                let mut tiles = vec![f32::NAN; m * 59];
+                let mut vnni = vec![f32::NAN; m * 59];
+                w.matmul_with(Isa::Amx, &x, m, &mut tiles).unwrap();
+                w.matmul_with(Isa::Avx512Vnni, &x, m, &mut vnni).unwrap();
+                assert_eq!(tiles, vnni, "{ty:?} k={k} m={m}");
+            }
+        }
+    });
 }
 
 #[test]
@@ -502,108 +518,112 @@ fn measured_choice_gives_the_vnni_bits_and_measures_both_families() {
 
 #[test]
 fn both_vendor_tunings_give_the_same_bits() {
-    if !Isa::Avx512Vnni.available() {
-        eprintln!("AVX-512 VNNI is not available on this CPU: pairs of groups not run");
-        return;
-    }
-    use super::tuning::AS_INTEL;
-    use std::sync::atomic::Ordering;
-    let mut rng = Rng(13);
-    // 59 outputs: pairs of interleaved groups, a group alone, and GGUF rows; 4–7 rows (pairs
-    // only as Intel), 8 and 12 (8-row passes and a tail), 3 and 1 (never pairs); one panel of
-    // `k` and two.
-    for ty in [
-        GgmlType::Q4_K,
-        GgmlType::Q6_K,
-        GgmlType::Q8_0,
-        GgmlType::Q5_0,
-        GgmlType::Q4_1,
-    ] {
-        for k in [512, long_k(ty)] {
-            let w = random_matrix(ty, 59, k, &mut rng);
-            for m in [1, 3, 4, 5, 7, 8, 12] {
-                let x: Vec<f32> = (0..m * k).map(|_| 3.0 * rng.unit()).collect();
-                let mut want = vec![f32::NAN; m * 59];
-                w.matmul_with(Isa::Avx2, &x, m, &mut want).unwrap();
-                for (as_intel, name) in [(1, "Intel"), (2, "other")] {
-                    AS_INTEL.store(as_intel, Ordering::Relaxed);
-                    let mut y = vec![f32::NAN; m * 59];
-                    w.matmul_with(Isa::Avx512Vnni, &x, m, &mut y).unwrap();
-                    AS_INTEL.store(0, Ordering::Relaxed);
-                    assert_eq!(y, want, "{ty:?} k={k} m={m} tuned as {name}");
+    on_two_threads(|| {
+        if !Isa::Avx512Vnni.available() {
+            eprintln!("AVX-512 VNNI is not available on this CPU: pairs of groups not run");
+            return;
+        }
+        use super::tuning::AS_INTEL;
+        use std::sync::atomic::Ordering;
+        let mut rng = Rng(13);
+        // 59 outputs: pairs of interleaved groups, a group alone, and GGUF rows; 4–7 rows (pairs
+        // only as Intel), 8 and 12 (8-row passes and a tail), 3 and 1 (never pairs); one panel of
+        // `k` and two.
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            GgmlType::Q8_0,
+            GgmlType::Q5_0,
+            GgmlType::Q4_1,
+        ] {
+            for k in [512, long_k(ty)] {
+                let w = random_matrix(ty, 59, k, &mut rng);
+                for m in [1, 3, 4, 5, 7, 8, 12] {
+                    let x: Vec<f32> = (0..m * k).map(|_| 3.0 * rng.unit()).collect();
+                    let mut want = vec![f32::NAN; m * 59];
+                    w.matmul_with(Isa::Avx2, &x, m, &mut want).unwrap();
+                    for (as_intel, name) in [(1, "Intel"), (2, "other")] {
+                        AS_INTEL.store(as_intel, Ordering::Relaxed);
+                        let mut y = vec![f32::NAN; m * 59];
+                        w.matmul_with(Isa::Avx512Vnni, &x, m, &mut y).unwrap();
+                        AS_INTEL.store(0, Ordering::Relaxed);
+                        assert_eq!(y, want, "{ty:?} k={k} m={m} tuned as {name}");
+                    }
                 }
             }
         }
-    }
+    });
 }
 
 #[test]
 fn extreme_blocks_sum_exactly_at_every_row_count() {
-    // Q4_K blocks at the bounds the float scaling of the 16-row kernel relies on (every
-    // nibble 15, every 6-bit scale and minimum 63: all bytes 0xFF but the f16 fields) or
-    // mixed with empty bytes, or with one 14 per sub-block, against activations that quantize to ±127 throughout: the
-    // largest integer sums the kernels meet. Every build and row count must give the AVX2
-    // build's bits (integer sums converted once).
-    if !Isa::Avx512Vnni.available() {
-        eprintln!("AVX-512 VNNI is not available on this CPU: pairs of groups not run");
-        return;
-    }
-    use super::tuning::AS_INTEL;
-    use std::sync::atomic::Ordering;
-    let ty = GgmlType::Q4_K;
-    // Enough outputs that every job holds pairs of groups (jobs are whole groups, a few per
-    // core), and one group alone at the end.
-    let (n, k) = (8 * 41, 512);
-    let mut rng = Rng(17);
-    for fill in ["full", "odd", "mixed"] {
-        let bytes = ty.bytes_for(n * k).unwrap();
-        let mut data: Vec<u8> = (0..bytes)
-            .map(|_| match fill {
-                "mixed" => [0x00, 0xFF, 0xF0, 0x0F][(rng.next() % 4) as usize],
-                _ => 0xFF,
-            })
-            .collect();
-        for (i, block) in data.chunks_exact_mut(ty.block_bytes()).enumerate() {
-            for at in [0, 2] {
-                block[at..at + 2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+    on_two_threads(|| {
+        // Q4_K blocks at the bounds the float scaling of the 16-row kernel relies on (every
+        // nibble 15, every 6-bit scale and minimum 63: all bytes 0xFF but the f16 fields) or
+        // mixed with empty bytes, or with one 14 per sub-block, against activations that quantize to ±127 throughout: the
+        // largest integer sums the kernels meet. Every build and row count must give the AVX2
+        // build's bits (integer sums converted once).
+        if !Isa::Avx512Vnni.available() {
+            eprintln!("AVX-512 VNNI is not available on this CPU: pairs of groups not run");
+            return;
+        }
+        use super::tuning::AS_INTEL;
+        use std::sync::atomic::Ordering;
+        let ty = GgmlType::Q4_K;
+        // Enough outputs that every job holds pairs of groups (jobs are whole groups, a few per
+        // core), and one group alone at the end.
+        let (n, k) = (8 * 41, 512);
+        let mut rng = Rng(17);
+        for fill in ["full", "odd", "mixed"] {
+            let bytes = ty.bytes_for(n * k).unwrap();
+            let mut data: Vec<u8> = (0..bytes)
+                .map(|_| match fill {
+                    "mixed" => [0x00, 0xFF, 0xF0, 0x0F][(rng.next() % 4) as usize],
+                    _ => 0xFF,
+                })
+                .collect();
+            for (i, block) in data.chunks_exact_mut(ty.block_bytes()).enumerate() {
+                for at in [0, 2] {
+                    block[at..at + 2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+                }
+                if fill == "odd" && i % 2 == 0 {
+                    // In each row's first block, one weight of 14 per sub-block (the first byte
+                    // of each 32-byte chunk of nibbles): every sub-block's sum against ±127 is
+                    // odd, so a running float total past 2²⁴ would round — as one sum over the
+                    // block's 8 sub-blocks (3.1·10⁷) would. Against a second block of all 15s
+                    // with the opposite sign (exact in any order), the two nearly cancel and
+                    // leave such a rounding visible.
+                    for c in 0..4 {
+                        block[16 + 32 * c] = 0xEE;
+                    }
+                }
             }
-            if fill == "odd" && i % 2 == 0 {
-                // In each row's first block, one weight of 14 per sub-block (the first byte
-                // of each 32-byte chunk of nibbles): every sub-block's sum against ±127 is
-                // odd, so a running float total past 2²⁴ would round — as one sum over the
-                // block's 8 sub-blocks (3.1·10⁷) would. Against a second block of all 15s
-                // with the opposite sign (exact in any order), the two nearly cancel and
-                // leave such a rounding visible.
-                for c in 0..4 {
-                    block[16 + 32 * c] = 0xEE;
+            let w = QuantMatrix::new(ty, n, k, data).unwrap();
+            for m in [1, 4, 8, 12] {
+                // Rows of all +1, +1 then −1 by block, all −1, and ±1 by 32-weight sub-block.
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| match (i / k) % 4 {
+                        0 => 1.0,
+                        1 => [1.0, -1.0][(i % k) / 256],
+                        2 => -1.0,
+                        _ => [1.0, -1.0][(i / 32) % 2],
+                    })
+                    .collect();
+                let mut want = vec![f32::NAN; m * n];
+                w.matmul_with(Isa::Avx2, &x, m, &mut want).unwrap();
+                for as_intel in [1, 2] {
+                    AS_INTEL.store(as_intel, Ordering::Relaxed);
+                    let mut y = vec![f32::NAN; m * n];
+                    w.matmul_with(Isa::Avx512Vnni, &x, m, &mut y).unwrap();
+                    AS_INTEL.store(0, Ordering::Relaxed);
+                    assert_eq!(y, want, "{fill} m={m} tuning {as_intel}");
+                }
+                if Isa::Amx.available() {
+                    let mut y = vec![f32::NAN; m * n];
+                    w.matmul_with(Isa::Amx, &x, m, &mut y).unwrap();
+                    assert_eq!(y, want, "{fill} m={m} tiles");
                 }
             }
         }
-        let w = QuantMatrix::new(ty, n, k, data).unwrap();
-        for m in [1, 4, 8, 12] {
-            // Rows of all +1, +1 then −1 by block, all −1, and ±1 by 32-weight sub-block.
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| match (i / k) % 4 {
-                    0 => 1.0,
-                    1 => [1.0, -1.0][(i % k) / 256],
-                    2 => -1.0,
-                    _ => [1.0, -1.0][(i / 32) % 2],
-                })
-                .collect();
-            let mut want = vec![f32::NAN; m * n];
-            w.matmul_with(Isa::Avx2, &x, m, &mut want).unwrap();
-            for as_intel in [1, 2] {
-                AS_INTEL.store(as_intel, Ordering::Relaxed);
-                let mut y = vec![f32::NAN; m * n];
-                w.matmul_with(Isa::Avx512Vnni, &x, m, &mut y).unwrap();
-                AS_INTEL.store(0, Ordering::Relaxed);
-                assert_eq!(y, want, "{fill} m={m} tuning {as_intel}");
-            }
-            if Isa::Amx.available() {
-                let mut y = vec![f32::NAN; m * n];
-                w.matmul_with(Isa::Amx, &x, m, &mut y).unwrap();
-                assert_eq!(y, want, "{fill} m={m} tiles");
-            }
-        }
-    }
+    });
 }
