@@ -559,10 +559,10 @@ fn both_vendor_tunings_give_the_same_bits() {
 fn extreme_blocks_sum_exactly_at_every_row_count() {
     on_two_threads(|| {
         // Q4_K blocks at the bounds the float scaling of the 16-row kernel relies on (every
-        // nibble 15, every 6-bit scale and minimum 63: all bytes 0xFF but the f16 fields) or
-        // mixed with empty bytes, or with one 14 per sub-block, against activations that quantize to ±127 throughout: the
-        // largest integer sums the kernels meet. Every build and row count must give the AVX2
-        // build's bits (integer sums converted once).
+        // nibble 15, every 6-bit scale and minimum 63: all bytes 0xFF but the f16 fields),
+        // with one 14 per sub-block, or mixed with empty bytes, against activations that
+        // quantize to ±127 throughout: the largest integer sums the kernels meet. Every build
+        // and row count must give the AVX2 build's bits (integer sums converted once).
         if !Isa::Avx512Vnni.available() {
             eprintln!("AVX-512 VNNI is not available on this CPU: pairs of groups not run");
             return;
