@@ -235,10 +235,11 @@ mod x86 {
     /// `extreme_blocks_sum_exactly_at_every_row_count`). The minimums' pairs go through one
     /// `vpdpwssd` each instead of `vpmaddwd` and an add (the same integers: no pair is near
     /// the i32 range).
-    /// Measured in one process, the two versions alternated (2 threads, 64 matrices of
-    /// 8 960 × 1 536 from memory, 8 rows, median of 8 paired rounds, three runs): 0.97–0.98×
-    /// the time; one thread in the second-level cache 0.93–0.97×. (Unrolling the 8 steps of a
-    /// chunk was faster in the cache, 0.92–0.95×, and slower from memory, 1.08–1.13×.)
+    /// Measured in one process, the two versions alternated call by call (64 matrices of
+    /// 8 960 × 1 536, 8 rows, median of 6–10 paired rounds, eight runs each): 2 threads from
+    /// memory 0.92–1.02× the time (median of runs 0.98×), one thread in the second-level
+    /// cache 0.92–1.02× (0.95×). (Unrolling the 8 steps of a chunk was faster in the cache,
+    /// 0.92–0.95×, and slower from memory, 1.03–1.13×.)
     ///
     /// # Safety
     /// As [`dot16_vnni`].
