@@ -67,6 +67,20 @@ fn on_two_threads(f: impl FnOnce() + Send) {
         .install(f);
 }
 
+/// `w · x` (`m` rows) with the VNNI build under each vendor tuning (`tuning`: Intel's pairs
+/// of groups and prefetch, or the other's), named for messages.
+fn vnni_under_both_tunings(w: &QuantMatrix, x: &[f32], m: usize) -> [(&'static str, Vec<f32>); 2] {
+    use super::tuning::AS_INTEL;
+    use std::sync::atomic::Ordering;
+    [(1, "Intel"), (2, "other")].map(|(as_intel, name)| {
+        AS_INTEL.store(as_intel, Ordering::Relaxed);
+        let mut y = vec![f32::NAN; m * w.n()];
+        w.matmul_with(Isa::Avx512Vnni, x, m, &mut y).unwrap();
+        AS_INTEL.store(0, Ordering::Relaxed);
+        (name, y)
+    })
+}
+
 /// Checks `y` against the f64 reference over `w` with per-entry tolerance `tol(r, c)`.
 fn check(y: &[f32], want: &[f32], n: usize, tol: impl Fn(usize, usize) -> f32, what: &str) {
     for (i, (&a, &b)) in y.iter().zip(want).enumerate() {
@@ -523,8 +537,6 @@ fn both_vendor_tunings_give_the_same_bits() {
             eprintln!("AVX-512 VNNI is not available on this CPU: pairs of groups not run");
             return;
         }
-        use super::tuning::AS_INTEL;
-        use std::sync::atomic::Ordering;
         let mut rng = Rng(13);
         // 59 outputs: pairs of interleaved groups, a group alone, and GGUF rows; 4–7 rows (pairs
         // only as Intel), 8 and 12 (8-row passes and a tail), 3 and 1 (never pairs); one panel of
@@ -542,11 +554,7 @@ fn both_vendor_tunings_give_the_same_bits() {
                     let x: Vec<f32> = (0..m * k).map(|_| 3.0 * rng.unit()).collect();
                     let mut want = vec![f32::NAN; m * 59];
                     w.matmul_with(Isa::Avx2, &x, m, &mut want).unwrap();
-                    for (as_intel, name) in [(1, "Intel"), (2, "other")] {
-                        AS_INTEL.store(as_intel, Ordering::Relaxed);
-                        let mut y = vec![f32::NAN; m * 59];
-                        w.matmul_with(Isa::Avx512Vnni, &x, m, &mut y).unwrap();
-                        AS_INTEL.store(0, Ordering::Relaxed);
+                    for (name, y) in vnni_under_both_tunings(&w, &x, m) {
                         assert_eq!(y, want, "{ty:?} k={k} m={m} tuned as {name}");
                     }
                 }
@@ -567,8 +575,6 @@ fn extreme_blocks_sum_exactly_at_every_row_count() {
             eprintln!("AVX-512 VNNI is not available on this CPU: pairs of groups not run");
             return;
         }
-        use super::tuning::AS_INTEL;
-        use std::sync::atomic::Ordering;
         let ty = GgmlType::Q4_K;
         // Enough outputs that every job holds pairs of groups (jobs are whole groups, a few per
         // core), and one group alone at the end.
@@ -611,12 +617,8 @@ fn extreme_blocks_sum_exactly_at_every_row_count() {
                     .collect();
                 let mut want = vec![f32::NAN; m * n];
                 w.matmul_with(Isa::Avx2, &x, m, &mut want).unwrap();
-                for as_intel in [1, 2] {
-                    AS_INTEL.store(as_intel, Ordering::Relaxed);
-                    let mut y = vec![f32::NAN; m * n];
-                    w.matmul_with(Isa::Avx512Vnni, &x, m, &mut y).unwrap();
-                    AS_INTEL.store(0, Ordering::Relaxed);
-                    assert_eq!(y, want, "{fill} m={m} tuning {as_intel}");
+                for (name, y) in vnni_under_both_tunings(&w, &x, m) {
+                    assert_eq!(y, want, "{fill} m={m} tuned as {name}");
                 }
                 if Isa::Amx.available() {
                     let mut y = vec![f32::NAN; m * n];
