@@ -13,6 +13,8 @@
 //!   decode, prefill and tree attention alike (the mask says which keys each query sees);
 //!   and [`attention::attention_rows`], the fused row-wise CPU kernel (only visible keys,
 //!   no score matrix, batch-invariant: a tree row equals its path decoded alone, bitwise).
+//! - [`pool`]: forwards run on rayon's pool with the other workers polling for their
+//!   products between them.
 //! - [`cube`]: the GPU kernels in CubeCL (quantized matmul, paged tree attention), for any
 //!   CubeCL runtime; tested on wgpu against the references above.
 //!
@@ -31,6 +33,7 @@ pub mod cube;
 mod error;
 pub mod kvquant;
 pub mod matmul;
+pub mod pool;
 mod prefetch;
 pub mod qmatmul;
 pub mod quant;

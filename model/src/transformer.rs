@@ -765,14 +765,16 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// Runs `f` on a worker of rayon's pool (inline when already on one). A forward issues a
-/// parallel product per projection (~200 per decode step of a 28-layer model); started from a
-/// thread outside the pool, each one is handed to the workers and the caller sleeps until it
-/// is done — a wake-up and a park per product (measured: ~25% of a Qwen2.5-1.5B decode step
-/// spent serially on the caller while the workers parked). On a worker, the product splits in
-/// place and the caller's thread computes its share.
+/// Runs `f` on a worker of rayon's pool (inline when already on one), the other workers
+/// polling for its products until it returns ([`arbor_kernels::pool::polled`]). A forward
+/// issues a parallel product per projection (~200 per decode step of a 28-layer model);
+/// started from a thread outside the pool, each one is handed to the workers and the caller
+/// sleeps until it is done — a wake-up and a park per product (measured: ~25% of a
+/// Qwen2.5-1.5B decode step spent serially on the caller while the workers parked). On a
+/// worker, the product splits in place and the caller's thread computes its share; with the
+/// others polling rather than asleep between products, they take their share at once.
 fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+    arbor_kernels::pool::polled(f)
 }
 
 mod host;
