@@ -55,10 +55,10 @@ pub(crate) fn random_matrix(ty: GgmlType, n: usize, k: usize, rng: &mut Rng) -> 
     QuantMatrix::new(ty, n, k, data).unwrap()
 }
 
-/// Runs `f` on a pool of two threads: a product's jobs are a few whole groups per thread, so
-/// with two threads the matrices of these tests (59 outputs and up: 7+ groups) give jobs of
-/// two groups or more — pairs of groups (`x16`, the tile products) and a group alone —
-/// where on a machine of many cores each job would hold one group and never a pair.
+/// Runs `f` on a pool of two threads: a product's jobs hold an even number of whole groups
+/// (at least two, ~12 jobs per thread), so the matrices of these tests (59 outputs and up: 7+
+/// groups) meet pairs of groups (`x16`, the tile products) and, at an odd count, a group
+/// alone; two threads keep that mix the same on a machine of any size.
 fn on_two_threads(f: impl FnOnce() + Send) {
     rayon::ThreadPoolBuilder::new()
         .num_threads(2)
