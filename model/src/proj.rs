@@ -331,10 +331,17 @@ impl<B: Backend> Proj<B> {
     /// If `x` is not whole rows of the projection's width (internal invariant).
     pub fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
         let packed = self.packed.as_ref().filter(|_| self.gpu.is_none())?;
-        let mut y = vec![0.0f32; rows * packed.n()];
-        packed
-            .matmul(x, rows, &mut y)
-            .unwrap_or_else(|e| panic!("projection of {} rows: {e}", rows));
+        let mut y = if let Packed::Blocks(q) = packed {
+            // Outputs filled by the product's own jobs (no serial zeroing first).
+            let mut ys = matmul_blocks(&[&**q], x, rows);
+            ys.pop().expect("one product")
+        } else {
+            let mut y = vec![0.0f32; rows * packed.n()];
+            packed
+                .matmul(x, rows, &mut y)
+                .unwrap_or_else(|e| panic!("projection of {} rows: {e}", rows));
+            y
+        };
         self.add_bias_host(&mut y);
         Some(y)
     }
@@ -350,9 +357,8 @@ impl<B: Backend> Proj<B> {
             let y = self.forward_host(x, rows)?;
             return Some(y.chunks(packed.n()).map(<[f32]>::to_vec).collect());
         };
-        let mut ys: Vec<Vec<f32>> = (0..rows).map(|_| vec![0.0f32; q.n()]).collect();
-        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
-        q.matmul_into_rows(x, &mut outs)
+        let mut ys = q
+            .matmul_new_rows(x, rows)
             .unwrap_or_else(|e| panic!("projection of {rows} rows: {e}"));
         for y in &mut ys {
             self.add_bias_host(y);
@@ -452,11 +458,8 @@ fn blocks_of<'a, B: Backend>(projs: &[&'a Proj<B>]) -> Option<Vec<&'a QuantMatri
 /// # Panics
 /// If `x` does not hold `rows` rows of the matrices' width (internal invariant).
 fn matmul_blocks(mats: &[&QuantMatrix], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
-    let mut ys: Vec<Vec<f32>> = mats.iter().map(|w| vec![0.0f32; rows * w.n()]).collect();
-    let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(Vec::as_mut_slice).collect();
-    arbor_kernels::qmatmul::matmul_fused(mats, x, rows, &mut outs)
-        .unwrap_or_else(|e| panic!("projections of {} values per row: {e}", x.len() / rows));
-    ys
+    arbor_kernels::qmatmul::matmul_fused_new(mats, x, rows)
+        .unwrap_or_else(|e| panic!("projections of {} values per row: {e}", x.len() / rows))
 }
 
 /// A gated MLP `down(silu(gate(x)) · up(x))` kept on the host between its products when all

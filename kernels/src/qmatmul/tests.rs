@@ -255,12 +255,28 @@ fn fused_products_equal_one_product_each() {
         let mut fused: Vec<Vec<f32>> = mats.iter().map(|w| vec![0.0; m * w.n()]).collect();
         let mut outs: Vec<&mut [f32]> = fused.iter_mut().map(Vec::as_mut_slice).collect();
         matmul_fused(&refs, &x, m, &mut outs).unwrap();
-        for (w, got) in mats.iter().zip(&fused) {
+        // Into new outputs, each job filling its own share (no zeroed buffers first).
+        let fresh = matmul_fused_new(&refs, &x, m).unwrap();
+        for ((w, got), new) in mats.iter().zip(&fused).zip(&fresh) {
             let mut want = vec![0.0; m * w.n()];
             w.matmul(&x, m, &mut want).unwrap();
             assert_eq!(got, &want, "{:?}, {m} rows", w.ty());
+            assert_eq!(new, &want, "{:?}, {m} rows, new outputs", w.ty());
         }
     }
+    // Bad operands are errors there too; no rows, no values.
+    let x = vec![0.5; k];
+    assert!(matches!(
+        matmul_fused_new(&refs, &x[..k - 1], 1),
+        Err(KernelError::Shape(_))
+    ));
+    let other = random_matrix(GgmlType::Q8_0, 3, 2 * k, &mut rng);
+    assert!(matches!(
+        matmul_fused_new(&[refs[0], &other], &x, 1),
+        Err(KernelError::Shape(_))
+    ));
+    let none = matmul_fused_new(&refs, &[], 0).unwrap();
+    assert!(none.iter().all(Vec::is_empty) && none.len() == refs.len());
 }
 
 #[test]
@@ -280,7 +296,16 @@ fn rows_apart_equal_the_contiguous_product() {
             let mut outs: Vec<&mut [f32]> = rows.iter_mut().map(Vec::as_mut_slice).collect();
             w.matmul_into_rows(&x, &mut outs).unwrap();
             assert_eq!(rows.concat(), want, "{ty:?}, {m} rows");
+            // Into new rows, filled by the product's jobs.
+            let fresh = w.matmul_new_rows(&x, m).unwrap();
+            assert!(fresh.iter().all(|r| r.len() == 37));
+            assert_eq!(fresh.concat(), want, "{ty:?}, {m} new rows");
         }
+        assert!(matches!(
+            w.matmul_new_rows(&vec![0.5; 2 * k], 3),
+            Err(KernelError::Shape(_))
+        ));
+        assert!(w.matmul_new_rows(&[], 0).unwrap().is_empty());
         // A row of the wrong length, or activations for another row count.
         let x = vec![0.5; 2 * k];
         let (mut a, mut b) = (vec![0.0; 37], vec![0.0; 36]);
