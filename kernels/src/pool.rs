@@ -21,6 +21,10 @@
 //! product (~5% of the pass), the zeroing of output buffers (~1%) and the serial part of
 //! attention (~1%).
 //!
+//! The pollers hold their cores while a forward runs (yielding them to any other runnable
+//! thread); on a machine shared with other work, `ARBOR_POLL=off` (read once per process)
+//! turns them off and [`polled`] runs the closure as `rayon::scope` does.
+//!
 //! Any number of callers may run forwards at once: a worker polling for one forward may run
 //! another forward's jobs (or its whole closure) meanwhile, and a poller waits only for its
 //! own forward's closure to return, which never waits for a poller — so no cycle can form.
@@ -40,6 +44,9 @@ pub fn polled<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
     }
+    if !polling() {
+        return rayon::scope(|_| f());
+    }
     let done = AtomicBool::new(false);
     rayon::scope(|s| {
         let home = rayon::current_thread_index();
@@ -52,6 +59,21 @@ pub fn polled<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         let _stop = Stop(done);
         f()
     })
+}
+
+/// Whether [`polled`] keeps the other workers polling: unless `ARBOR_POLL` says `off` (or
+/// `0`, `false`, `no`), read once per process.
+fn polling() -> bool {
+    static POLL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *POLL.get_or_init(|| poll_setting(std::env::var("ARBOR_POLL").ok().as_deref()))
+}
+
+/// `ARBOR_POLL`'s value as [`polling`] reads it.
+fn poll_setting(value: Option<&str>) -> bool {
+    !matches!(
+        value.map(str::trim).map(str::to_ascii_lowercase).as_deref(),
+        Some("off" | "0" | "false" | "no")
+    )
 }
 
 /// Sets its flag when dropped: the pollers stop even if the closure unwinds (the scope
@@ -90,6 +112,16 @@ mod tests {
         });
         rx.recv_timeout(Duration::from_secs(60))
             .expect("returned within a minute")
+    }
+
+    #[test]
+    fn polling_is_on_unless_the_environment_turns_it_off() {
+        for off in ["off", "0", "false", "no", " OFF "] {
+            assert!(!poll_setting(Some(off)), "{off:?}");
+        }
+        for on in [None, Some("on"), Some("1"), Some("")] {
+            assert!(poll_setting(on), "{on:?}");
+        }
     }
 
     #[test]
