@@ -17,9 +17,10 @@
 //! (30 rounds, median of paired ratios, four runs): an 8-node verification 0.93–0.96× the
 //! time, a one-node step 0.97–0.99×. Tried apart (a first version, spinning without yielding
 //! the thread): polling alone 0.97–1.0×, the finer jobs alone 0.98–0.99×. The other worker
-//! was then busy ~90% of the pass rather than ~75%; it still waits for the last job of each
-//! product (~5% of the pass), the zeroing of output buffers (~1%) and the serial part of
-//! attention (~1%).
+//! was then busy ~90% of the pass rather than ~75% (by `perf`, which competes for the cores
+//! itself; a counter in this loop later read 8.3% idle), waiting for the last job of each
+//! product, for attention's serial part, and — until products filled their own outputs
+//! ([`crate::qmatmul::matmul_fused_new`]) — for the outputs' zeroing.
 //!
 //! The pollers hold their cores while a forward runs (yielding them to any other runnable
 //! thread); on a machine shared with other work, `ARBOR_POLL=off` (read once per process)

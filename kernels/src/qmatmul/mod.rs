@@ -212,25 +212,22 @@ pub fn matmul_fused_new(
     x: &[f32],
     m: usize,
 ) -> Result<Vec<Vec<f32>>, KernelError> {
-    let mut ys: Vec<Vec<f32>> = mats.iter().map(|w| Vec::with_capacity(m * w.n)).collect();
-    let mut rows = Vec::with_capacity(mats.len());
-    let k = mats.first().map_or(0, |w| w.k);
-    for (w, y) in mats.iter().zip(ys.iter_mut()) {
-        if w.k != k {
-            return Err(KernelError::Shape(format!(
-                "fused matrices take {k} and {} inputs",
-                w.k
-            )));
-        }
-        if x.len() != m * k {
-            return Err(KernelError::Shape(format!(
-                "x has {} values for m={m}, k={k}",
-                x.len()
-            )));
-        }
-        let spare = &mut y.spare_capacity_mut()[..m * w.n];
-        rows.push(spare.chunks_exact_mut(w.n.max(1)).take(m).collect());
+    let k = common_k(mats)?;
+    if x.len() != m * k {
+        return Err(KernelError::Shape(format!(
+            "x has {} values for m={m}, k={k}",
+            x.len()
+        )));
     }
+    let mut ys: Vec<Vec<f32>> = mats.iter().map(|w| Vec::with_capacity(m * w.n)).collect();
+    let rows = mats
+        .iter()
+        .zip(ys.iter_mut())
+        .map(|(w, y)| {
+            let spare = &mut y.spare_capacity_mut()[..m * w.n];
+            spare.chunks_exact_mut(w.n.max(1)).take(m).collect()
+        })
+        .collect();
     fused_rows_uninit(mats, x, m, rows)?;
     for (w, y) in mats.iter().zip(ys.iter_mut()) {
         // SAFETY: `fused_rows_uninit` returned Ok, so its jobs wrote every value of every
@@ -331,19 +328,25 @@ fn split_rows<'y>(
             ys.len()
         )));
     }
-    let k = mats.first().map_or(0, |w| w.k);
+    let k = common_k(mats)?;
     let mut rows = Vec::with_capacity(mats.len());
     for (w, y) in mats.iter().zip(ys.iter_mut()) {
-        if w.k != k {
-            return Err(KernelError::Shape(format!(
-                "fused matrices take {k} and {} inputs",
-                w.k
-            )));
-        }
         crate::matmul::check_operands(x, y, m, k, w.n)?;
         rows.push(y.chunks_exact_mut(w.n.max(1)).take(m).collect());
     }
     Ok(rows)
+}
+
+/// The input width all of `mats` take (0 for none); an error if they differ.
+fn common_k(mats: &[&QuantMatrix]) -> Result<usize, KernelError> {
+    let k = mats.first().map_or(0, |w| w.k);
+    match mats.iter().find(|w| w.k != k) {
+        Some(w) => Err(KernelError::Shape(format!(
+            "fused matrices take {k} and {} inputs",
+            w.k
+        ))),
+        None => Ok(k),
+    }
 }
 
 /// [`matmul_fused_with`] over checked outputs given row by row (as [`fused_rows`]), which

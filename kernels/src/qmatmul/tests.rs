@@ -601,8 +601,8 @@ fn extreme_blocks_sum_exactly_at_every_row_count() {
             return;
         }
         let ty = GgmlType::Q4_K;
-        // Enough outputs that every job holds pairs of groups (jobs are whole groups, a few per
-        // core), and one group alone at the end.
+        // An odd number of groups: jobs of pairs of groups (jobs hold an even number of whole
+        // groups), and one group alone at the end.
         let (n, k) = (8 * 41, 512);
         let mut rng = Rng(17);
         for fill in ["full", "odd", "mixed"] {
