@@ -52,11 +52,19 @@ impl Packed {
         }
     }
 
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> std::result::Result<(), String> {
+    /// `x · Wᵀ` (`m` rows) into a new `[m, n]` buffer: GGUF blocks' jobs fill their own
+    /// share of it ([`matmul_blocks`]: no serial zeroing first); panels write a zeroed one.
+    fn product(&self, x: &[f32], m: usize) -> std::result::Result<Vec<f32>, String> {
+        let zeroed =
+            |run: &dyn Fn(&mut [f32]) -> std::result::Result<(), arbor_kernels::KernelError>| {
+                let mut y = vec![0.0f32; m * self.n()];
+                run(&mut y).map(|()| y)
+            };
         match self {
-            Self::F32(p) => p.matmul(x, m, y),
-            Self::F16(p) => p.matmul(x, m, y),
-            Self::Blocks(p) => p.matmul(x, m, y),
+            Self::F32(p) => zeroed(&|y| p.matmul(x, m, y)),
+            Self::F16(p) => zeroed(&|y| p.matmul(x, m, y)),
+            Self::Blocks(q) => arbor_kernels::qmatmul::matmul_fused_new(&[&**q], x, m)
+                .map(|mut ys| ys.pop().expect("one product")),
         }
         .map_err(|e| e.to_string())
     }
@@ -331,17 +339,9 @@ impl<B: Backend> Proj<B> {
     /// If `x` is not whole rows of the projection's width (internal invariant).
     pub fn forward_host(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
         let packed = self.packed.as_ref().filter(|_| self.gpu.is_none())?;
-        let mut y = if let Packed::Blocks(q) = packed {
-            // Outputs filled by the product's own jobs (no serial zeroing first).
-            let mut ys = matmul_blocks(&[&**q], x, rows);
-            ys.pop().expect("one product")
-        } else {
-            let mut y = vec![0.0f32; rows * packed.n()];
-            packed
-                .matmul(x, rows, &mut y)
-                .unwrap_or_else(|e| panic!("projection of {} rows: {e}", rows));
-            y
-        };
+        let mut y = packed
+            .product(x, rows)
+            .unwrap_or_else(|e| panic!("projection of {rows} rows: {e}"));
         self.add_bias_host(&mut y);
         Some(y)
     }
