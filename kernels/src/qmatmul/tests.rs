@@ -654,3 +654,78 @@ fn extreme_blocks_sum_exactly_at_every_row_count() {
         }
     });
 }
+
+#[test]
+fn q6_k_extremes_sum_exactly_at_every_row_count() {
+    on_two_threads(|| {
+        // Q6_K blocks at the ends of every range — each weight −32 or +31 after the storage
+        // offset, each scale −128 or 127 — against activations that quantize to ±127
+        // throughout: the largest integer sums the kernels meet (a sub-block's 16 products
+        // up to 65 024 in magnitude, scaled 8.3·10⁶, a block's 16 of them 1.3·10⁸ < 2³¹).
+        // Every build and row count must give the AVX2 (else portable) build's bits, and
+        // those the value in f64.
+        let ty = GgmlType::Q6_K;
+        let (n, k) = (8 * 41, 512);
+        let mut rng = Rng(23);
+        for fill in ["low", "high", "mixed"] {
+            let bytes = ty.bytes_for(n * k).unwrap();
+            let mut data = vec![0u8; bytes];
+            for block in data.chunks_exact_mut(ty.block_bytes()) {
+                // ql[128], qh[64]: all bits 0 (weight 0 = −32 after the offset) or 1 (63 = +31).
+                let (q, scale) = match fill {
+                    "low" => (0x00, 0x80),
+                    "high" => (0xFF, 0x80),
+                    _ => (
+                        [0x00, 0xFF][(rng.next() % 2) as usize],
+                        [0x80, 0x7F][(rng.next() % 2) as usize],
+                    ),
+                };
+                block[..192].fill(q);
+                block[192..208].fill(scale);
+                block[208..].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+            }
+            let w = QuantMatrix::new(ty, n, k, data).unwrap();
+            let deq = w.dequantize();
+            for m in [1, 4, 8, 12] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| match (i / k) % 4 {
+                        0 => 1.0,
+                        1 => [1.0, -1.0][(i % k) / 256],
+                        2 => -1.0,
+                        _ => [1.0, -1.0][(i / 8) % 2],
+                    })
+                    .collect();
+                let mut want = vec![f32::NAN; m * n];
+                let base = if Isa::Avx2.available() {
+                    Isa::Avx2
+                } else {
+                    Isa::Portable
+                };
+                w.matmul_with(base, &x, m, &mut want).unwrap();
+                // And the value itself, against the dequantized weights in f64.
+                for (i, &y) in want.iter().enumerate() {
+                    let (r, c) = (i / n, i % n);
+                    let terms = deq[c * k..(c + 1) * k].iter().zip(&x[r * k..(r + 1) * k]);
+                    let (sum, size) = terms.fold((0.0f64, 0.0f64), |(s, a), (&wv, &xv)| {
+                        let t = f64::from(wv) * f64::from(xv);
+                        (s + t, a + t.abs())
+                    });
+                    assert!(
+                        (f64::from(y) - sum).abs() <= 1e-5 * size,
+                        "{fill} m={m} entry {i}"
+                    );
+                }
+                if Isa::Avx512Vnni.available() {
+                    for (name, y) in vnni_under_both_tunings(&w, &x, m) {
+                        assert_eq!(y, want, "{fill} m={m} tuned as {name}");
+                    }
+                }
+                if Isa::Amx.available() {
+                    let mut y = vec![f32::NAN; m * n];
+                    w.matmul_with(Isa::Amx, &x, m, &mut y).unwrap();
+                    assert_eq!(y, want, "{fill} m={m} tiles");
+                }
+            }
+        }
+    });
+}
