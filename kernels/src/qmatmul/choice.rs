@@ -14,8 +14,9 @@
 //! So each matrix (the first of a fused set) compares, per row count, the two families on
 //! adjacent calls ([`Measured`]): the first call runs the fixed rule's choice, the second
 //! the other one, then the faster by the running ratio of their times, and every
-//! [`RETRY`]th call runs the slower again — its time against the calls just before and just
-//! after it (two pairs) enters the running log ratio (weight ¼ for each newest pair). A
+//! [`RETRY`]th call (rarer the farther apart they are: [`retry_every`]) runs the slower
+//! again — its time against the calls just before and just after it (two pairs) enters the
+//! running log ratio (weight ¼ for each newest pair). A
 //! pair's two calls are a decode step or two apart, so a drift of the whole host (both
 //! families slower or faster alike) cancels out of the ratio; a first version kept one
 //! running time per family instead, and a host slowing down between the slower family's
@@ -44,8 +45,25 @@ use super::Isa;
 /// [`super::amx::ROWS`] rows cost alike per row).
 const SLOTS: usize = 17;
 
-/// Every `RETRY`th call at a row count runs the slower family again.
+/// Every `RETRY`th call at a row count runs the slower family again while the two are
+/// within [`GAP`] of each other (log ratio); see [`retry_every`].
 pub(super) const RETRY: u32 = 16;
+
+/// Each further `GAP` between the families (log ratio of their times) doubles the calls
+/// between retries of the slower, up to `RETRY << 3`.
+const GAP: f32 = 0.1;
+
+/// Calls between retries of the slower family at a running log ratio `ratio`: 16 while the
+/// slower takes under 1.105× the faster's time, 32 under 1.22×, 64 under 1.35×, 128 beyond.
+/// A retry costs the gap on that call, so the retries' share of a product's time,
+/// `(r − 1) / every` for a slower family at `r×`, stays at or under ~0.7% up to 2× (0.8%
+/// there) — where one interval for all had cost 1.8% at the tiles' 1.29× of an 8-row Q4_K
+/// product of 17 920 × 1 536 on the Xeon guest (counted: 56 of 1 120 calls on the tiles at
+/// 1.40 ms against 1.09 ms, ~0.7 ms of each 8-node verification of the 1.5B). A change of
+/// host is then seen within at most 128 calls at that row count (about as many passes).
+fn retry_every(ratio: f32) -> u32 {
+    RETRY << ((ratio.abs() / GAP) as u32).min(3)
+}
 
 /// The two families measured against each other, as indices into [`FAMILIES`].
 const FAMILIES: [Isa; 2] = [Isa::Amx, Isa::Avx512Vnni];
@@ -145,13 +163,14 @@ impl std::fmt::Debug for Measured {
 /// the running log ratio of their times (tiles over VNNI; `None` before any pair), the
 /// family the last call ran (`None` before any) and the fixed rule's choice `fixed`: the
 /// fixed choice first, then the other family until a pair has been timed, then the faster
-/// by the ratio — but the slower on every [`RETRY`]th call.
+/// by the ratio — but the slower on every [`retry_every`]th call.
 fn decide(ratio: Option<f32>, last: Option<usize>, call: u32, fixed: usize) -> usize {
     let Some(ratio) = ratio else {
         return last.map_or(fixed, |l| 1 - l);
     };
     let faster = usize::from(ratio > 0.0);
-    if call % RETRY == RETRY - 1 {
+    let every = retry_every(ratio);
+    if call % every == every - 1 {
         1 - faster
     } else {
         faster
@@ -170,11 +189,34 @@ mod tests {
         // No pair yet: the family the last call did not run.
         assert_eq!(decide(None, Some(0), 1, 0), 1);
         assert_eq!(decide(None, Some(1), 1, 1), 0);
-        // A ratio: the faster (tiles below 0), except every RETRY-th call.
-        for call in 2..4 * RETRY {
-            let retry = call % RETRY == RETRY - 1;
-            assert_eq!(decide(Some(-0.2), Some(0), call, 1), usize::from(retry));
-            assert_eq!(decide(Some(0.2), Some(1), call, 0), usize::from(!retry));
+        // A ratio: the faster (tiles below 0), except every `retry_every`-th call.
+        for (ratio, every) in [(0.05, 16), (0.2, 64)] {
+            for call in 2..4 * every {
+                let retry = call % every == every - 1;
+                assert_eq!(decide(Some(-ratio), Some(0), call, 1), usize::from(retry));
+                assert_eq!(decide(Some(ratio), Some(1), call, 0), usize::from(!retry));
+            }
+        }
+    }
+
+    #[test]
+    fn the_farther_apart_the_rarer_the_retries() {
+        for (ratio, every) in [
+            (0.0, 16),
+            (0.099, 16),
+            (-0.15, 32),
+            (0.25, 64),
+            (-0.3, 128),
+            (0.69, 128),
+            (5.0, 128),
+        ] {
+            assert_eq!(retry_every(ratio), every, "log ratio {ratio}");
+        }
+        // The retries' share of the time: the gap over the interval, ≤ 0.8% up to 2×.
+        for step in 0..=69 {
+            let ratio = step as f32 / 100.0;
+            let share = (ratio.exp() - 1.0) / retry_every(ratio) as f32;
+            assert!(share <= 0.008, "{share} at log ratio {ratio}");
         }
     }
 
@@ -194,26 +236,27 @@ mod tests {
         assert!(!c.compared(4));
         assert_eq!(call(&c, 4, 1_000, 600), Isa::Avx512Vnni);
         assert!(c.compared(4));
-        // VNNI from then on, the tiles once per RETRY calls.
-        let runs: Vec<Isa> = (0..RETRY).map(|_| call(&c, 4, 1_000, 600)).collect();
+        // VNNI from then on; the tiles at 1.67× its time are retried once per 128 calls
+        // (calls 2 to 128: call 127).
+        let runs: Vec<Isa> = (2..129).map(|_| call(&c, 4, 1_000, 600)).collect();
         assert_eq!(runs.iter().filter(|&&i| i == Isa::Amx).count(), 1);
+        assert_eq!(runs[125], Isa::Amx);
         // The whole host slows down (both families alike): VNNI's calls alone, however
         // slow, form no pair and do not hand the choice to the tiles' older time (calls
-        // 18 to 30; 31 is the next retry).
-        for _ in 18..31 {
+        // 129 to 254; 255 is the next retry).
+        for _ in 129..255 {
             assert_eq!(call(&c, 4, 2_000, 1_200), Isa::Avx512Vnni);
         }
         // The tiles speed up (the physical core's other load left): the two pairs around
-        // the retry (call 31, the tiles, beside two VNNI calls) move the choice, and from
-        // then on VNNI runs only on retries.
-        let runs: Vec<Isa> = (31..31 + 4 * RETRY)
-            .map(|_| call(&c, 4, 300, 1_200))
-            .collect();
+        // the retry (call 255, the tiles, beside two VNNI calls) move the choice, and from
+        // then on VNNI runs only on retries (now 4× faster: every 128th call).
+        let runs: Vec<Isa> = (255..255 + 160).map(|_| call(&c, 4, 300, 1_200)).collect();
         assert_eq!(runs[..2], [Isa::Amx, Isa::Avx512Vnni]);
         for (i, &isa) in runs.iter().enumerate().skip(2) {
-            let retry = (31 + i as u32) % RETRY == RETRY - 1;
-            assert_eq!(isa == Isa::Avx512Vnni, retry, "call {}", 31 + i);
+            let retry = (255 + i as u32) % 128 == 127;
+            assert_eq!(isa == Isa::Avx512Vnni, retry, "call {}", 255 + i);
         }
+        assert!(runs.iter().skip(2).any(|&isa| isa == Isa::Avx512Vnni));
         // Row counts are compared apart, and a copy starts afresh.
         assert!(!c.compared(8));
         assert!(!c.clone().compared(4));
