@@ -81,6 +81,34 @@ fn vnni_under_both_tunings(w: &QuantMatrix, x: &[f32], m: usize) -> [(&'static s
     })
 }
 
+/// `m` rows of `k` activations that quantize to ±127 throughout, by row in turn: all +1, +1
+/// then −1 by 256-value block, all −1, and ±1 alternating every `period` values.
+fn extreme_rows(m: usize, k: usize, period: usize) -> Vec<f32> {
+    (0..m * k)
+        .map(|i| match (i / k) % 4 {
+            0 => 1.0,
+            1 => [1.0, -1.0][(i % k) / 256],
+            2 => -1.0,
+            _ => [1.0, -1.0][(i / period) % 2],
+        })
+        .collect()
+}
+
+/// The VNNI kernels under both vendors' tunings and the tile products, where this CPU has
+/// them, give `want`'s bits.
+fn vnni_and_tiles_agree(w: &QuantMatrix, x: &[f32], m: usize, want: &[f32], what: &str) {
+    if Isa::Avx512Vnni.available() {
+        for (name, y) in vnni_under_both_tunings(w, x, m) {
+            assert_eq!(y, want, "{what} tuned as {name}");
+        }
+    }
+    if Isa::Amx.available() {
+        let mut y = vec![f32::NAN; m * w.n()];
+        w.matmul_with(Isa::Amx, x, m, &mut y).unwrap();
+        assert_eq!(y, want, "{what} tiles");
+    }
+}
+
 /// Checks `y` against the f64 reference over `w` with per-entry tolerance `tol(r, c)`.
 fn check(y: &[f32], want: &[f32], n: usize, tol: impl Fn(usize, usize) -> f32, what: &str) {
     for (i, (&a, &b)) in y.iter().zip(want).enumerate() {
@@ -631,25 +659,11 @@ fn extreme_blocks_sum_exactly_at_every_row_count() {
             }
             let w = QuantMatrix::new(ty, n, k, data).unwrap();
             for m in [1, 4, 8, 12] {
-                // Rows of all +1, +1 then −1 by block, all −1, and ±1 by 32-weight sub-block.
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| match (i / k) % 4 {
-                        0 => 1.0,
-                        1 => [1.0, -1.0][(i % k) / 256],
-                        2 => -1.0,
-                        _ => [1.0, -1.0][(i / 32) % 2],
-                    })
-                    .collect();
+                // ±1 by 32-weight sub-block in the fourth row.
+                let x = extreme_rows(m, k, 32);
                 let mut want = vec![f32::NAN; m * n];
                 w.matmul_with(Isa::Avx2, &x, m, &mut want).unwrap();
-                for (name, y) in vnni_under_both_tunings(&w, &x, m) {
-                    assert_eq!(y, want, "{fill} m={m} tuned as {name}");
-                }
-                if Isa::Amx.available() {
-                    let mut y = vec![f32::NAN; m * n];
-                    w.matmul_with(Isa::Amx, &x, m, &mut y).unwrap();
-                    assert_eq!(y, want, "{fill} m={m} tiles");
-                }
+                vnni_and_tiles_agree(&w, &x, m, &want, &format!("{fill} m={m}"));
             }
         }
     });
@@ -687,14 +701,8 @@ fn q6_k_extremes_sum_exactly_at_every_row_count() {
             let w = QuantMatrix::new(ty, n, k, data).unwrap();
             let deq = w.dequantize();
             for m in [1, 4, 8, 12] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| match (i / k) % 4 {
-                        0 => 1.0,
-                        1 => [1.0, -1.0][(i % k) / 256],
-                        2 => -1.0,
-                        _ => [1.0, -1.0][(i / 8) % 2],
-                    })
-                    .collect();
+                // ±1 by run of 8 in the fourth row.
+                let x = extreme_rows(m, k, 8);
                 let mut want = vec![f32::NAN; m * n];
                 let base = if Isa::Avx2.available() {
                     Isa::Avx2
@@ -715,16 +723,7 @@ fn q6_k_extremes_sum_exactly_at_every_row_count() {
                         "{fill} m={m} entry {i}"
                     );
                 }
-                if Isa::Avx512Vnni.available() {
-                    for (name, y) in vnni_under_both_tunings(&w, &x, m) {
-                        assert_eq!(y, want, "{fill} m={m} tuned as {name}");
-                    }
-                }
-                if Isa::Amx.available() {
-                    let mut y = vec![f32::NAN; m * n];
-                    w.matmul_with(Isa::Amx, &x, m, &mut y).unwrap();
-                    assert_eq!(y, want, "{fill} m={m} tiles");
-                }
+                vnni_and_tiles_agree(&w, &x, m, &want, &format!("{fill} m={m}"));
             }
         }
     });
