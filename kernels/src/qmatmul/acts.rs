@@ -95,9 +95,10 @@ fn avx512() -> bool {
 
 /// [`quantize_block`] in 512-bit lanes, written out: the same bytes (the same maximum — NaNs
 /// passed over as `f32::max` does —, the same multiply then add, the integer's low byte;
-/// test `every_block_body_gives_the_same_bytes_even_for_odd_values`). The loop the compiler
-/// makes of [`quantize_block`] keeps `f32::max`'s NaN checks in every lane and stores bytes
-/// one at a time. Measured (`qmatmul` bench, `between_products/quantize`, rows of 8 960):
+/// test `every_block_body_gives_the_same_bytes_even_for_odd_values`). The loops the compiler
+/// makes of [`quantize_block`] carry `f32::max`'s NaN handling (a compare and a blend per
+/// vector) and run 256 bits wide at most. Measured (`qmatmul` bench,
+/// `between_products/quantize`, rows of 8 960):
 /// 1 row 7.8 → 2.8 µs, 8 rows (two threads) 50 → 30 µs; in one process, an 8-node
 /// verification of the 1.5B took 0.986–0.992× the time, a one-node step 0.99–1.0×.
 ///

@@ -16,11 +16,11 @@
 //! the other one, then the faster by the running ratio of their times, and every
 //! [`RETRY`]th call (rarer the farther apart they are: [`retry_every`]) runs the slower
 //! again — its time against the calls just before and just after it (two pairs) enters the
-//! running log ratio (weight ¼ for each newest pair). A
-//! pair's two calls are a decode step or two apart, so a drift of the whole host (both
-//! families slower or faster alike) cancels out of the ratio; a first version kept one
-//! running time per family instead, and a host slowing down between the slower family's
-//! retries read as that family having become the faster.
+//! running log ratio (weight ¼ for each newest pair). A pair's two calls are a decode step
+//! or two apart, so a drift of the whole host (both families slower or faster alike)
+//! cancels out of the ratio; a first version kept one running time per family instead, and
+//! a host slowing down between the slower family's retries read as that family having
+//! become the faster.
 //!
 //! Measured on that host (`arbor bench --model qwen2.5-coder-1.5b --draft
 //! qwen2.5-coder-0.5b --limit 4`, HumanEval prompts; this choice, `ARBOR_KERNELS=avx512vnni`
