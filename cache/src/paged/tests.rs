@@ -640,3 +640,55 @@ fn policy_depth(c: &PagedKv) -> Option<usize> {
         .unwrap()
         .max_tree_depth(c.len(), c.layout().page_size)
 }
+
+/// `reads_alike` is `same_read` over every key at once: for every pair of query positions,
+/// before and after the full copies are freed, it says alike exactly where every key reads
+/// alike; an uncompressed cache reads alike everywhere, and only a Quest policy selects.
+#[test]
+fn reads_alike_is_same_read_over_every_key() {
+    let comp = quant(4, 2, 4, QuantAxis::Channel);
+    let mut c = PagedKv::with_policy(WIDE, Arc::new(KvPolicy::quantized(comp)));
+    let mut plain = PagedKv::new(WIDE);
+    add(&mut c, 0, 22);
+    add(&mut plain, 0, 22);
+    let (mut alike, mut apart) = (0, 0);
+    for freed in [false, true] {
+        if freed {
+            c.compress();
+        }
+        let view = c.layer(1);
+        for g in 0..WIDE.n_kv_heads {
+            for a in 12..30 {
+                for b in 12..30 {
+                    let every = (0..22).all(|j| view.same_read(0, g, j, a, b));
+                    assert_eq!(view.reads_alike(0, g, a, b), every, "{a} {b} freed {freed}");
+                    if every {
+                        alike += 1
+                    } else {
+                        apart += 1
+                    }
+                    assert!(plain.layer(1).reads_alike(0, g, a, b));
+                }
+            }
+        }
+        assert!(!view.selects());
+    }
+    assert!(
+        alike > 0 && apart > 0,
+        "both cases met: {alike} alike, {apart} apart"
+    );
+    assert!(!plain.layer(0).selects());
+    let quest = PagedKv::with_policy(
+        WIDE,
+        Arc::new(KvPolicy {
+            quest: Some(QuestConfig {
+                budget: 16,
+                recent: 4,
+                sinks: 2,
+                dense_layers: 0,
+            }),
+            ..KvPolicy::default()
+        }),
+    );
+    assert!(quest.layer(0).selects());
+}

@@ -112,6 +112,28 @@ impl KvSource for LayerView<'_> {
             && self.reads_codes(true, g, j, pos_a) == self.reads_codes(true, g, j, pos_b)
     }
 
+    fn selects(&self) -> bool {
+        self.policy.and_then(|p| p.quest).is_some()
+    }
+
+    /// Pages that flip between codes and full precision between the two positions (their
+    /// last token leaves the window in between, codes and full copy both kept) read apart.
+    fn reads_alike(&self, _: usize, g: usize, pos_a: usize, pos_b: usize) -> bool {
+        let Some(c) = self.policy.and_then(|p| p.compression.as_ref()) else {
+            return true;
+        };
+        let (lo, hi) = (pos_a.min(pos_b), pos_a.max(pos_b));
+        let ps = self.layout.page_size;
+        let l = self.pages;
+        (0..l.k.len()).all(|p| {
+            // `reads_codes`' age test, `last + window < pos`, differs at `lo` and `hi`.
+            let last = l.logical((p + 1) * ps - 1, g) + c.window;
+            let flips = lo <= last && last < hi;
+            let both = |full: &[f32], codes: &[u8]| !full.is_empty() && !codes.is_empty();
+            !flips || !(both(&l.k[p], &l.kq[p]) || both(&l.v[p], &l.vq[p]))
+        })
+    }
+
     fn stored_at(&self, _: usize, g: usize, j: usize, values: bool) -> Option<*const f32> {
         let KvLayout {
             page_size: ps,
