@@ -212,7 +212,9 @@ mod tests {
             .map(|i| ((i * 7919) % 20011) as f32 / 100.0 - 100.0)
             .chain([0.0, -0.0, 88.5, -88.5, 1e-30, f32::MAX, f32::MIN])
             .collect();
-        let u: Vec<f32> = (0..g.len()).map(|i| ((i * 13) % 29) as f32 - 14.5).collect();
+        let u: Vec<f32> = (0..g.len())
+            .map(|i| ((i * 13) % 29) as f32 - 14.5)
+            .collect();
         let mut want = g.clone();
         silu_mul_body(&mut want, &u);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

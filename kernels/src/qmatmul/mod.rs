@@ -188,12 +188,14 @@ pub fn matmul_fused(
 }
 
 /// As [`matmul_fused`] into new outputs, one `[m, nᵢ]` row-major vector per matrix: each
-/// job fills its own share of them (zeroed just before its products write it, on the core
-/// that writes it) rather than the caller zeroing every output first — a serial pass the
-/// other cores waited on, mostly the gate and up projections' and the output head's rows.
-/// Measured in one process on the 2-core Xeon guest (Qwen2.5-1.5B, forwards alternated with
-/// the zeroed buffers, 30 rounds, three runs): an 8-node verification 0.97–0.99× the time, a
-/// one-node step 0.98–0.99×.
+/// job writes its own share of them, uninitialized until then ([`Out`]), rather than the
+/// caller zeroing every output first — a serial pass the other cores waited on, mostly the
+/// gate and up projections' and the output head's rows. Measured in one process on the
+/// 2-core Xeon guest (Qwen2.5-1.5B, forwards alternated with the zeroed buffers, 30 rounds,
+/// three runs): an 8-node verification 0.97–0.99× the time, a one-node step 0.98–0.99×.
+/// (Each job then zeroed its share before its products wrote it; since stop 38 nothing
+/// zeroes them: in one process, zeroing against not, 60–80 rounds, two runs, an 8-node
+/// verification 1.008× and 1.008× the time, a one-node step 1.004× and 0.999×.)
 ///
 /// # Errors
 /// [`KernelError::Shape`] if the matrices' `k` differ or `x` is not `m` rows of `k`.
@@ -231,11 +233,17 @@ pub fn matmul_fused_new(
     fused_rows_uninit(mats, x, m, rows)?;
     for (w, y) in mats.iter().zip(ys.iter_mut()) {
         // SAFETY: `fused_rows_uninit` returned Ok, so its jobs wrote every value of every
-        // row (their column ranges cover each output; each zero-fills its share first).
+        // row (their column ranges cover each output, and every kernel writes all of its
+        // columns of every row: [`scatter`], `rows_times`, the portable loop).
         unsafe { y.set_len(m * w.n) };
     }
     Ok(ys)
 }
+
+/// One activation row's outputs as the product jobs write them: uninitialized until the first
+/// panel of `k` writes them (a later panel reads only what an earlier one wrote, [`gather`]),
+/// so that fresh outputs need no zeroing first.
+type Out<'a> = &'a mut [MaybeUninit<f32>];
 
 /// `&mut [f32]` as `&mut [MaybeUninit<f32>]`, for outputs that the products only ever write
 /// initialized values into.
@@ -350,8 +358,8 @@ fn common_k(mats: &[&QuantMatrix]) -> Result<usize, KernelError> {
 }
 
 /// [`matmul_fused_with`] over checked outputs given row by row (as [`fused_rows`]), which
-/// may be uninitialized: each job zero-fills its columns of every row before its products
-/// write them, so on `Ok` every value has been written.
+/// may be uninitialized: each job's products write all of its columns of every row, so on
+/// `Ok` every value has been written.
 fn fused_rows_with(
     isa: Isa,
     mats: &[&QuantMatrix],
@@ -435,7 +443,14 @@ fn fused_rows_with(
     jobs.into_par_iter()
         .with_max_len(1)
         .for_each(|(w, acts, out, part)| {
-            let mut out: Vec<&mut [f32]> = out.into_iter().map(zeroed).collect();
+            let mut out = out;
+            // Debug builds (the tests') poison the outputs first, so that a value no kernel
+            // wrote reads as NaN instead of as whatever the allocation held.
+            if cfg!(debug_assertions) {
+                for o in &mut out {
+                    o.fill(MaybeUninit::new(f32::NAN));
+                }
+            }
             match part {
                 Part::Groups(g0, g1) => w.groups_times(isa, g0..g1, acts, &mut out),
                 Part::Rows(data) => w.rows_times(isa, data, acts, &mut out),
@@ -454,13 +469,6 @@ fn fused_rows_with(
 /// polling, 12 per thread against 3: an 8-node verification 0.97–0.98× the time, a one-node
 /// step 0.96–1.0× (24 and 48 per thread: no better than 12).
 const JOBS_PER_THREAD: usize = 12;
-
-/// `y` filled with zeros, as the initialized slice it then is.
-fn zeroed(y: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    y.fill(MaybeUninit::new(0.0));
-    // SAFETY: every element was just written; same size and alignment.
-    unsafe { &mut *(std::ptr::from_mut(y) as *mut [f32]) }
-}
 
 /// How a product's activation rows go over each interleaved group: `wide` of them 8 at a
 /// time (two groups at once where `pair`), the rest `rest` at a time.
@@ -837,7 +845,7 @@ impl QuantMatrix {
             if j < 8 * self.groups {
                 let g = j / 8;
                 if done != Some(g) {
-                    self.groups_times(isa, g..g + 1, &act, &mut [&mut lanes]);
+                    self.groups_times(isa, g..g + 1, &act, &mut [as_uninit(&mut lanes)]);
                     done = Some(g);
                 }
                 y[i] = lanes[j % 8];
@@ -851,7 +859,7 @@ impl QuantMatrix {
 
     /// Stored rows `data` (whole rows) times the activation rows `x`: weight row `j` · `x[r]`
     /// into `out[r][j]`.
-    fn rows_times(&self, isa: Isa, data: &[u8], x: &[ActRow<'_>], out: &mut [&mut [f32]]) {
+    fn rows_times(&self, isa: Isa, data: &[u8], x: &[ActRow<'_>], out: &mut [Out<'_>]) {
         let rb = self.row_bytes();
         for (g, group) in x.chunks(4).enumerate() {
             let out = &mut out[4 * g..4 * g + group.len()];
@@ -862,7 +870,7 @@ impl QuantMatrix {
                 let mut sums = [0.0f32; 4];
                 self.dot_group(isa, wr, group, &mut sums[..group.len()]);
                 for (o, v) in out.iter_mut().zip(sums) {
-                    o[j] = v;
+                    o[j] = MaybeUninit::new(v);
                 }
             }
         }
@@ -870,13 +878,7 @@ impl QuantMatrix {
 
     /// Interleaved groups `groups` times the activation rows `x`: row `l` of group
     /// `groups.start + gi` · `x[r]` into `out[r][8·gi + l]`, one panel of `k` at a time.
-    fn groups_times(
-        &self,
-        isa: Isa,
-        groups: Range<usize>,
-        x: &[ActRow<'_>],
-        out: &mut [&mut [f32]],
-    ) {
+    fn groups_times(&self, isa: Isa, groups: Range<usize>, x: &[ActRow<'_>], out: &mut [Out<'_>]) {
         let m = x.len();
         // With VNNI, Q4_K, Q6_K, Q5_0, Q8_0 and Q4_1 take 8 activation rows per pass over a
         // group (16 accumulators fit AVX-512's 32 registers; measured, 8 rows of Q4_K from
@@ -954,7 +956,7 @@ impl QuantMatrix {
             pair,
             amx,
         }: &Passes,
-        out: &mut [&mut [f32]],
+        out: &mut [Out<'_>],
     ) {
         let m = x.len();
         let count = groups.len();
@@ -1045,7 +1047,7 @@ impl QuantMatrix {
         group: &[u8],
         x: &[ActRow<'_>],
         (wide, rest, more): (usize, usize, bool),
-        out: &mut [&mut [f32]],
+        out: &mut [Out<'_>],
     ) {
         for (a, rows) in x[wide..].chunks(rest).enumerate() {
             let at = wide + rest * a;
@@ -1088,7 +1090,13 @@ impl QuantMatrix {
                 for (r, &xr) in rows.iter().enumerate() {
                     let v = portable::dot(self.ty, &row, xr, self.act_block());
                     let o = &mut out[at + r][8 * gi + l];
-                    *o = if more { *o + v } else { v };
+                    // SAFETY: an earlier panel wrote `o` where `more`.
+                    let before = if more {
+                        unsafe { o.assume_init() }
+                    } else {
+                        0.0
+                    };
+                    *o = MaybeUninit::new(if more { before + v } else { v });
                 }
             }
         }
@@ -1185,7 +1193,7 @@ unsafe fn amx_rows(
     x: &[ActRow<'_>],
     stride: usize,
     (gi, at, more): (usize, usize, bool),
-    out: &mut [&mut [f32]],
+    out: &mut [Out<'_>],
 ) {
     macro_rules! rows {
         ($($n:literal)+) => {
@@ -1209,7 +1217,7 @@ unsafe fn amx_rows(
 /// else zeros: what [`scatter`] wrote there for the panels before.
 #[cfg(target_arch = "x86_64")]
 fn gather<const L: usize, const R: usize>(
-    out: &[&mut [f32]],
+    out: &[Out<'_>],
     gi: usize,
     at: usize,
     more: bool,
@@ -1217,7 +1225,10 @@ fn gather<const L: usize, const R: usize>(
     let mut init = [[0.0f32; L]; R];
     if more {
         for (i, o) in init.iter_mut().zip(&out[at..]) {
-            i.copy_from_slice(&o[8 * gi..8 * gi + L]);
+            for (i, o) in i.iter_mut().zip(&o[8 * gi..8 * gi + L]) {
+                // SAFETY: the panels before this one wrote these sums ([`scatter`]).
+                *i = unsafe { o.assume_init() };
+            }
         }
     }
     init
@@ -1227,9 +1238,11 @@ fn gather<const L: usize, const R: usize>(
 /// from the group's first · activation row `at + r`; `L` = 8 rows of one group, or 16 of two)
 /// into `out[at + r][8·gi + l]`.
 #[cfg(target_arch = "x86_64")]
-fn scatter<const L: usize>(out: &mut [&mut [f32]], gi: usize, at: usize, sums: &[[f32; L]]) {
+fn scatter<const L: usize>(out: &mut [Out<'_>], gi: usize, at: usize, sums: &[[f32; L]]) {
     for (o, lanes) in out[at..].iter_mut().zip(sums) {
-        o[8 * gi..8 * gi + L].copy_from_slice(lanes);
+        for (o, &x) in o[8 * gi..8 * gi + L].iter_mut().zip(lanes) {
+            *o = MaybeUninit::new(x);
+        }
     }
 }
 
