@@ -642,13 +642,30 @@ fn policy_depth(c: &PagedKv) -> Option<usize> {
 }
 
 /// `reads_alike` is `same_read` over every key at once: for every pair of query positions,
-/// before and after the full copies are freed, it says alike exactly where every key reads
-/// alike; an uncompressed cache reads alike everywhere, and only a Quest policy selects.
+/// before and after the full copies are freed, with and without H2O's position tables, it
+/// says alike exactly where every key reads alike; an uncompressed cache reads alike
+/// everywhere.
 #[test]
 fn reads_alike_is_same_read_over_every_key() {
     let comp = quant(4, 2, 4, QuantAxis::Channel);
-    let mut c = PagedKv::with_policy(WIDE, Arc::new(KvPolicy::quantized(comp)));
+    // H2O keeps a table of logical positions per head, only as long as the filled slots.
+    let with_h2o = KvPolicy {
+        h2o: Some(H2oConfig {
+            budget: 64,
+            sinks: 2,
+            recent: 4,
+        }),
+        ..KvPolicy::quantized(comp.clone())
+    };
+    for policy in [KvPolicy::quantized(comp), with_h2o] {
+        reads_alike_under(policy);
+    }
+}
+
+fn reads_alike_under(policy: KvPolicy) {
+    let mut c = PagedKv::with_policy(WIDE, Arc::new(policy));
     let mut plain = PagedKv::new(WIDE);
+    // 22 tokens: the last page part-filled.
     add(&mut c, 0, 22);
     add(&mut plain, 0, 22);
     let (mut alike, mut apart) = (0, 0);
@@ -678,6 +695,11 @@ fn reads_alike_is_same_read_over_every_key() {
         "both cases met: {alike} alike, {apart} apart"
     );
     assert!(!plain.layer(0).selects());
+}
+
+/// Only a Quest policy selects keys per head.
+#[test]
+fn only_quest_selects() {
     let quest = PagedKv::with_policy(
         WIDE,
         Arc::new(KvPolicy {

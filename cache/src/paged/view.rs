@@ -125,12 +125,15 @@ impl KvSource for LayerView<'_> {
         let (lo, hi) = (pos_a.min(pos_b), pos_a.max(pos_b));
         let ps = self.layout.page_size;
         let l = self.pages;
+        let both = |full: &[f32], codes: &[u8]| !full.is_empty() && !codes.is_empty();
         (0..l.k.len()).all(|p| {
-            // `reads_codes`' age test, `last + window < pos`, differs at `lo` and `hi`.
+            if !(both(&l.k[p], &l.kq[p]) || both(&l.v[p], &l.vq[p])) {
+                return true;
+            }
+            // A packed page (whole, so its last slot is held): `reads_codes`' age test,
+            // `last + window < pos`, differs at `lo` and `hi`.
             let last = l.logical((p + 1) * ps - 1, g) + c.window;
-            let flips = lo <= last && last < hi;
-            let both = |full: &[f32], codes: &[u8]| !full.is_empty() && !codes.is_empty();
-            !flips || !(both(&l.k[p], &l.kq[p]) || both(&l.v[p], &l.vq[p]))
+            !(lo <= last && last < hi)
         })
     }
 
