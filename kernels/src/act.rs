@@ -76,6 +76,75 @@ fn silu_mul_body(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// `y = x / √(mean(x²) + ε) · γ` for each row of `x` (rows of `γ.len()` values): burn's
+/// `RmsNorm` arithmetic — the mean as the sum over the row length, `ε` added, the square root,
+/// a division, then the weight — with the sum of squares in one fixed order: sixteen running
+/// sums by position modulo 16 over whole runs of 16, those in order, then the rest in order.
+/// The same bits on every machine and for any number of rows (burn's own sum follows the
+/// SIMD width of the machine it runs on), so a tree's rows get their paths' values.
+///
+/// # Panics
+/// If `x` is not whole rows of `γ.len()` values or `y` is not as long as `x` (a caller's bug).
+///
+/// ```
+/// let mut y = [0.0f32; 4];
+/// arbor_kernels::act::rms_norm(&[3.0, 4.0, 0.0, 0.0], &[1.0, 2.0], 1e-6, &mut y);
+/// // Row [3, 4]: mean of squares 12.5; row [0, 0] stays 0 (ε keeps it from 0 / 0).
+/// let rms = (12.5f32 + 1e-6).sqrt();
+/// assert!((y[0] - 3.0 / rms).abs() < 1e-6 && (y[1] - 8.0 / rms).abs() < 1e-6);
+/// assert_eq!(&y[2..], &[0.0, 0.0]);
+/// ```
+pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, y: &mut [f32]) {
+    let d = gamma.len();
+    assert!(
+        d > 0 && x.len().is_multiple_of(d) && y.len() == x.len(),
+        "rms_norm: {} values in rows of {d} into {}",
+        x.len(),
+        y.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked above).
+        unsafe { rms_norm_avx512(x, gamma, eps, y) };
+        return;
+    }
+    rms_norm_body(x, gamma, eps, y);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn rms_norm_avx512(x: &[f32], gamma: &[f32], eps: f32, y: &mut [f32]) {
+    rms_norm_body(x, gamma, eps, y);
+}
+
+#[inline(always)]
+fn rms_norm_body(x: &[f32], gamma: &[f32], eps: f32, y: &mut [f32]) {
+    let d = gamma.len();
+    for (row, out) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        let mut acc = [0.0f32; 16];
+        let (runs, rest) = row.as_chunks::<16>();
+        for r in runs {
+            for l in 0..16 {
+                acc[l] += r[l] * r[l];
+            }
+        }
+        let mut sum = 0.0f32;
+        for a in acc {
+            sum += a;
+        }
+        for &v in rest {
+            sum += v * v;
+        }
+        let rms = (sum / d as f32 + eps).sqrt();
+        for ((o, &v), &g) in out.iter_mut().zip(row).zip(gamma) {
+            *o = v / rms * g;
+        }
+    }
+}
+
 /// `Σ exp(xᵢ − max)` over `x`: a softmax's normalizer when `max` is `x`'s largest value,
 /// without writing the exponentials anywhere (the crate's `exp` in SIMD lanes, eight running sums added
 /// in order at the end: the same order for every call). `−∞` entries add (next to) nothing.
@@ -177,6 +246,58 @@ mod tests {
                 "{n}: {got} vs {want}"
             );
         }
+    }
+
+    /// The norm is `x / √(mean(x²) + ε) · γ` within float rounding (against an f64 sum), each
+    /// row alone gives its bits among many, and every build gives the portable loop's bits.
+    #[test]
+    fn rms_norm_is_the_formula_row_by_row_in_every_build() {
+        for d in [1usize, 15, 16, 17, 896, 1536] {
+            let rows = 5;
+            let x: Vec<f32> = (0..rows * d)
+                .map(|i| ((i * 7919) % 2003) as f32 / 250.0 - 4.0)
+                .collect();
+            let gamma: Vec<f32> = (0..d).map(|i| 0.5 + (i % 7) as f32 / 4.0).collect();
+            let eps = 1e-6f32;
+            let mut y = vec![0.0f32; x.len()];
+            rms_norm(&x, &gamma, eps, &mut y);
+            for (r, (row, out)) in x.chunks(d).zip(y.chunks(d)).enumerate() {
+                let ms = row
+                    .iter()
+                    .map(|&v| f64::from(v) * f64::from(v))
+                    .sum::<f64>()
+                    / d as f64;
+                let rms = (ms + f64::from(eps)).sqrt();
+                for ((&v, &o), &g) in row.iter().zip(out).zip(&gamma) {
+                    let want = f64::from(v) / rms * f64::from(g);
+                    assert!(
+                        (f64::from(o) - want).abs() <= 1e-5 * want.abs().max(1e-3),
+                        "{d}: {o} {want}"
+                    );
+                }
+                let mut alone = vec![0.0f32; d];
+                rms_norm(row, &gamma, eps, &mut alone);
+                assert!(
+                    alone
+                        .iter()
+                        .zip(out)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "row {r}"
+                );
+            }
+            let mut portable = vec![0.0f32; x.len()];
+            rms_norm_body(&x, &gamma, eps, &mut portable);
+            assert!(
+                portable
+                    .iter()
+                    .zip(&y)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{d}"
+            );
+        }
+        let mut y = [1.0f32; 2];
+        rms_norm(&[0.0, 0.0], &[1.0, 1.0], 1e-5, &mut y);
+        assert_eq!(y, [0.0, 0.0]);
     }
 
     #[test]

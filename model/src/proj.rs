@@ -477,16 +477,36 @@ pub fn gated_mlp_host<B: Backend>(
     down: &Proj<B>,
     x: &Tensor<B, 3>,
 ) -> Option<Tensor<B, 3>> {
-    if !host_fusable(&[gate, up]) || !down.has_host_path() {
+    if !gated_mlp_ready(gate, up, down) {
         return None;
     }
     let [batch, n, _] = x.dims();
-    let [mut g, u]: [Vec<f32>; 2] = fused_host(&[gate, up], &host_values(x.clone()), batch * n)?
+    let y = gated_mlp_rows(gate, up, down, &host_values(x.clone()), batch * n)?;
+    Some(rows_tensor(y, batch, n, &x.device()))
+}
+
+/// Whether [`gated_mlp_rows`] runs for these projections.
+pub fn gated_mlp_ready<B: Backend>(gate: &Proj<B>, up: &Proj<B>, down: &Proj<B>) -> bool {
+    host_fusable(&[gate, up]) && down.has_host_path()
+}
+
+/// [`gated_mlp_host`] on `rows` host rows `x` (`[rows][hidden]`), or `None` where the
+/// projections have no host path.
+pub fn gated_mlp_rows<B: Backend>(
+    gate: &Proj<B>,
+    up: &Proj<B>,
+    down: &Proj<B>,
+    x: &[f32],
+    rows: usize,
+) -> Option<Vec<f32>> {
+    if !gated_mlp_ready(gate, up, down) {
+        return None;
+    }
+    let [mut g, u]: [Vec<f32>; 2] = fused_host(&[gate, up], x, rows)?
         .try_into()
         .expect("two products");
     arbor_kernels::act::silu_mul(&mut g, &u);
-    let y = down.forward_host(&g, batch * n)?;
-    Some(rows_tensor(y, batch, n, &x.device()))
+    down.forward_host(&g, rows)
 }
 
 /// Host rows `[batch · n][out]` as a tensor `[batch, n, out]`.

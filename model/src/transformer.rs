@@ -23,7 +23,10 @@ use crate::device_kv;
 use crate::embed::Embed;
 use crate::error::{ModelError, Result};
 use crate::input::ForwardInput;
-use crate::proj::{Proj, forward_fused, gated_mlp_host, host_values, uses_fast_path};
+use crate::proj::{
+    Proj, forward_fused, gated_mlp_host, gated_mlp_ready, gated_mlp_rows, host_values,
+    uses_fast_path,
+};
 use crate::rope::RopeAngles;
 use crate::weights::{MatrixData, WeightSource};
 
@@ -572,6 +575,9 @@ impl<B: Backend> Transformer<B> {
         let n = tokens.len() / batch;
         let rope = RopeAngles::new(&positions, batch, self.head_dim, self.rope_theta, &device);
         let mut x = self.embed.forward(&tokens, batch, n, &device)?;
+        if let Some(hidden) = self.layers_host(&x, &rope, &mut segments) {
+            return Ok(hidden);
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer
                 .attn
@@ -581,6 +587,48 @@ impl<B: Backend> Transformer<B> {
             x = x + h;
         }
         Ok(self.norm.forward(x))
+    }
+
+    /// The layers and the final norm on host rows, where every block runs on the host (the
+    /// CPU fast path: one sequence row set, paged caches, GGUF blocks): the residual stream
+    /// stays a host vector from the embedding to the final norm — the norms
+    /// ([`arbor_kernels::act::rms_norm`]) and residual adds in place of burn's tensor ops
+    /// and their copies in and out of tensors around every block; `None` (nothing done)
+    /// elsewhere.
+    ///
+    /// # Shapes
+    /// - `x`: `[1, n, hidden]` embeddings → `[1, n, hidden]` normed hidden states
+    fn layers_host(
+        &self,
+        x: &Tensor<B, 3>,
+        rope: &RopeAngles<B>,
+        segments: &mut [Segment<'_, B>],
+    ) -> Option<Tensor<B, 3>> {
+        let [batch, n, _] = x.dims();
+        let ready = |l: &DecoderLayer<B>| {
+            l.attn.host_ready(segments) && gated_mlp_ready(&l.mlp.gate, &l.mlp.up, &l.mlp.down)
+        };
+        if batch != 1 || !self.layers.iter().all(ready) {
+            return None;
+        }
+        let norm = |norm: &RmsNorm<B>, x: &[f32], y: &mut [f32]| {
+            let gamma = host_values(norm.gamma.val());
+            arbor_kernels::act::rms_norm(x, &gamma, norm.epsilon as f32, y);
+        };
+        let device = x.device();
+        let mut x = host_values(x.clone());
+        let mut xn = vec![0.0f32; x.len()];
+        for (i, layer) in self.layers.iter().enumerate() {
+            norm(&layer.attn_norm, &x, &mut xn);
+            let h = layer.attn.forward_rows(&xn, n, rope, segments, i);
+            add_rows(&mut x, &h);
+            norm(&layer.ffn_norm, &x, &mut xn);
+            let m = &layer.mlp;
+            let h = gated_mlp_rows(&m.gate, &m.up, &m.down, &xn, n).expect("checked above");
+            add_rows(&mut x, &h);
+        }
+        norm(&self.norm, &x, &mut xn);
+        Some(crate::proj::rows_tensor(xn, 1, n, &device))
     }
 
     /// Projects hidden states to vocabulary logits.
@@ -858,6 +906,13 @@ impl<B: Backend> Mlp<B> {
         }
         let [gate, up] = forward_fused([&self.gate, &self.up], x);
         self.down.forward(silu(gate) * up)
+    }
+}
+
+/// `x += h`, value by value (a residual add).
+fn add_rows(x: &mut [f32], h: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(h) {
+        *a += b;
     }
 }
 

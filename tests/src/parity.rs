@@ -18,7 +18,11 @@ pub const REFERENCE_TOLERANCE: f32 = 0.01;
 /// SmolLM2). Which values round up or down is chaotic: changing the SiLU's exponential by one
 /// ulp (the vectorized one of `arbor_kernels::act`) moved Arbor's largest SmolLM2 difference
 /// from 0.88 to 1.05 (Qwen 0.5B: 0.39) and its distance to llama.cpp from 0.55 to 0.79.
-pub const QUANTIZED_REFERENCE_TOLERANCE: f32 = 1.25;
+/// The RMS norm on host rows (stop 38: `arbor_kernels::act::rms_norm`, the sum of squares in
+/// one fixed order rather than burn's, which follows the machine's SIMD width) moved the
+/// largest SmolLM2 difference from 1.17 to 1.38 (position 10 of the quicksort prompt, where
+/// llama.cpp is off by 0.93 and Arbor stays 0.45–0.62 from llama.cpp), hence 1.5.
+pub const QUANTIZED_REFERENCE_TOLERANCE: f32 = 1.5;
 
 /// Largest allowed |Arbor − llama.cpp| on a logit. llama.cpp quantizes activations to 8 bits
 /// for its quantized dot products, Arbor does not: measured against the exact reference,

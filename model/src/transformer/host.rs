@@ -25,16 +25,34 @@ impl<B: Backend> Attention<B> {
         layer: usize,
     ) -> Option<Tensor<B, 3>> {
         let [batch, n, _] = x.dims();
-        let paged = segments.iter().all(|s| s.cache.paged_store().is_some());
-        if batch != 1
-            || !paged
-            || !host_fusable(&[&self.wq, &self.wk, &self.wv])
-            || !self.wo.has_host_path()
-        {
+        if batch != 1 || !self.host_ready(segments) {
             return None;
         }
-        let xs = host_values(x.clone());
-        let [mut q, mut k, v]: [Vec<f32>; 3] = fused_host(&[&self.wq, &self.wk, &self.wv], &xs, n)
+        let y = self.forward_rows(&host_values(x.clone()), n, rope, segments, layer);
+        Some(rows_tensor(y, 1, n, &x.device()))
+    }
+
+    /// Whether [`Attention::forward_rows`] runs: every segment has a paged cache and the
+    /// projections hold GGUF blocks on the CPU fast path.
+    pub(super) fn host_ready(&self, segments: &[Segment<'_, B>]) -> bool {
+        segments.iter().all(|s| s.cache.paged_store().is_some())
+            && host_fusable(&[&self.wq, &self.wk, &self.wv])
+            && self.wo.has_host_path()
+    }
+
+    /// The block on `n` host rows `xs` (`[n][hidden]`), where [`Attention::host_ready`].
+    ///
+    /// # Panics
+    /// Where not [`Attention::host_ready`] (internal invariant: callers check).
+    pub(super) fn forward_rows(
+        &self,
+        xs: &[f32],
+        n: usize,
+        rope: &RopeAngles<B>,
+        segments: &mut [Segment<'_, B>],
+        layer: usize,
+    ) -> Vec<f32> {
+        let [mut q, mut k, v]: [Vec<f32>; 3] = fused_host(&[&self.wq, &self.wk, &self.wv], xs, n)
             .expect("checked above")
             .try_into()
             .expect("three products");
@@ -66,8 +84,7 @@ impl<B: Backend> Attention<B> {
             }
             start += seg.len;
         }
-        let y = self.wo.forward_host(&out, n).expect("checked above");
-        Some(rows_tensor(y, 1, n, &x.device()))
+        self.wo.forward_host(&out, n).expect("checked above")
     }
 }
 
