@@ -188,7 +188,7 @@ pub fn matmul_fused(
 }
 
 /// As [`matmul_fused`] into new outputs, one `[m, nᵢ]` row-major vector per matrix: each
-/// job writes its own share of them, uninitialized until then ([`Out`]), rather than the
+/// job writes its own share of them, uninitialized until then, rather than the
 /// caller zeroing every output first — a serial pass the other cores waited on, mostly the
 /// gate and up projections' and the output head's rows. Measured in one process on the
 /// 2-core Xeon guest (Qwen2.5-1.5B, forwards alternated with the zeroed buffers, 30 rounds,
