@@ -213,16 +213,13 @@ pub(super) unsafe fn block<S: KvSource>(
             let v = run * LANES + l;
             if v < nqv { seen[v / gs] } else { 0 }
         });
-        let view = Numerators {
-            scores: &mut w.scores,
-            vis: &w.vis,
+        let sight = Sight {
             all: &w.all,
-            nu,
+            vis: &w.vis,
             runs,
-            run,
         };
-        // SAFETY: AVX-512F per the caller.
-        let s16 = unsafe { softmax_run(view, &counts) };
+        // SAFETY: AVX-512F per the caller; `scores` holds `nu × pad` values.
+        let s16 = unsafe { softmax_run(&mut w.scores, sight, run, &counts) };
         sums[run * LANES..(run + 1) * LANES].copy_from_slice(&s16);
     }
     // Value sums.
@@ -241,11 +238,12 @@ pub(super) unsafe fn block<S: KvSource>(
     let groups = nqv.div_ceil(GROUP);
     let values = Values {
         ptrs: &ptrs,
-        all: &w.all,
-        vis: &w.vis,
+        sight: Sight {
+            all: &w.all,
+            vis: &w.vis,
+            runs,
+        },
         scores: &w.scores,
-        runs,
-        pad,
         hd,
     };
     // 32 channels of every group before the next 32: those of the value rows stay in the
@@ -450,15 +448,29 @@ unsafe fn score_runs<const R: usize>(
     }
 }
 
-/// One run of 16 lanes of the scores, for [`softmax_run`].
-struct Numerators<'a> {
-    /// `[union][runs × 16]`.
-    scores: &'a mut [f32],
-    vis: &'a [u16],
+/// Which query vectors see which union keys.
+#[derive(Clone, Copy)]
+struct Sight<'a> {
+    /// Per union key, whether every row of the task sees it.
     all: &'a [bool],
-    nu: usize,
+    /// Per union key and run, the lanes whose rows see it (`[union][runs]`).
+    vis: &'a [u16],
+    /// Runs of 16 query vectors.
     runs: usize,
-    run: usize,
+}
+
+impl Sight<'_> {
+    /// The lanes of run `run` that see union key `u`.
+    #[inline(always)]
+    fn lanes(&self, u: usize, run: usize) -> __mmask16 {
+        self.vis[u * self.runs + run]
+    }
+
+    /// Whether query vector `v` sees union key `u`.
+    #[inline(always)]
+    fn sees(&self, u: usize, v: usize) -> bool {
+        self.all[u] || self.lanes(u, v / LANES) >> (v % LANES) & 1 == 1
+    }
 }
 
 /// Each lane's softmax numerators over the keys its row sees (`counts[l]` of them), in place,
@@ -470,21 +482,19 @@ struct Numerators<'a> {
 /// # Safety
 /// AVX-512F.
 #[inline(always)]
-unsafe fn softmax_run(x: Numerators<'_>, counts: &[u32; LANES]) -> [f32; LANES] {
-    let Numerators {
-        scores,
-        vis,
-        all,
-        nu,
-        runs,
-        run,
-    } = x;
-    let pad = runs * LANES;
+unsafe fn softmax_run(
+    scores: &mut [f32],
+    sight: Sight<'_>,
+    run: usize,
+    counts: &[u32; LANES],
+) -> [f32; LANES] {
+    let nu = sight.all.len();
+    let pad = sight.runs * LANES;
     let at = |u: usize| u * pad + run * LANES;
     // SAFETY: AVX-512F per the caller; every load and store is 16 values of row `u` of
     // `scores` (`nu × pad`).
     unsafe {
-        let sees = |u: usize| -> __mmask16 { vis[u * runs + run] };
+        let sees = |u: usize| sight.lanes(u, run);
         let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
         for u in 0..nu {
             let s = _mm512_loadu_ps(scores.as_ptr().add(at(u)));
@@ -504,7 +514,7 @@ unsafe fn softmax_run(x: Numerators<'_>, counts: &[u32; LANES]) -> [f32; LANES] 
         let mut same: Option<u32> = Some(0);
         let seven = _mm512_set1_epi32(7);
         let one = _mm512_set1_epi32(1);
-        for (u, &every) in all.iter().enumerate().take(nu) {
+        for (u, &every) in sight.all.iter().enumerate() {
             let p = scores.as_mut_ptr().add(at(u));
             let mut e = [0.0f32; LANES];
             _mm512_storeu_ps(e.as_mut_ptr(), _mm512_loadu_ps(p));
@@ -562,15 +572,12 @@ unsafe fn softmax_run(x: Numerators<'_>, counts: &[u32; LANES]) -> [f32; LANES] 
     }
 }
 
-/// What [`add_group`] reads: the union keys' value rows, which keys every row sees (and per
-/// run which lanes), and the numerators `[union][pad]`.
+/// What [`add_group`] reads: the union keys' value rows (`hd` values each), who sees them,
+/// and the numerators `[union][runs × 16]`.
 struct Values<'a> {
     ptrs: &'a [*const f32],
-    all: &'a [bool],
-    vis: &'a [u16],
+    sight: Sight<'a>,
     scores: &'a [f32],
-    runs: usize,
-    pad: usize,
     hd: usize,
 }
 
@@ -602,7 +609,7 @@ unsafe fn add_group(x: &Values<'_>, vs: Range<usize>, e: usize, acc: &mut [f32])
 /// As [`add_group`].
 #[inline(always)]
 unsafe fn add_n<const N: usize>(x: &Values<'_>, v0: usize, e: usize, acc: &mut [f32]) {
-    let (hd, pad, nu) = (x.hd, x.pad, x.ptrs.len());
+    let (hd, pad, nu) = (x.hd, x.sight.runs * LANES, x.ptrs.len());
     // SAFETY: as the caller promises; masked loads and stores touch only channels below `hd`.
     unsafe {
         {
@@ -620,7 +627,7 @@ unsafe fn add_n<const N: usize>(x: &Values<'_>, v0: usize, e: usize, acc: &mut [
                 let v0r = _mm512_maskz_loadu_ps(m0, row);
                 let v1r = _mm512_maskz_loadu_ps(m1, row.add(second));
                 let p = x.scores.as_ptr().add(u * pad + v0);
-                if x.all[u] {
+                if x.sight.all[u] {
                     for (n, a) in a.iter_mut().enumerate() {
                         let pn = _mm512_set1_ps(*p.add(n));
                         a[0] = _mm512_fmadd_ps(pn, v0r, a[0]);
@@ -628,8 +635,7 @@ unsafe fn add_n<const N: usize>(x: &Values<'_>, v0: usize, e: usize, acc: &mut [
                     }
                 } else {
                     for (n, a) in a.iter_mut().enumerate() {
-                        let v = v0 + n;
-                        if x.vis[u * x.runs + v / LANES] >> (v % LANES) & 1 == 1 {
+                        if x.sight.sees(u, v0 + n) {
                             let pn = _mm512_set1_ps(*p.add(n));
                             a[0] = _mm512_fmadd_ps(pn, v0r, a[0]);
                             a[1] = _mm512_fmadd_ps(pn, v1r, a[1]);
