@@ -127,8 +127,10 @@ pub(super) unsafe fn block<S: KvSource>(
             }
         })
         .collect();
-    // Per key, the rows that see it (bit `r`; at most 8 rows per task).
-    debug_assert!(nr <= 8);
+    // Per key, the rows that see it (bit `r`: at most 8 rows, as tasks hold).
+    if nr > 8 {
+        return false;
+    }
     w.seen_by.clear();
     w.seen_by.resize(nk, 0);
     for r in 0..nr {
@@ -137,6 +139,12 @@ pub(super) unsafe fn block<S: KvSource>(
         }
     }
     let every = ((1u16 << nr) - 1) as u8;
+    let run_lanes = |bits: u8, run: usize| {
+        (0..nr)
+            .filter(|&r| bits >> r & 1 == 1)
+            .fold(0, |l, r| l | lanes[r * runs + run])
+    };
+    let all_lanes: Vec<u16> = (0..runs).map(|run| run_lanes(every, run)).collect();
     w.union.clear();
     w.all.clear();
     w.vis.clear();
@@ -146,18 +154,10 @@ pub(super) unsafe fn block<S: KvSource>(
         }
         w.union.push(j);
         w.all.push(bits == every);
-        for run in 0..runs {
-            let mut l = 0u16;
-            if bits == every {
-                l = (0..nr).fold(0, |l, r| l | lanes[r * runs + run]);
-            } else {
-                for r in 0..nr {
-                    if bits >> r & 1 == 1 {
-                        l |= lanes[r * runs + run];
-                    }
-                }
-            }
-            w.vis.push(l);
+        if bits == every {
+            w.vis.extend_from_slice(&all_lanes);
+        } else {
+            w.vis.extend((0..runs).map(|run| run_lanes(bits, run)));
         }
     }
     let nu = w.union.len();
