@@ -181,16 +181,20 @@ pub(super) unsafe fn block<S: KvSource>(
         .iter()
         .map(|&j| pos(w.seen_by[j].trailing_zeros() as usize))
         .collect();
+    // Where each union key's row (`values`: value row) starts, as its first reader reads it.
+    let mut rows_of = |values| {
+        gather(
+            c,
+            &mut s.buf,
+            &mut w.copies,
+            (b, g),
+            &w.union,
+            &reader,
+            values,
+        )
+    };
     // Scores.
-    let ptrs = gather(
-        c,
-        &mut s.buf,
-        &mut w.copies,
-        (b, g),
-        &w.union,
-        &reader,
-        false,
-    );
+    let ptrs = rows_of(false);
     let query = |v: usize| ((b * d.n_heads + g * gs + v % gs) * d.n_q + rows.start + v / gs) * hd;
     // SAFETY: AVX-512F per the caller; every query row lies inside `c.q` (checked by
     // `attention_impl` against the call's dimensions).
@@ -223,15 +227,7 @@ pub(super) unsafe fn block<S: KvSource>(
         sums[run * LANES..(run + 1) * LANES].copy_from_slice(&s16);
     }
     // Value sums.
-    let ptrs = gather(
-        c,
-        &mut s.buf,
-        &mut w.copies,
-        (b, g),
-        &w.union,
-        &reader,
-        true,
-    );
+    let ptrs = rows_of(true);
     if w.acc.len() < nqv * hd {
         w.acc.resize(nqv * hd, 0.0);
     }
