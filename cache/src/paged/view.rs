@@ -116,24 +116,17 @@ impl KvSource for LayerView<'_> {
         self.policy.and_then(|p| p.quest).is_some()
     }
 
-    /// Pages that flip between codes and full precision between the two positions (their
-    /// last token leaves the window in between, codes and full copy both kept) read apart.
+    /// `reads_codes` at the two positions, page by page (it depends on the page, not the slot).
     fn reads_alike(&self, _: usize, g: usize, pos_a: usize, pos_b: usize) -> bool {
-        let Some(c) = self.policy.and_then(|p| p.compression.as_ref()) else {
+        if self.policy.and_then(|p| p.compression.as_ref()).is_none() {
             return true;
-        };
-        let (lo, hi) = (pos_a.min(pos_b), pos_a.max(pos_b));
+        }
         let ps = self.layout.page_size;
-        let l = self.pages;
-        let both = |full: &[f32], codes: &[u8]| !full.is_empty() && !codes.is_empty();
-        (0..l.k.len()).all(|p| {
-            if !(both(&l.k[p], &l.kq[p]) || both(&l.v[p], &l.vq[p])) {
-                return true;
-            }
-            // A packed page (whole, so its last slot is held): `reads_codes`' age test,
-            // `last + window < pos`, differs at `lo` and `hi`.
-            let last = l.logical((p + 1) * ps - 1, g) + c.window;
-            !(lo <= last && last < hi)
+        (0..self.pages.k.len()).all(|p| {
+            [false, true].into_iter().all(|values| {
+                self.reads_codes(values, g, p * ps, pos_a)
+                    == self.reads_codes(values, g, p * ps, pos_b)
+            })
         })
     }
 

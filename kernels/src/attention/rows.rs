@@ -1558,19 +1558,15 @@ mod tests {
                 for votes in [false, true] {
                     let mut outs: Vec<[Vec<u32>; 6]> = Vec::new();
                     for &build in builds {
-                        let run = |kv: &dyn Fn() -> (Vec<f32>, Vec<f32>)| kv();
-                        let (a, av) = run(&|| {
+                        let (a, av) =
                             attention_impl(&q, &plain, &mask, Some(&positions), d, votes, build)
-                                .unwrap()
-                        });
-                        let (b, bv) = run(&|| {
+                                .unwrap();
+                        let (b, bv) =
                             attention_impl(&q, &aging, &mask, Some(&positions), d, votes, build)
-                                .unwrap()
-                        });
-                        let (c, cv) = run(&|| {
+                                .unwrap();
+                        let (c, cv) =
                             attention_impl(&q, &sparse, &mask, Some(&positions), d, votes, build)
-                                .unwrap()
-                        });
+                                .unwrap();
                         outs.push([
                             bits(&a),
                             bits(&av),

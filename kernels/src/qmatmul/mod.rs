@@ -442,8 +442,7 @@ fn fused_rows_with(
     }
     jobs.into_par_iter()
         .with_max_len(1)
-        .for_each(|(w, acts, out, part)| {
-            let mut out = out;
+        .for_each(|(w, acts, mut out, part)| {
             // Debug builds (the tests') poison the outputs first, so that a value no kernel
             // wrote reads as NaN instead of as whatever the allocation held.
             if cfg!(debug_assertions) {
@@ -1091,12 +1090,11 @@ impl QuantMatrix {
                     let v = portable::dot(self.ty, &row, xr, self.act_block());
                     let o = &mut out[at + r][8 * gi + l];
                     // SAFETY: an earlier panel wrote `o` where `more`.
-                    let before = if more {
-                        unsafe { o.assume_init() }
+                    *o = MaybeUninit::new(if more {
+                        (unsafe { o.assume_init() }) + v
                     } else {
-                        0.0
-                    };
-                    *o = MaybeUninit::new(if more { before + v } else { v });
+                        v
+                    });
                 }
             }
         }
