@@ -37,6 +37,12 @@ fn verify_curve_times_each_size_in_rounds() {
             f(p, "paired_ratio") > 0.0 && f(p, "paired_ratio").is_finite(),
             "{p}"
         );
+        let q = p["paired_ratio_quartiles"].as_array().unwrap();
+        let (q1, q3) = (q[0].as_f64().unwrap(), q[1].as_f64().unwrap());
+        assert!(
+            q1 <= f(p, "paired_ratio") && f(p, "paired_ratio") <= q3,
+            "the median between its quartiles: {p}"
+        );
         let one = f(&points[0], "secs");
         assert!(
             (f(p, "ratio_to_one") - f(p, "secs") / one).abs() < 1e-9,
@@ -44,6 +50,7 @@ fn verify_curve_times_each_size_in_rounds() {
         );
     }
     assert!(table.contains("× 1 node, paired"), "{table}");
+    assert!(table.contains("paired q1–q3"), "{table}");
 }
 
 #[test]

@@ -35,6 +35,9 @@ struct Point {
     ratio_to_one: f64,
     /// Median over rounds of this size's time over the first size's time in the same round.
     paired_ratio: f64,
+    /// First and third quartiles of those per-round ratios: their spread over the run (a
+    /// host whose load changes within the run widens it).
+    paired_ratio_quartiles: [f64; 2],
     /// Seconds to stream the weights once at the measured bandwidth.
     memory_floor_secs: f64,
     /// Seconds for `nodes · macs_per_token` int8 multiply-adds at the measured peak.
@@ -97,11 +100,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .zip(&times)
             .map(|(&n, t)| {
                 let secs = fastest(t);
+                let paired: Vec<f64> = t.iter().zip(&times[0]).map(|(a, b)| a / b).collect();
                 Point {
                     nodes: n,
                     secs,
                     ratio_to_one: secs / one,
-                    paired_ratio: median(t.iter().zip(&times[0]).map(|(a, b)| a / b).collect()),
+                    paired_ratio_quartiles: [quantile(&paired, 0.25), quantile(&paired, 0.75)],
+                    paired_ratio: median(paired),
                     memory_floor_secs: roof.memory_secs(bytes as f64),
                     compute_floor_secs: roof.compute_secs((n * macs) as f64),
                 }
@@ -138,18 +143,20 @@ fn print_table(r: &VerifyCurve) {
         r.int8_macs_per_sec / 1e9
     );
     println!(
-        "| nodes | verify ms | × 1 node | × 1 node, paired | memory floor ms | compute floor ms \
-         | × roofline |"
+        "| nodes | verify ms | × 1 node | × 1 node, paired | paired q1–q3 | memory floor ms \
+         | compute floor ms | × roofline |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for p in &r.points {
         let roof = p.memory_floor_secs.max(p.compute_floor_secs);
         println!(
-            "| {} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} |",
+            "| {} | {:.1} | {:.2} | {:.2} | {:.2}–{:.2} | {:.1} | {:.1} | {:.2} |",
             p.nodes,
             p.secs * 1e3,
             p.ratio_to_one,
             p.paired_ratio,
+            p.paired_ratio_quartiles[0],
+            p.paired_ratio_quartiles[1],
             p.memory_floor_secs * 1e3,
             p.compute_floor_secs * 1e3,
             p.secs / roof
@@ -167,9 +174,40 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The `q` quantile of `v` (`0 ≤ q ≤ 1`), interpolated linearly between the two nearest
+/// order statistics (as numpy's default); NaN if empty. `quantile(v, 0.5)` is [`median`].
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let Some(last) = v.len().checked_sub(1) else {
+        return f64::NAN;
+    };
+    let at = q.clamp(0.0, 1.0) * last as f64;
+    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (at - lo as f64)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, quantile};
+
+    #[test]
+    fn quartiles_interpolate_between_order_statistics() {
+        let v = [4.0, 1.0, 3.0, 2.0, 5.0];
+        assert_eq!(quantile(&v, 0.25), 2.0);
+        assert_eq!(quantile(&v, 0.75), 4.0);
+        assert_eq!(quantile(&v, 0.0), 1.0);
+        assert_eq!(quantile(&v, 1.0), 5.0);
+        // Four values: the first quartile lies three quarters of the way from the first
+        // order statistic to the second (numpy: 1.75).
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.25), 1.75);
+        assert_eq!(
+            quantile(&[1.0, 2.0, 3.0, 4.0], 0.5),
+            median(vec![1.0, 2.0, 3.0, 4.0])
+        );
+        assert_eq!(quantile(&[7.0], 0.25), 7.0);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {
