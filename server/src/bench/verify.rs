@@ -164,18 +164,13 @@ fn print_table(r: &VerifyCurve) {
     }
 }
 
-/// The median of `v` (the mean of the middle two for an even count; NaN if empty).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
+/// The median of `v` (halfway between the middle two for an even count; NaN if empty).
+fn median(v: Vec<f64>) -> f64 {
+    quantile(&v, 0.5)
 }
 
 /// The `q` quantile of `v` (`0 ≤ q ≤ 1`), interpolated linearly between the two nearest
-/// order statistics (as numpy's default); NaN if empty. `quantile(v, 0.5)` is [`median`].
+/// order statistics (as numpy's default); NaN if empty.
 fn quantile(v: &[f64], q: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
