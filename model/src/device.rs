@@ -27,24 +27,63 @@ pub fn check_cuda(index: usize) -> crate::Result<()> {
 
 #[cfg(feature = "cuda")]
 mod cuda_probe {
-    /// Looks for the driver library and a device node without touching the runtime, which
-    /// panics on a machine with no GPU.
+    use libloading::{Library, Symbol};
+
+    /// Driver library names, as the dynamic loader resolves them (`LD_LIBRARY_PATH`, its
+    /// cache, the system directories) — where cudarc will look too.
+    const DRIVER: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
+
+    /// Asks the driver itself (`cuInit`, `cuDeviceGetCount`) instead of touching the
+    /// runtime, which panics on a machine with no GPU. The library stays loaded: cudarc
+    /// opens the same one afterwards.
     pub fn probe(index: usize) -> crate::Result<()> {
-        let driver = [
-            "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
-            "/usr/lib64/libcuda.so.1",
-            "/usr/lib/libcuda.so.1",
-        ]
-        .iter()
-        .any(|p| std::path::Path::new(p).exists());
-        let node = std::path::Path::new(&format!("/dev/nvidia{index}")).exists();
-        if driver && node {
+        let unavailable = |why: String| {
+            crate::ModelError::Input(format!("CUDA device {index} is not available: {why}"))
+        };
+        // SAFETY: loading the NVIDIA driver runs only its own initializers, as cudarc's
+        // loading does.
+        let Some(lib) = DRIVER
+            .iter()
+            .find_map(|&name| unsafe { Library::new(name) }.ok())
+        else {
+            return Err(unavailable(format!(
+                "no CUDA driver library ({}) on the loader's path; set LD_LIBRARY_PATH to its \
+                 folder",
+                DRIVER.join(" or ")
+            )));
+        };
+        let lib: &'static Library = Box::leak(Box::new(lib));
+        // SAFETY: the two entry points have these C signatures in every CUDA driver
+        // (`CUresult cuInit(unsigned int)`, `CUresult cuDeviceGetCount(int *)`); the count
+        // is written to a live local.
+        let count = unsafe {
+            let init: Symbol<'_, unsafe extern "C" fn(u32) -> i32> = lib
+                .get(b"cuInit\0")
+                .map_err(|e| unavailable(format!("driver library without cuInit: {e}")))?;
+            let get_count: Symbol<'_, unsafe extern "C" fn(*mut i32) -> i32> =
+                lib.get(b"cuDeviceGetCount\0").map_err(|e| {
+                    unavailable(format!("driver library without cuDeviceGetCount: {e}"))
+                })?;
+            let rc = init(0);
+            if rc != 0 {
+                return Err(unavailable(format!(
+                    "cuInit failed with CUDA error {rc} (100: no device; 35: driver older \
+                     than the runtime)"
+                )));
+            }
+            let mut count = 0i32;
+            let rc = get_count(&mut count);
+            if rc != 0 {
+                return Err(unavailable(format!(
+                    "cuDeviceGetCount failed with CUDA error {rc}"
+                )));
+            }
+            count
+        };
+        if index < count.max(0) as usize {
             Ok(())
         } else {
-            Err(crate::ModelError::Input(format!(
-                "CUDA device {index} is not available (driver library found: {driver}, \
-                 /dev/nvidia{index} present: {node})"
-            )))
+            Err(unavailable(format!("the driver sees {count} device(s)")))
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use arbor_kernels::quant::GgmlType;
 use arbor_model::gguf::{GgufWriter, Value};
 use arbor_model::{
     Architecture, ModelConfig, RandomWeights, WeightSource, interleaved_to_half_split,
@@ -89,6 +90,31 @@ pub fn gguf_metadata(w: &mut GgufWriter, c: &ModelConfig) {
 /// Writes a random model as a GGUF file the way llama.cpp's converter does (q/k rows of Llama
 /// interleaved for its RoPE). Returns the parameters in Arbor's layout.
 pub fn write_gguf(path: &Path, c: &ModelConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    write_gguf_as(path, c, seed, None)
+}
+
+/// [`write_gguf`] with every matrix (the embedding and the projections) encoded as `ty`
+/// blocks (Q4_1 or Q8_0: [`arbor_kernels::quant::quantize`]) where its rows fill whole blocks
+/// of 32, so that loading keeps them quantized; norms and biases stay f32. Returns the
+/// parameters before encoding.
+///
+/// # Panics
+/// If `ty` is neither Q4_1 nor Q8_0.
+pub fn write_gguf_quantized(
+    path: &Path,
+    c: &ModelConfig,
+    seed: u64,
+    ty: GgmlType,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    write_gguf_as(path, c, seed, Some(ty))
+}
+
+fn write_gguf_as(
+    path: &Path,
+    c: &ModelConfig,
+    seed: u64,
+    blocks: Option<GgmlType>,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let params = random_parameters(c, seed);
     let mut w = GgufWriter::default();
     gguf_metadata(&mut w, c);
@@ -102,7 +128,15 @@ pub fn write_gguf(path: &Path, c: &ModelConfig, seed: u64) -> Vec<(String, Vec<u
             }
             _ => data.clone(),
         };
-        w.tensor_f32(name, shape, &data);
+        match blocks {
+            Some(ty) if shape.len() == 2 && shape[1] % 32 == 0 => {
+                let bytes = arbor_kernels::quant::quantize(ty, &data).expect("Q4_1 or Q8_0");
+                w.tensor_raw(name, shape, ty.id(), bytes);
+            }
+            _ => {
+                w.tensor_f32(name, shape, &data);
+            }
+        }
     }
     std::fs::write(path, w.to_bytes()).expect("write gguf");
     params

@@ -6,15 +6,24 @@
 //! What it checks of the CUDA path: the KV cache lives on the device (a
 //! [`DeviceStore`](arbor_cache::DeviceStore)) and the CubeCL tree attention reads it; logits of
 //! a prompt and of a speculation tree equal the CPU backend's; commit and rollback keep them
-//! equal; speculative greedy decoding equals plain greedy decoding token for token.
+//! equal; speculative greedy decoding equals plain greedy decoding token for token; GGUF
+//! block weights multiplied on the device by the CubeCL quantized matmul give the CPU's f32
+//! logits over the same weights — on tiny random models, and (ignored unless asked for:
+//! `ARBOR_CUDA_GGUF=model.gguf … -- --ignored`) on a real-sized model.
 #![cfg(feature = "cuda")]
 
+use std::path::Path;
+
 use arbor_engine::{Engine, EngineError, Event, GenerateParams, Generator, Prompt, TreePolicy};
+use arbor_kernels::quant::GgmlType;
 use arbor_model::device::{Cpu, Cuda, check_cuda};
+use arbor_model::hub::WeightFormat;
 use arbor_model::{
-    Architecture, ForwardInput, ModelConfig, RandomWeights, Transformer, testing::byte_tokenizer,
+    Architecture, ForwardInput, LoadedModel, ModelConfig, RandomWeights, Transformer,
+    testing::byte_tokenizer,
 };
 use arbor_speculators::{ModelDraft, NgramDraft};
+use arbor_tests::fixtures::write_gguf_quantized;
 use burn::tensor::backend::Backend;
 
 fn model<B: Backend>(device: &B::Device) -> Transformer<B> {
@@ -193,4 +202,93 @@ fn cuda_quantized_cache_keeps_speculative_equal_to_plain() {
         .with_kv_policy(policy)
         .unwrap();
     assert_eq!(tokens(engine.generate(&p, &params).unwrap()), want);
+}
+
+/// Logits of a prompt, a tree over it, a commit and a decode step: the CUDA model (its
+/// projections' GGUF blocks on the device) against the CPU model over the same weights
+/// dequantized to f32 (exact arithmetic, no activation rounding).
+fn compare_block_weights_with_f32(path: &Path, prompt: &[u32], tol: f32) {
+    let gpu = LoadedModel::<Cuda>::from_gguf_as(path, WeightFormat::Native, &Default::default())
+        .unwrap()
+        .model;
+    let cpu = LoadedModel::<Cpu>::from_gguf_as(path, WeightFormat::F32, &Default::default())
+        .unwrap()
+        .model;
+    assert!(
+        gpu.weight_bytes() * 5 < cpu.weight_bytes() * 3,
+        "block weights stay quantized on the device: {} vs {} f32 bytes",
+        gpu.weight_bytes(),
+        cpu.weight_bytes()
+    );
+    let near = |a: &[Vec<f32>], b: &[Vec<f32>], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (r, (x, y)) in a.iter().zip(b).enumerate() {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                assert!(
+                    q.is_finite() && (p - q).abs() <= tol * (1.0 + q.abs()),
+                    "{what} row {r} logit {i}: {p} vs {q}"
+                );
+            }
+        }
+    };
+    let (mut gc, mut cc) = (gpu.new_cache(), cpu.new_cache());
+    let input = ForwardInput::causal(prompt, 0);
+    near(
+        &gpu.forward_all_logits(&input, &mut gc).unwrap(),
+        &cpu.forward_all_logits(&input, &mut cc).unwrap(),
+        "prompt",
+    );
+    let cached = gc.len();
+    let parents = [-1, 0, 0, 1, 2, 3, 3, 4];
+    let t = tree(&prompt[..parents.len()], &parents, cached);
+    near(
+        &gpu.forward_all_logits(&t, &mut gc).unwrap(),
+        &cpu.forward_all_logits(&t, &mut cc).unwrap(),
+        "tree",
+    );
+    let path = [cached, cached + 1, cached + 3, cached + 5];
+    gc.retain(cached, &path);
+    cc.retain(cached, &path);
+    let next = ForwardInput::causal(&prompt[..1], gc.len());
+    near(
+        &gpu.forward_all_logits(&next, &mut gc).unwrap(),
+        &cpu.forward_all_logits(&next, &mut cc).unwrap(),
+        "decode after the commit",
+    );
+}
+
+#[test]
+fn cuda_block_weights_equal_the_cpu_f32_reference() {
+    check_cuda(0).expect("a CUDA device");
+    let cfg = ModelConfig {
+        vocab_size: 257,
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        ..ModelConfig::tiny(Architecture::Qwen2)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prompt: Vec<u32> = b"block weights on the device"
+        .iter()
+        .map(|&b| b.into())
+        .collect();
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+        let path = dir.path().join(format!("{ty:?}.gguf"));
+        write_gguf_quantized(&path, &cfg, 7, ty);
+        compare_block_weights_with_f32(&path, &prompt, 1e-3);
+    }
+}
+
+/// The same comparison on the model `ARBOR_CUDA_GGUF` names (e.g. the Qwen2.5-Coder-1.5B
+/// Q4_K_M file, or one `scripts/gguf-hollow.py` filled with random blocks of its shapes):
+/// Q4_K and Q6_K at full size. Run by `scripts/gpu-run.sh`.
+#[test]
+#[ignore = "needs ARBOR_CUDA_GGUF=<model.gguf> and a GPU"]
+fn cuda_block_weights_equal_the_cpu_f32_reference_on_a_real_sized_model() {
+    check_cuda(0).expect("a CUDA device");
+    let path = std::env::var("ARBOR_CUDA_GGUF").expect("ARBOR_CUDA_GGUF=<model.gguf>");
+    let prompt: Vec<u32> = (0..24u32).map(|i| 9 + i * 211).collect();
+    compare_block_weights_with_f32(Path::new(&path), &prompt, 2e-3);
 }

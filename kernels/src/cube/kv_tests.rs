@@ -5,13 +5,13 @@
 use cubecl::prelude::ComputeClient;
 use cubecl::prelude::CubeElement;
 use cubecl::server::Handle;
-use cubecl::wgpu::WgpuRuntime;
 
-use super::kv::{DeviceKvDims, DevicePagedKv, DeviceQuant};
-use super::tests::{client, random_parents, reference};
+use super::tests::{random_parents, reference};
+use super::{R, client};
+use crate::cube::kv::{DeviceKvDims, DevicePagedKv, DeviceQuant};
 use crate::qmatmul::tests::Rng;
 
-type Kv = DevicePagedKv<WgpuRuntime>;
+type Kv = DevicePagedKv<R>;
 
 /// Per layer, keys and values `[kv_head][token][head_dim]` as the cache should hold them.
 struct Mirror {
@@ -72,7 +72,7 @@ fn rows(n: usize, width: usize, rng: &mut Rng) -> Vec<Vec<f32>> {
 
 /// Rows `[token][kv_head · head_dim]` as the model hands them over: `[kv_head][n][head_dim]`
 /// on the device.
-fn upload(client: &ComputeClient<WgpuRuntime>, x: &[Vec<f32>], dims: DeviceKvDims) -> Handle {
+fn upload(client: &ComputeClient<R>, x: &[Vec<f32>], dims: DeviceKvDims) -> Handle {
     let hd = dims.head_dim;
     let flat: Vec<f32> = (0..dims.n_kv_heads)
         .flat_map(|g| x.iter().flat_map(move |r| r[g * hd..(g + 1) * hd].to_vec()))

@@ -38,7 +38,7 @@ pub mod kv;
 mod kvpack;
 pub mod qmatmul;
 
+#[cfg(all(test, feature = "cuda"))]
+mod on_cuda;
 #[cfg(test)]
-mod kv_tests;
-#[cfg(test)]
-mod tests;
+mod on_wgpu;

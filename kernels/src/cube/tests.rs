@@ -1,20 +1,16 @@
-//! The CubeCL kernels against the CPU references, on wgpu (Mesa's lavapipe where no GPU is:
-//! Debian's `mesa-vulkan-drivers` and `libvulkan1`, which `.ci/run` installs).
+//! The CubeCL kernels against the CPU references, on each runtime the build has (`super::R`):
+//! wgpu always (Mesa's lavapipe where no GPU is: Debian's `mesa-vulkan-drivers` and
+//! `libvulkan1`, which `.ci/run` installs), CUDA with the `cuda` feature.
 
 use burn::backend::Flex;
 use burn::tensor::{Bool, Tensor, TensorData};
-use cubecl::Runtime;
-use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 
-use super::attention::{CubePagedKv, KeyCodes, PackedPages, PageRef, PagedDims};
-use super::qmatmul::{AffineGroups, CubeQuantMatrix};
+use super::{R, client};
 use crate::attention::attention_reference;
+use crate::cube::attention::{CubePagedKv, KeyCodes, PackedPages, PageRef, PagedDims};
+use crate::cube::qmatmul::{AffineGroups, CubeQuantMatrix};
 use crate::kvquant::{ChannelQuantizer, RowQuantizer, StepFormat};
 use crate::qmatmul::tests::{Rng, TYPES, random_matrix};
-
-pub(super) fn client() -> cubecl::prelude::ComputeClient<WgpuRuntime> {
-    WgpuRuntime::client(&WgpuDevice::default())
-}
 
 /// Every block format, 1 to 9 rows: the GPU product equals `x · Wᵀ` over the reference
 /// dequantization (f64 sums), and the affine repacking reproduces the weights.
@@ -33,7 +29,7 @@ fn gpu_qmatmul_agrees_with_the_reference_for_every_format() {
                 "{ty:?}: {a} vs {b}"
             );
         }
-        let gpu = CubeQuantMatrix::<WgpuRuntime>::upload(&client, &w).unwrap();
+        let gpu = CubeQuantMatrix::<R>::upload(&client, &w).unwrap();
         for m in [1, 2, 9] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
             let y = gpu.matmul_host(&x, m).unwrap();
@@ -62,7 +58,7 @@ fn gpu_qmatmul_refuses_bad_shapes() {
     let client = client();
     let mut rng = Rng(3);
     let w = random_matrix(crate::quant::GgmlType::Q8_0, 2, 64, &mut rng);
-    let gpu = CubeQuantMatrix::<WgpuRuntime>::upload(&client, &w).unwrap();
+    let gpu = CubeQuantMatrix::<R>::upload(&client, &w).unwrap();
     assert!(gpu.matmul_host(&[0.0; 63], 1).is_err());
     assert!(gpu.matmul_host(&[], 0).is_err());
 }
@@ -100,11 +96,11 @@ fn gpu_paged_tree_attention_agrees_with_the_reference() {
             cached,
             n_q,
         };
-        let kv = CubePagedKv::<WgpuRuntime>::upload(&client, &k, &v, &table, d).unwrap();
+        let kv = CubePagedKv::<R>::upload(&client, &k, &v, &table, d).unwrap();
         let got = kv.attention(&q, &parents).unwrap();
         // The keys split into parts (flash-decoding) give the same rows.
         for splits in [2, 3, 7] {
-            let kv = CubePagedKv::<WgpuRuntime>::upload(&client, &k, &v, &table, d)
+            let kv = CubePagedKv::<R>::upload(&client, &k, &v, &table, d)
                 .unwrap()
                 .with_key_splits(splits);
             let split = kv.attention(&q, &parents).unwrap();
@@ -158,7 +154,7 @@ fn gpu_paged_attention_refuses_bad_operands() {
         n_q: 1,
     };
     let (k, v) = (vec![0.0; 16], vec![0.0; 16]);
-    let up = |table: &[u32], d| CubePagedKv::<WgpuRuntime>::upload(&client, &k, &v, table, d);
+    let up = |table: &[u32], d| CubePagedKv::<R>::upload(&client, &k, &v, table, d);
     assert!(up(&[0], d).is_err(), "table too short");
     assert!(up(&[0, 9], d).is_err(), "table past the pages");
     assert!(up(&[0, 1], PagedDims { n_kv_heads: 3, ..d }).is_err());
@@ -320,10 +316,9 @@ fn gpu_tree_attention_reads_packed_pages_as_the_cpu_cache_does() {
                     cached,
                     n_q,
                 };
-                let kv = CubePagedKv::<WgpuRuntime>::upload_packed(
-                    &client, &full_k, &full_v, &table, &packed, d,
-                )
-                .unwrap();
+                let kv =
+                    CubePagedKv::<R>::upload_packed(&client, &full_k, &full_v, &table, &packed, d)
+                        .unwrap();
                 let parents = random_parents(n_q, &mut rng);
                 let q: Vec<f32> = (0..n_heads * n_q * hd).map(|_| rng.unit()).collect();
                 let got = kv.attention(&q, &parents).unwrap();
@@ -450,7 +445,7 @@ fn gpu_packed_pages_refuse_bad_operands() {
         packed: Some(0),
     };
     let up = |table: &[PageRef], p: &PackedPages<'_>| {
-        CubePagedKv::<WgpuRuntime>::upload_packed(&client, &k, &v, table, p, d)
+        CubePagedKv::<R>::upload_packed(&client, &k, &v, table, p, d)
     };
     let good = packed(KeyCodes::Channel(&kq));
     assert!(

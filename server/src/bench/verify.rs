@@ -11,6 +11,9 @@
 //! fastest forward, the median over rounds of its time over the first size's time in the
 //! same round is reported: a ratio of neighbours in time, from which the host's drift
 //! cancels.
+//!
+//! On a GPU (`--device cuda`) the curve is printed without the roofline, which measures the
+//! host's CPU (the JSON's roofline fields are then `null`).
 
 use anyhow::{Result, bail};
 use arbor_engine::{VERIFY_SIZES, time_verify};
@@ -20,7 +23,7 @@ use serde::Serialize;
 
 use super::BenchArgs;
 use super::plain::synthetic_prompt;
-use crate::cli::with_backend;
+use crate::cli::{DeviceKind, with_backend};
 
 /// Bytes read to measure the memory bandwidth: several times any last-level cache.
 const BANDWIDTH_PROBE_BYTES: usize = 512 << 20;
@@ -38,10 +41,11 @@ struct Point {
     /// First and third quartiles of those per-round ratios: their spread over the run (a
     /// host whose load changes within the run widens it).
     paired_ratio_quartiles: [f64; 2],
-    /// Seconds to stream the weights once at the measured bandwidth.
-    memory_floor_secs: f64,
-    /// Seconds for `nodes · macs_per_token` int8 multiply-adds at the measured peak.
-    compute_floor_secs: f64,
+    /// Seconds to stream the weights once at the measured bandwidth (CPU only).
+    memory_floor_secs: Option<f64>,
+    /// Seconds for `nodes · macs_per_token` int8 multiply-adds at the measured peak (CPU
+    /// only).
+    compute_floor_secs: Option<f64>,
 }
 
 /// `arbor bench --verify-curve` (`--json` output).
@@ -52,8 +56,8 @@ struct VerifyCurve {
     prompt_tokens: usize,
     weight_bytes: usize,
     macs_per_token: usize,
-    read_bytes_per_sec: f64,
-    int8_macs_per_sec: f64,
+    read_bytes_per_sec: Option<f64>,
+    int8_macs_per_sec: Option<f64>,
     points: Vec<Point>,
 }
 
@@ -74,7 +78,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let mut cache = model.new_cache();
         model.forward_last_logits(&ForwardInput::causal(&prompt, 0), &mut cache)?;
         let root = *prompt.last().expect("at least one prompt token");
-        let roof = Roofline::measure(BANDWIDTH_PROBE_BYTES);
+        let roof = matches!(args.model.device, DeviceKind::Cpu)
+            .then(|| Roofline::measure(BANDWIDTH_PROBE_BYTES));
         let (bytes, macs) = (model.weight_bytes(), model.macs_per_token());
         let bar = indicatif::ProgressBar::new(args.repeats as u64);
         bar.set_style(indicatif::ProgressStyle::with_template(
@@ -107,20 +112,23 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     ratio_to_one: secs / one,
                     paired_ratio_quartiles: [quantile(&paired, 0.25), quantile(&paired, 0.75)],
                     paired_ratio: median(paired),
-                    memory_floor_secs: roof.memory_secs(bytes as f64),
-                    compute_floor_secs: roof.compute_secs((n * macs) as f64),
+                    memory_floor_secs: roof.as_ref().map(|r| r.memory_secs(bytes as f64)),
+                    compute_floor_secs: roof.as_ref().map(|r| r.compute_secs((n * macs) as f64)),
                 }
             })
             .collect();
         bar.finish_and_clear();
         let r = VerifyCurve {
             model: loaded.name.clone(),
-            threads: roof.threads,
+            threads: roof.as_ref().map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                |r| r.threads,
+            ),
             prompt_tokens: args.prompt_tokens,
             weight_bytes: bytes,
             macs_per_token: macs,
-            read_bytes_per_sec: roof.read_bytes_per_sec,
-            int8_macs_per_sec: roof.int8_macs_per_sec,
+            read_bytes_per_sec: roof.as_ref().map(|r| r.read_bytes_per_sec),
+            int8_macs_per_sec: roof.as_ref().map(|r| r.int8_macs_per_sec),
             points,
         };
         print_table(&r);
@@ -132,6 +140,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 fn print_table(r: &VerifyCurve) {
+    let (Some(read), Some(peak)) = (r.read_bytes_per_sec, r.int8_macs_per_sec) else {
+        println!(
+            "{}: {:.0} MB of weights, {:.2} G MACs per token (GPU: no roofline)",
+            r.model,
+            r.weight_bytes as f64 / 1e6,
+            r.macs_per_token as f64 / 1e9,
+        );
+        println!("| nodes | verify ms | × 1 node | × 1 node, paired | paired q1–q3 |");
+        println!("|---:|---:|---:|---:|---:|");
+        for p in &r.points {
+            println!("{}", curve_cells(p));
+        }
+        return;
+    };
     println!(
         "{}: {:.0} MB of weights, {:.2} G MACs per token; {} threads: read {:.1} GB/s, int8 \
          peak {:.0} G MAC/s",
@@ -139,8 +161,8 @@ fn print_table(r: &VerifyCurve) {
         r.weight_bytes as f64 / 1e6,
         r.macs_per_token as f64 / 1e9,
         r.threads,
-        r.read_bytes_per_sec / 1e9,
-        r.int8_macs_per_sec / 1e9
+        read / 1e9,
+        peak / 1e9
     );
     println!(
         "| nodes | verify ms | × 1 node | × 1 node, paired | paired q1–q3 | memory floor ms \
@@ -148,20 +170,31 @@ fn print_table(r: &VerifyCurve) {
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for p in &r.points {
-        let roof = p.memory_floor_secs.max(p.compute_floor_secs);
+        let (memory, compute) = (
+            p.memory_floor_secs.unwrap_or(f64::NAN),
+            p.compute_floor_secs.unwrap_or(f64::NAN),
+        );
         println!(
-            "| {} | {:.1} | {:.2} | {:.2} | {:.2}–{:.2} | {:.1} | {:.1} | {:.2} |",
-            p.nodes,
-            p.secs * 1e3,
-            p.ratio_to_one,
-            p.paired_ratio,
-            p.paired_ratio_quartiles[0],
-            p.paired_ratio_quartiles[1],
-            p.memory_floor_secs * 1e3,
-            p.compute_floor_secs * 1e3,
-            p.secs / roof
+            "{} {:.1} | {:.1} | {:.2} |",
+            curve_cells(p),
+            memory * 1e3,
+            compute * 1e3,
+            p.secs / memory.max(compute)
         );
     }
+}
+
+/// A table row's cells up to the paired quartiles: `| nodes | ms | ratios | q1–q3 |`.
+fn curve_cells(p: &Point) -> String {
+    format!(
+        "| {} | {:.1} | {:.2} | {:.2} | {:.2}–{:.2} |",
+        p.nodes,
+        p.secs * 1e3,
+        p.ratio_to_one,
+        p.paired_ratio,
+        p.paired_ratio_quartiles[0],
+        p.paired_ratio_quartiles[1],
+    )
 }
 
 /// The median of `v` (halfway between the middle two for an even count; NaN if empty).
