@@ -8,7 +8,10 @@ pub(super) fn client() -> cubecl::prelude::ComputeClient<R> {
     <R as cubecl::Runtime>::client(&Default::default())
 }
 
+// The same files as `on_wgpu.rs`'s, on purpose: one source of cases, compiled per runtime.
+#[allow(clippy::duplicate_mod)]
 #[path = "kv_tests.rs"]
 mod kv_tests;
+#[allow(clippy::duplicate_mod)]
 #[path = "tests.rs"]
 mod tests;
