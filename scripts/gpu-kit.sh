@@ -59,6 +59,8 @@ gguf=$(target/release/arbor fetch "$MODEL" | tail -1)
 python3 scripts/gguf-hollow.py hollow "$gguf" "$KIT/model.hollow"
 
 ls -la "$KIT"
-du -sh "$KIT"
+# The device tool carries at most 64 MiB per call, the repository's own files (~3 MB) included.
+bytes=$(du -sb "$KIT" | cut -f1)
+[ "$bytes" -lt $((56 << 20)) ] || echo "gpu-kit: WARNING: $KIT holds $bytes bytes: too much to carry with the repository" >&2
 echo "== next, with a GPU lent: the device tool's run with carry [\"$KIT\"] and command"
 echo "   bash scripts/gpu-run.sh"
