@@ -70,7 +70,7 @@ class Reader:
                 size = struct.calcsize("<" + SCALARS[inner])
                 self.pos += n * size
                 return None
-            return [self.value(inner) for _ in range(n)] if inner != 8 else [self.string() for _ in range(n)]
+            return [self.value(inner) for _ in range(n)]
         raise ValueError(f"unknown metadata value type {ty}")
 
 

@@ -34,7 +34,7 @@ fn run(args: &[&Path]) {
 
 /// A Qwen2 model whose matrices cycle through every format (zero bytes: only the layout
 /// matters to `hollow`).
-fn source(path: &Path) -> ModelConfig {
+fn source(path: &Path) {
     let cfg = ModelConfig {
         vocab_size: 257,
         hidden_size: 256,
@@ -70,7 +70,6 @@ fn source(path: &Path) -> ModelConfig {
         w.tensor_raw(&name, &shape, ty.id(), vec![0; bytes]);
     }
     std::fs::write(path, w.to_bytes()).unwrap();
-    cfg
 }
 
 #[test]
