@@ -12,6 +12,7 @@
 //! - [`kv`]: one sequence's KV cache resident on the device — pages, page table, pool,
 //!   append, commit, rollback — which that attention reads in place (the CUDA backend's
 //!   cache).
+//! - [`rope`]: rotary position embedding of q or k rows in one launch.
 //!
 //! Each is tested against the CPU references ([`crate::quant::dequantize`] and
 //! [`crate::attention::attention_reference`]) on random shapes; the device cache against a
@@ -37,6 +38,7 @@ pub mod attention;
 pub mod kv;
 mod kvpack;
 pub mod qmatmul;
+pub mod rope;
 
 #[cfg(all(test, feature = "cuda"))]
 mod on_cuda;

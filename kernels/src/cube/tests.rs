@@ -475,3 +475,86 @@ fn gpu_packed_pages_refuse_bad_operands() {
     let kv = up(&[both, both], &good).unwrap();
     assert_eq!(kv.attention(&[0.0; 32], &[-1]).unwrap().len(), 32);
 }
+
+/// RoPE in one launch against the rotation written out in f64 over the same f32 angles:
+/// ragged shapes, batches of one and two, heads of 2 to 512 channels, angles anywhere (tree
+/// nodes share positions; none are assumed contiguous). The input is left as it was.
+#[test]
+fn gpu_rope_rotates_every_pair_as_the_reference() {
+    use crate::cube::rope::rope;
+    use cubecl::CubeElement;
+    let client = client();
+    let mut rng = Rng(0x40fe);
+    for [batch, heads, n, d] in [
+        [1, 1, 1, 2],
+        [1, 3, 5, 8],
+        [2, 2, 7, 64],
+        [1, 12, 3, 128],
+        [2, 1, 2, 512],
+    ] {
+        let half = d / 2;
+        let x: Vec<f32> = (0..batch * heads * n * d)
+            .map(|_| rng.unit() * 4.0)
+            .collect();
+        let angles: Vec<f64> = (0..batch * n * half)
+            .map(|_| f64::from(rng.unit()) * 300.0)
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin() as f32).collect();
+        let [hx, hc, hs] = [&x, &cos, &sin].map(|v| client.create_from_slice(f32::as_bytes(v)));
+        let y = rope(&client, &hx, (&hc, &hs), [batch, heads, n, d]).unwrap();
+        let y = f32::from_bytes(&client.read_one(y).unwrap()).to_vec();
+        let x_after = f32::from_bytes(&client.read_one(hx).unwrap()).to_vec();
+        assert_eq!(x_after, x, "the input is not written");
+        for b in 0..batch {
+            for h in 0..heads {
+                for t in 0..n {
+                    let row = ((b * heads + h) * n + t) * d;
+                    for i in 0..half {
+                        let at = (b * n + t) * half + i;
+                        let (c, s) = (f64::from(cos[at]), f64::from(sin[at]));
+                        let (x1, x2) = (f64::from(x[row + i]), f64::from(x[row + half + i]));
+                        let tol = 4e-7 * (x1.abs() + x2.abs());
+                        for (got, want) in [
+                            (y[row + i], x1 * c - x2 * s),
+                            (y[row + half + i], x2 * c + x1 * s),
+                        ] {
+                            assert!(
+                                (f64::from(got) - want).abs() <= tol,
+                                "[{batch}, {heads}, {n}, {d}] at ({b}, {h}, {t}, {i}): \
+                                 {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_rope_refuses_bad_operands() {
+    use crate::cube::rope::rope;
+    use cubecl::CubeElement;
+    let client = client();
+    let buf = |floats: usize| client.create_from_slice(f32::as_bytes(&vec![0.5f32; floats]));
+    let (x, c, s) = (buf(2 * 3 * 8), buf(3 * 4), buf(3 * 4));
+    assert!(rope(&client, &x, (&c, &s), [1, 2, 3, 8]).is_ok());
+    for (shape, what) in [
+        ([1, 2, 3, 7], "odd head_dim"),
+        ([1, 2, 3, 0], "no channels"),
+        ([1, 2, 0, 8], "no tokens"),
+        ([0, 2, 3, 8], "no batch"),
+        ([1, 3, 3, 8], "x too small"),
+        ([1, 1, 6, 8], "angles too small"),
+        ([1, 1, 1, 1024], "head too wide"),
+    ] {
+        assert!(rope(&client, &x, (&c, &s), shape).is_err(), "{what}");
+    }
+    // (Sizes are checked as allocated, rounded up to the allocator's alignment.)
+    let short = buf(4);
+    assert!(
+        rope(&client, &x, (&c, &short), [1, 2, 3, 8]).is_err(),
+        "sin too small"
+    );
+}
