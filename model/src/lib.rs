@@ -21,6 +21,7 @@ mod config;
 #[cfg(feature = "cuda")]
 mod cube_tensor;
 mod device_kv;
+mod device_ops;
 mod embed;
 mod error;
 pub mod gguf;

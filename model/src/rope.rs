@@ -80,11 +80,10 @@ impl<B: Backend> RopeAngles<B> {
     /// # Shapes
     /// - `x`: `[batch, heads, n, head_dim]` → same
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [_, _, _, d] = x.dims();
-        #[cfg(feature = "cuda")]
-        if crate::device_kv::on_device::<B>() && d <= arbor_kernels::cube::rope::MAX_HEAD_DIM {
-            return on_device::rotate(x, &self.cos, &self.sin);
+        if let Some(y) = crate::device_ops::rope(&x, &self.cos, &self.sin) {
+            return y;
         }
+        let [_, _, _, d] = x.dims();
         let half = d / 2;
         let x1 = x.clone().narrow(3, 0, half);
         let x2 = x.narrow(3, half, half);
@@ -96,37 +95,6 @@ impl<B: Backend> RopeAngles<B> {
             ],
             3,
         )
-    }
-}
-
-/// RoPE on the CUDA backend: one CubeCL launch ([`arbor_kernels::cube::rope`]) where the
-/// tensor operations of [`RopeAngles::apply`] issue ten.
-#[cfg(feature = "cuda")]
-mod on_device {
-    use arbor_kernels::cube::rope::rope;
-    use burn::tensor::{Tensor, backend::Backend};
-
-    use crate::cube_tensor::{from_cube, into_cube};
-
-    /// # Shapes
-    /// - `x`: `[batch, heads, n, head_dim]`, `cos`, `sin`: `[batch, 1, n, head_dim / 2]` →
-    ///   `[batch, heads, n, head_dim]`
-    ///
-    /// # Panics
-    /// If `B` is not the CUDA backend, or on shapes the model does not build (internal
-    /// invariants: the caller checks the backend and the head width, and the angles were
-    /// made for these tokens).
-    pub(super) fn rotate<B: Backend>(
-        x: Tensor<B, 4>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
-    ) -> Tensor<B, 4> {
-        let shape = x.dims();
-        let x = into_cube(x);
-        let (c, s) = (into_cube(cos.clone()), into_cube(sin.clone()));
-        let y = rope(&x.client, &x.handle, (&c.handle, &s.handle), shape)
-            .unwrap_or_else(|e| panic!("RoPE of {shape:?}: {e}"));
-        from_cube(&x, y, shape)
     }
 }
 

@@ -14,12 +14,12 @@ use burn::module::{Module, Param};
 use std::sync::Arc;
 
 use burn::nn::RmsNorm;
-use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 
 use crate::coarse_head::CoarseHead;
 use crate::config::ModelConfig;
 use crate::device_kv;
+use crate::device_ops::{rms_norm, silu_mul};
 use crate::embed::Embed;
 use crate::error::{ModelError, Result};
 use crate::input::ForwardInput;
@@ -579,14 +579,17 @@ impl<B: Backend> Transformer<B> {
             return Ok(hidden);
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer
-                .attn
-                .forward(layer.attn_norm.forward(x.clone()), &rope, &mut segments, i);
+            let h = layer.attn.forward(
+                rms_norm(&layer.attn_norm, x.clone()),
+                &rope,
+                &mut segments,
+                i,
+            );
             x = x + h;
-            let h = layer.mlp.forward(layer.ffn_norm.forward(x.clone()));
+            let h = layer.mlp.forward(rms_norm(&layer.ffn_norm, x.clone()));
             x = x + h;
         }
-        Ok(self.norm.forward(x))
+        Ok(rms_norm(&self.norm, x))
     }
 
     /// The layers and the final norm on host rows, where every block runs on the host (the
@@ -905,7 +908,7 @@ impl<B: Backend> Mlp<B> {
             return y;
         }
         let [gate, up] = forward_fused([&self.gate, &self.up], x);
-        self.down.forward(silu(gate) * up)
+        self.down.forward(silu_mul(gate, up))
     }
 }
 

@@ -12,7 +12,9 @@
 //! - [`kv`]: one sequence's KV cache resident on the device — pages, page table, pool,
 //!   append, commit, rollback — which that attention reads in place (the CUDA backend's
 //!   cache).
-//! - [`rope`]: rotary position embedding of q or k rows in one launch.
+//! - [`rope`]: rotary position embedding of q or k rows, [`norm`]: RMSNorm of rows,
+//!   [`act`]: the gated MLP's `silu(g) · u` — each one launch where burn's tensor operations
+//!   issue three to ten (a forward's launches cost its host time on a GPU).
 //!
 //! Each is tested against the CPU references ([`crate::quant::dequantize`] and
 //! [`crate::attention::attention_reference`]) on random shapes; the device cache against a
@@ -34,9 +36,11 @@
 //! assert_eq!(y, vec![(0..32).sum::<i32>() as f32]);
 //! ```
 
+pub mod act;
 pub mod attention;
 pub mod kv;
 mod kvpack;
+pub mod norm;
 pub mod qmatmul;
 pub mod rope;
 

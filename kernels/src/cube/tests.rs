@@ -558,3 +558,108 @@ fn gpu_rope_refuses_bad_operands() {
         "sin too small"
     );
 }
+
+/// RMSNorm in one launch against the norm written out in f64: rows of 1 to 3 000 values (one
+/// unit's stride, several strides, a ragged tail), a row of zeros (the result is then 0, not
+/// NaN, for ε > 0), values far from 1.
+#[test]
+fn gpu_rms_norm_equals_the_reference() {
+    use crate::cube::norm::rms_norm;
+    use cubecl::CubeElement;
+    let client = client();
+    let mut rng = Rng(0x4d5);
+    for (rows, dim, eps, scale) in [
+        (1, 1, 1e-6, 1.0),
+        (3, 7, 1e-5, 30.0),
+        (2, 256, 1e-6, 1.0),
+        (5, 1536, 1e-6, 0.01),
+        (2, 3000, 0.0, 4.0),
+    ] {
+        let mut x: Vec<f32> = (0..rows * dim).map(|_| rng.unit() * scale).collect();
+        if eps > 0.0 && rows > 1 {
+            x[dim..2 * dim].fill(0.0);
+        }
+        let gamma: Vec<f32> = (0..dim).map(|_| rng.unit() + 1.5).collect();
+        let [hx, hg] = [&x, &gamma].map(|v| client.create_from_slice(f32::as_bytes(v)));
+        let y = rms_norm(&client, &hx, &hg, rows, dim, eps).unwrap();
+        let y = f32::from_bytes(&client.read_one(y).unwrap()).to_vec();
+        for r in 0..rows {
+            let row = &x[r * dim..(r + 1) * dim];
+            let ms = row
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                / dim as f64;
+            let rms = (ms + f64::from(eps)).sqrt();
+            for (i, (&v, &g)) in row.iter().zip(&gamma).enumerate() {
+                let want = f64::from(v) / rms * f64::from(g);
+                let got = f64::from(y[r * dim + i]);
+                assert!(
+                    (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                    "{rows} × {dim} at ({r}, {i}): {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_rms_norm_refuses_bad_operands() {
+    use crate::cube::norm::rms_norm;
+    use cubecl::CubeElement;
+    let client = client();
+    let buf = |floats: usize| client.create_from_slice(f32::as_bytes(&vec![0.5f32; floats]));
+    let (x, g) = (buf(4 * 64), buf(64));
+    assert!(rms_norm(&client, &x, &g, 4, 64, 1e-6).is_ok());
+    for (rows, dim, eps, what) in [
+        (0, 64, 1e-6, "no rows"),
+        (4, 0, 1e-6, "no values"),
+        (4, 64, -1.0, "negative eps"),
+        (4, 64, f32::NAN, "NaN eps"),
+        (8, 64, 1e-6, "x too small"),
+        (1, 128, 1e-6, "gamma too small"),
+    ] {
+        assert!(rms_norm(&client, &x, &g, rows, dim, eps).is_err(), "{what}");
+    }
+}
+
+/// `silu(g) · u` in one launch against the f64 formula: lengths around the cube size, values
+/// far into both tails (e^(−g) overflows to infinity for g < −88: the result is −0, not NaN).
+#[test]
+fn gpu_silu_mul_equals_the_reference() {
+    use crate::cube::act::silu_mul;
+    use cubecl::CubeElement;
+    let client = client();
+    let mut rng = Rng(0x5170);
+    for len in [1, 255, 256, 257, 8960 * 3] {
+        let mut g: Vec<f32> = (0..len).map(|_| rng.unit() * 12.0).collect();
+        let u: Vec<f32> = (0..len).map(|_| rng.unit() * 3.0).collect();
+        if len > 2 {
+            (g[0], g[1]) = (-100.0, 100.0);
+        }
+        let [hg, hu] = [&g, &u].map(|v| client.create_from_slice(f32::as_bytes(v)));
+        let y = silu_mul(&client, &hg, &hu, len).unwrap();
+        let y = f32::from_bytes(&client.read_one(y).unwrap()).to_vec();
+        for (i, ((&a, &b), &got)) in g.iter().zip(&u).zip(&y).enumerate() {
+            let (a, b) = (f64::from(a), f64::from(b));
+            let want = a / (1.0 + (-a).exp()) * b;
+            assert!(
+                (f64::from(got) - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{len} values at {i}: silu({a}) · {b} = {got}, not {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_silu_mul_refuses_bad_operands() {
+    use crate::cube::act::silu_mul;
+    use cubecl::CubeElement;
+    let client = client();
+    let buf = |floats: usize| client.create_from_slice(f32::as_bytes(&vec![0.5f32; floats]));
+    let (g, u) = (buf(64), buf(64));
+    assert!(silu_mul(&client, &g, &u, 64).is_ok());
+    assert!(silu_mul(&client, &g, &u, 0).is_err(), "no values");
+    assert!(silu_mul(&client, &g, &u, 128).is_err(), "buffers too small");
+    assert!(silu_mul(&client, &g, &buf(16), 64).is_err(), "u too small");
+}
