@@ -476,13 +476,23 @@ fn gpu_packed_pages_refuse_bad_operands() {
     assert_eq!(kv.attention(&[0.0; 32], &[-1]).unwrap().len(), 32);
 }
 
+/// `values` in a new device buffer.
+fn upload(client: &cubecl::prelude::ComputeClient<R>, values: &[f32]) -> cubecl::server::Handle {
+    use cubecl::CubeElement;
+    client.create_from_slice(f32::as_bytes(values))
+}
+
+/// The f32 values of a device buffer.
+fn download(client: &cubecl::prelude::ComputeClient<R>, h: cubecl::server::Handle) -> Vec<f32> {
+    use cubecl::CubeElement;
+    f32::from_bytes(&client.read_one(h).unwrap()).to_vec()
+}
 /// RoPE in one launch against the rotation written out in f64 over the same f32 angles:
 /// ragged shapes, batches of one and two, heads of 2 to 512 channels, angles anywhere (tree
 /// nodes share positions; none are assumed contiguous). The input is left as it was.
 #[test]
 fn gpu_rope_rotates_every_pair_as_the_reference() {
     use crate::cube::rope::rope;
-    use cubecl::CubeElement;
     let client = client();
     let mut rng = Rng(0x40fe);
     for [batch, heads, n, d] in [
@@ -501,10 +511,10 @@ fn gpu_rope_rotates_every_pair_as_the_reference() {
             .collect();
         let cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
         let sin: Vec<f32> = angles.iter().map(|a| a.sin() as f32).collect();
-        let [hx, hc, hs] = [&x, &cos, &sin].map(|v| client.create_from_slice(f32::as_bytes(v)));
+        let [hx, hc, hs] = [&x, &cos, &sin].map(|v| upload(&client, v));
         let y = rope(&client, &hx, (&hc, &hs), [batch, heads, n, d]).unwrap();
-        let y = f32::from_bytes(&client.read_one(y).unwrap()).to_vec();
-        let x_after = f32::from_bytes(&client.read_one(hx).unwrap()).to_vec();
+        let y = download(&client, y);
+        let x_after = download(&client, hx);
         assert_eq!(x_after, x, "the input is not written");
         for b in 0..batch {
             for h in 0..heads {
@@ -535,9 +545,8 @@ fn gpu_rope_rotates_every_pair_as_the_reference() {
 #[test]
 fn gpu_rope_refuses_bad_operands() {
     use crate::cube::rope::rope;
-    use cubecl::CubeElement;
     let client = client();
-    let buf = |floats: usize| client.create_from_slice(f32::as_bytes(&vec![0.5f32; floats]));
+    let buf = |floats: usize| upload(&client, &vec![0.5; floats]);
     let (x, c, s) = (buf(2 * 3 * 8), buf(3 * 4), buf(3 * 4));
     assert!(rope(&client, &x, (&c, &s), [1, 2, 3, 8]).is_ok());
     for (shape, what) in [
@@ -565,7 +574,6 @@ fn gpu_rope_refuses_bad_operands() {
 #[test]
 fn gpu_rms_norm_equals_the_reference() {
     use crate::cube::norm::rms_norm;
-    use cubecl::CubeElement;
     let client = client();
     let mut rng = Rng(0x4d5);
     for (rows, dim, eps, scale) in [
@@ -580,9 +588,9 @@ fn gpu_rms_norm_equals_the_reference() {
             x[dim..2 * dim].fill(0.0);
         }
         let gamma: Vec<f32> = (0..dim).map(|_| rng.unit() + 1.5).collect();
-        let [hx, hg] = [&x, &gamma].map(|v| client.create_from_slice(f32::as_bytes(v)));
+        let [hx, hg] = [&x, &gamma].map(|v| upload(&client, v));
         let y = rms_norm(&client, &hx, &hg, rows, dim, eps).unwrap();
-        let y = f32::from_bytes(&client.read_one(y).unwrap()).to_vec();
+        let y = download(&client, y);
         for r in 0..rows {
             let row = &x[r * dim..(r + 1) * dim];
             let ms = row
@@ -606,9 +614,8 @@ fn gpu_rms_norm_equals_the_reference() {
 #[test]
 fn gpu_rms_norm_refuses_bad_operands() {
     use crate::cube::norm::rms_norm;
-    use cubecl::CubeElement;
     let client = client();
-    let buf = |floats: usize| client.create_from_slice(f32::as_bytes(&vec![0.5f32; floats]));
+    let buf = |floats: usize| upload(&client, &vec![0.5; floats]);
     let (x, g) = (buf(4 * 64), buf(64));
     assert!(rms_norm(&client, &x, &g, 4, 64, 1e-6).is_ok());
     for (rows, dim, eps, what) in [
@@ -628,7 +635,6 @@ fn gpu_rms_norm_refuses_bad_operands() {
 #[test]
 fn gpu_silu_mul_equals_the_reference() {
     use crate::cube::act::silu_mul;
-    use cubecl::CubeElement;
     let client = client();
     let mut rng = Rng(0x5170);
     for len in [1, 255, 256, 257, 8960 * 3] {
@@ -637,9 +643,9 @@ fn gpu_silu_mul_equals_the_reference() {
         if len > 2 {
             (g[0], g[1]) = (-100.0, 100.0);
         }
-        let [hg, hu] = [&g, &u].map(|v| client.create_from_slice(f32::as_bytes(v)));
+        let [hg, hu] = [&g, &u].map(|v| upload(&client, v));
         let y = silu_mul(&client, &hg, &hu, len).unwrap();
-        let y = f32::from_bytes(&client.read_one(y).unwrap()).to_vec();
+        let y = download(&client, y);
         for (i, ((&a, &b), &got)) in g.iter().zip(&u).zip(&y).enumerate() {
             let (a, b) = (f64::from(a), f64::from(b));
             let want = a / (1.0 + (-a).exp()) * b;
@@ -654,9 +660,8 @@ fn gpu_silu_mul_equals_the_reference() {
 #[test]
 fn gpu_silu_mul_refuses_bad_operands() {
     use crate::cube::act::silu_mul;
-    use cubecl::CubeElement;
     let client = client();
-    let buf = |floats: usize| client.create_from_slice(f32::as_bytes(&vec![0.5f32; floats]));
+    let buf = |floats: usize| upload(&client, &vec![0.5; floats]);
     let (g, u) = (buf(64), buf(64));
     assert!(silu_mul(&client, &g, &u, 64).is_ok());
     assert!(silu_mul(&client, &g, &u, 0).is_err(), "no values");
